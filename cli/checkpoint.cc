@@ -1,0 +1,165 @@
+#include "cli/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "model/error.h"
+
+namespace loopmoe {
+namespace {
+
+constexpr char kMagic[8] = {'L', 'M', 'O', 'E', 'C', 'K', 'P', 'T'};
+constexpr uint32_t kVersion = 1;
+
+// Fixed-size little-endian header; the payload follows: config text, params, m, v (float32).
+struct Header {
+  char magic[8];
+  uint32_t version;
+  uint32_t threads;
+  uint64_t config_bytes;
+  uint64_t num_params;
+  int64_t step;
+  int64_t adam_steps;
+  uint64_t sampler_seed, sampler_epoch, sampler_index;
+  uint64_t checksum;  // XXH64 of the payload
+};
+
+void fsync_path(const std::string& path, bool directory) {
+  int fd = ::open(path.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+  if (fd < 0) throw CheckpointError(path + ": cannot open for fsync");
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) throw CheckpointError(path + ": fsync failed");
+}
+
+struct Loaded {
+  Header header;
+  std::string config_text;
+  std::vector<float> params, m, v;
+};
+
+Loaded read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(path + ": cannot open checkpoint");
+  Loaded l;
+  in.read(reinterpret_cast<char*>(&l.header), sizeof(Header));
+  if (!in) throw CheckpointError(path + ": truncated checkpoint (no complete header)");
+  if (std::memcmp(l.header.magic, kMagic, 8) != 0) {
+    throw CheckpointError(path + ": not a LoopMoE checkpoint (bad magic)");
+  }
+  if (l.header.version != kVersion) {
+    throw CheckpointError(path + ": checkpoint version " + std::to_string(l.header.version) +
+                          " is not supported (expected " + std::to_string(kVersion) + ")");
+  }
+  const uint64_t n = l.header.num_params;
+  const uint64_t want = sizeof(Header) + l.header.config_bytes + 3 * n * sizeof(float);
+  const uint64_t have = std::filesystem::file_size(path);
+  if (have != want) {
+    throw CheckpointError(path + ": truncated or oversized checkpoint: header implies " +
+                          std::to_string(want) + " bytes, file has " + std::to_string(have));
+  }
+  l.config_text.resize(l.header.config_bytes);
+  l.params.resize(n);
+  l.m.resize(n);
+  l.v.resize(n);
+  in.read(l.config_text.data(), static_cast<std::streamsize>(l.config_text.size()));
+  for (auto* buf : {&l.params, &l.m, &l.v}) {
+    in.read(reinterpret_cast<char*>(buf->data()), static_cast<std::streamsize>(n * sizeof(float)));
+  }
+  if (!in) throw CheckpointError(path + ": read error");
+  XXH64_state_t* st = XXH64_createState();
+  XXH64_reset(st, 0);
+  XXH64_update(st, l.config_text.data(), l.config_text.size());
+  for (auto* buf : {&l.params, &l.m, &l.v}) XXH64_update(st, buf->data(), n * sizeof(float));
+  const uint64_t sum = XXH64_digest(st);
+  XXH64_freeState(st);
+  if (sum != l.header.checksum) throw CheckpointError(path + ": checksum mismatch (corrupt file)");
+  return l;
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const Config& config, const Model& model,
+                     AdamW& opt, const TrainProgress& progress) {
+  const std::string text = to_toml(config);
+  const size_t n = model.num_params();
+  Header h{};
+  std::memcpy(h.magic, kMagic, 8);
+  h.version = kVersion;
+  h.threads = static_cast<uint32_t>(progress.threads);
+  h.config_bytes = text.size();
+  h.num_params = n;
+  h.step = progress.step;
+  h.adam_steps = opt.steps_taken();
+  h.sampler_seed = progress.sampler.seed;
+  h.sampler_epoch = progress.sampler.epoch;
+  h.sampler_index = progress.sampler.index;
+  XXH64_state_t* st = XXH64_createState();
+  XXH64_reset(st, 0);
+  XXH64_update(st, text.data(), text.size());
+  XXH64_update(st, model.params(), n * sizeof(float));
+  XXH64_update(st, opt.m().data(), n * sizeof(float));
+  XXH64_update(st, opt.v().data(), n * sizeof(float));
+  h.checksum = XXH64_digest(st);
+  XXH64_freeState(st);
+
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw CheckpointError(tmp + ": cannot create checkpoint file");
+    out.write(reinterpret_cast<const char*>(&h), sizeof(h));
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    out.write(reinterpret_cast<const char*>(model.params()),
+              static_cast<std::streamsize>(n * sizeof(float)));
+    out.write(reinterpret_cast<const char*>(opt.m().data()),
+              static_cast<std::streamsize>(n * sizeof(float)));
+    out.write(reinterpret_cast<const char*>(opt.v().data()),
+              static_cast<std::streamsize>(n * sizeof(float)));
+    out.flush();
+    if (!out) throw CheckpointError(tmp + ": write failed (disk full?)");
+  }
+  fsync_path(tmp, false);
+  std::filesystem::rename(tmp, path);
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  fsync_path(dir.empty() ? "." : dir, true);
+}
+
+Config read_checkpoint_config(const std::string& path) {
+  Loaded l = read_file(path);
+  return parse_config(l.config_text, path + " (stored config)");
+}
+
+TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
+                              AdamW& opt) {
+  Loaded l = read_file(path);
+  const std::string want = to_toml(config);
+  if (l.config_text != want) {
+    std::istringstream a(l.config_text), b(want);
+    std::string la, lb, diff;
+    while (std::getline(a, la) && std::getline(b, lb)) {
+      if (la != lb) diff += "\n  checkpoint: " + la + "\n  requested:  " + lb;
+    }
+    throw CheckpointError(path + ": checkpoint was written with a different config:" + diff);
+  }
+  if (l.header.num_params != model.num_params()) {
+    throw CheckpointError(path + ": parameter count differs from the model");
+  }
+  std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
+  opt.m() = std::move(l.m);
+  opt.v() = std::move(l.v);
+  opt.set_steps_taken(l.header.adam_steps);
+  TrainProgress p;
+  p.step = l.header.step;
+  p.sampler = {l.header.sampler_seed, l.header.sampler_epoch, l.header.sampler_index};
+  p.threads = static_cast<int>(l.header.threads);
+  return p;
+}
+
+}  // namespace loopmoe

@@ -1,0 +1,33 @@
+// Local training checkpoints: one file holding config, parameters, AdamW moments, step and the
+// data position, checksummed and written atomically (docs/CHECKPOINT.md).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dataloader/sampler.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/optimizer.h"
+
+namespace loopmoe {
+
+struct TrainProgress {
+  int64_t step = 0;  // steps completed
+  data::SamplerState sampler;
+  int threads = 1;  // bit-exact continuation needs the same thread count
+};
+
+// Writes path.tmp, fsyncs it, renames it over path and fsyncs the directory.
+void save_checkpoint(const std::string& path, const Config& config, const Model& model,
+                     AdamW& optimizer, const TrainProgress& progress);
+
+// Reads the config stored in a checkpoint (validated, checksum verified).
+Config read_checkpoint_config(const std::string& path);
+
+// Loads parameters, optimizer state and progress into `model` / `optimizer`. The checkpoint's
+// config must equal `config` (field by field; the differences are listed otherwise).
+TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
+                              AdamW& optimizer);
+
+}  // namespace loopmoe

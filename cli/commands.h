@@ -1,0 +1,10 @@
+// Subcommands of the `loopmoe` CLI; each registers itself on the root app.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace loopmoe {
+
+void register_train_command(CLI::App& app);
+
+}  // namespace loopmoe

