@@ -6,7 +6,8 @@
 
 namespace loopmoe {
 
-void NormBlock::forward(NormActivations& a, const float* p, const float* x, int r, int S) const {
+template <typename T>
+void NormBlockT<T>::forward(NormActivationsT<T>& a, const T* p, const T* x, int r, int S) const {
   const int D = config_.d_model, dc = config_.cond_dim;
   const size_t SD = static_cast<size_t>(S) * D;
   a.rstd.resize(S);
@@ -16,10 +17,10 @@ void NormBlock::forward(NormActivations& a, const float* p, const float* x, int 
     return;
   }
   a.n.resize(SD);
-  ops::rmsnorm_forward(a.n.data(), a.rstd.data(), x, static_cast<const float*>(nullptr), S, D);
-  a.c.assign(static_cast<size_t>(S) * dc, 0.f);
+  ops::rmsnorm_forward(a.n.data(), a.rstd.data(), x, static_cast<const T*>(nullptr), S, D);
+  a.c.assign(static_cast<size_t>(S) * dc, T(0));
   if (config_.adaln_token_term()) {
-    ops::matmul_forward(a.c.data(), a.n.data(), p + o_.tok_w, static_cast<const float*>(nullptr),
+    ops::matmul_forward(a.c.data(), a.n.data(), p + o_.tok_w, static_cast<const T*>(nullptr),
                         S, D, dc);
   }
   if (config_.adaln_iter_term()) {
@@ -27,13 +28,13 @@ void NormBlock::forward(NormActivations& a, const float* p, const float* x, int 
     a.pe.resize(dc);
     a.a1.resize(dc);
     a.e.resize(dc);
-    std::vector<float> s1(dc);
+    std::vector<T> s1(dc);
     ops::iteration_encoding(a.pe.data(), r, dc);
     ops::matmul_forward(a.a1.data(), a.pe.data(), p + o_.iter_w1, p + o_.iter_b1, 1, dc, dc);
     ops::silu_forward(s1.data(), a.a1.data(), dc);
     ops::matmul_forward(a.e.data(), s1.data(), p + o_.iter_w2, p + o_.iter_b2, 1, dc, dc);
     for (int s = 0; s < S; ++s) {
-      float* cs = a.c.data() + static_cast<size_t>(s) * dc;
+      T* cs = a.c.data() + static_cast<size_t>(s) * dc;
       for (int i = 0; i < dc; ++i) cs[i] += a.e[i];
     }
   }
@@ -44,42 +45,47 @@ void NormBlock::forward(NormActivations& a, const float* p, const float* x, int 
   ops::adaln_modulate_forward(a.u.data(), a.n.data(), a.m.data(), S, D);
 }
 
-const float* NormBlock::gate_source(const NormActivations& a) const {
+template <typename T>
+const T* NormBlockT<T>::gate_source(const NormActivationsT<T>& a) const {
   return config_.adaln() ? a.m.data() : nullptr;
 }
 
-void NormBlock::backward(float* dx, float* g, const float* du, float* dm, const NormActivations& a,
-                         const float* p, const float* x, int S) const {
+template <typename T>
+void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivationsT<T>& a,
+                            const T* p, const T* x, int S) const {
   const int D = config_.d_model, dc = config_.cond_dim;
   if (!config_.adaln()) {
     ops::rmsnorm_backward(dx, g + o_.weight, du, x, p + o_.weight, a.rstd.data(), S, D);
     return;
   }
-  std::vector<float> dn(static_cast<size_t>(S) * D, 0.f);
+  std::vector<T> dn(static_cast<size_t>(S) * D, T(0));
   ops::adaln_modulate_backward(dn.data(), dm, du, a.n.data(), a.m.data(), S, D);
-  std::vector<float> dsc(static_cast<size_t>(S) * dc, 0.f), dcv(static_cast<size_t>(S) * dc, 0.f);
+  std::vector<T> dsc(static_cast<size_t>(S) * dc, T(0)), dcv(static_cast<size_t>(S) * dc, T(0));
   ops::matmul_backward(dsc.data(), g + o_.mod_w, g + o_.mod_b, dm, a.sc.data(), p + o_.mod_w, S,
                        dc, 3 * D);
   ops::silu_backward(dcv.data(), dsc.data(), a.c.data(), dcv.size());
   if (config_.adaln_token_term()) {
-    ops::matmul_backward(dn.data(), g + o_.tok_w, static_cast<float*>(nullptr), dcv.data(),
+    ops::matmul_backward(dn.data(), g + o_.tok_w, static_cast<T*>(nullptr), dcv.data(),
                          a.n.data(), p + o_.tok_w, S, D, dc);
   }
   if (config_.adaln_iter_term()) {
-    std::vector<float> de(dc, 0.f), s1(dc), ds1(dc, 0.f), da1(dc, 0.f);
+    std::vector<T> de(dc, T(0)), s1(dc), ds1(dc, T(0)), da1(dc, T(0));
     for (int s = 0; s < S; ++s) {
-      const float* cs = dcv.data() + static_cast<size_t>(s) * dc;
+      const T* cs = dcv.data() + static_cast<size_t>(s) * dc;
       for (int i = 0; i < dc; ++i) de[i] += cs[i];
     }
     ops::silu_forward(s1.data(), a.a1.data(), dc);
     ops::matmul_backward(ds1.data(), g + o_.iter_w2, g + o_.iter_b2, de.data(), s1.data(),
                          p + o_.iter_w2, 1, dc, dc);
     ops::silu_backward(da1.data(), ds1.data(), a.a1.data(), dc);
-    ops::matmul_backward(static_cast<float*>(nullptr), g + o_.iter_w1, g + o_.iter_b1, da1.data(),
+    ops::matmul_backward(static_cast<T*>(nullptr), g + o_.iter_w1, g + o_.iter_b1, da1.data(),
                          a.pe.data(), p + o_.iter_w1, 1, dc, dc);
   }
-  ops::rmsnorm_backward(dx, static_cast<float*>(nullptr), dn.data(), x,
-                        static_cast<const float*>(nullptr), a.rstd.data(), S, D);
+  ops::rmsnorm_backward(dx, static_cast<T*>(nullptr), dn.data(), x,
+                        static_cast<const T*>(nullptr), a.rstd.data(), S, D);
 }
+
+template class NormBlockT<float>;
+template class NormBlockT<double>;
 
 }  // namespace loopmoe

@@ -10,33 +10,39 @@
 
 namespace loopmoe {
 
-struct NormActivations {
-  std::vector<float> rstd;   // [S]
-  std::vector<float> n;      // [S,D] normalised input (IterAdaLN modes)
-  std::vector<float> u;      // [S,D] sublayer input
-  std::vector<float> c;      // [S,dc] conditioning before SiLU
-  std::vector<float> sc;     // [S,dc] SiLU(c)
-  std::vector<float> m;      // [S,3D] shift | scale | gate
-  std::vector<float> pe, a1, e;  // [dc] iteration encoding, MLP_iter hidden (pre-SiLU), output
+template <typename T>
+struct NormActivationsT {
+  std::vector<T> rstd;   // [S]
+  std::vector<T> n;      // [S,D] normalised input (IterAdaLN modes)
+  std::vector<T> u;      // [S,D] sublayer input
+  std::vector<T> c;      // [S,dc] conditioning before SiLU
+  std::vector<T> sc;     // [S,dc] SiLU(c)
+  std::vector<T> m;      // [S,3D] shift | scale | gate
+  std::vector<T> pe, a1, e;  // [dc] iteration encoding, MLP_iter hidden (pre-SiLU), output
 };
 
-class NormBlock {
+template <typename T>
+class NormBlockT {
  public:
-  NormBlock(const ModelConfig& config, const NormBlockOffsets& offsets)
+  NormBlockT(const ModelConfig& config, const NormBlockOffsets& offsets)
       : config_(config), o_(offsets) {}
 
   // x[S,D] → acts.u (and acts.m, the gate source, in IterAdaLN modes) at iteration r.
-  void forward(NormActivations& acts, const float* params, const float* x, int r, int S) const;
+  void forward(NormActivationsT<T>& acts, const T* params, const T* x, int r, int S) const;
   // Gate pointer for gated_residual_* (nullptr in mode off).
-  const float* gate_source(const NormActivations& acts) const;
+  const T* gate_source(const NormActivationsT<T>& acts) const;
   // du[S,D] and dm[S,3D] (its gate columns already filled by the residual backward; the rest is
   // overwritten here) → dx += ..., grads += ...
-  void backward(float* dx, float* grads, const float* du, float* dm, const NormActivations& acts,
-                const float* params, const float* x, int S) const;
+  void backward(T* dx, T* grads, const T* du, T* dm, const NormActivationsT<T>& acts,
+                const T* params, const T* x, int S) const;
 
  private:
   const ModelConfig& config_;
   NormBlockOffsets o_;
 };
+
+// Float for training; double for gradient checks.
+using NormActivations = NormActivationsT<float>;
+using NormBlock = NormBlockT<float>;
 
 }  // namespace loopmoe

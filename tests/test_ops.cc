@@ -110,6 +110,7 @@ TEST(GradCheck, AdaLNModulateAndGatedResidual) {
     ops::adaln_modulate_forward(u.data(), n.data(), m.data(), S, D);
     return dot(x, g) + dot(u, y);
   };
+  loss();
   V dy(S * D), dm(S * 3 * D, 0.0), dn(S * D, 0.0), dm2(S * 3 * D, 0.0);
   ops::gated_residual_backward(dy.data(), dm.data(), g.data(), y.data(), m.data(), S, D);
   ops::adaln_modulate_backward(dn.data(), dm2.data(), y.data(), n.data(), m.data(), S, D);
@@ -138,7 +139,9 @@ TEST(GradCheck, RopeIsOrthogonalAndDifferentiable) {
   double n0 = dot(qkv, qkv), n1 = dot(y, y);
   EXPECT_NEAR(n0, n1, 1e-9 * n0);
   for (int bt = 0; bt < B * T; ++bt) {
-    for (int i = 2 * I; i < 3 * I; ++i) EXPECT_EQ(y[bt * 3 * I + i], qkv[bt * 3 * I + i]);
+    for (int i = 2 * I; i < 3 * I; ++i) {
+      EXPECT_EQ(y[bt * 3 * I + i], qkv[bt * 3 * I + i]);
+    }
   }
   V dq = g;
   ops::rope_backward(dq.data(), cos_t.data(), sin_t.data(), B, T, H, hd);
@@ -160,7 +163,9 @@ TEST(GradCheck, CausalAttention) {
       double sum = 0;
       for (int s = 0; s < T; ++s) {
         const double p = att[(bh * T + t) * T + s];
-        if (s > t) EXPECT_EQ(p, 0.0);
+        if (s > t) {
+          EXPECT_EQ(p, 0.0);
+        }
         sum += p;
       }
       EXPECT_NEAR(sum, 1.0, 1e-12);
@@ -236,6 +241,75 @@ TEST(IterationEncoding, SinCosPairs) {
   EXPECT_NEAR(pe[1], std::cos(3.0), 1e-15);
   EXPECT_NEAR(pe[2], std::sin(3.0 * std::pow(10000.0, -2.0 / 8)), 1e-15);
 }
+
+}  // namespace
+}  // namespace loopmoe
+
+// IterAdaLN as a whole (norm block + modulation + gate source), every mode, double precision.
+#include "model/iter_adaln.h"
+#include "model/param_layout.h"
+
+namespace loopmoe {
+namespace {
+
+class IterAdaLNGradTest : public ::testing::TestWithParam<IterAdaLNMode> {};
+
+TEST_P(IterAdaLNGradTest, ParametersAndInput) {
+  ModelConfig c;
+  c.d_model = 6;
+  c.cond_dim = 4;
+  c.n_layers = 1;
+  c.n_experts = 2;
+  c.top_k = 1;
+  c.expert_hidden = 3;
+  c.n_heads = 1;
+  c.head_dim = 2;
+  c.vocab_size = 5;
+  c.iter_adaln = GetParam();
+  ParamLayout layout(c);
+  const NormBlockOffsets& o = layout.layers[0].attn_norm;
+  NormBlockT<double> block(c, o);
+  const int S = 3, D = c.d_model, r = 2;
+  V params = random_vector(layout.size(), 30, 0.5), x = random_vector(S * D, 31);
+  V gu = random_vector(S * D, 32), gg = random_vector(S * D, 33);
+  NormActivationsT<double> acts;
+  // loss = <gu, u> + <gg, gate>: the block's two outputs.
+  auto loss = [&] {
+    block.forward(acts, params.data(), x.data(), r, S);
+    double l = dot(acts.u, gu);
+    if (const double* m = block.gate_source(acts)) {
+      for (int s = 0; s < S; ++s) {
+        for (int i = 0; i < D; ++i) l += gg[s * D + i] * m[s * 3 * D + 2 * D + i];
+      }
+    }
+    return l;
+  };
+  loss();
+  V dx(S * D, 0.0), dparams(params.size(), 0.0), dm(S * 3 * D, 0.0);
+  for (int s = 0; s < S; ++s) {
+    for (int i = 0; i < D; ++i) dm[s * 3 * D + 2 * D + i] = gg[s * D + i];
+  }
+  block.backward(dx.data(), dparams.data(), gu.data(), dm.data(), acts, params.data(), x.data(),
+                 S);
+  expect_gradient(x, dx, loss, "dx");
+  // Only the attn_norm block's own tensors are used by this loss.
+  for (const ParamTensor& t : layout.tensors()) {
+    if (t.name.find("attn_norm") == std::string::npos) continue;
+    V p(params.begin() + t.offset, params.begin() + t.offset + t.numel());
+    V g(dparams.begin() + t.offset, dparams.begin() + t.offset + t.numel());
+    auto sub_loss = [&] {
+      std::copy(p.begin(), p.end(), params.begin() + t.offset);
+      return loss();
+    };
+    expect_gradient(p, g, sub_loss, t.name);
+    std::copy(p.begin(), p.end(), params.begin() + t.offset);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllModes, IterAdaLNGradTest,
+                         ::testing::Values(IterAdaLNMode::kOff, IterAdaLNMode::kJoint,
+                                           IterAdaLNMode::kIter, IterAdaLNMode::kToken),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace
 }  // namespace loopmoe

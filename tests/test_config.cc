@@ -1,0 +1,63 @@
+#include <gtest/gtest.h>
+
+#include "model/config.h"
+#include "model/error.h"
+
+namespace loopmoe {
+namespace {
+
+const std::string kDir = std::string(LOOPMOE_SOURCE_DIR) + "/configs/";
+
+TEST(Config, ShippedConfigsLoad) {
+  Config v = load_config(kDir + "vanilla_tiny.toml");
+  EXPECT_EQ(v.model.n_layers, 8);
+  EXPECT_EQ(v.model.n_loops, 1);
+  EXPECT_EQ(v.model.iter_adaln, IterAdaLNMode::kOff);
+  Config l = load_config(kDir + "loopmoe_tiny.toml");
+  EXPECT_EQ(l.model.n_layers * l.model.n_loops, v.model.n_layers);
+  EXPECT_EQ(l.model.iter_adaln, IterAdaLNMode::kJoint);
+}
+
+TEST(Config, RoundTripsThroughCanonicalToml) {
+  Config c = load_config(kDir + "loopmoe_tiny.toml");
+  const std::string text = to_toml(c);
+  Config d = parse_config(text, "roundtrip");
+  EXPECT_EQ(to_toml(d), text);
+  EXPECT_EQ(d.model.capacity_factor, c.model.capacity_factor);
+  EXPECT_EQ(d.train.eps, c.train.eps);
+}
+
+void expect_error(const std::string& toml, const std::string& needle) {
+  try {
+    parse_config(toml, "test.toml");
+    ADD_FAILURE() << "accepted: " << toml;
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("test.toml"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Config, RejectsBadInputWithOneClearError) {
+  expect_error("[model]\nd_modle = 64\n", "unknown key model.d_modle");
+  expect_error("[optimizer]\nlr = 1\n", "unknown section [optimizer]");
+  expect_error("[model]\nd_model = \"wide\"\n", "model.d_model must be an integer");
+  expect_error("[model]\nn_experts = 0\n", "model.n_experts = 0 is out of range");
+  expect_error("[model]\nn_experts = 2\ntop_k = 3\n", "top_k = 3 exceeds model.n_experts = 2");
+  expect_error("[model]\nhead_dim = 7\n", "head_dim must be even");
+  expect_error("[model]\niter_adaln = \"both\"\n", "unknown IterAdaLN mode 'both'");
+  expect_error("[train]\nlr = -1.0\n", "train.lr");
+  expect_error("[model\n", "test.toml:");
+  expect_error("[train]\nsteps = 10\nwarmup_steps = 20\n", "warmup_steps exceeds");
+}
+
+TEST(Config, MissingFileNamesThePath) {
+  try {
+    load_config("/nonexistent/x.toml");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/x.toml"), std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace loopmoe

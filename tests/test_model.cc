@@ -1,0 +1,251 @@
+// Model-level behaviour: layout, IterAdaLN identity at init, determinism, routing and the
+// dispatcher held equal to a naive per-token reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "model/config.h"
+#include "model/local_dispatcher.h"
+#include "model/model.h"
+#include "model/moe_layer.h"
+#include "model/ops.h"
+#include "model/optimizer.h"
+#include "model/rng.h"
+
+namespace loopmoe {
+namespace {
+
+ModelConfig small(IterAdaLNMode mode, int layers = 2, int loops = 2) {
+  ModelConfig c;
+  c.vocab_size = 64;
+  c.seq_len = 8;
+  c.d_model = 16;
+  c.n_heads = 2;
+  c.head_dim = 8;
+  c.n_layers = layers;
+  c.n_loops = loops;
+  c.n_experts = 4;
+  c.top_k = 2;
+  c.expert_hidden = 12;
+  c.iter_adaln = mode;
+  c.cond_dim = 6;
+  return c;
+}
+
+std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng.next_u64() % vocab);
+  return t;
+}
+
+TEST(ParamLayout, CountsMatchAnIndependentFormula) {
+  for (auto mode : {IterAdaLNMode::kOff, IterAdaLNMode::kJoint, IterAdaLNMode::kIter,
+                    IterAdaLNMode::kToken}) {
+    ModelConfig c = small(mode);
+    c.tie_embeddings = mode != IterAdaLNMode::kIter;
+    const size_t d = c.d_model, I = c.attn_inner(), E = c.n_experts, f = c.expert_hidden;
+    const size_t dc = c.cond_dim, V = c.vocab_size;
+    size_t norm = d;
+    if (mode != IterAdaLNMode::kOff) {
+      norm = dc * 3 * d + 3 * d;
+      if (c.adaln_iter_term()) norm += 2 * dc * dc + 2 * dc;
+      if (c.adaln_token_term()) norm += d * dc;
+    }
+    const size_t layer = 2 * norm + d * 3 * I + I * d + d * E + 3 * E * d * f;
+    const size_t expect = V * d + c.n_layers * layer + d + (c.tie_embeddings ? 0 : d * V);
+    ParamLayout layout(c);
+    EXPECT_EQ(layout.size(), expect) << to_string(mode);
+    size_t sum = 0;
+    for (const auto& t : layout.tensors()) {
+      EXPECT_EQ(t.offset, sum) << t.name;
+      sum += t.numel();
+    }
+    EXPECT_EQ(sum, layout.size());
+  }
+}
+
+// With mod_w = mod_b = 0 every IterAdaLN mode is plain normalisation with an open gate, so from
+// the same shared weights all modes compute the same loss (DESIGN.md §1).
+TEST(IterAdaLN, AllModesStartAsTheSameFunction) {
+  const int B = 2, T = 8;
+  auto tokens = random_tokens(B * T, 64, 1), targets = random_tokens(B * T, 64, 2);
+  Model reference(small(IterAdaLNMode::kOff));
+  reference.init_params(3);
+  const double want = reference.forward(tokens.data(), targets.data(), B, T).total;
+  for (auto mode : {IterAdaLNMode::kJoint, IterAdaLNMode::kIter, IterAdaLNMode::kToken}) {
+    Model m(small(mode));
+    m.init_params(4);
+    for (const auto& t : reference.layout().tensors()) {
+      if (t.name.find("norm") != std::string::npos) continue;
+      const auto& dst = m.layout().find(t.name);
+      std::memcpy(m.params() + dst.offset, reference.params() + t.offset, t.numel() * 4);
+    }
+    EXPECT_NEAR(m.forward(tokens.data(), targets.data(), B, T).total, want, 1e-6)
+        << to_string(mode);
+  }
+}
+
+TEST(Model, SameSeedGivesBitIdenticalTraining) {
+  auto run = [] {
+    const auto in = random_tokens(16, 64, 100), tg = random_tokens(16, 64, 200);
+    Model m(small(IterAdaLNMode::kJoint));
+    m.init_params(11);
+    TrainConfig tc;
+    tc.steps = 5;
+    tc.warmup_steps = 1;
+    AdamW opt(m.layout(), tc);
+    std::vector<double> losses;
+    for (int s = 0; s < 5; ++s) {
+      m.zero_grad();
+      losses.push_back(m.forward(in.data(), tg.data(), 2, 8).total);
+      m.backward();
+      clip_grad_norm(m.grads(), m.num_params(), 1.0);
+      opt.step(m.params(), m.grads(), learning_rate(tc, s));
+    }
+    return losses;
+  };
+  auto a = run(), b = run();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << i;
+  EXPECT_LT(a.back(), a.front());  // and it learns the fixed batch
+}
+
+TEST(Model, TwoThreadsGiveTheSameLossAsOne) {
+  auto loss_with = [](int threads) {
+    set_num_threads(threads);
+    Model m(small(IterAdaLNMode::kJoint));
+    m.init_params(17);
+    auto in = random_tokens(16, 64, 1), tg = random_tokens(16, 64, 2);
+    double l = m.forward(in.data(), tg.data(), 2, 8).total;
+    m.backward();
+    set_num_threads(1);
+    return std::pair{l, global_norm(m.grads(), m.num_params())};
+  };
+  auto one = loss_with(1), two = loss_with(2);
+  // Every reduction runs in a fixed order, so the thread count does not change the numbers.
+  EXPECT_EQ(one.first, two.first);
+  EXPECT_EQ(one.second, two.second);
+}
+
+TEST(Model, LoopCountCanChangeAtRunTime) {
+  Model m(small(IterAdaLNMode::kJoint, 2, 3));
+  m.init_params(5);
+  auto in = random_tokens(16, 64, 1), tg = random_tokens(16, 64, 2);
+  m.forward(in.data(), tg.data(), 2, 8, 1);
+  EXPECT_EQ(m.applications(), 2);
+  m.zero_grad();
+  const double l5 = m.forward(in.data(), tg.data(), 2, 8, 5).total;
+  EXPECT_EQ(m.applications(), 10);
+  m.backward();
+  EXPECT_TRUE(std::isfinite(l5));
+  EXPECT_GT(global_norm(m.grads(), m.num_params()), 0);
+}
+
+// The MoE layer through the LocalDispatcher equals a token-by-token evaluation of the experts.
+TEST(MoeLayer, MatchesNaivePerTokenReference) {
+  ModelConfig c = small(IterAdaLNMode::kOff);
+  c.n_experts = 5;
+  c.capacity_factor = 0.75;  // with drops
+  ParamLayout layout(c);
+  std::vector<float> params(layout.size()), grads(layout.size(), 0.f);
+  Rng rng(9);
+  for (float& p : params) p = static_cast<float>(0.3 * rng.normal());
+  LocalDispatcher dispatcher(c, layout, params.data(), grads.data());
+  MoeLayer moe(c);
+  const int S = 24, D = c.d_model, F = c.expert_hidden;
+  std::vector<float> u(S * D), y(S * D);
+  for (float& x : u) x = static_cast<float>(rng.normal());
+  MoeActivations acts;
+  const LayerOffsets& l = layout.layers[0];
+  moe.forward(acts, dispatcher, 0, 0, params.data() + l.router, u.data(), y.data(), S);
+  EXPECT_GT(acts.plan.dropped, 0);
+  std::vector<float> h1(F), h3(F), act(F), out(D);
+  for (int t = 0; t < S; ++t) {
+    std::vector<double> want(D, 0.0);
+    for (int j = 0; j < c.top_k; ++j) {
+      const size_t slot = t * c.top_k + j;
+      if (!acts.plan.kept[slot]) continue;
+      const int e = acts.plan.expert[slot];
+      const size_t wf = static_cast<size_t>(e) * D * F;
+      ops::swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), u.data() + t * D,
+                          params.data() + l.w1 + wf, params.data() + l.w3 + wf,
+                          params.data() + l.w2 + wf, 1, D, F);
+      for (int i = 0; i < D; ++i) want[i] += acts.plan.weight[slot] * out[i];
+    }
+    for (int i = 0; i < D; ++i) EXPECT_NEAR(y[t * D + i], want[i], 1e-5) << t << "," << i;
+  }
+}
+
+TEST(Router, CapacityDropsAreCountedWhenEveryTokenPicksTheSameExperts) {
+  const int S = 32, D = 4, E = 8, k = 2;
+  std::vector<float> u(S * D, 1.f), w(D * E, 0.f);
+  for (int i = 0; i < D; ++i) {
+    w[i * E + 0] = 5.f;  // expert 0 first, expert 1 second, for every token
+    w[i * E + 1] = 4.f;
+  }
+  RoutingPlan plan;
+  RouterActivations acts;
+  router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 1.0});
+  const int capacity = S * k / E;  // ceil(1.0 * 32 * 2 / 8) = 8
+  EXPECT_EQ(plan.assigned[0], S);
+  EXPECT_EQ(plan.assigned[1], S);
+  EXPECT_EQ(plan.received[0], capacity);
+  EXPECT_EQ(plan.received[1], capacity);
+  EXPECT_EQ(plan.dropped, 2 * (S - capacity));
+  // The first `capacity` tokens keep both slots, later tokens lose both.
+  EXPECT_TRUE(plan.kept[0] && plan.kept[1]);
+  EXPECT_FALSE(plan.kept[2 * capacity] || plan.kept[2 * capacity + 1]);
+  // Maximal imbalance: aux = E * (1/2 * p0 + 1/2 * p1) with p0 + p1 close to 1.
+  EXPECT_GT(plan.aux_loss, 0.9 * E / 2);
+  router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 0.0});
+  EXPECT_EQ(plan.dropped, 0);
+}
+
+// Router losses and combine-weight gradients against central differences, with the top-k
+// selection held fixed (the checked perturbations must not change it). Float: loose tolerance;
+// the float64 PyTorch oracle holds the router to 1e-4 in tests/reference.
+TEST(GradCheck, RouterWithTopKHeldFixed) {
+  for (bool renorm : {true, false}) {
+    const int S = 6, D = 5, E = 4, k = 2;
+    Rng rng(21);
+    std::vector<float> u(S * D), w(D * E), dweight(S * k);
+    for (float& x : u) x = static_cast<float>(rng.normal());
+    for (float& x : w) x = static_cast<float>(rng.normal());
+    for (float& x : dweight) x = static_cast<float>(rng.normal());
+    const RouterOptions opt{E, k, renorm, 0.0};
+    const double aux_c = 0.3, z_c = 0.2;
+    RoutingPlan base;
+    RouterActivations acts;
+    router_forward(base, acts, u.data(), w.data(), S, D, opt);
+    auto loss = [&](RoutingPlan& p) {
+      router_forward(p, acts, u.data(), w.data(), S, D, opt);
+      double l = aux_c * p.aux_loss + z_c * p.z_loss;
+      for (int i = 0; i < S * k; ++i) l += static_cast<double>(dweight[i]) * p.weight[i];
+      return l;
+    };
+    std::vector<float> du(S * D, 0.f), dw(D * E, 0.f);
+    router_forward(base, acts, u.data(), w.data(), S, D, opt);
+    router_backward(du.data(), dw.data(), dweight.data(), base, acts, u.data(), w.data(), S, D,
+                    opt, aux_c, z_c);
+    for (auto [x, g, name] : {std::tuple{&u, &du, "du"}, std::tuple{&w, &dw, "drouter"}}) {
+      for (size_t i = 0; i < x->size(); ++i) {
+        const float saved = (*x)[i], h = 1e-2f;
+        RoutingPlan p;
+        (*x)[i] = saved + h;
+        const double lp = loss(p);
+        ASSERT_EQ(p.expert, base.expert) << "perturbation changed the top-k selection";
+        (*x)[i] = saved - h;
+        const double lm = loss(p);
+        ASSERT_EQ(p.expert, base.expert);
+        (*x)[i] = saved;
+        const double num = (lp - lm) / (2 * h);
+        EXPECT_NEAR((*g)[i], num, 2e-3 + 2e-2 * std::abs(num)) << name << "[" << i << "]";
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace loopmoe
