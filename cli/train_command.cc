@@ -29,7 +29,14 @@ void register_train_command(CLI::App& app) {
   cmd->add_flag("!--no-progress", args->options.progress, "no progress output");
   cmd->callback([args] {
     Config cfg = load_config(args->config);
-    if (args->steps > 0) cfg.train.steps = args->steps;
+    if (args->steps > 0) {
+      cfg.train.steps = args->steps;
+      if (cfg.train.warmup_steps > cfg.train.steps) {
+        cfg.train.warmup_steps = cfg.train.steps / 10;
+        std::fprintf(stderr, "note: --steps %d is shorter than the configured warmup; warmup is %d\n",
+                     cfg.train.steps, cfg.train.warmup_steps);
+      }
+    }
     if (!args->data_dir.empty()) cfg.data.dir = args->data_dir;
     validate(cfg);
     TrainResult r = train(cfg, args->options);
