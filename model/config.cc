@@ -264,6 +264,15 @@ void validate(const Config& c) {
   }
 }
 
+std::vector<std::string> config_keys() {
+  std::vector<std::string> keys;
+  Config c;
+  visit_fields(c, [&](const char* s, const char* k, auto&, double, double) {
+    keys.push_back(std::string(s) + "." + k);
+  });
+  return keys;
+}
+
 std::string to_toml(const Config& config) {
   std::ostringstream os;
   Config copy = config;

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace loopmoe {
 
@@ -77,6 +78,8 @@ Config load_config(const std::string& path);
 Config parse_config(const std::string& toml_text, const std::string& source_name);
 // Checks cross-field constraints (e.g. top_k <= n_experts, even head_dim); throws ConfigError.
 void validate(const Config& config);
+// "section.key" of every config field, in file order.
+std::vector<std::string> config_keys();
 // Canonical TOML text of every field (what checkpoints store and hash).
 std::string to_toml(const Config& config);
 // Canonical JSON objects of the [model] / [train] sections (used by the parity dump).

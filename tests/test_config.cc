@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "model/config.h"
 #include "model/error.h"
 
@@ -48,6 +50,16 @@ TEST(Config, RejectsBadInputWithOneClearError) {
   expect_error("[train]\nlr = -1.0\n", "train.lr");
   expect_error("[model\n", "test.toml:");
   expect_error("[train]\nsteps = 10\nwarmup_steps = 20\n", "warmup_steps exceeds");
+}
+
+// docs/CONFIG.md documents every key, each as a table row "| `section.key` |".
+TEST(Config, EveryKeyIsDocumented) {
+  std::ifstream in(std::string(LOOPMOE_SOURCE_DIR) + "/docs/CONFIG.md");
+  ASSERT_TRUE(in) << "docs/CONFIG.md missing";
+  const std::string doc((std::istreambuf_iterator<char>(in)), {});
+  for (const std::string& key : config_keys()) {
+    EXPECT_NE(doc.find("| `" + key + "` |"), std::string::npos) << key << " is not documented";
+  }
 }
 
 TEST(Config, MissingFileNamesThePath) {
