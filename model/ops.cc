@@ -51,8 +51,31 @@ void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float
                  const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
   g_gemm_flops.fetch_add(2ull * m * n * k, std::memory_order_relaxed);
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const auto ta_ = ta ? CblasTrans : CblasNoTrans, tb_ = tb ? CblasTrans : CblasNoTrans;
+  // OpenBLAS stays single-threaded (it is called from inside our parallel loops); a large product
+  // outside any parallel region is split into one block of C per thread instead.
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (threads == 1 || static_cast<double>(m) * n * k < 4e6) {
+    cblas_sgemm(CblasRowMajor, ta_, tb_, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const bool split_rows = m >= n;
+  const int extent = split_rows ? m : n;
+  const int chunk = ((extent + threads - 1) / threads + 15) / 16 * 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < threads; ++t) {
+    const int begin = t * chunk, len = std::min(extent, begin + chunk) - begin;
+    if (len <= 0) continue;
+    if (split_rows) {  // rows [begin, begin+len) of C and of op(A)
+      const float* as = ta ? a + begin : a + static_cast<size_t>(begin) * lda;
+      cblas_sgemm(CblasRowMajor, ta_, tb_, len, n, k, alpha, as, lda, b, ldb, beta,
+                  c + static_cast<size_t>(begin) * ldc, ldc);
+    } else {  // columns [begin, begin+len) of C and of op(B)
+      const float* bs = tb ? b + static_cast<size_t>(begin) * ldb : b + begin;
+      cblas_sgemm(CblasRowMajor, ta_, tb_, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin,
+                  ldc);
+    }
+  }
 }
 
 template <>
