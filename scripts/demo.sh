@@ -12,7 +12,7 @@ if [ ! -f data/sotu/meta.json ]; then
   build/loopmoe data prepare --input data/raw/sotu --vocab 4096 --out data/sotu
 fi
 rm -rf runs/demo_vanilla runs/demo_loopmoe
-build/loopmoe train --config configs/vanilla_tiny.toml --steps "$STEPS" --out runs/demo_vanilla
-build/loopmoe train --config configs/loopmoe_tiny.toml --steps "$STEPS" --out runs/demo_loopmoe
+build/loopmoe train --config configs/vanilla_tiny.toml --steps "$STEPS" --threads "$(nproc)" --out runs/demo_vanilla
+build/loopmoe train --config configs/loopmoe_tiny.toml --steps "$STEPS" --threads "$(nproc)" --out runs/demo_loopmoe
 echo
 build/loopmoe compare runs/demo_vanilla runs/demo_loopmoe
