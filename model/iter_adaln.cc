@@ -18,6 +18,7 @@ void NormBlockT<T>::forward(NormActivationsT<T>& a, const T* p, const T* x, int 
   }
   a.n.resize(SD);
   ops::rmsnorm_forward(a.n.data(), a.rstd.data(), x, static_cast<const T*>(nullptr), S, D);
+  ops::FlopKindScope kind(ops::FlopKind::kIterAdaLN);
   a.c.assign(static_cast<size_t>(S) * dc, T(0));
   if (config_.adaln_token_term()) {
     ops::matmul_forward(a.c.data(), a.n.data(), p + o_.tok_w, static_cast<const T*>(nullptr),
@@ -58,6 +59,7 @@ void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivati
     ops::rmsnorm_backward(dx, g + o_.weight, du, x, p + o_.weight, a.rstd.data(), S, D);
     return;
   }
+  ops::FlopKindScope kind(ops::FlopKind::kIterAdaLN);
   std::vector<T> dn(static_cast<size_t>(S) * D, T(0));
   ops::adaln_modulate_backward(dn.data(), dm, du, a.n.data(), a.m.data(), S, D);
   std::vector<T> dsc(static_cast<size_t>(S) * dc, T(0)), dcv(static_cast<size_t>(S) * dc, T(0));

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "model/local_dispatcher.h"
 #include "model/ops.h"
@@ -78,10 +79,17 @@ void Model::attention_forward(Application& a, int layer, int B, int T) {
   a.att.resize(static_cast<size_t>(B) * H * T * T);
   a.o.resize(static_cast<size_t>(S) * I);
   a.attn_y.resize(static_cast<size_t>(S) * D);
-  ops::matmul_forward(a.qkv.data(), a.attn_norm.u.data(), p + l.wqkv,
-                      static_cast<const float*>(nullptr), S, D, 3 * I);
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
+    ops::matmul_forward(a.qkv.data(), a.attn_norm.u.data(), p + l.wqkv,
+                        static_cast<const float*>(nullptr), S, D, 3 * I);
+  }
   ops::rope_forward(a.qkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
-  ops::attention_forward(a.o.data(), a.att.data(), a.qkv.data(), B, T, H, hd);
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
+    ops::attention_forward(a.o.data(), a.att.data(), a.qkv.data(), B, T, H, hd);
+  }
+  ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
   ops::matmul_forward(a.attn_y.data(), a.o.data(), p + l.wo, static_cast<const float*>(nullptr), S,
                       I, D);
 }
@@ -96,18 +104,66 @@ void Model::attention_backward(Application& a, int layer, const float* dy, float
   std::vector<float> d_o(static_cast<size_t>(S) * I, 0.f);
   std::vector<float> dqkv(static_cast<size_t>(S) * 3 * I);
   std::vector<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
-  ops::matmul_backward(d_o.data(), g + l.wo, static_cast<float*>(nullptr), dy, a.o.data(),
-                       p + l.wo, S, I, D);
-  ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(), B,
-                          T, H, hd);
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
+    ops::matmul_backward(d_o.data(), g + l.wo, static_cast<float*>(nullptr), dy, a.o.data(),
+                         p + l.wo, S, I, D);
+  }
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
+    ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(),
+                            B, T, H, hd);
+  }
   ops::rope_backward(dqkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
+  ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
   ops::matmul_backward(du, g + l.wqkv, static_cast<float*>(nullptr), dqkv.data(),
                        a.attn_norm.u.data(), p + l.wqkv, S, D, 3 * I);
 }
 
 LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T, int loops) {
+  ForwardOptions options;
+  options.loops = loops;
+  return forward(tokens, targets, B, T, options);
+}
+
+const float* Model::iteration_state(int r) const {
+  const size_t index = 2 * static_cast<size_t>(config_.n_layers) * (r + 1);
+  if (r < 0 || index >= resid_.size()) throw std::out_of_range("iteration_state: no iteration r");
+  return resid_[index].data();
+}
+
+double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
+  const int D = config_.d_model, V = config_.vocab_size;
+  const float* p = params_.data();
+  std::vector<float> h(static_cast<size_t>(S) * D), rstd(S);
+  std::vector<float> logits(static_cast<size_t>(S) * V), probs(logits.size());
+  ops::rmsnorm_forward(h.data(), rstd.data(), x, p + layout_.final_norm, S, D);
+  if (config_.tie_embeddings) {
+    ops::gemm<float>(false, true, S, V, D, 1.f, h.data(), D, p + layout_.tok_emb, D, 0.f,
+                     logits.data(), V);
+  } else {
+    ops::matmul_forward(logits.data(), h.data(), p + layout_.lm_head,
+                        static_cast<const float*>(nullptr), S, D, V);
+  }
+  return ops::crossentropy_forward(probs.data(), logits.data(), targets, S, V);
+}
+
+LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T,
+                         const ForwardOptions& options) {
   const int S = B * T, D = config_.d_model, V = config_.vocab_size, N = config_.n_layers;
-  const int R = loops < 0 ? config_.n_loops : loops;
+  const int R = options.loops < 0 ? config_.n_loops : options.loops;
+  const bool halting = options.halt_threshold > 0;
+  halted_forward_ = halting;
+  iterations_used_.assign(S, R);
+  std::vector<uint8_t> halted(halting ? S : 0, 0);
+  // Frozen tokens get their state back after every sublayer of the remaining iterations.
+  auto hold_halted = [&](std::vector<float>& x, const std::vector<float>& frozen) {
+    if (!halting) return;
+    for (int t = 0; t < S; ++t) {
+      if (halted[t]) std::copy_n(frozen.data() + static_cast<size_t>(t) * D, D, x.data() + static_cast<size_t>(t) * D);
+    }
+  };
+  std::vector<float> frozen(halting ? static_cast<size_t>(S) * D : 0);
   const int A = N * R;
   B_ = B;
   T_ = T;
@@ -141,6 +197,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
     resid_[2 * a + 1] = resid_[2 * a];
     ops::gated_residual_forward(resid_[2 * a + 1].data(), app.attn_y.data(),
                                 attn_norms_[n].gate_source(app.attn_norm), S, D);
+    hold_halted(resid_[2 * a + 1], frozen);
     // MoE sublayer: resid[2a+1] → resid[2a+2].
     ffn_norms_[n].forward(app.ffn_norm, p, resid_[2 * a + 1].data(), r, S);
     app.moe_y.resize(static_cast<size_t>(S) * D);
@@ -149,6 +206,26 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
     resid_[2 * a + 2] = resid_[2 * a + 1];
     ops::gated_residual_forward(resid_[2 * a + 2].data(), app.moe_y.data(),
                                 ffn_norms_[n].gate_source(app.ffn_norm), S, D);
+    hold_halted(resid_[2 * a + 2], frozen);
+    if (halting && n == N - 1) {  // end of iteration r: which tokens have converged?
+      const float* prev = resid_[2 * a + 2 - 2 * N].data();
+      const float* cur = resid_[2 * a + 2].data();
+      for (int t = 0; t < S; ++t) {
+        if (halted[t]) continue;
+        double diff = 0, norm = 0;
+        for (int i = 0; i < D; ++i) {
+          const double x0 = prev[static_cast<size_t>(t) * D + i];
+          const double x1 = cur[static_cast<size_t>(t) * D + i];
+          diff += (x1 - x0) * (x1 - x0);
+          norm += x0 * x0;
+        }
+        if (std::sqrt(diff) < options.halt_threshold * std::sqrt(std::max(norm, 1e-30))) {
+          halted[t] = 1;
+          iterations_used_[t] = r + 1;
+          std::copy_n(cur + static_cast<size_t>(t) * D, D, frozen.data() + static_cast<size_t>(t) * D);
+        }
+      }
+    }
     loss.aux += app.moe.plan.aux_loss / A;
     loss.z += app.moe.plan.z_loss / A;
     loss.dropped += app.moe.plan.dropped;
@@ -158,6 +235,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
   ops::rmsnorm_forward(final_h_.data(), final_rstd_.data(), resid_[2 * A].data(),
                        p + layout_.final_norm, S, D);
   logits_.resize(static_cast<size_t>(S) * V);
+  ops::FlopKindScope head_kind(ops::FlopKind::kHead);
   if (config_.tie_embeddings) {
     ops::gemm<float>(false, true, S, V, D, 1.f, final_h_.data(), D, p + layout_.tok_emb, D, 0.f,
                      logits_.data(), V);
@@ -174,6 +252,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
 }
 
 void Model::backward() {
+  if (halted_forward_) throw std::logic_error("backward() after a forward with adaptive halting");
   const int B = B_, T = T_, S = B * T, D = config_.d_model, V = config_.vocab_size;
   const int N = config_.n_layers, A = static_cast<int>(apps_.size());
   const float* p = params_.data();
@@ -181,6 +260,8 @@ void Model::backward() {
   // Loss head: dlogits overwrite the saved softmax.
   ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), 1.f / S, S, V);
   std::vector<float> dh(static_cast<size_t>(S) * D, 0.f);
+  {
+  ops::FlopKindScope head_kind(ops::FlopKind::kHead);
   if (config_.tie_embeddings) {
     ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
                      dh.data(), D);
@@ -189,6 +270,7 @@ void Model::backward() {
   } else {
     ops::matmul_backward(dh.data(), g + layout_.lm_head, static_cast<float*>(nullptr),
                          probs_.data(), final_h_.data(), p + layout_.lm_head, S, D, V);
+  }
   }
   std::vector<float> dx(static_cast<size_t>(S) * D, 0.f);
   ops::rmsnorm_backward(dx.data(), g + layout_.final_norm, dh.data(), resid_[2 * A].data(),

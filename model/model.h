@@ -22,6 +22,11 @@ struct LossParts {
   int64_t dropped = 0;
 };
 
+struct ForwardOptions {
+  int loops = -1;               // < 0: the configured R
+  double halt_threshold = 0;    // > 0: per-token adaptive halting (inference only; see forward)
+};
+
 class Model {
  public:
   explicit Model(const ModelConfig& config);
@@ -46,6 +51,17 @@ class Model {
   // tokens/targets [B*T]. targets == nullptr: logits only (loss parts other than aux/z are 0).
   // loops < 0: the configured R. Activations are kept for backward().
   LossParts forward(const int32_t* tokens, const int32_t* targets, int B, int T, int loops = -1);
+  // With halt_threshold > 0, after every iteration r a token whose residual stream changed by less
+  // than that fraction (‖x_r − x_{r−1}‖ / ‖x_{r−1}‖) stops iterating: its state is frozen for
+  // the remaining iterations (other tokens still attend to it). No backward() afterwards.
+  LossParts forward(const int32_t* tokens, const int32_t* targets, int B, int T,
+                    const ForwardOptions& options);
+  // Per token of the last forward: iterations it ran (R unless it halted).
+  const std::vector<int>& iterations_used() const { return iterations_used_; }
+  // Residual stream [B*T, D] after iteration r of the last forward (logit lens input).
+  const float* iteration_state(int r) const;
+  // Mean cross-entropy of decoding hidden states x[S, D] with the final norm and the LM head.
+  double decode_loss(const float* x, const int32_t* targets, int S) const;
   // Accumulates the gradient of the last forward's total loss into grads().
   void backward();
 
@@ -82,6 +98,8 @@ class Model {
   std::vector<std::vector<float>> resid_;  // residual stream before each sublayer, and final
   std::vector<float> final_rstd_, final_h_, logits_, probs_;
   std::vector<int32_t> tokens_copy_;
+  std::vector<int> iterations_used_;
+  bool halted_forward_ = false;
 };
 
 // Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "model/ops.h"
+
 namespace loopmoe {
 
 MoeLayer::MoeLayer(const ModelConfig& c)
@@ -10,9 +12,15 @@ MoeLayer::MoeLayer(const ModelConfig& c)
 void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int application, int layer,
                        const float* router_w, const float* u, float* y, int S) const {
   const int D = d_model_, k = options_.top_k;
-  router_forward(a.plan, a.router, u, router_w, S, D, options_);
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kRouter);
+    router_forward(a.plan, a.router, u, router_w, S, D, options_);
+  }
   a.expert_out.resize(static_cast<size_t>(S) * k * D);
-  dispatcher.forward(application, layer, a.plan, u, a.expert_out.data());
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kExperts);
+    dispatcher.forward(application, layer, a.plan, u, a.expert_out.data());
+  }
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < S; ++t) {
     float* ys = y + static_cast<size_t>(t) * D;
@@ -50,7 +58,11 @@ void MoeLayer::backward(float* du, float* drouter_w, Dispatcher& dispatcher, int
       dweight[slot] = dot;
     }
   }
-  dispatcher.backward(application, layer, a.plan, dout.data(), du);
+  {
+    ops::FlopKindScope kind(ops::FlopKind::kExperts);
+    dispatcher.backward(application, layer, a.plan, dout.data(), du);
+  }
+  ops::FlopKindScope kind(ops::FlopKind::kRouter);
   router_backward(du, drouter_w, dweight.data(), a.plan, a.router, u, router_w, S, D, options_,
                   aux_scale, z_scale);
 }

@@ -12,7 +12,13 @@
 namespace loopmoe::ops {
 namespace {
 
-std::atomic<uint64_t> g_gemm_flops{0};
+std::atomic<uint64_t> g_gemm_flops[static_cast<int>(FlopKind::kCount)];
+std::atomic<int> g_flop_kind{0};
+
+inline void count_flops(uint64_t flops) {
+  g_gemm_flops[g_flop_kind.load(std::memory_order_relaxed)].fetch_add(flops,
+                                                                     std::memory_order_relaxed);
+}
 
 // exp for the float hot loops: Cephes' expf polynomial (about 2 ulp), written so that the
 // compiler vectorises it; libm's expf is a scalar call per element. Double keeps std::exp, so
@@ -43,14 +49,53 @@ inline T sigmoid(T x) {
 
 }  // namespace
 
-uint64_t gemm_flops() { return g_gemm_flops.load(std::memory_order_relaxed); }
-void reset_gemm_flops() { g_gemm_flops.store(0, std::memory_order_relaxed); }
+const char* to_string(FlopKind kind) {
+  switch (kind) {
+    case FlopKind::kOther:
+      return "other";
+    case FlopKind::kAttentionProj:
+      return "attention_proj";
+    case FlopKind::kAttentionScores:
+      return "attention_scores";
+    case FlopKind::kRouter:
+      return "router";
+    case FlopKind::kExperts:
+      return "experts";
+    case FlopKind::kIterAdaLN:
+      return "iter_adaln";
+    case FlopKind::kHead:
+      return "head";
+    case FlopKind::kCount:
+      break;
+  }
+  return "?";
+}
+
+uint64_t gemm_flops(FlopKind kind) {
+  return g_gemm_flops[static_cast<int>(kind)].load(std::memory_order_relaxed);
+}
+
+uint64_t gemm_flops() {
+  uint64_t total = 0;
+  for (int k = 0; k < static_cast<int>(FlopKind::kCount); ++k) {
+    total += gemm_flops(static_cast<FlopKind>(k));
+  }
+  return total;
+}
+
+void reset_gemm_flops() {
+  for (auto& c : g_gemm_flops) c.store(0, std::memory_order_relaxed);
+}
+
+FlopKindScope::FlopKindScope(FlopKind kind)
+    : previous_(static_cast<FlopKind>(g_flop_kind.exchange(static_cast<int>(kind)))) {}
+FlopKindScope::~FlopKindScope() { g_flop_kind.store(static_cast<int>(previous_)); }
 
 template <>
 void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
-  g_gemm_flops.fetch_add(2ull * m * n * k, std::memory_order_relaxed);
+  count_flops(2ull * m * n * k);
   const auto ta_ = ta ? CblasTrans : CblasNoTrans, tb_ = tb ? CblasTrans : CblasNoTrans;
   // OpenBLAS stays single-threaded (it is called from inside our parallel loops); a large product
   // outside any parallel region is split into one block of C per thread instead.
@@ -82,7 +127,7 @@ template <>
 void gemm<double>(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
                   const double* b, int ldb, double beta, double* c, int ldc) {
   if (m == 0 || n == 0) return;
-  g_gemm_flops.fetch_add(2ull * m * n * k, std::memory_order_relaxed);
+  count_flops(2ull * m * n * k);
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

@@ -19,9 +19,33 @@ template <typename T>
 void gemm_reference(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
                     const T* b, int ldb, T beta, T* c, int ldc);
 
-// Matrix FLOPs executed by gemm() on this thread since the last reset (2·m·n·k per call).
+// Matrix FLOPs executed by gemm() since the last reset (2·m·n·k per call), in total and by the
+// kind of work the caller declared with FlopKindScope (the measured audit reads these).
+enum class FlopKind : int {
+  kOther = 0,
+  kAttentionProj,    // qkv and output projections
+  kAttentionScores,  // QK^T and PV (the full T×T block, masked half included)
+  kRouter,
+  kExperts,
+  kIterAdaLN,        // conditioning and modulation matmuls
+  kHead,             // LM head
+  kCount
+};
+const char* to_string(FlopKind kind);
 uint64_t gemm_flops();
+uint64_t gemm_flops(FlopKind kind);
 void reset_gemm_flops();
+// Sets the kind charged by gemm() until the scope ends. Set outside parallel regions only.
+class FlopKindScope {
+ public:
+  explicit FlopKindScope(FlopKind kind);
+  ~FlopKindScope();
+  FlopKindScope(const FlopKindScope&) = delete;
+  FlopKindScope& operator=(const FlopKindScope&) = delete;
+
+ private:
+  FlopKind previous_;
+};
 
 // out[S,D] = wte[tokens[s], :]
 template <typename T>

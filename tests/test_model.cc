@@ -143,6 +143,30 @@ TEST(Model, LoopCountCanChangeAtRunTime) {
   EXPECT_GT(global_norm(m.grads(), m.num_params()), 0);
 }
 
+TEST(Model, LogitLensAndAdaptiveHalting) {
+  Model m(small(IterAdaLNMode::kJoint, 2, 3));
+  m.init_params(6);
+  auto in = random_tokens(16, 64, 3), tg = random_tokens(16, 64, 4);
+  const LossParts full = m.forward(in.data(), tg.data(), 2, 8);
+  // Decoding the last iteration's state is the model's own cross-entropy.
+  EXPECT_NEAR(m.decode_loss(m.iteration_state(2), tg.data(), 16), full.ce, 1e-6);
+  const double after_first = m.decode_loss(m.iteration_state(0), tg.data(), 16);
+  // A threshold no change can beat halts every token after its first iteration, which is
+  // exactly the one-iteration model.
+  ForwardOptions halt_all;
+  halt_all.halt_threshold = 1e9;
+  const LossParts halted = m.forward(in.data(), tg.data(), 2, 8, halt_all);
+  for (int used : m.iterations_used()) EXPECT_EQ(used, 1);
+  EXPECT_THROW(m.backward(), std::logic_error);
+  const LossParts one = m.forward(in.data(), tg.data(), 2, 8, 1);
+  EXPECT_EQ(halted.ce, one.ce);
+  EXPECT_NEAR(after_first, one.ce, 1e-6);
+  ForwardOptions never;
+  never.halt_threshold = 1e-30;
+  EXPECT_EQ(m.forward(in.data(), tg.data(), 2, 8, never).ce, full.ce);
+  for (int used : m.iterations_used()) EXPECT_EQ(used, 3);
+}
+
 // The MoE layer through the LocalDispatcher equals a token-by-token evaluation of the experts.
 TEST(MoeLayer, MatchesNaivePerTokenReference) {
   ModelConfig c = small(IterAdaLNMode::kOff);
