@@ -136,6 +136,14 @@ Config read_checkpoint_config(const std::string& path) {
   return parse_config(l.config_text, path + " (stored config)");
 }
 
+void load_parameters(const std::string& path, Model& model) {
+  Loaded l = read_file(path);
+  if (l.header.num_params != model.num_params()) {
+    throw CheckpointError(path + ": parameter count differs from the model");
+  }
+  std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
+}
+
 TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
                               AdamW& opt) {
   Loaded l = read_file(path);

@@ -25,6 +25,9 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
 // Reads the config stored in a checkpoint (validated, checksum verified).
 Config read_checkpoint_config(const std::string& path);
 
+// Loads only the parameters (evaluation); the model must have the checkpoint's config.
+void load_parameters(const std::string& path, Model& model);
+
 // Loads parameters, optimizer state and progress into `model` / `optimizer`. The checkpoint's
 // config must equal `config` (field by field; the differences are listed otherwise).
 TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
