@@ -9,7 +9,7 @@
 #include "cli/trainer.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
-#include "model/rng.h"
+#include "tests/tiny_run.h"
 
 namespace loopmoe {
 namespace {
@@ -19,42 +19,10 @@ namespace fs = std::filesystem;
 class TrainerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    root_ = fs::temp_directory_path() /
-            ("loopmoe_trainer_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(root_);
-    fs::create_directories(root_ / "data");
-    // A corpus with structure to learn: a repeating pattern with noise.
-    Rng rng(5);
-    for (const char* split : {"train", "val"}) {
-      std::vector<int32_t> tokens(4000);
-      for (size_t i = 0; i < tokens.size(); ++i) {
-        tokens[i] = rng.uniform() < 0.8 ? static_cast<int32_t>(i % 17)
-                                        : static_cast<int32_t>(rng.next_u64() % 60);
-      }
-      std::vector<uint64_t> docs = {0, 2000, tokens.size()};
-      data::write_token_shard(root_ / "data" / (std::string(split) + ".bin"), 60, tokens, docs);
-    }
-    config_.model.vocab_size = 64;
-    config_.model.seq_len = 16;
-    config_.model.d_model = 16;
-    config_.model.n_heads = 2;
-    config_.model.head_dim = 8;
-    config_.model.n_layers = 2;
-    config_.model.n_loops = 2;
-    config_.model.n_experts = 4;
-    config_.model.expert_hidden = 16;
-    config_.model.iter_adaln = IterAdaLNMode::kJoint;
-    config_.model.cond_dim = 4;
-    config_.model.capacity_factor = 1.25;
-    config_.train.batch_size = 4;
-    config_.train.steps = 12;
-    config_.train.warmup_steps = 2;
-    config_.train.eval_interval = 5;
-    config_.train.eval_batches = 2;
-    config_.train.checkpoint_interval = 4;
-    config_.train.log_interval = 1;
-    config_.data.dir = (root_ / "data").string();
+    root_ = testing::fresh_test_dir(
+        "loopmoe_trainer", ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    testing::write_pattern_corpus(root_ / "data");
+    config_ = testing::tiny_loopmoe_config(root_ / "data");
   }
   void TearDown() override { fs::remove_all(root_); }
 
