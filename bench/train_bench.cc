@@ -113,9 +113,10 @@ int main(int argc, char** argv) {
 
   const double peak1 = sgemm_gflops(1), peak2 = sgemm_gflops(2);
   const double peak = std::max(peak1, peak2);
-  std::printf("sgemm 2048^3: %.1f GFLOP/s with 1 thread, %.1f with 2 (MFU denominators for 1 and\n"
-              "2 threads: the peak the same thread count reaches)\n\n",
-              peak1, peak);
+  std::printf(
+      "sgemm 2048^3: %.1f GFLOP/s with 1 thread, %.1f with 2 (MFU denominators for 1 and\n"
+      "2 threads: the peak the same thread count reaches)\n\n",
+      peak1, peak);
   std::printf("%-22s %7s %11s %9s %12s %7s\n", "config", "threads", "tokens/s", "step ms",
               "GFLOP/token", "MFU");
   struct Row {
@@ -143,8 +144,9 @@ int main(int argc, char** argv) {
     }
     rows.push_back(row);
   }
-  std::printf("\nGFLOP/token counts every matmul the engine executes in forward+backward "
-              "(attention scores over the full T×T block).\n");
+  std::printf(
+      "\nGFLOP/token counts every matmul the engine executes in forward+backward "
+      "(attention scores over the full T×T block).\n");
   for (const Row& r : rows) {
     if (r.best_torch > 0) {
       std::printf("%-22s engine best %.0f tok/s vs PyTorch best %.0f tok/s: %.2fx\n",

@@ -86,8 +86,8 @@ Loaded read_file(const std::string& path) {
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const Config& config, const Model& model,
-                     AdamW& opt, const TrainProgress& progress) {
+void save_checkpoint(const std::string& path, const Config& config, const Model& model, AdamW& opt,
+                     const TrainProgress& progress) {
   const std::string text = to_toml(config);
   const size_t n = model.num_params();
   Header h{};

@@ -33,7 +33,8 @@ void register_train_command(CLI::App& app) {
       cfg.train.steps = args->steps;
       if (cfg.train.warmup_steps > cfg.train.steps) {
         cfg.train.warmup_steps = cfg.train.steps / 10;
-        std::fprintf(stderr, "note: --steps %d is shorter than the configured warmup; warmup is %d\n",
+        std::fprintf(stderr,
+                     "note: --steps %d is shorter than the configured warmup; warmup is %d\n",
                      cfg.train.steps, cfg.train.warmup_steps);
       }
     }

@@ -151,30 +151,30 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     if (log_now) {
       const double tps = window_tokens / std::max(window_seconds, 1e-9);
       metrics << "{\"step\": " << done << ", \"loss\": " << loss.total << ", \"ce\": " << loss.ce
-              << ", \"aux\": " << loss.aux << ", \"z\": " << loss.z << ", \"dropped\": "
-              << loss.dropped << ", \"lr\": " << lr << ", \"grad_norm\": " << norm
-              << ", \"tokens_per_s\": " << tps << "}\n";
+              << ", \"aux\": " << loss.aux << ", \"z\": " << loss.z
+              << ", \"dropped\": " << loss.dropped << ", \"lr\": " << lr
+              << ", \"grad_norm\": " << norm << ", \"tokens_per_s\": " << tps << "}\n";
       metrics.flush();
       if (opt.progress) {
         const double eta = (end - done) * (train_seconds / (done - start));
         const int width = 24, filled = static_cast<int>(width * done / std::max(1, tc.steps));
         std::string bar = std::string(filled, '=') + std::string(width - filled, ' ');
-        std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s | ETA %s%s",
-                     tty ? "\r" : "", done, tc.steps, bar.c_str(), loss.total, tps,
-                     format_duration(eta).c_str(), tty ? "   " : "\n");
+        std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s | ETA %s%s", tty ? "\r" : "",
+                     done, tc.steps, bar.c_str(), loss.total, tps, format_duration(eta).c_str(),
+                     tty ? "   " : "\n");
       }
       window_seconds = 0;
       window_tokens = 0;
     }
-    const bool eval_now = (tc.eval_interval > 0 && done % tc.eval_interval == 0) || done == tc.steps;
+    const bool eval_now =
+        (tc.eval_interval > 0 && done % tc.eval_interval == 0) || done == tc.steps;
     if (eval_now) {
       result.final_val_loss = validation_loss(model, val_shard, B, T, tc.eval_batches);
       metrics << "{\"step\": " << done << ", \"val_loss\": " << result.final_val_loss << "}\n";
       metrics.flush();
       if (opt.progress) {
-        std::fprintf(stderr, "%sstep %d: validation loss %.4f (perplexity %.1f)\n",
-                     tty ? "\n" : "", done, result.final_val_loss,
-                     std::exp(result.final_val_loss));
+        std::fprintf(stderr, "%sstep %d: validation loss %.4f (perplexity %.1f)\n", tty ? "\n" : "",
+                     done, result.final_val_loss, std::exp(result.final_val_loss));
       }
     }
     if ((tc.checkpoint_interval > 0 && done % tc.checkpoint_interval == 0) || done == end) {

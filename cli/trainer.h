@@ -11,10 +11,10 @@ namespace loopmoe {
 
 struct TrainOptions {
   std::string out_dir = "runs/default";
-  bool resume = false;     // continue from out_dir/checkpoint.bin
+  bool resume = false;  // continue from out_dir/checkpoint.bin
   int threads = 1;
-  int stop_after = -1;     // stop (after checkpointing) once this many steps are done; -1: never
-  bool progress = true;    // progress output on stderr
+  int stop_after = -1;   // stop (after checkpointing) once this many steps are done; -1: never
+  bool progress = true;  // progress output on stderr
 };
 
 struct TrainResult {

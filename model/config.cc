@@ -1,11 +1,12 @@
 #include "model/config.h"
 
+#include <toml++/toml.h>
+
 #include <cmath>
 #include <fstream>
 #include <limits>
 #include <set>
 #include <sstream>
-#include <toml++/toml.h>
 
 #include "model/error.h"
 
@@ -252,8 +253,8 @@ Config load_config(const std::string& path) {
 void validate(const Config& c) {
   const ModelConfig& m = c.model;
   if (m.top_k > m.n_experts) {
-    throw ConfigError("model.top_k = " + std::to_string(m.top_k) + " exceeds model.n_experts = " +
-                      std::to_string(m.n_experts));
+    throw ConfigError("model.top_k = " + std::to_string(m.top_k) +
+                      " exceeds model.n_experts = " + std::to_string(m.n_experts));
   }
   if (m.head_dim % 2 != 0) throw ConfigError("model.head_dim must be even (rotary embedding)");
   if (m.adaln() && m.cond_dim % 2 != 0) {

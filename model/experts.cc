@@ -18,8 +18,8 @@ void experts_forward(float* out, ExpertBatch& b, const ExpertWeights& w, const E
     const int n = static_cast<int>(b.offset[e + 1] - r0);
     const size_t wf = static_cast<size_t>(e) * D * F;
     ops::swiglu_forward(out + r0 * D, b.h1.data() + r0 * F, b.h3.data() + r0 * F,
-                        b.act.data() + r0 * F, b.x.data() + r0 * D, w.w1 + wf, w.w3 + wf,
-                        w.w2 + wf, n, D, F);
+                        b.act.data() + r0 * F, b.x.data() + r0 * D, w.w1 + wf, w.w3 + wf, w.w2 + wf,
+                        n, D, F);
   }
 }
 

@@ -15,8 +15,8 @@ struct ExpertShape {
 
 // Rows for `num_experts` experts, stored contiguously: expert e owns rows [offset[e], offset[e+1]).
 struct ExpertBatch {
-  std::vector<int64_t> offset;  // [num_experts + 1]
-  std::vector<float> x;         // [rows, d]
+  std::vector<int64_t> offset;     // [num_experts + 1]
+  std::vector<float> x;            // [rows, d]
   std::vector<float> h1, h3, act;  // [rows, hidden] saved for backward
 };
 

@@ -21,8 +21,8 @@ void NormBlockT<T>::forward(NormActivationsT<T>& a, const T* p, const T* x, int 
   ops::FlopKindScope kind(ops::FlopKind::kIterAdaLN);
   a.c.assign(static_cast<size_t>(S) * dc, T(0));
   if (config_.adaln_token_term()) {
-    ops::matmul_forward(a.c.data(), a.n.data(), p + o_.tok_w, static_cast<const T*>(nullptr),
-                        S, D, dc);
+    ops::matmul_forward(a.c.data(), a.n.data(), p + o_.tok_w, static_cast<const T*>(nullptr), S, D,
+                        dc);
   }
   if (config_.adaln_iter_term()) {
     // MLP_iter(PE(r)) is one d_c-vector shared by all tokens of this iteration.
@@ -53,7 +53,7 @@ const T* NormBlockT<T>::gate_source(const NormActivationsT<T>& a) const {
 
 template <typename T>
 void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivationsT<T>& a,
-                            const T* p, const T* x, int S) const {
+                             const T* p, const T* x, int S) const {
   const int D = config_.d_model, dc = config_.cond_dim;
   if (!config_.adaln()) {
     ops::rmsnorm_backward(dx, g + o_.weight, du, x, p + o_.weight, a.rstd.data(), S, D);
@@ -63,12 +63,12 @@ void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivati
   std::vector<T> dn(static_cast<size_t>(S) * D, T(0));
   ops::adaln_modulate_backward(dn.data(), dm, du, a.n.data(), a.m.data(), S, D);
   std::vector<T> dsc(static_cast<size_t>(S) * dc, T(0)), dcv(static_cast<size_t>(S) * dc, T(0));
-  ops::matmul_backward(dsc.data(), g + o_.mod_w, g + o_.mod_b, dm, a.sc.data(), p + o_.mod_w, S,
-                       dc, 3 * D);
+  ops::matmul_backward(dsc.data(), g + o_.mod_w, g + o_.mod_b, dm, a.sc.data(), p + o_.mod_w, S, dc,
+                       3 * D);
   ops::silu_backward(dcv.data(), dsc.data(), a.c.data(), dcv.size());
   if (config_.adaln_token_term()) {
-    ops::matmul_backward(dn.data(), g + o_.tok_w, static_cast<T*>(nullptr), dcv.data(),
-                         a.n.data(), p + o_.tok_w, S, D, dc);
+    ops::matmul_backward(dn.data(), g + o_.tok_w, static_cast<T*>(nullptr), dcv.data(), a.n.data(),
+                         p + o_.tok_w, S, D, dc);
   }
   if (config_.adaln_iter_term()) {
     std::vector<T> de(dc, T(0)), s1(dc), ds1(dc, T(0)), da1(dc, T(0));
@@ -83,8 +83,8 @@ void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivati
     ops::matmul_backward(static_cast<T*>(nullptr), g + o_.iter_w1, g + o_.iter_b1, da1.data(),
                          a.pe.data(), p + o_.iter_w1, 1, dc, dc);
   }
-  ops::rmsnorm_backward(dx, static_cast<T*>(nullptr), dn.data(), x,
-                        static_cast<const T*>(nullptr), a.rstd.data(), S, D);
+  ops::rmsnorm_backward(dx, static_cast<T*>(nullptr), dn.data(), x, static_cast<const T*>(nullptr),
+                        a.rstd.data(), S, D);
 }
 
 template class NormBlockT<float>;

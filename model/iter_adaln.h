@@ -12,12 +12,12 @@ namespace loopmoe {
 
 template <typename T>
 struct NormActivationsT {
-  std::vector<T> rstd;   // [S]
-  std::vector<T> n;      // [S,D] normalised input (IterAdaLN modes)
-  std::vector<T> u;      // [S,D] sublayer input
-  std::vector<T> c;      // [S,dc] conditioning before SiLU
-  std::vector<T> sc;     // [S,dc] SiLU(c)
-  std::vector<T> m;      // [S,3D] shift | scale | gate
+  std::vector<T> rstd;       // [S]
+  std::vector<T> n;          // [S,D] normalised input (IterAdaLN modes)
+  std::vector<T> u;          // [S,D] sublayer input
+  std::vector<T> c;          // [S,dc] conditioning before SiLU
+  std::vector<T> sc;         // [S,dc] SiLU(c)
+  std::vector<T> m;          // [S,3D] shift | scale | gate
   std::vector<T> pe, a1, e;  // [dc] iteration encoding, MLP_iter hidden (pre-SiLU), output
 };
 

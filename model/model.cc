@@ -24,8 +24,7 @@ void set_num_threads(int threads) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
-Model::Model(const ModelConfig& config)
-    : config_(config), layout_(config), moe_(config) {
+Model::Model(const ModelConfig& config) : config_(config), layout_(config), moe_(config) {
   params_.assign(layout_.size(), 0.f);
   grads_.assign(layout_.size(), 0.f);
   for (const LayerOffsets& l : layout_.layers) {
@@ -111,8 +110,8 @@ void Model::attention_backward(Application& a, int layer, const float* dy, float
   }
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
-    ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(),
-                            B, T, H, hd);
+    ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(), B,
+                            T, H, hd);
   }
   ops::rope_backward(dqkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
   ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
@@ -160,7 +159,9 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
   auto hold_halted = [&](std::vector<float>& x, const std::vector<float>& frozen) {
     if (!halting) return;
     for (int t = 0; t < S; ++t) {
-      if (halted[t]) std::copy_n(frozen.data() + static_cast<size_t>(t) * D, D, x.data() + static_cast<size_t>(t) * D);
+      if (halted[t])
+        std::copy_n(frozen.data() + static_cast<size_t>(t) * D, D,
+                    x.data() + static_cast<size_t>(t) * D);
     }
   };
   std::vector<float> frozen(halting ? static_cast<size_t>(S) * D : 0);
@@ -222,7 +223,8 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
         if (std::sqrt(diff) < options.halt_threshold * std::sqrt(std::max(norm, 1e-30))) {
           halted[t] = 1;
           iterations_used_[t] = r + 1;
-          std::copy_n(cur + static_cast<size_t>(t) * D, D, frozen.data() + static_cast<size_t>(t) * D);
+          std::copy_n(cur + static_cast<size_t>(t) * D, D,
+                      frozen.data() + static_cast<size_t>(t) * D);
         }
       }
     }
@@ -261,16 +263,16 @@ void Model::backward() {
   ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), 1.f / S, S, V);
   std::vector<float> dh(static_cast<size_t>(S) * D, 0.f);
   {
-  ops::FlopKindScope head_kind(ops::FlopKind::kHead);
-  if (config_.tie_embeddings) {
-    ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
-                     dh.data(), D);
-    ops::gemm<float>(true, false, V, D, S, 1.f, probs_.data(), V, final_h_.data(), D, 1.f,
-                     g + layout_.tok_emb, D);
-  } else {
-    ops::matmul_backward(dh.data(), g + layout_.lm_head, static_cast<float*>(nullptr),
-                         probs_.data(), final_h_.data(), p + layout_.lm_head, S, D, V);
-  }
+    ops::FlopKindScope head_kind(ops::FlopKind::kHead);
+    if (config_.tie_embeddings) {
+      ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
+                       dh.data(), D);
+      ops::gemm<float>(true, false, V, D, S, 1.f, probs_.data(), V, final_h_.data(), D, 1.f,
+                       g + layout_.tok_emb, D);
+    } else {
+      ops::matmul_backward(dh.data(), g + layout_.lm_head, static_cast<float*>(nullptr),
+                           probs_.data(), final_h_.data(), p + layout_.lm_head, S, D, V);
+    }
   }
   std::vector<float> dx(static_cast<size_t>(S) * D, 0.f);
   ops::rmsnorm_backward(dx.data(), g + layout_.final_norm, dh.data(), resid_[2 * A].data(),

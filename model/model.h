@@ -23,8 +23,8 @@ struct LossParts {
 };
 
 struct ForwardOptions {
-  int loops = -1;               // < 0: the configured R
-  double halt_threshold = 0;    // > 0: per-token adaptive halting (inference only; see forward)
+  int loops = -1;             // < 0: the configured R
+  double halt_threshold = 0;  // > 0: per-token adaptive halting (inference only; see forward)
 };
 
 class Model {

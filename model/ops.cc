@@ -17,7 +17,7 @@ std::atomic<int> g_flop_kind{0};
 
 inline void count_flops(uint64_t flops) {
   g_gemm_flops[g_flop_kind.load(std::memory_order_relaxed)].fetch_add(flops,
-                                                                     std::memory_order_relaxed);
+                                                                      std::memory_order_relaxed);
 }
 
 // exp for the float hot loops: Cephes' expf polynomial (about 2 ulp), written so that the
@@ -117,8 +117,7 @@ void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float
                   c + static_cast<size_t>(begin) * ldc, ldc);
     } else {  // columns [begin, begin+len) of C and of op(B)
       const float* bs = tb ? b + static_cast<size_t>(begin) * ldb : b + begin;
-      cblas_sgemm(CblasRowMajor, ta_, tb_, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin,
-                  ldc);
+      cblas_sgemm(CblasRowMajor, ta_, tb_, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin, ldc);
     }
   }
 }
@@ -133,8 +132,8 @@ void gemm<double>(bool ta, bool tb, int m, int n, int k, double alpha, const dou
 }
 
 template <typename T>
-void gemm_reference(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
-                    const T* b, int ldb, T beta, T* c, int ldc) {
+void gemm_reference(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                    int ldb, T beta, T* c, int ldc) {
   for (int i = 0; i < m; ++i) {
     for (int j = 0; j < n; ++j) {
       double acc = 0;
@@ -498,8 +497,8 @@ void crossentropy_backward(T* dlogits, const T* probs, const int32_t* targets, T
 }
 
 template <typename T>
-void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3,
-                    const T* w2, int n, int D, int F) {
+void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3, const T* w2,
+                    int n, int D, int F) {
   if (n == 0) return;
   gemm<T>(false, false, n, F, D, T(1), x, D, w1, F, T(0), h1, F);
   gemm<T>(false, false, n, F, D, T(1), x, D, w3, F, T(0), h3, F);
@@ -530,34 +529,34 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
   gemm<T>(false, true, n, D, F, T(1), dh3, F, w3, F, T(1), dx, D);
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                                                    \
+#define LOOPMOE_INSTANTIATE(T)                                                                   \
   template void gemm_reference<T>(bool, bool, int, int, int, T, const T*, int, const T*, int, T, \
-                                  T*, int);                                                       \
-  template void embedding_forward<T>(T*, const int32_t*, const T*, int, int);                     \
-  template void embedding_backward<T>(T*, const T*, const int32_t*, int, int);                    \
-  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int);                         \
-  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int);    \
-  template void matmul_forward<T>(T*, const T*, const T*, const T*, int, int, int);               \
-  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int, int, int);      \
-  template void silu_forward<T>(T*, const T*, size_t);                                            \
-  template void silu_backward<T>(T*, const T*, const T*, size_t);                                 \
-  template void adaln_modulate_forward<T>(T*, const T*, const T*, int, int);                      \
-  template void adaln_modulate_backward<T>(T*, T*, const T*, const T*, const T*, int, int);       \
-  template void gated_residual_forward<T>(T*, const T*, const T*, int, int);                      \
-  template void gated_residual_backward<T>(T*, T*, const T*, const T*, const T*, int, int);       \
-  template void iteration_encoding<T>(T*, int, int);                                              \
-  template void rope_forward<T>(T*, const T*, const T*, int, int, int, int);                      \
-  template void rope_backward<T>(T*, const T*, const T*, int, int, int, int);                     \
-  template void rope_tables<T>(T*, T*, int, int, double);                                         \
-  template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                       \
-  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, int, int, int, int);  \
-  template void softmax_forward<T>(T*, T*, const T*, int, int);                                   \
-  template void softmax_backward<T>(T*, const T*, const T*, int, int);                            \
-  template double crossentropy_forward<T>(T*, const T*, const int32_t*, int, int);                \
-  template void crossentropy_backward<T>(T*, const T*, const int32_t*, T, int, int);              \
-  template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,    \
-                                  int, int);                                                      \
-  template void swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
+                                  T*, int);                                                      \
+  template void embedding_forward<T>(T*, const int32_t*, const T*, int, int);                    \
+  template void embedding_backward<T>(T*, const T*, const int32_t*, int, int);                   \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int);                        \
+  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int);   \
+  template void matmul_forward<T>(T*, const T*, const T*, const T*, int, int, int);              \
+  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int, int, int);     \
+  template void silu_forward<T>(T*, const T*, size_t);                                           \
+  template void silu_backward<T>(T*, const T*, const T*, size_t);                                \
+  template void adaln_modulate_forward<T>(T*, const T*, const T*, int, int);                     \
+  template void adaln_modulate_backward<T>(T*, T*, const T*, const T*, const T*, int, int);      \
+  template void gated_residual_forward<T>(T*, const T*, const T*, int, int);                     \
+  template void gated_residual_backward<T>(T*, T*, const T*, const T*, const T*, int, int);      \
+  template void iteration_encoding<T>(T*, int, int);                                             \
+  template void rope_forward<T>(T*, const T*, const T*, int, int, int, int);                     \
+  template void rope_backward<T>(T*, const T*, const T*, int, int, int, int);                    \
+  template void rope_tables<T>(T*, T*, int, int, double);                                        \
+  template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                      \
+  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, int, int, int, int); \
+  template void softmax_forward<T>(T*, T*, const T*, int, int);                                  \
+  template void softmax_backward<T>(T*, const T*, const T*, int, int);                           \
+  template double crossentropy_forward<T>(T*, const T*, const int32_t*, int, int);               \
+  template void crossentropy_backward<T>(T*, const T*, const int32_t*, T, int, int);             \
+  template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,   \
+                                  int, int);                                                     \
+  template void swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,   \
                                    const T*, const T*, const T*, const T*, int, int, int);
 
 LOOPMOE_INSTANTIATE(float)

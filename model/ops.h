@@ -27,8 +27,8 @@ enum class FlopKind : int {
   kAttentionScores,  // QK^T and PV (the full T×T block, masked half included)
   kRouter,
   kExperts,
-  kIterAdaLN,        // conditioning and modulation matmuls
-  kHead,             // LM head
+  kIterAdaLN,  // conditioning and modulation matmuls
+  kHead,       // LM head
   kCount
 };
 const char* to_string(FlopKind kind);
@@ -127,8 +127,8 @@ void crossentropy_backward(T* dlogits, const T* probs, const int32_t* targets, T
 
 // SwiGLU expert on n rows: h1 = x@w1, h3 = x@w3 [n,F], act = silu(h1) ⊙ h3, out = act @ w2.
 template <typename T>
-void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3,
-                    const T* w2, int n, int D, int F);
+void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3, const T* w2,
+                    int n, int D, int F);
 // dx (overwrites), dw1/dw3/dw2 += ...; scratch holds 2*n*F values.
 template <typename T>
 void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,

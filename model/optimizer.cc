@@ -7,9 +7,8 @@ namespace loopmoe {
 
 double learning_rate(const TrainConfig& t, int step) {
   if (step < t.warmup_steps) return t.lr * (step + 1) / t.warmup_steps;
-  const double q =
-      std::min(1.0, static_cast<double>(step - t.warmup_steps) /
-                        std::max(1, t.steps - t.warmup_steps));
+  const double q = std::min(
+      1.0, static_cast<double>(step - t.warmup_steps) / std::max(1, t.steps - t.warmup_steps));
   const double lr_min = t.min_lr_ratio * t.lr;
   return lr_min + 0.5 * (t.lr - lr_min) * (1.0 + std::cos(M_PI * q));
 }

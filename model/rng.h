@@ -17,7 +17,7 @@ class Rng {
     return z ^ (z >> 31);
   }
   double uniform() { return (next_u64() >> 11) * 0x1.0p-53; }  // [0, 1)
-  double normal() {  // Box–Muller, one value per call
+  double normal() {                                            // Box–Muller, one value per call
     double u1 = uniform(), u2 = uniform();
     if (u1 < 1e-300) u1 = 1e-300;
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);

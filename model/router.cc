@@ -13,8 +13,7 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   acts.logits.resize(static_cast<size_t>(S) * E);
   acts.probs.resize(static_cast<size_t>(S) * E);
   acts.lse.resize(S);
-  ops::matmul_forward(acts.logits.data(), u, router_w, static_cast<const float*>(nullptr), S, D,
-                      E);
+  ops::matmul_forward(acts.logits.data(), u, router_w, static_cast<const float*>(nullptr), S, D, E);
   ops::softmax_forward(acts.probs.data(), acts.lse.data(), acts.logits.data(), S, E);
 
   plan.num_tokens = S;

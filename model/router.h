@@ -9,9 +9,9 @@ namespace loopmoe {
 // Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j.
 struct RoutingPlan {
   int num_tokens = 0, num_experts = 0, top_k = 0;
-  std::vector<int32_t> expert;  // [S*k]
-  std::vector<float> weight;    // [S*k] combine weight (computed before drops)
-  std::vector<uint8_t> kept;    // [S*k] 0 = dropped by capacity
+  std::vector<int32_t> expert;    // [S*k]
+  std::vector<float> weight;      // [S*k] combine weight (computed before drops)
+  std::vector<uint8_t> kept;      // [S*k] 0 = dropped by capacity
   std::vector<int64_t> assigned;  // [E] top-k assignments before drops
   std::vector<int64_t> received;  // [E] after drops
   int64_t dropped = 0;

@@ -41,8 +41,8 @@ std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
 }
 
 TEST(ParamLayout, CountsMatchAnIndependentFormula) {
-  for (auto mode : {IterAdaLNMode::kOff, IterAdaLNMode::kJoint, IterAdaLNMode::kIter,
-                    IterAdaLNMode::kToken}) {
+  for (auto mode :
+       {IterAdaLNMode::kOff, IterAdaLNMode::kJoint, IterAdaLNMode::kIter, IterAdaLNMode::kToken}) {
     ModelConfig c = small(mode);
     c.tie_embeddings = mode != IterAdaLNMode::kIter;
     const size_t d = c.d_model, I = c.attn_inner(), E = c.n_experts, f = c.expert_hidden;
@@ -251,8 +251,8 @@ TEST(GradCheck, RouterWithTopKHeldFixed) {
     };
     std::vector<float> du(S * D, 0.f), dw(D * E, 0.f);
     router_forward(base, acts, u.data(), w.data(), S, D, opt);
-    router_backward(du.data(), dw.data(), dweight.data(), base, acts, u.data(), w.data(), S, D,
-                    opt, aux_c, z_c);
+    router_backward(du.data(), dw.data(), dweight.data(), base, acts, u.data(), w.data(), S, D, opt,
+                    aux_c, z_c);
     for (auto [x, g, name] : {std::tuple{&u, &du, "du"}, std::tuple{&w, &dw, "drouter"}}) {
       for (size_t i = 0; i < x->size(); ++i) {
         const float saved = (*x)[i], h = 1e-2f;

@@ -60,8 +60,7 @@ TEST_P(RmsNormTest, Gradients) {
   V x = random_vector(S * D, 3), w = random_vector(D, 4), g = random_vector(S * D, 5);
   V out(S * D), rstd(S);
   auto loss = [&] {
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), with_weight ? w.data() : nullptr, S,
-                         D);
+    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), with_weight ? w.data() : nullptr, S, D);
     return dot(out, g);
   };
   loss();
@@ -198,7 +197,9 @@ TEST(GradCheck, CrossEntropy) {
   const int S = 4, Vocab = 7;
   V logits = random_vector(S * Vocab, 24, 2.0), probs(S * Vocab);
   std::vector<int32_t> tg = {1, 6, 0, 3};
-  auto loss = [&] { return ops::crossentropy_forward(probs.data(), logits.data(), tg.data(), S, Vocab); };
+  auto loss = [&] {
+    return ops::crossentropy_forward(probs.data(), logits.data(), tg.data(), S, Vocab);
+  };
   const double l = loss();
   double ref = 0;
   for (int s = 0; s < S; ++s) {
@@ -289,8 +290,7 @@ TEST_P(IterAdaLNGradTest, ParametersAndInput) {
   for (int s = 0; s < S; ++s) {
     for (int i = 0; i < D; ++i) dm[s * 3 * D + 2 * D + i] = gg[s * D + i];
   }
-  block.backward(dx.data(), dparams.data(), gu.data(), dm.data(), acts, params.data(), x.data(),
-                 S);
+  block.backward(dx.data(), dparams.data(), gu.data(), dm.data(), acts, params.data(), x.data(), S);
   expect_gradient(x, dx, loss, "dx");
   // Only the attn_norm block's own tensors are used by this loss.
   for (const ParamTensor& t : layout.tensors()) {
