@@ -63,7 +63,11 @@ double validation_loss(Model& model, const data::TokenShard& val, int batch, int
   return total / batches;
 }
 
-TrainResult train(const Config& cfg, const TrainOptions& opt) {
+TrainResult train(const Config& requested, const TrainOptions& opt) {
+  // The run records an absolute data directory, so audit and eval find the data from any
+  // working directory (and a resume from another directory still matches).
+  Config cfg = requested;
+  cfg.data.dir = fs::absolute(cfg.data.dir).lexically_normal().string();
   set_num_threads(opt.threads);
   const TrainConfig& tc = cfg.train;
   const int B = tc.batch_size, T = cfg.model.seq_len;
