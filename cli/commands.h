@@ -7,5 +7,7 @@ namespace loopmoe {
 
 void register_train_command(CLI::App& app);
 void register_compare_command(CLI::App& app);
+void register_budget_command(CLI::App& app);
+void register_audit_command(CLI::App& app);
 
 }  // namespace loopmoe

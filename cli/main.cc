@@ -11,6 +11,8 @@ int main(int argc, char** argv) {
   loopmoe::register_data_command(app);
   loopmoe::register_train_command(app);
   loopmoe::register_compare_command(app);
+  loopmoe::register_budget_command(app);
+  loopmoe::register_audit_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,78 @@
+// `loopmoe budget --config VANILLA.toml --loops R`: the LoopMoE counterpart of a Vanilla MoE
+// config under a capacity-balancing rule, with both models' figures side by side
+// (DESIGN.md §1, docs/BUDGET.md).
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "cli/commands.h"
+#include "model/budget.h"
+#include "model/config.h"
+
+namespace loopmoe {
+
+void register_budget_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "budget", "Solve the LoopMoE config matching a Vanilla MoE config (params, FLOPs, ratio)");
+  struct Args {
+    std::string config, balance = "experts", iter_adaln = "joint", write;
+    int loops = 0;
+    double expert_scale = 1.0;
+    bool json = false;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("--config", args->config, "the Vanilla MoE reference config (TOML)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--loops", args->loops, "loop count R of the LoopMoE (divides n_layers)")
+      ->required()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--balance", args->balance, "capacity-balancing rule: experts | width | none")
+      ->capture_default_str();
+  cmd->add_option("--iter-adaln", args->iter_adaln, "IterAdaLN mode: joint | iter | token | off")
+      ->capture_default_str();
+  cmd->add_option("--expert-scale", args->expert_scale,
+                  "multiply the rule's expert count (sensitivity ablation, e.g. 0.5, 1.5)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--json", args->json, "print a JSON object instead of the table");
+  cmd->add_option("--write", args->write,
+                  "write the solved LoopMoE config (the reference's [train] and [data]) as TOML");
+  cmd->callback([args] {
+    const Config vanilla = load_config(args->config);
+    const int batch_tokens = vanilla.train.batch_size * vanilla.model.seq_len;
+    const SolvedBudget solved =
+        solve_budget(vanilla.model, args->loops, parse_balance(args->balance),
+                     parse_iter_adaln_mode(args->iter_adaln), args->expert_scale, batch_tokens);
+    if (args->json) {
+      std::printf("%s\n", budget_json(solved).c_str());
+    } else {
+      std::printf("%s", budget_table(solved).c_str());
+    }
+    // The rule is reported, not enforced, beyond `experts` (other rules and scaled expert counts
+    // differ by design); warn when the matching rule itself misses the acceptance bound.
+    if (solved.balance == Balance::kExperts && solved.expert_scale == 1.0 &&
+        max_matched_diff(solved) > kBudgetTolerance) {
+      std::fprintf(stderr, "warning: matched figures differ by %.3f%% (> %.1f%%)\n",
+                   100 * max_matched_diff(solved), 100 * kBudgetTolerance);
+    }
+    if (!args->write.empty()) {
+      Config out = vanilla;
+      out.model = solved.loopmoe_config;
+      validate(out);
+      std::ofstream f(args->write, std::ios::binary);
+      if (!f) throw std::runtime_error(args->write + ": cannot open for writing");
+      f << "# LoopMoE config solved by `loopmoe budget` from " << args->config << "\n"
+        << "# (loops " << args->loops << ", balance " << to_string(solved.balance)
+        << ", expert_scale " << solved.expert_scale << "; docs/BUDGET.md).\n\n"
+        << to_toml(out);
+      f.close();
+      if (!f) throw std::runtime_error(args->write + ": write failed");
+      std::fprintf(stderr, "wrote %s\n", args->write.c_str());
+    }
+  });
+}
+
+}  // namespace loopmoe
