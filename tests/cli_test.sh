@@ -29,6 +29,12 @@ expect topk 1 "top_k = 4 exceeds model.n_experts = 2" -- "$bin" train --config "
 expect missing_config 105 "File does not exist" -- "$bin" train --config "$tmp/none.toml"
 expect missing_data 1 "nodata/train.bin" -- "$bin" train --config "$tmp/nodata.toml" --out "$tmp/r3"
 expect prepare_missing_input 105 "nothing_here" -- "$bin" data prepare --input "$tmp/nothing_here" --vocab 300 --out "$tmp/d"
+cfg_dir=$(dirname "$0")/../configs
+expect budget_table 0 "flops_per_token_train" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4
+expect budget_json 0 '"relative_diff"' -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --json
+expect budget_bad_loops 1 "not a multiple of loops = 3" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 3
+expect budget_bad_balance 1 "balance" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --balance more
+expect audit_missing 105 "nowhere" -- "$bin" audit --checkpoint "$tmp/nowhere"
 # Bad input loses nothing: the failed runs left no checkpoint behind.
 if ls "$tmp"/r*/checkpoint.bin >/dev/null 2>&1; then echo "FAIL: a failed run wrote a checkpoint"; fails=$((fails + 1)); fi
 exit $fails
