@@ -9,5 +9,6 @@ void register_train_command(CLI::App& app);
 void register_compare_command(CLI::App& app);
 void register_budget_command(CLI::App& app);
 void register_audit_command(CLI::App& app);
+void register_eval_command(CLI::App& app);
 
 }  // namespace loopmoe

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   loopmoe::register_compare_command(app);
   loopmoe::register_budget_command(app);
   loopmoe::register_audit_command(app);
+  loopmoe::register_eval_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
