@@ -34,6 +34,10 @@ expect budget_table 0 "flops_per_token_train" -- "$bin" budget --config "$cfg_di
 expect budget_json 0 '"relative_diff"' -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --json
 expect budget_bad_loops 1 "not a multiple of loops = 3" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 3
 expect budget_bad_balance 1 "balance" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --balance more
+mkdir -p "$tmp/empty_run"
+expect eval_help 0 "--halt-thresholds" -- "$bin" eval --help
+expect eval_no_checkpoint 1 "^error: .*empty_run/checkpoint.bin: cannot open checkpoint" -- "$bin" eval --checkpoint "$tmp/empty_run"
+expect audit_no_checkpoint 1 "^error: .*empty_run/checkpoint.bin: cannot open checkpoint" -- "$bin" audit --checkpoint "$tmp/empty_run"
 expect audit_missing 105 "nowhere" -- "$bin" audit --checkpoint "$tmp/nowhere"
 # Bad input loses nothing: the failed runs left no checkpoint behind.
 if ls "$tmp"/r*/checkpoint.bin >/dev/null 2>&1; then echo "FAIL: a failed run wrote a checkpoint"; fails=$((fails + 1)); fi
