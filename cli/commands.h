@@ -10,5 +10,7 @@ void register_compare_command(CLI::App& app);
 void register_budget_command(CLI::App& app);
 void register_audit_command(CLI::App& app);
 void register_eval_command(CLI::App& app);
+void register_experiment_command(CLI::App& app);
+void register_report_command(CLI::App& app);
 
 }  // namespace loopmoe

@@ -14,6 +14,8 @@ int main(int argc, char** argv) {
   loopmoe::register_budget_command(app);
   loopmoe::register_audit_command(app);
   loopmoe::register_eval_command(app);
+  loopmoe::register_experiment_command(app);
+  loopmoe::register_report_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
