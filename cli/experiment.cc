@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "cli/format.h"
 #include "model/error.h"
 #include "model/model.h"
 
@@ -37,25 +38,13 @@ const std::vector<std::string> kExperimentKeys = {
 const std::vector<std::string> kVariantKeys = {"name", "model", "iter_adaln", "balance",
                                                "expert_scale"};
 
-// Our own spelling of the balancing rules, so a spec error names the spec file and key.
+// The budget's parser, with the spec file and key in the message.
 Balance parse_balance_name(const std::string& name, const std::string& where) {
-  if (name == "experts") return Balance::kExperts;
-  if (name == "width") return Balance::kWidth;
-  if (name == "none") return Balance::kNone;
-  throw ConfigError(where + ": unknown balancing rule '" + name +
-                    "' (expected experts, width or none)");
-}
-
-const char* balance_name(Balance b) {
-  switch (b) {
-    case Balance::kExperts:
-      return "experts";
-    case Balance::kWidth:
-      return "width";
-    case Balance::kNone:
-      return "none";
+  try {
+    return parse_balance(name);
+  } catch (const ConfigError& e) {
+    throw ConfigError(where + ": " + e.what());
   }
-  return "?";
 }
 
 // Typed access to one table of the spec; every failure names the file and "table.key".
@@ -275,28 +264,6 @@ Config run_config(const ExperimentPlan& plan, const ModelConfig& model, int step
   return c;
 }
 
-std::string fmt(double x, int precision) {
-  if (!std::isfinite(x)) return "n/a";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*f", precision, x);
-  return buf;
-}
-
-std::string si(double x) {
-  if (!std::isfinite(x)) return "n/a";
-  char buf[64];
-  if (std::fabs(x) >= 1e9) {
-    std::snprintf(buf, sizeof buf, "%.3gG", x / 1e9);
-  } else if (std::fabs(x) >= 1e6) {
-    std::snprintf(buf, sizeof buf, "%.3gM", x / 1e6);
-  } else if (std::fabs(x) >= 1e3) {
-    std::snprintf(buf, sizeof buf, "%.3gk", x / 1e3);
-  } else {
-    std::snprintf(buf, sizeof buf, "%.3g", x);
-  }
-  return buf;
-}
-
 std::string describe_model(const ModelConfig& m) {
   std::ostringstream os;
   os << m.n_layers << "x" << m.n_loops << " E" << m.n_experts << " k" << m.top_k << " f"
@@ -310,7 +277,7 @@ ojson variant_json(const VariantSpec& v, const ModelConfig& m) {
   j["name"] = v.name;
   j["model"] = v.model;
   j["iter_adaln"] = to_string(m.iter_adaln);
-  j["balance"] = v.vanilla() ? "-" : balance_name(v.balance);
+  j["balance"] = v.vanilla() ? "-" : to_string(v.balance);
   j["expert_scale"] = v.expert_scale;
   j["n_layers"] = m.n_layers;
   j["n_loops"] = m.n_loops;
@@ -324,18 +291,6 @@ ojson variant_json(const VariantSpec& v, const ModelConfig& m) {
 }  // namespace
 
 // -----------------------------------------------------------------------------------------------
-
-std::string format_seconds(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "?";
-  const long s = std::lround(seconds);
-  char buf[32];
-  if (s >= 3600) {
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
-  } else {
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  }
-  return buf;
-}
 
 std::string format_lr(double lr) {
   char buf[32];
@@ -630,7 +585,8 @@ class Runner {
       }
       ++summary_.skipped;
       const double v = done_val_loss(dir);
-      std::fprintf(log_, "%sfinished earlier, skipped (val %s)\n", tag.c_str(), fmt(v, 4).c_str());
+      std::fprintf(log_, "%sfinished earlier, skipped (val %s)\n", tag.c_str(),
+                   format_fixed(v, 4).c_str());
       std::fflush(log_);
       return v;
     }
@@ -706,7 +662,8 @@ class Runner {
     steps_trained_ += run.config.train.steps;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
     const double eta = elapsed / std::max(1, steps_trained_) * remaining_steps_;
-    std::fprintf(log_, " %s (%s, ETA %s)\n", diverged ? "diverged" : ("val " + fmt(val, 4)).c_str(),
+    std::fprintf(log_, " %s (%s, ETA %s)\n",
+                 diverged ? "diverged" : ("val " + format_fixed(val, 4)).c_str(),
                  format_seconds(seconds).c_str(), format_seconds(eta).c_str());
     std::fflush(log_);
     return val;
@@ -766,8 +723,8 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
       // Budget figures unavailable: the plan is still worth printing.
     }
     std::fprintf(out, "%-18s %-8s %-40s %9s %10s %9s\n", name.c_str(), family.c_str(),
-                 describe_model(m).c_str(), si(params).c_str(), si(flops).c_str(),
-                 fmt(ratio, 3).c_str());
+                 describe_model(m).c_str(), format_si(params, 3).c_str(),
+                 format_si(flops, 3).c_str(), format_fixed(ratio, 3).c_str());
   };
   for (const VariantSpec& v : s.variants) row(v.name, v.model, plan.models.at(v.name));
   if (s.lr_sweep.size() > 1) {

@@ -139,8 +139,6 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
 
 // Last {"step", "val_loss"} record of RUN/metrics.jsonl; NaN when there is none.
 double final_val_loss(const std::string& run_dir);
-// "3m10s", "1h02m".
-std::string format_seconds(double seconds);
 // The learning rate as used in run names: "0.003", "0.0015".
 std::string format_lr(double lr);
 // `git rev-parse HEAD` of the working directory, "+ (with uncommitted changes)" when the tree is

@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "cli/experiment.h"
+#include "cli/format.h"
 #include "model/budget.h"
 #include "model/config.h"
 #include "model/error.h"
@@ -57,28 +58,6 @@ const json& sub(const json& j, const char* key) {
   if (!j.is_object()) return null_json;
   auto it = j.find(key);
   return it == j.end() ? null_json : *it;
-}
-
-std::string fixed(double x, int precision) {
-  if (!std::isfinite(x)) return "n/a";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*f", precision, x);
-  return buf;
-}
-
-std::string si(double x) {
-  if (!std::isfinite(x)) return "n/a";
-  char buf[64];
-  if (std::fabs(x) >= 1e9) {
-    std::snprintf(buf, sizeof buf, "%.4gG", x / 1e9);
-  } else if (std::fabs(x) >= 1e6) {
-    std::snprintf(buf, sizeof buf, "%.4gM", x / 1e6);
-  } else if (std::fabs(x) >= 1e3) {
-    std::snprintf(buf, sizeof buf, "%.4gk", x / 1e3);
-  } else {
-    std::snprintf(buf, sizeof buf, "%.4g", x);
-  }
-  return buf;
 }
 
 std::string percent_diff(double x, double ref) {
@@ -512,10 +491,11 @@ void section_budget(Markdown& md, const Gathered& g) {
     rows.push_back({v->name,
                     std::to_string(m.n_layers) + "×" + std::to_string(m.n_loops) + ", E " +
                         std::to_string(m.n_experts) + ", f " + std::to_string(m.expert_hidden),
-                    si(f.total_params), d(f.total_params, ref.total_params),
-                    si(f.active_params_per_token), si(f.flops_per_token_forward),
+                    format_si(f.total_params, 4), d(f.total_params, ref.total_params),
+                    format_si(f.active_params_per_token, 4),
+                    format_si(f.flops_per_token_forward, 4),
                     d(f.flops_per_token_forward, ref.flops_per_token_forward),
-                    si(f.flops_per_token_train), fixed(f.attn_ffn_active_ratio, 4),
+                    format_si(f.flops_per_token_train, 4), format_fixed(f.attn_ffn_active_ratio, 4),
                     d(f.attn_ffn_active_ratio, ref.attn_ffn_active_ratio)});
   }
   md.line("### Analytic");
@@ -557,8 +537,9 @@ void section_budget(Markdown& md, const Gathered& g) {
     const double rel = num(f, "relative_diff");
     char rel_s[32] = "n/a";
     if (std::isfinite(rel)) std::snprintf(rel_s, sizeof rel_s, "%+.4f%%", 100.0 * rel);
-    mrows.push_back({v.name, si(num(f, "measured")), si(num(f, "analytic")), rel_s,
-                     fixed(num(a, "attn_ffn_flop_ratio"), 4), si(num(a, "tokens"))});
+    mrows.push_back({v.name, format_si(num(f, "measured"), 4), format_si(num(f, "analytic"), 4),
+                     rel_s, format_fixed(num(a, "attn_ffn_flop_ratio"), 4),
+                     format_si(num(a, "tokens"), 4)});
     const json& by = sub(f, "by_kind");
     double total = 0;
     for (const std::string& k : kinds)
@@ -566,8 +547,9 @@ void section_budget(Markdown& md, const Gathered& g) {
     std::vector<std::string> kr = {v.name};
     for (const std::string& k : kinds) {
       const double x = num(by, k.c_str());
-      kr.push_back(std::isfinite(x) && total > 0 ? si(x) + " (" + fixed(100 * x / total, 1) + "%)"
-                                                 : "n/a");
+      kr.push_back(std::isfinite(x) && total > 0
+                       ? format_si(x, 4) + " (" + format_fixed(100 * x / total, 1) + "%)"
+                       : "n/a");
     }
     krows.push_back(kr);
   }
@@ -616,7 +598,7 @@ void section_sweep(Markdown& md, const Gathered& g) {
       std::string cell = "n/a";
       for (const json& p : sub(s, "points")) {
         if (p.value("family", "") != f || num(p, "lr") != lr) continue;
-        cell = p.value("diverged", false) ? "diverged" : fixed(num(p, "val_loss"), 4);
+        cell = p.value("diverged", false) ? "diverged" : format_fixed(num(p, "val_loss"), 4);
         if (num(sub(s, "chosen"), f.c_str()) == lr) cell = "**" + cell + "**";
       }
       r.push_back(cell);
@@ -705,9 +687,9 @@ void section_routing(Markdown& md, const Gathered& g) {
       }
       distinct.push_back(dm.empty() ? NAN : mean_std(dm).mean);
     }
-    rows.push_back({v.name, format_mean_std(mean_std(overload), 3), fixed(worst, 3),
+    rows.push_back({v.name, format_mean_std(mean_std(overload), 3), format_fixed(worst, 3),
                     format_mean_std(mean_std(dropped), 0), format_mean_std(mean_std(distinct), 2),
-                    fixed(possible, 0)});
+                    format_fixed(possible, 0)});
   }
   md.table({"variant", "overload (max/mean)", "worst", "dropped tokens", "distinct experts",
             "max possible"},
@@ -811,8 +793,8 @@ MeanStd mean_std(const std::vector<double>& values) {
 
 std::string format_mean_std(const MeanStd& m, int precision, double scale) {
   if (m.n == 0) return "n/a";
-  std::string s = fixed(m.mean * scale, precision);
-  if (m.n >= 2) s += " ± " + fixed(m.std * scale, precision);
+  std::string s = format_fixed(m.mean * scale, precision);
+  if (m.n >= 2) s += " ± " + format_fixed(m.std * scale, precision);
   return s;
 }
 

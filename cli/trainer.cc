@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "cli/checkpoint.h"
+#include "cli/format.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
@@ -21,18 +22,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-std::string format_duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "?";
-  const long s = std::lround(seconds);
-  char buf[32];
-  if (s >= 3600) {
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
-  } else {
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  }
-  return buf;
-}
 
 // Keeps only metric records of steps <= `step`: a resumed run rewrites what came after its
 // checkpoint, so the file always describes one consistent run.
@@ -164,7 +153,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
         const int width = 24, filled = static_cast<int>(width * done / std::max(1, tc.steps));
         std::string bar = std::string(filled, '=') + std::string(width - filled, ' ');
         std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s | ETA %s%s", tty ? "\r" : "",
-                     done, tc.steps, bar.c_str(), loss.total, tps, format_duration(eta).c_str(),
+                     done, tc.steps, bar.c_str(), loss.total, tps, format_seconds(eta).c_str(),
                      tty ? "   " : "\n");
       }
       window_seconds = 0;

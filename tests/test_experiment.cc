@@ -177,7 +177,7 @@ TEST(ExperimentSpec, RejectsBadInputWithOneClearError) {
                         "\"both\"\n",
                     "unknown IterAdaLN mode 'both'");
   expect_spec_error(head + "\n[[variant]]\nname = \"l\"\nmodel = \"loopmoe\"\nbalance = \"all\"\n",
-                    "unknown balancing rule 'all'");
+                    "unknown balance rule 'all'");
   expect_spec_error(head +
                         "\n[[variant]]\nname = \"l\"\nmodel = \"loopmoe\"\n"
                         "expert_scale = 0.0\n",
