@@ -22,6 +22,7 @@
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
 #include "model/model.h"
+#include "tests/tiny_run.h"
 
 namespace loopmoe {
 namespace {
@@ -84,28 +85,16 @@ class EvalTest : public ::testing::Test {
     p.seed = 7;
     data::prepare_dataset(p);
 
-    config_ = new Config();
+    config_ = new Config(testing::tiny_loopmoe_config(*root_ / "eval_test_data"));
     Config& c = *config_;
     c.model.vocab_size = 400;
     c.model.seq_len = 64;
-    c.model.d_model = 16;
-    c.model.n_heads = 2;
-    c.model.head_dim = 8;
-    c.model.n_layers = 2;
-    c.model.n_loops = 2;
-    c.model.n_experts = 4;
-    c.model.expert_hidden = 16;
-    c.model.iter_adaln = IterAdaLNMode::kJoint;
-    c.model.cond_dim = 4;
-    c.train.batch_size = 4;
+    c.model.capacity_factor = 0;
     c.train.steps = 20;
-    c.train.warmup_steps = 2;
     c.train.lr = 1e-2;
     c.train.eval_interval = 0;
-    c.train.eval_batches = 2;
     c.train.checkpoint_interval = 0;
     c.train.log_interval = 10;
-    c.data.dir = (*root_ / "eval_test_data").string();
     TrainOptions o;
     o.out_dir = (*root_ / "loop").string();
     o.progress = false;

@@ -15,6 +15,7 @@
 #include "dataloader/token_shard.h"
 #include "model/error.h"
 #include "model/rng.h"
+#include "tests/tiny_run.h"
 
 namespace loopmoe {
 namespace {
@@ -85,18 +86,7 @@ class ExperimentTest : public ::testing::Test {
   void TearDown() override { fs::remove_all(root_); }
 
   // A structured synthetic corpus, for the test that really trains.
-  void write_corpus() {
-    Rng rng(5);
-    for (const char* split : {"train", "val"}) {
-      std::vector<int32_t> tokens(4000);
-      for (size_t i = 0; i < tokens.size(); ++i) {
-        tokens[i] = rng.uniform() < 0.8 ? static_cast<int32_t>(i % 17)
-                                        : static_cast<int32_t>(rng.next_u64() % 60);
-      }
-      std::vector<uint64_t> docs = {0, 2000, tokens.size()};
-      data::write_token_shard(root_ / "data" / (std::string(split) + ".bin"), 60, tokens, docs);
-    }
-  }
+  void write_corpus() { testing::write_pattern_corpus(root_ / "data"); }
 
   // The spec file lives in configs/experiments/, as shipped specs do; base_config is relative
   // to it.
