@@ -18,6 +18,7 @@
 #include "cli/format.h"
 #include "model/error.h"
 #include "model/model.h"
+#include "model/toml_util.h"
 
 namespace loopmoe {
 namespace {
@@ -322,15 +323,7 @@ std::vector<std::string> experiment_spec_keys() {
 }
 
 ExperimentSpec parse_experiment_spec(const std::string& text, const std::string& source) {
-  toml::table root;
-  try {
-    root = toml::parse(text, source);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << source << ":" << e.source().begin.line << ":" << e.source().begin.column << ": "
-       << e.description();
-    throw ConfigError(os.str());
-  }
+  const toml::table root = parse_toml(text, source);
   ExperimentSpec spec;
   spec.source = source;
   spec.text = text;

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "model/error.h"
+#include "model/toml_util.h"
 
 namespace loopmoe {
 namespace {
@@ -207,15 +208,7 @@ IterAdaLNMode parse_iter_adaln_mode(const std::string& name) {
 }
 
 Config parse_config(const std::string& text, const std::string& source) {
-  toml::table root;
-  try {
-    root = toml::parse(text, source);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << source << ":" << e.source().begin.line << ":" << e.source().begin.column << ": "
-       << e.description();
-    throw ConfigError(os.str());
-  }
+  const toml::table root = parse_toml(text, source);
   // Reject anything we would silently ignore: a typo must not train the wrong model.
   Config config;
   std::set<std::string> known;
