@@ -27,10 +27,10 @@ constexpr int kKinds = static_cast<int>(ops::FlopKind::kCount);
 std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   const fs::path dir(run_dir);
   const std::string ckpt = (dir / "checkpoint.bin").string();
-  const Config cfg = read_checkpoint_config(ckpt);
   set_num_threads(options.threads);
-  Model model(cfg.model);
-  load_parameters(ckpt, model);
+  Config cfg;
+  const std::unique_ptr<Model> loaded = load_model(ckpt, &cfg);
+  Model& model = *loaded;
   const data::TokenShard val = data::TokenShard::open(fs::path(cfg.data.dir) / "val.bin");
   const int B = cfg.train.batch_size, T = cfg.model.seq_len, S = B * T;
   const int N = cfg.model.n_layers, R = cfg.model.n_loops, E = cfg.model.n_experts;

@@ -136,12 +136,15 @@ Config read_checkpoint_config(const std::string& path) {
   return parse_config(l.config_text, path + " (stored config)");
 }
 
-void load_parameters(const std::string& path, Model& model) {
+std::unique_ptr<Model> load_model(const std::string& path, Config* config) {
   Loaded l = read_file(path);
-  if (l.header.num_params != model.num_params()) {
-    throw CheckpointError(path + ": parameter count differs from the model");
+  *config = parse_config(l.config_text, path + " (stored config)");
+  auto model = std::make_unique<Model>(config->model);
+  if (l.header.num_params != model->num_params()) {
+    throw CheckpointError(path + ": parameter count differs from the stored config's model");
   }
-  std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
+  std::memcpy(model->params(), l.params.data(), l.params.size() * sizeof(float));
+  return model;
 }
 
 TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "dataloader/sampler.h"
@@ -25,8 +26,9 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
 // Reads the config stored in a checkpoint (validated, checksum verified).
 Config read_checkpoint_config(const std::string& path);
 
-// Loads only the parameters (evaluation); the model must have the checkpoint's config.
-void load_parameters(const std::string& path, Model& model);
+// The model a checkpoint holds, for evaluation: built from the stored config (returned in
+// *config) with the stored parameters; the file is read and verified once.
+std::unique_ptr<Model> load_model(const std::string& path, Config* config);
 
 // Loads parameters, optimizer state and progress into `model` / `optimizer`. The checkpoint's
 // config must equal `config` (field by field; the differences are listed otherwise).

@@ -103,7 +103,9 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   const auto t0 = std::chrono::steady_clock::now();
   const fs::path run(run_dir);
   const fs::path ckpt = run / "checkpoint.bin";
-  const Config cfg = read_checkpoint_config(ckpt.string());
+  Config cfg;
+  const std::unique_ptr<Model> loaded = load_model(ckpt.string(), &cfg);
+  Model& model = *loaded;
   const int B = cfg.train.batch_size, T = cfg.model.seq_len, R = cfg.model.n_loops;
   const bool looped = R > 1;
 
@@ -130,8 +132,6 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   if (options.max_items < 0) throw ConfigError("eval: --max-items must not be negative");
 
   set_num_threads(options.threads);
-  Model model(cfg.model);
-  load_parameters(ckpt.string(), model);
   const fs::path data_dir = resolve_data_dir(cfg, run, options.data_dir);
   const data::TokenShard val = data::TokenShard::open(data_dir / "val.bin");
   if (val.vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size)) {

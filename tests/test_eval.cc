@@ -195,9 +195,9 @@ TEST_F(EvalTest, FiguresAgreeWithEachOther) {
   EXPECT_EQ(j["logit_lens"][0]["loss"].get<double>(), loss1);
   {
     const std::string ckpt = (*root_ / "loop" / "checkpoint.bin").string();
-    const Config c = read_checkpoint_config(ckpt);
-    Model model(c.model);
-    load_parameters(ckpt, model);
+    Config c;
+    const std::unique_ptr<Model> loaded = load_model(ckpt, &c);
+    Model& model = *loaded;
     const data::TokenShard shard = data::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
     data::BatchSampler sampler(shard, c.train.batch_size, c.model.seq_len, 0, false);
     std::vector<int32_t> in(c.train.batch_size * c.model.seq_len), tg(in.size());
@@ -351,9 +351,10 @@ TEST(EvalTasksTest, SplitsSentences) {
 }
 
 TEST_F(EvalTest, BatchedScoringIgnoresPaddingAndNeighbours) {
-  const Config c = read_checkpoint_config((*root_ / "loop" / "checkpoint.bin").string());
-  Model model(c.model);
-  load_parameters((*root_ / "loop" / "checkpoint.bin").string(), model);
+  Config c;
+  const std::unique_ptr<Model> loaded =
+      load_model((*root_ / "loop" / "checkpoint.bin").string(), &c);
+  Model& model = *loaded;
   const EvalTasks tasks = build_eval_tasks(docs(), tokenizer(), task_options());
   std::vector<Request> requests;
   for (const ChoiceItem& item : tasks.multiple_choice) {
