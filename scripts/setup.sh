@@ -5,6 +5,8 @@ PKGS=(
   build-essential cmake pkg-config git ca-certificates
   libopenblas-dev libsentencepiece-dev libtomlplusplus-dev libcli11-dev libxxhash-dev
   nlohmann-json3-dev libgloo-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc librocksdb-dev
+  prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-matplotlib
 )
