@@ -35,7 +35,7 @@ struct CheckpointFileRef {
 
 // A committed checkpoint to continue from.
 struct ResumePoint {
-  int64_t step = 0;  // steps completed
+  int64_t step = 0;                      // steps completed
   std::vector<CheckpointFileRef> files;  // all files of the checkpoint, any shard count
   data::SamplerState sampler;
 };

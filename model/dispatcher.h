@@ -22,6 +22,10 @@ class Dispatcher {
   // gradients accumulate wherever the experts live.
   virtual void backward(int application, int layer, const RoutingPlan& plan, const float* dout,
                         float* dx) = 0;
+
+  // Turns the router's statistics of this process's tokens into those of the whole batch (see
+  // RouterBatchStats). One process holds the whole batch: nothing to do.
+  virtual void reduce_batch_stats(RouterBatchStats& /*stats*/) {}
 };
 
 }  // namespace loopmoe

@@ -248,6 +248,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
   if (targets != nullptr) {
     probs_.resize(logits_.size());
     loss.ce = ops::crossentropy_forward(probs_.data(), logits_.data(), targets_.data(), S, V);
+    if (loss_tokens_ > 0) loss.ce *= static_cast<double>(S) / static_cast<double>(loss_tokens_);
   }
   loss.total = loss.ce + config_.aux_loss_coef * loss.aux + config_.z_loss_coef * loss.z;
   return loss;
@@ -260,7 +261,8 @@ void Model::backward() {
   const float* p = params_.data();
   float* g = grads_.data();
   // Loss head: dlogits overwrite the saved softmax.
-  ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), 1.f / S, S, V);
+  const float ce_scale = 1.f / static_cast<float>(loss_tokens_ > 0 ? loss_tokens_ : S);
+  ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), ce_scale, S, V);
   std::vector<float> dh(static_cast<size_t>(S) * D, 0.f);
   {
     ops::FlopKindScope head_kind(ops::FlopKind::kHead);

@@ -47,6 +47,10 @@ class Model {
 
   // Experts run through `dispatcher` (default: a LocalDispatcher over this model's buffers).
   void set_dispatcher(Dispatcher* dispatcher);
+  // Tokens the cross-entropy mean is taken over; <= 0 (default): the forward's own B*T. A worker
+  // of the distributed service holds a slice of the global batch and sets the global count, so
+  // that the workers' losses and gradients add up to the single-process ones.
+  void set_loss_token_count(int64_t tokens) { loss_tokens_ = tokens; }
 
   // tokens/targets [B*T]. targets == nullptr: logits only (loss parts other than aux/z are 0).
   // loops < 0: the configured R. Activations are kept for backward().
@@ -100,6 +104,7 @@ class Model {
   std::vector<int32_t> tokens_copy_;
   std::vector<int> iterations_used_;
   bool halted_forward_ = false;
+  int64_t loss_tokens_ = 0;
 };
 
 // Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace loopmoe {
 
@@ -50,6 +51,9 @@ AdamW::AdamW(const ParamLayout& layout, const TrainConfig& train)
     if (t.shape.size() >= 2) std::fill_n(decay_.begin() + t.offset, t.numel(), 1);
   }
 }
+
+AdamW::AdamW(std::vector<uint8_t> decay, const TrainConfig& train)
+    : train_(train), m_(decay.size(), 0.f), v_(decay.size(), 0.f), decay_(std::move(decay)) {}
 
 void AdamW::step(float* p, const float* g, double lr) {
   ++t_;

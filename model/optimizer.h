@@ -20,6 +20,9 @@ double clip_grad_norm(float* grads, size_t n, double max_norm);
 class AdamW {
  public:
   AdamW(const ParamLayout& layout, const TrainConfig& train);
+  // Over a buffer of its own (an expert shard's experts): decay[i] != 0 where weight decay
+  // applies.
+  AdamW(std::vector<uint8_t> decay, const TrainConfig& train);
 
   // One update with learning rate lr; increments the step counter.
   void step(float* params, const float* grads, double lr);

@@ -8,7 +8,8 @@
 namespace loopmoe {
 
 void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
-                    const float* router_w, int S, int D, const RouterOptions& opt) {
+                    const float* router_w, int S, int D, const RouterOptions& opt,
+                    const RouterStatsReducer& reduce) {
   const int E = opt.num_experts, k = opt.top_k;
   acts.logits.resize(static_cast<size_t>(S) * E);
   acts.probs.resize(static_cast<size_t>(S) * E);
@@ -44,40 +45,51 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
       for (int j = 0; j < k; ++j) w[j] /= sum;
     }
   }
-  // Counts and capacity drops walk tokens in order: that order is part of the model's definition.
-  plan.assigned.assign(E, 0);
+  // Batch statistics, accumulated in double in a fixed order; reduced over the batch if asked.
+  RouterBatchStats stats;
+  stats.tokens = S;
+  stats.assigned.assign(E, 0);
+  stats.prob_sum.assign(E, 0.0);
+  stats.preceding.assign(E, 0);
+  for (size_t i = 0; i < plan.expert.size(); ++i) stats.assigned[plan.expert[i]]++;
+  for (int t = 0; t < S; ++t) {
+    const float* p = acts.probs.data() + static_cast<size_t>(t) * E;
+    for (int e = 0; e < E; ++e) stats.prob_sum[e] += p[e];
+    stats.lse_sq_sum += static_cast<double>(acts.lse[t]) * acts.lse[t];
+  }
+  if (reduce) reduce(stats);
+  const int64_t batch_S = stats.tokens;
+  plan.batch_tokens = batch_S;
+  plan.assigned = stats.assigned;
+  // Capacity drops walk the batch's slots in order: that order is part of the model's definition.
   plan.received.assign(E, 0);
-  for (size_t i = 0; i < plan.expert.size(); ++i) plan.assigned[plan.expert[i]]++;
   plan.dropped = 0;
   if (opt.capacity_factor > 0) {
-    const int64_t capacity =
-        static_cast<int64_t>(std::ceil(opt.capacity_factor * S * k / static_cast<double>(E)));
+    const int64_t capacity = static_cast<int64_t>(
+        std::ceil(opt.capacity_factor * batch_S * k / static_cast<double>(E)));
     for (size_t i = 0; i < plan.expert.size(); ++i) {
-      int64_t& got = plan.received[plan.expert[i]];
-      if (got < capacity) {
-        ++got;
+      const int e = plan.expert[i];
+      if (stats.preceding[e] + plan.received[e] < capacity) {
+        ++plan.received[e];
       } else {
         plan.kept[i] = 0;
         ++plan.dropped;
       }
     }
+    plan.batch_kept.resize(E);
+    for (int e = 0; e < E; ++e) plan.batch_kept[e] = std::min(plan.assigned[e], capacity);
   } else {
-    plan.received = plan.assigned;
+    for (size_t i = 0; i < plan.expert.size(); ++i) plan.received[plan.expert[i]]++;
+    plan.batch_kept = plan.assigned;
   }
-  // Load-balance loss E·Σ f_i P_i and z-loss, accumulated in double in a fixed order.
-  std::vector<double> mean_p(E, 0.0);
-  double z = 0;
-  for (int t = 0; t < S; ++t) {
-    const float* p = acts.probs.data() + static_cast<size_t>(t) * E;
-    for (int e = 0; e < E; ++e) mean_p[e] += p[e];
-    z += static_cast<double>(acts.lse[t]) * acts.lse[t];
-  }
+  // Load-balance loss E·Σ f_i P_i and z-loss.
   double aux = 0;
   for (int e = 0; e < E; ++e) {
-    aux += (static_cast<double>(plan.assigned[e]) / (static_cast<double>(S) * k)) * (mean_p[e] / S);
+    aux += (static_cast<double>(plan.assigned[e]) / (static_cast<double>(batch_S) * k)) *
+           (stats.prob_sum[e] / batch_S);
   }
   plan.aux_loss = E * aux;
-  plan.z_loss = z / S;
+  plan.z_loss = stats.lse_sq_sum / batch_S;
 }
 
 void router_backward(float* du, float* drouter_w, const float* dweight, const RoutingPlan& plan,
@@ -87,10 +99,11 @@ void router_backward(float* du, float* drouter_w, const float* dweight, const Ro
   std::vector<float> dprobs(static_cast<size_t>(S) * E, 0.f);
   std::vector<float> dlogits(static_cast<size_t>(S) * E);
   std::vector<float> aux_grad(E);
+  const double batch_S = static_cast<double>(plan.batch_tokens);  // the statistics' token count
   for (int e = 0; e < E; ++e) {
     // d(aux)/d p_te = E · f_e / S
-    aux_grad[e] = static_cast<float>(aux_scale * E *
-                                     (static_cast<double>(plan.assigned[e]) / (double(S) * k)) / S);
+    aux_grad[e] = static_cast<float>(
+        aux_scale * E * (static_cast<double>(plan.assigned[e]) / (batch_S * k)) / batch_S);
   }
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < S; ++t) {
@@ -117,7 +130,7 @@ void router_backward(float* du, float* drouter_w, const float* dweight, const Ro
     // d/dlogit_te of mean_t lse_t^2 = 2·lse_t·p_te / S
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < S; ++t) {
-      const float c = static_cast<float>(z_scale * 2.0 * acts.lse[t] / S);
+      const float c = static_cast<float>(z_scale * 2.0 * acts.lse[t] / batch_S);
       const float* p = acts.probs.data() + static_cast<size_t>(t) * E;
       float* dl = dlogits.data() + static_cast<size_t>(t) * E;
       for (int e = 0; e < E; ++e) dl[e] += c * p[e];

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace loopmoe {
@@ -12,12 +13,28 @@ struct RoutingPlan {
   std::vector<int32_t> expert;    // [S*k]
   std::vector<float> weight;      // [S*k] combine weight (computed before drops)
   std::vector<uint8_t> kept;      // [S*k] 0 = dropped by capacity
-  std::vector<int64_t> assigned;  // [E] top-k assignments before drops
-  std::vector<int64_t> received;  // [E] after drops
-  int64_t dropped = 0;
-  double aux_loss = 0;  // E · Σ f_i P_i
-  double z_loss = 0;    // mean (logsumexp)^2
+  std::vector<int64_t> assigned;  // [E] top-k assignments before drops, over the whole batch
+  std::vector<int64_t> received;  // [E] this process's slots kept after drops
+  std::vector<int64_t> batch_kept;  // [E] slots kept over the whole batch
+  int64_t batch_tokens = 0;         // tokens of the whole batch (= num_tokens in one process)
+  int64_t dropped = 0;              // this process's dropped slots
+  double aux_loss = 0;  // E · Σ f_i P_i over the whole batch
+  double z_loss = 0;    // mean (logsumexp)^2 over the whole batch
 };
+
+// Batch statistics of one routing. The router fills them for its own tokens; in the distributed
+// service a reducer turns them into statistics of the whole global batch (summed over the
+// workers that hold its parts), so that load balance and capacity are the single-process ones.
+struct RouterBatchStats {
+  int64_t tokens = 0;              // tokens
+  std::vector<int64_t> assigned;   // [E] top-k assignments
+  std::vector<double> prob_sum;    // [E] Σ_t p_te
+  double lse_sq_sum = 0;           // Σ_t lse_t^2
+  // [E] assignments of batch tokens that come before this process's tokens in batch order
+  // (capacity keeps the first slots of each expert in that order). 0 in one process.
+  std::vector<int64_t> preceding;
+};
+using RouterStatsReducer = std::function<void(RouterBatchStats&)>;
 
 struct RouterActivations {
   std::vector<float> logits, probs, lse;  // [S,E], [S,E], [S]
@@ -29,9 +46,11 @@ struct RouterOptions {
   double capacity_factor = 0;  // 0 = dropless
 };
 
-// u[S,D] @ router[D,E] → plan. Statistics (f_i, P_i, capacity) are over these S tokens.
+// u[S,D] @ router[D,E] → plan. Statistics (f_i, P_i, capacity, z) are over these S tokens, or,
+// when `reduce` is given, over whatever batch it reduces them to.
 void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
-                    const float* router_w, int S, int D, const RouterOptions& opt);
+                    const float* router_w, int S, int D, const RouterOptions& opt,
+                    const RouterStatsReducer& reduce = {});
 
 // dweight[S*k] = dL/d(combine weight) (0 for dropped slots); aux_scale and z_scale multiply the
 // layer's aux and z losses in the total loss. du += ..., drouter_w += ...

@@ -3,6 +3,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -25,6 +27,38 @@ inline void write_pattern_corpus(const std::filesystem::path& dir) {
     }
     std::vector<uint64_t> docs = {0, 2000, tokens.size()};
     data::write_token_shard(dir / (std::string(split) + ".bin"), 60, tokens, docs);
+  }
+}
+
+// Writes train.bin and val.bin under dir with text-like statistics: a Zipfian unigram
+// distribution over `vocab` ids, and each id followed half the time by one of its 8 preferred
+// successors (Zipfian among them). Large enough not to be memorised in a short run, so loss falls
+// gradually, as on real text; `tokens` per split.
+inline void write_zipf_markov_corpus(const std::filesystem::path& dir, int vocab, size_t tokens) {
+  std::filesystem::create_directories(dir);
+  Rng rng(11);
+  std::vector<double> cdf(vocab);
+  double total = 0;
+  for (int i = 0; i < vocab; ++i) cdf[i] = (total += 1.0 / (i + 1));
+  auto zipf = [&] {
+    const double u = rng.uniform() * total;
+    return static_cast<int32_t>(std::lower_bound(cdf.begin(), cdf.end(), u) - cdf.begin());
+  };
+  std::vector<int32_t> successor(static_cast<size_t>(vocab) * 8);
+  for (int32_t& s : successor) s = zipf();
+  for (const char* split : {"train", "val"}) {
+    std::vector<int32_t> t(tokens);
+    t[0] = zipf();
+    for (size_t i = 1; i < tokens; ++i) {
+      if (rng.uniform() < 0.5) {
+        const int j = std::min(7, static_cast<int>(-std::log2(1.0 - rng.uniform() * 0.996)));
+        t[i] = successor[static_cast<size_t>(t[i - 1]) * 8 + j];
+      } else {
+        t[i] = zipf();
+      }
+    }
+    std::vector<uint64_t> docs = {0, tokens / 2, tokens};
+    data::write_token_shard(dir / (std::string(split) + ".bin"), vocab, t, docs);
   }
 }
 

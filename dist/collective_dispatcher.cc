@@ -1,0 +1,153 @@
+#include "dist/collective_dispatcher.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace loopmoe::dist {
+
+CollectiveDispatcher::CollectiveDispatcher(comm::Communicator& world, comm::Communicator* workers,
+                                           int num_workers, ExpertPartition partition, int d_model)
+    : world_(world),
+      workers_(workers),
+      num_workers_(num_workers),
+      partition_(partition),
+      d_model_(d_model) {
+  if (world.size() != num_workers + partition.num_shards()) {
+    throw std::invalid_argument("world of " + std::to_string(world.size()) + " ranks is not " +
+                                std::to_string(num_workers) + " workers + " +
+                                std::to_string(partition.num_shards()) + " shards");
+  }
+  if (num_workers > 1 && (workers == nullptr || workers->size() != num_workers)) {
+    throw std::invalid_argument("CollectiveDispatcher: the workers' communicator is missing");
+  }
+}
+
+std::vector<int64_t> CollectiveDispatcher::elements(const std::vector<int64_t>& rows) const {
+  std::vector<int64_t> n(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) n[i] = rows[i] * d_model_;
+  return n;
+}
+
+void CollectiveDispatcher::send_header(int64_t tag, int application, int layer,
+                                       const std::vector<int64_t>& expert_rows) {
+  const int W = num_workers_;
+  std::vector<int64_t> header, counts(world_.size(), 0), none(world_.size(), 0);
+  for (int s = 0; s < partition_.num_shards(); ++s) {
+    header.insert(header.end(), {tag, application, layer});
+    if (!expert_rows.empty()) {
+      header.insert(header.end(), expert_rows.begin() + partition_.begin(s),
+                    expert_rows.begin() + partition_.end(s));
+    } else {
+      header.insert(header.end(), partition_.size(s), 0);
+    }
+    counts[W + s] = 3 + partition_.size(s);
+  }
+  stats_.timed(static_cast<int64_t>(header.size() * sizeof(int64_t)),
+               [&] { world_.alltoallv(header.data(), counts, nullptr, none); });
+}
+
+void CollectiveDispatcher::forward(int application, int layer, const RoutingPlan& plan,
+                                   const float* x, float* out) {
+  if (static_cast<int>(saved_.size()) <= application) saved_.resize(application + 1);
+  Saved& sv = saved_[application];
+  const int E = plan.num_experts, D = d_model_, k = plan.top_k, W = num_workers_;
+  const size_t slots = plan.expert.size();
+  // Rows grouped by expert (so by shard: shards own contiguous ranges), slot order within one.
+  std::vector<int64_t> offset(E + 1, 0);
+  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + plan.received[e];
+  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
+  sv.row_of_slot.assign(slots, -1);
+  for (size_t i = 0; i < slots; ++i) {
+    if (plan.kept[i]) sv.row_of_slot[i] = cursor[plan.expert[i]]++;
+  }
+  sv.row_counts.assign(world_.size(), 0);
+  for (int s = 0; s < partition_.num_shards(); ++s) {
+    sv.row_counts[W + s] = offset[partition_.end(s)] - offset[partition_.begin(s)];
+  }
+  const int64_t rows = offset[E];
+  send_.resize(static_cast<size_t>(rows) * D);
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < slots; ++i) {
+    if (sv.row_of_slot[i] >= 0) {
+      std::copy_n(x + (i / k) * D, D, send_.data() + sv.row_of_slot[i] * D);
+    }
+  }
+  send_header(kForwardHeader, application, layer, plan.received);
+  const std::vector<int64_t> counts = elements(sv.row_counts), none(world_.size(), 0);
+  stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
+               [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
+  recv_.resize(send_.size());
+  stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < slots; ++i) {
+    float* o = out + i * D;
+    if (sv.row_of_slot[i] >= 0) {
+      std::copy_n(recv_.data() + sv.row_of_slot[i] * D, D, o);
+    } else {
+      std::fill_n(o, D, 0.f);
+    }
+  }
+}
+
+void CollectiveDispatcher::backward(int application, int layer, const RoutingPlan& plan,
+                                    const float* dout, float* dx) {
+  const Saved& sv = saved_.at(application);
+  const int D = d_model_, k = plan.top_k, S = plan.num_tokens;
+  const size_t slots = plan.expert.size();
+  int64_t rows = 0;
+  for (int64_t r : sv.row_counts) rows += r;
+  send_.resize(static_cast<size_t>(rows) * D);
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < slots; ++i) {
+    if (sv.row_of_slot[i] >= 0) std::copy_n(dout + i * D, D, send_.data() + sv.row_of_slot[i] * D);
+  }
+  send_header(kBackwardHeader, application, layer, {});
+  const std::vector<int64_t> counts = elements(sv.row_counts), none(world_.size(), 0);
+  stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
+               [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
+  recv_.resize(send_.size());
+  stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
+  // Each token sums its slots in slot order, as the local dispatcher does.
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < S; ++t) {
+    float* d = dx + static_cast<size_t>(t) * D;
+    for (int j = 0; j < k; ++j) {
+      const int64_t r = sv.row_of_slot[static_cast<size_t>(t) * k + j];
+      if (r < 0) continue;
+      const float* g = recv_.data() + r * D;
+      for (int i = 0; i < D; ++i) d[i] += g[i];
+    }
+  }
+}
+
+void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
+  const int W = num_workers_;
+  if (W == 1) return;
+  const int E = static_cast<int>(stats.assigned.size());
+  const int me = workers_->rank();
+  // Row w: worker w's token count and assignments; summed, every worker sees every row.
+  std::vector<int64_t> counts(static_cast<size_t>(W) * (E + 1), 0);
+  counts[static_cast<size_t>(me) * (E + 1)] = stats.tokens;
+  std::copy(stats.assigned.begin(), stats.assigned.end(),
+            counts.begin() + static_cast<ptrdiff_t>(me) * (E + 1) + 1);
+  workers_->allreduce_sum(counts.data(), counts.size());
+  std::vector<double> sums(stats.prob_sum);
+  sums.push_back(stats.lse_sq_sum);
+  workers_->allreduce_sum(sums.data(), sums.size());
+
+  stats.tokens = 0;
+  std::fill(stats.assigned.begin(), stats.assigned.end(), 0);
+  stats.preceding.assign(E, 0);
+  for (int w = 0; w < W; ++w) {
+    const int64_t* row = counts.data() + static_cast<size_t>(w) * (E + 1);
+    stats.tokens += row[0];
+    for (int e = 0; e < E; ++e) {
+      stats.assigned[e] += row[1 + e];
+      if (w < me) stats.preceding[e] += row[1 + e];
+    }
+  }
+  std::copy_n(sums.begin(), E, stats.prob_sum.begin());
+  stats.lse_sq_sum = sums[E];
+}
+
+}  // namespace loopmoe::dist

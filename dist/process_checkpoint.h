@@ -1,0 +1,48 @@
+// The files of a distributed checkpoint (docs/SERVICE_CHECKPOINTS in docs/ARCHITECTURE.md):
+// - worker-<rank>.bin: a worker's replica: every parameter that is not an expert's (in layout
+//   order), with its AdamW m and v, the step, AdamW's step count and the data-loader position.
+//   Workers are replicas, so any worker's file restores any worker.
+// - shard-<rank>.bin: the experts [first, first + count) of every unique layer with their m and v,
+//   keyed by global expert id, so a checkpoint restores onto any number of shards.
+// Each is a fixed header then float32 payload, XXH64 of the payload in the header, written to a
+// temporary file, fsynced and renamed. Errors throw CheckpointError naming the file.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dataloader/sampler.h"
+
+namespace loopmoe::dist {
+
+struct WorkerCheckpoint {
+  int rank = 0;
+  int64_t step = 0, adam_steps = 0;
+  data::SamplerState sampler;
+  uint64_t config_hash = 0;
+  std::vector<float> params, m, v;  // the replica ranges, packed
+};
+
+struct ShardCheckpoint {
+  int rank = 0;
+  int64_t step = 0, adam_steps = 0;
+  uint64_t config_hash = 0;
+  int num_layers = 0, first_expert = 0, num_experts = 0;
+  uint64_t floats_per_expert = 0;
+  // [layer][expert - first][floats_per_expert] each: w1, w3, w2 of the expert back to back.
+  std::vector<float> params, m, v;
+};
+
+// Both return the XXH64 checksum of what they wrote; *bytes gets the file size.
+uint64_t write_worker_checkpoint(const std::string& path, const WorkerCheckpoint& c,
+                                 int64_t* bytes);
+uint64_t write_shard_checkpoint(const std::string& path, const ShardCheckpoint& c, int64_t* bytes);
+// Verify size and checksum (and `expected_checksum` when non-zero).
+WorkerCheckpoint read_worker_checkpoint(const std::string& path, uint64_t expected_checksum);
+ShardCheckpoint read_shard_checkpoint(const std::string& path, uint64_t expected_checksum);
+
+// XXH64 of a config's canonical text.
+uint64_t config_hash(const std::string& canonical_config);
+
+}  // namespace loopmoe::dist

@@ -1,0 +1,473 @@
+// The distributed runtime against the single-process engine: the collective dispatcher gives the
+// local dispatcher's numbers; W workers + S shards (threads, Gloo over loopback) reproduce the
+// single-process trainer's loss curve; resume is bit-exact, also onto another shard count; a
+// router that sends everything to one expert does not hang anything.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <optional>
+#include <thread>
+
+#include "cli/trainer.h"
+#include "comm/gloo_communicator.h"
+#include "comm/in_process_store.h"
+#include "dist/collective_dispatcher.h"
+#include "dist/process_checkpoint.h"
+#include "dist/process_runtime.h"
+#include "dist/shard_experts.h"
+#include "model/error.h"
+#include "model/local_dispatcher.h"
+#include "model/model.h"
+#include "model/param_layout.h"
+#include "model/rng.h"
+#include "tests/tiny_run.h"
+
+namespace loopmoe::dist {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Runs fn(i) for i in [0, n) on n threads; rethrows the first exception.
+void parallel(int n, const std::function<void(int)>& fn) {
+  std::vector<std::exception_ptr> errors(n);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        fn(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+// W workers and S shards of one job as threads of this process.
+class ThreadCluster {
+ public:
+  ThreadCluster(const Config& config, int workers, int shards,
+                std::optional<ResumePoint> resume = std::nullopt)
+      : workers_(workers), shards_(shards) {
+    static int counter = 0;
+    const std::string job = "test" + std::to_string(++counter);
+    ns_ = std::make_unique<comm::NamespacedStore>(store_, job, 0);
+    runtimes_.resize(workers + shards);
+    parallel(workers + shards, [&](int i) {
+      ProcessSetup s;
+      s.job_id = job;
+      s.role = i < workers ? Role::kWorker : Role::kExpertShard;
+      s.rank = i < workers ? i : i - workers;
+      s.num_workers = workers;
+      s.num_shards = shards;
+      s.config_toml = to_toml(config);
+      s.resume = resume;
+      s.store = ns_.get();
+      s.collective_timeout = std::chrono::seconds(60);
+      runtimes_[i] = create_runtime(s);
+    });
+  }
+  // Runs `loops` per step; returns worker 0's reports.
+  std::vector<StepReport> steps(int n, int loops) {
+    std::vector<std::vector<StepReport>> all(runtimes_.size());
+    parallel(size(), [&](int i) {
+      for (int s = 0; s < n; ++s) all[i].push_back(runtimes_[i]->step(loops));
+    });
+    // Every worker reports the same global loss.
+    for (int w = 1; w < workers_; ++w) {
+      for (int s = 0; s < n; ++s) EXPECT_EQ(all[w][s].loss, all[0][s].loss);
+    }
+    return all[0];
+  }
+  double evaluate(int batches) {
+    std::vector<double> v(size());
+    parallel(size(), [&](int i) { v[i] = runtimes_[i]->evaluate(batches); });
+    return v[0];
+  }
+  ResumePoint checkpoint(const fs::path& dir) {
+    ResumePoint p;
+    p.files.resize(size());
+    parallel(size(), [&](int i) { p.files[i] = runtimes_[i]->checkpoint(dir.string()); });
+    p.step = runtimes_[0]->steps_done();
+    p.sampler = runtimes_[0]->sampler_state();
+    return p;
+  }
+  int size() const { return static_cast<int>(runtimes_.size()); }
+
+ private:
+  int workers_, shards_;
+  comm::InProcessStore store_;
+  std::unique_ptr<comm::NamespacedStore> ns_;
+  std::vector<std::unique_ptr<ProcessRuntime>> runtimes_;
+};
+
+std::vector<double> losses(const std::vector<StepReport>& reports) {
+  std::vector<double> out;
+  for (const StepReport& r : reports) out.push_back(r.loss);
+  return out;
+}
+
+Config shipped_config(const char* name, const fs::path& data, int steps) {
+  Config c = load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/" + name);
+  c.data.dir = data.string();
+  c.train.steps = steps;
+  c.train.warmup_steps = 10;
+  c.train.eval_interval = 0;
+  c.train.checkpoint_interval = 0;
+  c.train.log_interval = 10;
+  return c;
+}
+
+std::vector<double> single_process_losses(const Config& c, const fs::path& out) {
+  TrainOptions o;
+  o.out_dir = out.string();
+  o.threads = 1;
+  o.progress = false;
+  return train(c, o).losses;
+}
+
+void expect_close_curves(const std::vector<double>& want, const std::vector<double>& got,
+                         double rel) {
+  ASSERT_EQ(want.size(), got.size());
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double r = std::abs(got[i] - want[i]) / std::abs(want[i]);
+    worst = std::max(worst, r);
+    EXPECT_LE(r, rel) << "step " << i + 1 << ": single process " << want[i] << ", cluster "
+                      << got[i];
+  }
+  std::printf("worst relative difference over %zu steps: %.3g\n", want.size(), worst);
+  if (std::getenv("LOOPMOE_PRINT_CURVES")) {
+    for (size_t i = 0; i < want.size(); ++i) {
+      std::printf("%zu %.3g\n", i + 1, std::abs(got[i] - want[i]) / std::abs(want[i]));
+    }
+  }
+}
+
+class DistTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::fresh_test_dir("dist",
+                                   ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    testing::write_pattern_corpus(dir_ / "data");
+    set_num_threads(1);
+  }
+  // Text-like data for the shipped configs (vocabulary 4096).
+  fs::path text_data() {
+    testing::write_zipf_markov_corpus(dir_ / "text", 4096, 400000);
+    return dir_ / "text";
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+// --- The dispatcher seam: collective == local ---------------------------------------------------
+
+// Forward outputs, input gradients and expert weight gradients of one MoE application through the
+// collective dispatcher (2 workers holding halves of the tokens, 2 shards) equal the local
+// dispatcher's. `all_to_one`: every slot goes to expert 0, so shard 1 and most experts get nothing.
+void check_dispatchers_agree(bool all_to_one) {
+  ModelConfig mc;
+  mc.d_model = 16;
+  mc.expert_hidden = 8;
+  mc.n_experts = 5;
+  mc.top_k = 2;
+  mc.n_layers = 1;
+  mc.vocab_size = 32;
+  mc.n_heads = 2;
+  mc.head_dim = 8;
+  const int S = 12, D = mc.d_model, k = mc.top_k, E = mc.n_experts, W = 2, Sh = 2;
+  Model model(mc);
+  model.init_params(7);
+  Rng rng(3);
+  std::vector<float> x(static_cast<size_t>(S) * D), dout(static_cast<size_t>(S) * k * D);
+  for (float& v : x) v = static_cast<float>(rng.normal());
+  for (float& v : dout) v = static_cast<float>(rng.normal());
+  RoutingPlan plan;
+  plan.num_tokens = S;
+  plan.num_experts = E;
+  plan.top_k = k;
+  for (int t = 0; t < S; ++t) {
+    for (int j = 0; j < k; ++j) {
+      plan.expert.push_back(all_to_one ? 0 : (t * 3 + j * 2) % E);
+      plan.weight.push_back(0.5f);
+      plan.kept.push_back(all_to_one || (t + j) % 7 != 0);  // some dropped slots
+    }
+  }
+  plan.received.assign(E, 0);
+  for (size_t i = 0; i < plan.expert.size(); ++i) plan.received[plan.expert[i]] += plan.kept[i];
+
+  // Local reference.
+  std::vector<float> out_ref(dout.size()), dx_ref(x.size(), 0.f);
+  model.zero_grad();
+  LocalDispatcher local(mc, model.layout(), model.params(), model.grads());
+  local.forward(0, 0, plan, x.data(), out_ref.data());
+  local.backward(0, 0, plan, dout.data(), dx_ref.data());
+  const LayerOffsets& l = model.layout().layers[0];
+  const size_t DF = static_cast<size_t>(D) * mc.expert_hidden;
+
+  // Collective: worker w holds tokens [w*S/2, (w+1)*S/2) and that part of the plan.
+  std::vector<float> out(dout.size()), dx(x.size(), 0.f);
+  std::vector<std::vector<float>> shard_grads(Sh);
+  ExpertPartition part(E, Sh);
+  comm::InProcessStore store;
+  comm::NamespacedStore ns(store, all_to_one ? "disp1" : "disp0", 0);
+  parallel(W + Sh, [&](int rank) {
+    comm::GlooOptions o;
+    o.timeout = std::chrono::seconds(20);
+    auto world = comm::make_gloo_communicator(ns, rank, W + Sh, o);
+    if (rank < W) {
+      const int t0 = rank * S / W, t1 = (rank + 1) * S / W, n = t1 - t0;
+      RoutingPlan mine = plan;
+      mine.num_tokens = n;
+      auto cut = [&](auto& v) {
+        v.assign(v.begin() + static_cast<ptrdiff_t>(t0) * k,
+                 v.begin() + static_cast<ptrdiff_t>(t1) * k);
+      };
+      cut(mine.expert);
+      cut(mine.weight);
+      cut(mine.kept);
+      mine.received.assign(E, 0);
+      for (size_t i = 0; i < mine.expert.size(); ++i) mine.received[mine.expert[i]] += mine.kept[i];
+      comm::GlooOptions wo = o;
+      wo.group = "workers";
+      auto workers = comm::make_gloo_communicator(ns, rank, W, wo);
+      CollectiveDispatcher d(*world, workers.get(), W, part, D);
+      d.forward(0, 0, mine, x.data() + static_cast<size_t>(t0) * D,
+                out.data() + static_cast<size_t>(t0) * k * D);
+      d.backward(0, 0, mine, dout.data() + static_cast<size_t>(t0) * k * D,
+                 dx.data() + static_cast<size_t>(t0) * D);
+    } else {
+      const int s = rank - W;
+      ShardExperts experts(*world, W, s, part, mc);
+      for (int i = 0; i < experts.num_local_experts(); ++i) {
+        const size_t e = static_cast<size_t>(part.begin(s) + i);
+        std::copy_n(model.params() + l.w1 + e * DF, DF, experts.params() + experts.w1_offset(0, i));
+        std::copy_n(model.params() + l.w3 + e * DF, DF, experts.params() + experts.w3_offset(0, i));
+        std::copy_n(model.params() + l.w2 + e * DF, DF, experts.params() + experts.w2_offset(0, i));
+      }
+      experts.serve_forward(0, 0);
+      experts.serve_backward(0, 0);
+      shard_grads[s].assign(experts.grads(), experts.grads() + experts.num_params());
+      for (int i = 0; i < experts.num_local_experts(); ++i) {
+        const size_t e = static_cast<size_t>(part.begin(s) + i);
+        for (size_t j = 0; j < DF; ++j) {
+          ASSERT_EQ(experts.grads()[experts.w1_offset(0, i) + j], model.grads()[l.w1 + e * DF + j]);
+          ASSERT_EQ(experts.grads()[experts.w3_offset(0, i) + j], model.grads()[l.w3 + e * DF + j]);
+          ASSERT_EQ(experts.grads()[experts.w2_offset(0, i) + j], model.grads()[l.w2 + e * DF + j]);
+        }
+      }
+    }
+  });
+  EXPECT_EQ(out, out_ref);
+  EXPECT_EQ(dx, dx_ref);
+  if (all_to_one) {
+    for (float g : shard_grads[1]) ASSERT_EQ(g, 0.f);  // shard 1 took part with nothing to do
+  }
+}
+
+TEST(CollectiveDispatcher, EqualsLocalDispatcher) { check_dispatchers_agree(false); }
+TEST(CollectiveDispatcher, EverySlotToOneExpertDoesNotHang) { check_dispatchers_agree(true); }
+
+TEST(ExpertPartition, CoversEveryExpertOnce) {
+  for (int E : {1, 5, 8, 41}) {
+    for (int S = 1; S <= E && S <= 9; ++S) {
+      ExpertPartition p(E, S);
+      int next = 0;
+      for (int s = 0; s < S; ++s) {
+        EXPECT_EQ(p.begin(s), next);
+        EXPECT_GE(p.size(s), E / S);
+        EXPECT_LE(p.size(s), E / S + 1);
+        for (int e = p.begin(s); e < p.end(s); ++e) EXPECT_EQ(p.owner(e), s);
+        next = p.end(s);
+      }
+      EXPECT_EQ(next, E);
+    }
+  }
+  EXPECT_THROW(ExpertPartition(4, 5), std::invalid_argument);
+}
+
+// --- Whole runs ----------------------------------------------------------------------------------
+
+TEST_F(DistTest, TwoWorkersTwoShardsMatchSingleProcessVanillaTiny) {
+  const Config c = shipped_config("vanilla_tiny.toml", text_data(), 50);
+  const std::vector<double> want = single_process_losses(c, dir_ / "single");
+  ThreadCluster cluster(c, 2, 2);
+  expect_close_curves(want, losses(cluster.steps(50, c.model.n_loops)), 1e-5);
+}
+
+TEST_F(DistTest, TwoWorkersTwoShardsMatchSingleProcessLoopMoeTiny) {
+  const Config c = shipped_config("loopmoe_tiny.toml", text_data(), 50);
+  const std::vector<double> want = single_process_losses(c, dir_ / "single");
+  ThreadCluster cluster(c, 2, 2);
+  expect_close_curves(want, losses(cluster.steps(50, c.model.n_loops)), 1e-5);
+}
+
+// Capacity drops walk the global batch in order across workers; 3 workers split 4 sequences
+// unevenly (1, 1, 2).
+TEST_F(DistTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  c.train.steps = 20;
+  c.train.checkpoint_interval = 0;
+  c.train.eval_interval = 0;
+  const std::vector<double> want = single_process_losses(c, dir_ / "single");
+  ThreadCluster cluster(c, 3, 3);
+  const std::vector<StepReport> got = cluster.steps(20, c.model.n_loops);
+  expect_close_curves(want, losses(got), 1e-5);
+  int64_t dropped = 0;
+  for (const StepReport& r : got) dropped += r.dropped;
+  EXPECT_GT(dropped, 0) << "capacity factor 1.25 should drop something in 20 steps";
+}
+
+TEST_F(DistTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  c.train.steps = 30;
+  std::vector<double> straight;
+  double straight_val = 0;
+  {
+    ThreadCluster cluster(c, 2, 2);
+    straight = losses(cluster.steps(30, c.model.n_loops));
+    straight_val = cluster.evaluate(2);
+  }
+  ResumePoint at15;
+  std::vector<double> resumed;
+  {
+    ThreadCluster cluster(c, 2, 2);
+    resumed = losses(cluster.steps(15, c.model.n_loops));
+    at15 = cluster.checkpoint(dir_ / "ckpt15");
+  }
+  EXPECT_EQ(at15.step, 15);
+  {
+    ThreadCluster cluster(c, 2, 2, at15);
+    for (double l : losses(cluster.steps(15, c.model.n_loops))) resumed.push_back(l);
+    EXPECT_EQ(cluster.evaluate(2), straight_val);
+  }
+  ASSERT_EQ(resumed.size(), straight.size());
+  for (size_t i = 0; i < straight.size(); ++i)
+    EXPECT_EQ(resumed[i], straight[i]) << "step " << i + 1;
+  // 2 shards → 3 shards (and 2 workers → 1): experts found by global id; next step the same.
+  {
+    ThreadCluster cluster(c, 1, 3, at15);
+    const double next = cluster.steps(1, c.model.n_loops)[0].loss;
+    EXPECT_LE(std::abs(next - straight[15]) / straight[15], 1e-5) << next << " vs " << straight[15];
+  }
+}
+
+TEST_F(DistTest, CorruptCheckpointFileIsOneClearError) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  ResumePoint p;
+  {
+    ThreadCluster cluster(c, 1, 2);
+    cluster.steps(2, c.model.n_loops);
+    p = cluster.checkpoint(dir_ / "ckpt");
+  }
+  const std::string shard_file = p.files[1].path;
+  {
+    std::fstream f(shard_file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(200);
+    f.put('\x7f');
+  }
+  try {
+    ThreadCluster cluster(c, 1, 2, p);
+    FAIL() << "corrupt shard file accepted";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find(shard_file), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
+  }
+}
+
+// A router with zero weights ties every expert; top-1 then sends every token to expert 0 (lowest
+// index wins ties): shard 1 and experts 1.. receive nothing, yet every collective completes.
+TEST_F(DistTest, RouterSendingEverythingToOneExpertDoesNotHang) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  c.model.top_k = 1;
+  c.model.capacity_factor = 0;
+  ResumePoint p;
+  {
+    ThreadCluster cluster(c, 2, 2);
+    p = cluster.checkpoint(dir_ / "ckpt0");
+  }
+  // Zero the routers in the worker files (packed replica order = layout order minus experts).
+  Model m(c.model);
+  for (CheckpointFileRef& f : p.files) {
+    if (f.role != Role::kWorker) continue;
+    WorkerCheckpoint w = read_worker_checkpoint(f.path, f.xxh64);
+    size_t packed = 0;
+    for (const ParamTensor& t : m.layout().tensors()) {
+      const bool expert = t.name.find(".moe.w") != std::string::npos;
+      if (expert) continue;
+      if (t.name.find(".moe.router") != std::string::npos) {
+        std::fill_n(w.params.begin() + static_cast<ptrdiff_t>(packed), t.numel(), 0.f);
+      }
+      packed += t.numel();
+    }
+    ASSERT_EQ(packed, w.params.size());
+    f.xxh64 = write_worker_checkpoint(f.path, w, &f.bytes);
+  }
+  ThreadCluster cluster(c, 2, 2, p);
+  const std::vector<StepReport> r = cluster.steps(1, c.model.n_loops);
+  const int E = c.model.n_experts;
+  const int64_t tokens = r[0].tokens;
+  ASSERT_EQ(r[0].expert_tokens.size(), static_cast<size_t>(E) * c.model.depth());
+  for (int a = 0; a < c.model.depth(); ++a) {
+    EXPECT_EQ(r[0].expert_tokens[static_cast<size_t>(a) * E], tokens) << "application " << a;
+  }
+  EXPECT_TRUE(std::isfinite(r[0].loss));
+  // And it keeps training (routers learn to spread) without hanging.
+  for (const StepReport& s : cluster.steps(3, c.model.n_loops)) EXPECT_TRUE(std::isfinite(s.loss));
+}
+
+TEST_F(DistTest, VariableLoopCountsPerStep) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  ThreadCluster cluster(c, 2, 1);
+  for (int loops : {1, 3, 2}) {
+    const StepReport r = cluster.steps(1, loops)[0];
+    EXPECT_EQ(r.loops, loops);
+    EXPECT_EQ(r.expert_tokens.size(),
+              static_cast<size_t>(c.model.n_experts) * c.model.n_layers * loops);
+    EXPECT_TRUE(std::isfinite(r.loss));
+  }
+}
+
+TEST_F(DistTest, BadSetupIsOneClearError) {
+  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  comm::InProcessStore store;
+  ProcessSetup s;
+  s.job_id = "bad";
+  s.store = &store;
+  s.num_shards = 5;  // 4 experts
+  s.config_toml = to_toml(c);
+  EXPECT_THROW(create_runtime(s), ConfigError);
+  s.num_shards = 1;
+  s.config_toml = "[model]\nd_modle = 3\n";
+  try {
+    create_runtime(s);
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("d_modle"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace loopmoe::dist
+namespace loopmoe::dist {
+TEST(Scratch, OneWorker) {
+  namespace fs = std::filesystem;
+  auto dir = testing::fresh_test_dir("dist", "scratch");
+  testing::write_zipf_markov_corpus(dir / "text", 4096, 400000);
+  Config c = load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/vanilla_tiny.toml");
+  c.data.dir = (dir / "text").string();
+  c.train.steps = 30; c.train.warmup_steps = 10; c.train.eval_interval = 0; c.train.checkpoint_interval = 0;
+  TrainOptions o; o.progress = false;
+  o.out_dir = (dir / "a").string(); o.threads = 1;
+  auto a = train(c, o).losses;
+  ThreadCluster cl(c, 1, 2);
+  auto b = losses(cl.steps(30, 1));
+  for (size_t i = 0; i < a.size(); ++i) std::printf("%zu %.3g\n", i + 1, std::abs(a[i] - b[i]) / a[i]);
+}
+}

@@ -1,0 +1,91 @@
+// What `loopmoe-worker` and `loopmoe-expert-shard` run: a TrainingProcess gRPC server (with
+// grpc.health.v1), optional Prometheus metrics, registration with the coordinator and a heartbeat
+// thread. The training itself is behind the injected RuntimeFactory (dist::create_runtime in the
+// executables, a fake in tests).
+#pragma once
+
+#include <grpcpp/server.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "worker/coordinator_store.h"
+#include "worker/process_metrics.h"
+#include "worker/training_process_server.h"
+
+namespace loopmoe::process {
+
+struct ProcessOptions {
+  dist::Role role = dist::Role::kWorker;
+  std::string coordinator;             // host:port of the Coordinator service
+  std::string listen = "127.0.0.1:0";  // TrainingProcess server; port 0 picks a free one
+  std::string metrics_listen;          // Prometheus /metrics; empty = none
+  std::string hostname = "127.0.0.1";  // advertised for RPC and Gloo
+  std::string name;                    // for humans; empty = <hostname>/<pid>
+  std::chrono::milliseconds connect_timeout{30000};
+  std::chrono::milliseconds collective_timeout{60000};
+  std::chrono::milliseconds rendezvous_timeout{120000};
+};
+
+// The servers and coordinator session of one process, usable in-process (tests) or from
+// process_main. Not copyable; stop() (or the destructor) tears everything down.
+class ProcessHost {
+ public:
+  ProcessHost(ProcessOptions options, RuntimeFactory factory);
+  ~ProcessHost();
+  ProcessHost(const ProcessHost&) = delete;
+  ProcessHost& operator=(const ProcessHost&) = delete;
+
+  // Starts the servers, registers with the coordinator (retrying until connect_timeout) and starts
+  // heartbeats. Throws std::runtime_error with one clear line (e.g. the coordinator is
+  // unreachable, or the address cannot be bound).
+  void start();
+  // Stops heartbeats and the servers, waiting up to `grace` for running RPCs. Idempotent.
+  void stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
+
+  // Advertised addresses: hostname and the bound port.
+  const std::string& address() const { return address_; }
+  const std::string& metrics_address() const { return metrics_address_; }
+  std::string process_id() const;
+  ProcessMetrics& metrics() { return metrics_; }
+
+  // True once a Shutdown RPC asked the process to exit; waits up to `timeout` for it.
+  bool wait_for_exit_request(std::chrono::milliseconds timeout);
+
+ private:
+  // One Register call; on success stores the id and interval. Returns the failure status.
+  grpc::Status register_once(std::chrono::milliseconds deadline);
+  void heartbeat_loop();
+
+  const ProcessOptions options_;
+  const RuntimeFactory factory_;
+  ProcessMetrics metrics_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<loopmoe::v1::Coordinator::Stub> coordinator_;
+  std::unique_ptr<CoordinatorStore> store_;
+  std::unique_ptr<TrainingProcessServer> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+  std::string metrics_address_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::string process_id_;
+  std::chrono::milliseconds heartbeat_interval_{1000};
+  bool exit_requested_ = false;
+  bool stopping_ = false;
+  std::thread heartbeat_thread_;
+};
+
+// Parses the command line (--help lists the flags), runs a ProcessHost until SIGINT / SIGTERM or
+// a Shutdown with exit, and returns the process exit code: 0 after a clean shutdown, 1 with one
+// `error:` line on stderr when it cannot start. Call first thing in main(): it blocks SIGINT and
+// SIGTERM before any thread exists, to receive them synchronously.
+int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory);
+
+}  // namespace loopmoe::process

@@ -1,0 +1,87 @@
+// The TrainingProcess gRPC service of one worker or expert shard: turns the coordinator's
+// Configure / RunSteps / Evaluate / Checkpoint / Shutdown calls into dist::ProcessRuntime calls.
+//
+// States: idle -> (Configure) in a job -> (Shutdown, or a communication failure) idle. The
+// runtime is not thread-safe, so RPCs are served one at a time; a Configure that is still
+// rendezvousing delays the others (the coordinator drives one job's processes in lock step anyway).
+//
+// Status codes:
+//   INVALID_ARGUMENT     malformed request, or the runtime's ConfigError (bad config)
+//   FAILED_PRECONDITION  wrong state: role mismatch, already in a job, not in this job,
+//                        first_step / checkpoint step does not follow the runtime's step
+//   UNAVAILABLE          a communication failure (comm::CommError); the runtime is dropped and
+//                        the process is idle again, ready for the job's restart
+//   DEADLINE_EXCEEDED    the same for comm::TimeoutError (a peer or the rendezvous timed out)
+//   INTERNAL             anything else the runtime threw (e.g. unreadable data); the runtime is
+//                        kept, the coordinator decides (Shutdown)
+// Messages always say which process and job (e.g. "worker 1 of job j-3: ...").
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "comm/key_value_store.h"
+#include "dist/process_runtime.h"
+#include "proto/loopmoe.grpc.pb.h"
+#include "worker/process_metrics.h"
+
+namespace loopmoe::process {
+
+using RuntimeFactory =
+    std::function<std::unique_ptr<dist::ProcessRuntime>(const dist::ProcessSetup&)>;
+
+struct TrainingProcessOptions {
+  dist::Role role = dist::Role::kWorker;
+  RuntimeFactory factory;
+  // The coordinator's store (a CoordinatorStore in the service); each job run sees it through a
+  // NamespacedStore with the request's rendezvous_prefix. Not owned; must outlive the server.
+  comm::KeyValueStore* rendezvous_store = nullptr;
+  std::string hostname = "127.0.0.1";  // passed to the runtime: the address Gloo listens on
+  std::chrono::milliseconds collective_timeout{60000};
+  std::chrono::milliseconds rendezvous_timeout{120000};
+  ProcessMetrics* metrics = nullptr;  // optional; not owned
+  // Called once a Shutdown with exit = true has been handled; the reply is sent after the
+  // handler returns, so this must only request the exit (e.g. wake the main thread), not do it.
+  std::function<void()> request_exit;
+};
+
+class TrainingProcessServer final : public loopmoe::v1::TrainingProcess::Service {
+ public:
+  explicit TrainingProcessServer(TrainingProcessOptions options);
+  ~TrainingProcessServer() override;
+
+  grpc::Status Configure(grpc::ServerContext* context, const loopmoe::v1::ConfigureRequest* request,
+                         loopmoe::v1::ConfigureResponse* response) override;
+  grpc::Status RunSteps(grpc::ServerContext* context, const loopmoe::v1::RunStepsRequest* request,
+                        loopmoe::v1::RunStepsResponse* response) override;
+  grpc::Status Evaluate(grpc::ServerContext* context, const loopmoe::v1::EvaluateRequest* request,
+                        loopmoe::v1::EvaluateResponse* response) override;
+  grpc::Status Checkpoint(grpc::ServerContext* context,
+                          const loopmoe::v1::CheckpointRequest* request,
+                          loopmoe::v1::CheckpointResponse* response) override;
+  grpc::Status Shutdown(grpc::ServerContext* context, const loopmoe::v1::ShutdownRequest* request,
+                        loopmoe::v1::ShutdownResponse* response) override;
+
+  // For tests and logs: the job this process is in, if any.
+  std::optional<std::string> current_job() const;
+
+ private:
+  struct Job;
+
+  grpc::Status check_job_locked(const std::string& job_id, const char* rpc) const;
+  // Maps an exception from the runtime to a status; drops the runtime on a comm error.
+  grpc::Status runtime_failure_locked(const std::string& who, const std::string& what,
+                                      std::exception_ptr error);
+  void leave_job_locked(const char* why);
+  std::string who_locked() const;
+
+  const TrainingProcessOptions options_;
+  mutable std::mutex mutex_;  // serialises RPCs: the runtime is not thread-safe
+  std::unique_ptr<Job> job_;
+};
+
+}  // namespace loopmoe::process
