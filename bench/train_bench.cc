@@ -48,6 +48,7 @@ struct Measured {
 Measured measure(const loopmoe::Config& cfg, int threads, int steps, int warmup) {
   loopmoe::set_num_threads(threads);
   loopmoe::Model model(cfg.model);
+  model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(cfg.train.seed);
   loopmoe::AdamW adam(model.layout(), cfg.train);
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;

@@ -217,6 +217,7 @@ StepTiming measure_step_seconds(const Config& cfg, int threads) {
   set_num_threads(threads);
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
   Model model(cfg.model);
+  model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(1);
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   uint64_t s = 88172645463325252ull;

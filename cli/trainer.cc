@@ -75,6 +75,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   const fs::path metrics_path = fs::path(opt.out_dir) / "metrics.jsonl";
 
   Model model(cfg.model);
+  model.set_grad_groups(tc.grad_groups);
   AdamW adam(model.layout(), tc);
   data::BatchSampler sampler(train_shard, B, T, tc.seed, /*shuffle=*/true);
   int64_t start = 0;

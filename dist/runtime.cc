@@ -26,6 +26,7 @@
 #include "model/config.h"
 #include "model/error.h"
 #include "model/model.h"
+#include "model/ops.h"
 #include "model/optimizer.h"
 
 namespace loopmoe::dist {
@@ -39,28 +40,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-bool is_expert_tensor(const std::string& name) {
-  for (const char* s : {".moe.w1", ".moe.w3", ".moe.w2"}) {
-    const size_t n = std::strlen(s);
-    if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
-  }
-  return false;
-}
-
-// [offset, length) runs of the flat buffer that workers replicate: everything but the experts.
-std::vector<std::pair<size_t, size_t>> replica_ranges(const ParamLayout& layout) {
-  std::vector<std::pair<size_t, size_t>> runs;
-  for (const ParamTensor& t : layout.tensors()) {
-    if (is_expert_tensor(t.name)) continue;
-    if (!runs.empty() && runs.back().first + runs.back().second == t.offset) {
-      runs.back().second += t.numel();
-    } else {
-      runs.emplace_back(t.offset, t.numel());
-    }
-  }
-  return runs;
 }
 
 std::string file_name(Role role, int rank) {
@@ -143,7 +122,7 @@ class WorkerRuntime final : public RuntimeBase {
         adam_(model_.layout(), config_.train),
         sampler_(train_shard_, config_.train.batch_size, config_.model.seq_len, config_.train.seed,
                  /*shuffle=*/true),
-        ranges_(replica_ranges(model_.layout())) {
+        ranges_(model_.replica_ranges()) {
     const int B = config_.train.batch_size, W = setup.num_workers;
     if (W > B) {
       throw ConfigError("job has " + std::to_string(W) + " workers but train.batch_size is " +
@@ -159,6 +138,9 @@ class WorkerRuntime final : public RuntimeBase {
     row_begin_ = static_cast<int>(static_cast<int64_t>(setup.rank) * B / W);
     row_end_ = static_cast<int>(static_cast<int64_t>(setup.rank + 1) * B / W);
     for (const auto& r : ranges_) replica_size_ += r.second;
+    // Each worker holds a subtree of the single process's gradient groups (exact when W is a
+    // power of two dividing them; see combine_replica_grads).
+    model_.set_grad_groups(std::max(1, std::min(config_.train.grad_groups, B) / W));
     model_.init_params(config_.train.seed);
     model_.set_loss_token_count(static_cast<int64_t>(B) * config_.model.seq_len);
     if (setup.resume) load(*setup.resume);
@@ -188,11 +170,7 @@ class WorkerRuntime final : public RuntimeBase {
     model_.backward();
     // Replica gradients: each worker's covers its slice, scaled by the global token count.
     float* g = model_.grads();
-    if (workers_) {
-      pack(g, packed_);
-      workers_->allreduce_sum(packed_.data(), packed_.size());
-      unpack(packed_, g);
-    }
+    if (workers_) combine_replica_grads(g);
     double local = 0;
     if (setup_.rank == 0) {
       pack(g, packed_);
@@ -271,6 +249,26 @@ class WorkerRuntime final : public RuntimeBase {
   data::SamplerState sampler_state() const override { return sampler_.state(); }
 
  private:
+  // Sum of the workers' replica gradients in the pairwise tree over workers that continues the
+  // tree each worker ran over its own gradient groups, so the result is the single process's.
+  // Two workers: an all-reduce adds a + b (the same bits in either order). More: every worker
+  // gathers all partial sums (an all-reduce of zero-padded slots, exact) and runs the tree.
+  void combine_replica_grads(float* g) {
+    const int W = setup_.num_workers;
+    pack(g, packed_);
+    if (W == 2) {
+      workers_->allreduce_sum(packed_.data(), packed_.size());
+    } else {
+      const size_t n = packed_.size();
+      gathered_.assign(n * W, 0.f);
+      std::copy(packed_.begin(), packed_.end(),
+                gathered_.begin() + static_cast<ptrdiff_t>(n * setup_.rank));
+      workers_->allreduce_sum(gathered_.data(), gathered_.size());
+      ops::tree_sum_groups(gathered_.data(), n, W, {{0, n}});
+      std::copy_n(gathered_.begin(), n, packed_.begin());
+    }
+    unpack(packed_, g);
+  }
   void pack(const float* src, std::vector<float>& out) const {
     out.resize(replica_size_);
     size_t at = 0;
@@ -322,7 +320,7 @@ class WorkerRuntime final : public RuntimeBase {
   std::unique_ptr<comm::Communicator> workers_;
   std::unique_ptr<CollectiveDispatcher> dispatcher_;
   std::vector<int32_t> batch_in_, batch_tg_;
-  std::vector<float> packed_;
+  std::vector<float> packed_, gathered_;
 };
 
 class ShardRuntime final : public RuntimeBase {

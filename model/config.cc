@@ -53,6 +53,7 @@ void visit_fields(Config& c, Visitor&& v) {
   v("train", "eval_batches", t.eval_batches, 1.0, 1e6);
   v("train", "checkpoint_interval", t.checkpoint_interval, 0.0, 1e9);
   v("train", "log_interval", t.log_interval, 1.0, 1e9);
+  v("train", "grad_groups", t.grad_groups, 1.0, 65536.0);
   v("data", "dir", c.data.dir, 0.0, 0.0);
 }
 

@@ -60,6 +60,9 @@ struct TrainConfig {
   int eval_batches = 8;
   int checkpoint_interval = 250;
   int log_interval = 10;
+  // Sequence groups whose weight gradients are summed in a fixed tree (Model::set_grad_groups):
+  // data-parallel runs whose worker count is a power of two dividing it match one process exactly.
+  int grad_groups = 8;
 };
 
 struct DataConfig {

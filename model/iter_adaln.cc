@@ -54,34 +54,49 @@ const T* NormBlockT<T>::gate_source(const NormActivationsT<T>& a) const {
 template <typename T>
 void NormBlockT<T>::backward(T* dx, T* g, const T* du, T* dm, const NormActivationsT<T>& a,
                              const T* p, const T* x, int S) const {
-  const int D = config_.d_model, dc = config_.cond_dim;
+  backward(dx, ops::GradGroups<T>::single(g, S), du, dm, a, p, x);
+}
+
+template <typename T>
+void NormBlockT<T>::backward(T* dx, const ops::GradGroups<T>& g, const T* du, T* dm,
+                             const NormActivationsT<T>& a, const T* p, const T* x) const {
+  const int D = config_.d_model, dc = config_.cond_dim, S = g.row_end(g.groups - 1);
   if (!config_.adaln()) {
-    ops::rmsnorm_backward(dx, g + o_.weight, du, x, p + o_.weight, a.rstd.data(), S, D);
+    ops::rmsnorm_backward(dx, static_cast<T*>(nullptr), du, x, p + o_.weight, a.rstd.data(), S, D);
+    ops::rmsnorm_weight_backward(g.shifted(o_.weight), du, x, a.rstd.data(), D);
     return;
   }
   ops::FlopKindScope kind(ops::FlopKind::kIterAdaLN);
   std::vector<T> dn(static_cast<size_t>(S) * D, T(0));
   ops::adaln_modulate_backward(dn.data(), dm, du, a.n.data(), a.m.data(), S, D);
   std::vector<T> dsc(static_cast<size_t>(S) * dc, T(0)), dcv(static_cast<size_t>(S) * dc, T(0));
-  ops::matmul_backward(dsc.data(), g + o_.mod_w, g + o_.mod_b, dm, a.sc.data(), p + o_.mod_w, S, dc,
+  const ops::GradGroups<T> dmod_b = g.shifted(o_.mod_b);
+  ops::matmul_backward(dsc.data(), g.shifted(o_.mod_w), &dmod_b, dm, a.sc.data(), p + o_.mod_w, dc,
                        3 * D);
   ops::silu_backward(dcv.data(), dsc.data(), a.c.data(), dcv.size());
   if (config_.adaln_token_term()) {
-    ops::matmul_backward(dn.data(), g + o_.tok_w, static_cast<T*>(nullptr), dcv.data(), a.n.data(),
-                         p + o_.tok_w, S, D, dc);
+    ops::matmul_backward(dn.data(), g.shifted(o_.tok_w),
+                         static_cast<const ops::GradGroups<T>*>(nullptr), dcv.data(), a.n.data(),
+                         p + o_.tok_w, D, dc);
   }
   if (config_.adaln_iter_term()) {
-    std::vector<T> de(dc, T(0)), s1(dc), ds1(dc, T(0)), da1(dc, T(0));
-    for (int s = 0; s < S; ++s) {
-      const T* cs = dcv.data() + static_cast<size_t>(s) * dc;
-      for (int i = 0; i < dc; ++i) de[i] += cs[i];
-    }
+    // MLP_iter's input is one vector for all tokens; its gradient is the sum over each group's
+    // tokens, back-propagated per group.
+    std::vector<T> s1(dc);
     ops::silu_forward(s1.data(), a.a1.data(), dc);
-    ops::matmul_backward(ds1.data(), g + o_.iter_w2, g + o_.iter_b2, de.data(), s1.data(),
-                         p + o_.iter_w2, 1, dc, dc);
-    ops::silu_backward(da1.data(), ds1.data(), a.a1.data(), dc);
-    ops::matmul_backward(static_cast<T*>(nullptr), g + o_.iter_w1, g + o_.iter_b1, da1.data(),
-                         a.pe.data(), p + o_.iter_w1, 1, dc, dc);
+    for (int grp = 0; grp < g.groups; ++grp) {
+      std::vector<T> de(dc, T(0)), ds1(dc, T(0)), da1(dc, T(0));
+      for (int s = g.row_begin(grp); s < g.row_end(grp); ++s) {
+        const T* cs = dcv.data() + static_cast<size_t>(s) * dc;
+        for (int i = 0; i < dc; ++i) de[i] += cs[i];
+      }
+      T* gg = g.at(grp);
+      ops::matmul_backward(ds1.data(), gg + o_.iter_w2, gg + o_.iter_b2, de.data(), s1.data(),
+                           p + o_.iter_w2, 1, dc, dc);
+      ops::silu_backward(da1.data(), ds1.data(), a.a1.data(), dc);
+      ops::matmul_backward(static_cast<T*>(nullptr), gg + o_.iter_w1, gg + o_.iter_b1, da1.data(),
+                           a.pe.data(), p + o_.iter_w1, 1, dc, dc);
+    }
   }
   ops::rmsnorm_backward(dx, static_cast<T*>(nullptr), dn.data(), x, static_cast<const T*>(nullptr),
                         a.rstd.data(), S, D);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/ops.h"
 #include "model/param_layout.h"
 
 namespace loopmoe {
@@ -35,6 +36,10 @@ class NormBlockT {
   // overwritten here) → dx += ..., grads += ...
   void backward(T* dx, T* grads, const T* du, T* dm, const NormActivationsT<T>& acts,
                 const T* params, const T* x, int S) const;
+  // The same with parameter gradients accumulated per row group (ops::GradGroups over the whole
+  // parameter buffer).
+  void backward(T* dx, const ops::GradGroups<T>& grads, const T* du, T* dm,
+                const NormActivationsT<T>& acts, const T* params, const T* x) const;
 
  private:
   const ModelConfig& config_;

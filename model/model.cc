@@ -14,6 +14,9 @@
 #include "model/rng.h"
 
 namespace loopmoe {
+namespace {
+constexpr const ops::GradGroups<float>* kNoBias = nullptr;
+}  // namespace
 
 void set_num_threads(int threads) {
   omp_set_num_threads(std::max(1, threads));
@@ -34,6 +37,18 @@ Model::Model(const ModelConfig& config) : config_(config), layout_(config), moe_
   local_dispatcher_ =
       std::make_unique<LocalDispatcher>(config_, layout_, params_.data(), grads_.data());
   dispatcher_ = local_dispatcher_.get();
+  for (const ParamTensor& t : layout_.tensors()) {
+    const bool expert =
+        t.name.size() > 7 &&
+        (t.name.ends_with(".moe.w1") || t.name.ends_with(".moe.w3") || t.name.ends_with(".moe.w2"));
+    if (expert) continue;
+    if (!replica_ranges_.empty() &&
+        replica_ranges_.back().first + replica_ranges_.back().second == t.offset) {
+      replica_ranges_.back().second += t.numel();
+    } else {
+      replica_ranges_.emplace_back(t.offset, t.numel());
+    }
+  }
 }
 
 Model::~Model() = default;
@@ -93,20 +108,18 @@ void Model::attention_forward(Application& a, int layer, int B, int T) {
                       I, D);
 }
 
-void Model::attention_backward(Application& a, int layer, const float* dy, float* du, int B,
-                               int T) {
+void Model::attention_backward(Application& a, int layer, const float* dy, float* du,
+                               const ops::GradGroups<float>& gg, int B, int T) {
   const LayerOffsets& l = layout_.layers[layer];
   const int S = B * T, D = config_.d_model, H = config_.n_heads, hd = config_.head_dim;
   const int I = H * hd;
   const float* p = params_.data();
-  float* g = grads_.data();
   std::vector<float> d_o(static_cast<size_t>(S) * I, 0.f);
   std::vector<float> dqkv(static_cast<size_t>(S) * 3 * I);
   std::vector<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
-    ops::matmul_backward(d_o.data(), g + l.wo, static_cast<float*>(nullptr), dy, a.o.data(),
-                         p + l.wo, S, I, D);
+    ops::matmul_backward(d_o.data(), gg.shifted(l.wo), kNoBias, dy, a.o.data(), p + l.wo, I, D);
   }
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
@@ -115,8 +128,8 @@ void Model::attention_backward(Application& a, int layer, const float* dy, float
   }
   ops::rope_backward(dqkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
   ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
-  ops::matmul_backward(du, g + l.wqkv, static_cast<float*>(nullptr), dqkv.data(),
-                       a.attn_norm.u.data(), p + l.wqkv, S, D, 3 * I);
+  ops::matmul_backward(du, gg.shifted(l.wqkv), kNoBias, dqkv.data(), a.attn_norm.u.data(),
+                       p + l.wqkv, D, 3 * I);
 }
 
 LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T, int loops) {
@@ -259,7 +272,21 @@ void Model::backward() {
   const int B = B_, T = T_, S = B * T, D = config_.d_model, V = config_.vocab_size;
   const int N = config_.n_layers, A = static_cast<int>(apps_.size());
   const float* p = params_.data();
-  float* g = grads_.data();
+  // Every weight gradient but the experts' goes to the row groups (the dispatcher accumulates the
+  // experts' into grads_ directly); with one group that is grads_ itself.
+  const int G = std::min(grad_groups_, B);
+  ops::GradGroups<float> gg = ops::GradGroups<float>::single(grads_.data(), S);
+  if (G > 1) {
+    if (group_grads_capacity_ < G) {
+      // Not value-initialised: the pages of expert ranges are never touched, so never committed.
+      group_grads_.reset(new float[static_cast<size_t>(G) * layout_.size()]);
+      group_grads_capacity_ = G;
+    }
+    gg = {group_grads_.get(), layout_.size(), G, B, T};
+    for (int grp = 0; grp < G; ++grp) {
+      for (const auto& [offset, n] : replica_ranges_) std::fill_n(gg.at(grp) + offset, n, 0.f);
+    }
+  }
   // Loss head: dlogits overwrite the saved softmax.
   const float ce_scale = 1.f / static_cast<float>(loss_tokens_ > 0 ? loss_tokens_ : S);
   ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), ce_scale, S, V);
@@ -269,16 +296,22 @@ void Model::backward() {
     if (config_.tie_embeddings) {
       ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
                        dh.data(), D);
-      ops::gemm<float>(true, false, V, D, S, 1.f, probs_.data(), V, final_h_.data(), D, 1.f,
-                       g + layout_.tok_emb, D);
+      for (int grp = 0; grp < gg.groups; ++grp) {
+        const int r0 = gg.row_begin(grp), rows = gg.row_end(grp) - r0;
+        ops::gemm<float>(true, false, V, D, rows, 1.f, probs_.data() + static_cast<size_t>(r0) * V,
+                         V, final_h_.data() + static_cast<size_t>(r0) * D, D, 1.f,
+                         gg.at(grp) + layout_.tok_emb, D);
+      }
     } else {
-      ops::matmul_backward(dh.data(), g + layout_.lm_head, static_cast<float*>(nullptr),
-                           probs_.data(), final_h_.data(), p + layout_.lm_head, S, D, V);
+      ops::matmul_backward(dh.data(), gg.shifted(layout_.lm_head), kNoBias, probs_.data(),
+                           final_h_.data(), p + layout_.lm_head, D, V);
     }
   }
   std::vector<float> dx(static_cast<size_t>(S) * D, 0.f);
-  ops::rmsnorm_backward(dx.data(), g + layout_.final_norm, dh.data(), resid_[2 * A].data(),
+  ops::rmsnorm_backward(dx.data(), static_cast<float*>(nullptr), dh.data(), resid_[2 * A].data(),
                         p + layout_.final_norm, final_rstd_.data(), S, D);
+  ops::rmsnorm_weight_backward(gg.shifted(layout_.final_norm), dh.data(), resid_[2 * A].data(),
+                               final_rstd_.data(), D);
 
   const double aux_scale = config_.aux_loss_coef / A, z_scale = config_.z_loss_coef / A;
   std::vector<float> dy(static_cast<size_t>(S) * D), du(static_cast<size_t>(S) * D);
@@ -290,20 +323,27 @@ void Model::backward() {
     ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.moe_y.data(),
                                  ffn_norms_[n].gate_source(app.ffn_norm), S, D);
     std::fill(du.begin(), du.end(), 0.f);
-    moe_.backward(du.data(), g + layout_.layers[n].router, *dispatcher_, a, n, app.moe,
-                  p + layout_.layers[n].router, app.ffn_norm.u.data(), dy.data(), S, aux_scale,
+    moe_.backward(du.data(), gg.shifted(layout_.layers[n].router), *dispatcher_, a, n, app.moe,
+                  p + layout_.layers[n].router, app.ffn_norm.u.data(), dy.data(), aux_scale,
                   z_scale);
-    ffn_norms_[n].backward(dx.data(), g, du.data(), dm.data(), app.ffn_norm, p,
-                           resid_[2 * a + 1].data(), S);
+    ffn_norms_[n].backward(dx.data(), gg, du.data(), dm.data(), app.ffn_norm, p,
+                           resid_[2 * a + 1].data());
     // Attention sublayer.
     ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.attn_y.data(),
                                  attn_norms_[n].gate_source(app.attn_norm), S, D);
     std::fill(du.begin(), du.end(), 0.f);
-    attention_backward(app, n, dy.data(), du.data(), B, T);
-    attn_norms_[n].backward(dx.data(), g, du.data(), dm.data(), app.attn_norm, p,
-                            resid_[2 * a].data(), S);
+    attention_backward(app, n, dy.data(), du.data(), gg, B, T);
+    attn_norms_[n].backward(dx.data(), gg, du.data(), dm.data(), app.attn_norm, p,
+                            resid_[2 * a].data());
   }
-  ops::embedding_backward(g + layout_.tok_emb, dx.data(), tokens_, S, D);
+  ops::embedding_backward(gg.shifted(layout_.tok_emb), dx.data(), tokens_, D);
+  if (G > 1) {
+    ops::tree_sum_groups(gg.base, gg.stride, G, replica_ranges_);
+    float* g = grads_.data();
+    for (const auto& [offset, n] : replica_ranges_) {
+      for (size_t i = offset; i < offset + n; ++i) g[i] += gg.base[i];
+    }
+  }
 }
 
 }  // namespace loopmoe

@@ -2,14 +2,17 @@
 // IterAdaLN off). One contiguous parameter buffer and one gradient buffer (docs/MODEL.md layout).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
 #include "model/dispatcher.h"
 #include "model/iter_adaln.h"
 #include "model/moe_layer.h"
+#include "model/ops.h"
 #include "model/param_layout.h"
 
 namespace loopmoe {
@@ -51,6 +54,14 @@ class Model {
   // of the distributed service holds a slice of the global batch and sets the global count, so
   // that the workers' losses and gradients add up to the single-process ones.
   void set_loss_token_count(int64_t tokens) { loss_tokens_ = tokens; }
+  // Weight gradients of everything but the experts are accumulated per group of whole sequences
+  // and the groups summed in a fixed pairwise tree (ops::GradGroups; docs/MODEL.md "Gradient
+  // reduction"), at most one group per sequence. 1: one accumulation over the whole batch.
+  void set_grad_groups(int groups) { grad_groups_ = std::max(1, groups); }
+  int grad_groups() const { return grad_groups_; }
+  // [offset, length) runs of the parameter buffer that are not expert weights (what workers of
+  // the distributed service replicate), in layout order.
+  const std::vector<std::pair<size_t, size_t>>& replica_ranges() const { return replica_ranges_; }
 
   // tokens/targets [B*T]. targets == nullptr: logits only (loss parts other than aux/z are 0).
   // loops < 0: the configured R. Activations are kept for backward().
@@ -82,7 +93,8 @@ class Model {
     std::vector<float> moe_y;
   };
   void attention_forward(Application& a, int layer, int B, int T);
-  void attention_backward(Application& a, int layer, const float* dy, float* du, int B, int T);
+  void attention_backward(Application& a, int layer, const float* dy, float* du,
+                          const ops::GradGroups<float>& grads, int B, int T);
 
   ModelConfig config_;
   ParamLayout layout_;
@@ -105,6 +117,10 @@ class Model {
   std::vector<int> iterations_used_;
   bool halted_forward_ = false;
   int64_t loss_tokens_ = 0;
+  int grad_groups_ = 1;
+  std::vector<std::pair<size_t, size_t>> replica_ranges_;
+  std::unique_ptr<float[]> group_grads_;  // [groups][num_params]; only replica ranges touched
+  int group_grads_capacity_ = 0;          // groups the buffer holds
 };
 
 // Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.

@@ -14,8 +14,9 @@ void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int applicatio
   const int D = d_model_, k = options_.top_k;
   {
     ops::FlopKindScope kind(ops::FlopKind::kRouter);
-    router_forward(a.plan, a.router, u, router_w, S, D, options_,
-                   [&dispatcher](RouterBatchStats& stats) { dispatcher.reduce_batch_stats(stats); });
+    router_forward(
+        a.plan, a.router, u, router_w, S, D, options_,
+        [&dispatcher](RouterBatchStats& stats) { dispatcher.reduce_batch_stats(stats); });
   }
   a.expert_out.resize(static_cast<size_t>(S) * k * D);
   {
@@ -36,10 +37,10 @@ void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int applicatio
   }
 }
 
-void MoeLayer::backward(float* du, float* drouter_w, Dispatcher& dispatcher, int application,
-                        int layer, const MoeActivations& a, const float* router_w, const float* u,
-                        const float* dy, int S, double aux_scale, double z_scale) const {
-  const int D = d_model_, k = options_.top_k;
+void MoeLayer::backward(float* du, const ops::GradGroups<float>& drouter_w, Dispatcher& dispatcher,
+                        int application, int layer, const MoeActivations& a, const float* router_w,
+                        const float* u, const float* dy, double aux_scale, double z_scale) const {
+  const int D = d_model_, k = options_.top_k, S = drouter_w.row_end(drouter_w.groups - 1);
   std::vector<float> dweight(static_cast<size_t>(S) * k, 0.f);
   std::vector<float> dout(static_cast<size_t>(S) * k * D, 0.f);
 #pragma omp parallel for schedule(static)
@@ -64,7 +65,7 @@ void MoeLayer::backward(float* du, float* drouter_w, Dispatcher& dispatcher, int
     dispatcher.backward(application, layer, a.plan, dout.data(), du);
   }
   ops::FlopKindScope kind(ops::FlopKind::kRouter);
-  router_backward(du, drouter_w, dweight.data(), a.plan, a.router, u, router_w, S, D, options_,
+  router_backward(du, drouter_w, dweight.data(), a.plan, a.router, u, router_w, D, options_,
                   aux_scale, z_scale);
 }
 

@@ -23,9 +23,10 @@ class MoeLayer {
   void forward(MoeActivations& acts, Dispatcher& dispatcher, int application, int layer,
                const float* router_w, const float* u, float* y, int S) const;
   // du[S,D] += ..., drouter_w += ...; expert gradients accumulate through the dispatcher.
-  void backward(float* du, float* drouter_w, Dispatcher& dispatcher, int application, int layer,
-                const MoeActivations& acts, const float* router_w, const float* u, const float* dy,
-                int S, double aux_scale, double z_scale) const;
+  // drouter_w's row groups give S.
+  void backward(float* du, const ops::GradGroups<float>& drouter_w, Dispatcher& dispatcher,
+                int application, int layer, const MoeActivations& acts, const float* router_w,
+                const float* u, const float* dy, double aux_scale, double z_scale) const;
 
  private:
   RouterOptions options_;

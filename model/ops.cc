@@ -167,6 +167,15 @@ void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int S, in
 }
 
 template <typename T>
+void embedding_backward(const GradGroups<T>& dwte, const T* dout, const int32_t* tokens, int D) {
+  for (int g = 0; g < dwte.groups; ++g) {
+    const int r0 = dwte.row_begin(g);
+    embedding_backward(dwte.at(g), dout + static_cast<size_t>(r0) * D, tokens + r0,
+                       dwte.row_end(g) - r0, D);
+  }
+}
+
+template <typename T>
 void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int S, int D) {
 #pragma omp parallel for schedule(static)
   for (int s = 0; s < S; ++s) {
@@ -212,6 +221,19 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
 }
 
 template <typename T>
+void rmsnorm_weight_backward(const GradGroups<T>& dweight, const T* dout, const T* inp,
+                             const T* rstd, int D) {
+  for (int g = 0; g < dweight.groups; ++g) {
+    T* dw = dweight.at(g);
+    for (int s = dweight.row_begin(g); s < dweight.row_end(g); ++s) {
+      const T* x = inp + static_cast<size_t>(s) * D;
+      const T* d = dout + static_cast<size_t>(s) * D;
+      for (int i = 0; i < D; ++i) dw[i] += d[i] * x[i] * rstd[s];
+    }
+  }
+}
+
+template <typename T>
 void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int S, int I, int O) {
   gemm<T>(false, false, S, O, I, T(1), inp, I, w, O, T(0), out, O);
   if (bias != nullptr) {
@@ -225,13 +247,51 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int S, int 
 template <typename T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int S,
                      int I, int O) {
+  const GradGroups<T> db = GradGroups<T>::single(dbias, S);
+  matmul_backward(dinp, GradGroups<T>::single(dw, S), dbias != nullptr ? &db : nullptr, dout, inp,
+                  w, I, O);
+}
+
+template <typename T>
+void matmul_backward(T* dinp, const GradGroups<T>& dw, const GradGroups<T>* dbias, const T* dout,
+                     const T* inp, const T* w, int I, int O) {
+  const int S = dw.row_end(dw.groups - 1);
   if (dinp != nullptr) gemm<T>(false, true, S, I, O, T(1), dout, O, w, O, T(1), dinp, I);
-  gemm<T>(true, false, I, O, S, T(1), inp, I, dout, O, T(1), dw, O);
-  if (dbias != nullptr) {
-    for (int s = 0; s < S; ++s) {
-      for (int o = 0; o < O; ++o) dbias[o] += dout[static_cast<size_t>(s) * O + o];
+  for (int g = 0; g < dw.groups; ++g) {
+    const int r0 = dw.row_begin(g), rows = dw.row_end(g) - r0;
+    if (rows == 0) continue;
+    gemm<T>(true, false, I, O, rows, T(1), inp + static_cast<size_t>(r0) * I, I,
+            dout + static_cast<size_t>(r0) * O, O, T(1), dw.at(g), O);
+    if (dbias != nullptr) {
+      T* db = dbias->at(g);
+      for (int s = r0; s < r0 + rows; ++s) {
+        for (int o = 0; o < O; ++o) db[o] += dout[static_cast<size_t>(s) * O + o];
+      }
     }
   }
+}
+
+namespace {
+// Returns the group whose buffer holds sum(lo, hi) afterwards (always lo).
+template <typename T>
+int tree_sum(T* base, size_t stride, int lo, int hi,
+             const std::vector<std::pair<size_t, size_t>>& ranges) {
+  if (hi - lo == 1) return lo;
+  const int mid = lo + (hi - lo) / 2;
+  T* a = base + static_cast<size_t>(tree_sum(base, stride, lo, mid, ranges)) * stride;
+  const T* b = base + static_cast<size_t>(tree_sum(base, stride, mid, hi, ranges)) * stride;
+  for (const auto& [offset, n] : ranges) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = offset; i < offset + n; ++i) a[i] += b[i];
+  }
+  return lo;
+}
+}  // namespace
+
+template <typename T>
+void tree_sum_groups(T* base, size_t stride, int groups,
+                     const std::vector<std::pair<size_t, size_t>>& ranges) {
+  if (groups > 1) tree_sum(base, stride, 0, groups, ranges);
 }
 
 template <typename T>
@@ -534,6 +594,13 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
                                   T*, int);                                                      \
   template void embedding_forward<T>(T*, const int32_t*, const T*, int, int);                    \
   template void embedding_backward<T>(T*, const T*, const int32_t*, int, int);                   \
+  template void embedding_backward<T>(const GradGroups<T>&, const T*, const int32_t*, int);      \
+  template void rmsnorm_weight_backward<T>(const GradGroups<T>&, const T*, const T*, const T*,   \
+                                           int);                                                 \
+  template void matmul_backward<T>(T*, const GradGroups<T>&, const GradGroups<T>*, const T*,     \
+                                   const T*, const T*, int, int);                                \
+  template void tree_sum_groups<T>(T*, size_t, int,                                              \
+                                   const std::vector<std::pair<size_t, size_t>>&);               \
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int);                        \
   template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int);   \
   template void matmul_forward<T>(T*, const T*, const T*, const T*, int, int, int);              \

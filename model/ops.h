@@ -6,8 +6,45 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace loopmoe::ops {
+
+// Where the gradient of one parameter tensor accumulates when the batch's rows are split into
+// `groups` groups of whole sequences (docs/MODEL.md "Gradient reduction"): group g owns rows
+// [row_begin(g), row_end(g)) and accumulates into at(g); the groups are summed afterwards in a
+// fixed pairwise tree (tree_sum_groups). Data-parallel workers that each hold a subtree's groups
+// then produce bit for bit the gradient one process would. groups == 1: one buffer, no tree.
+template <typename T>
+struct GradGroups {
+  T* base = nullptr;  // group 0's gradient of this tensor
+  size_t stride = 0;  // elements from one group's buffer to the next
+  int groups = 1;
+  int sequences = 1;  // sequences in the batch; rows = sequences * seq_len
+  int seq_len = 1;
+
+  // One buffer for all `rows` rows.
+  static GradGroups single(T* grads, int rows) { return {grads, 0, 1, 1, rows}; }
+  T* at(int g) const { return base + static_cast<size_t>(g) * stride; }
+  int row_begin(int g) const {
+    return static_cast<int>(static_cast<int64_t>(sequences) * g / groups) * seq_len;
+  }
+  int row_end(int g) const { return row_begin(g + 1); }
+  // The same groups, for the tensor `offset` elements further into each buffer.
+  GradGroups shifted(size_t offset) const {
+    GradGroups r = *this;
+    r.base += offset;
+    return r;
+  }
+};
+
+// buffers[g][i] for g in [0, groups) summed into buffers[0] in the fixed pairwise tree
+// sum(lo, hi) = sum(lo, mid) + sum(mid, hi), mid = lo + (hi - lo) / 2, for every i of `ranges`
+// ([offset, length) pairs). Elementwise parallel, so the result does not depend on threads.
+template <typename T>
+void tree_sum_groups(T* base, size_t stride, int groups,
+                     const std::vector<std::pair<size_t, size_t>>& ranges);
 
 // C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major, op = transpose when the flag is set.
 // The one place the engine multiplies matrices (OpenBLAS), so FLOP accounting lives here.
@@ -52,6 +89,9 @@ template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* wte, int S, int D);
 template <typename T>
 void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int S, int D);
+// The same, each row group into its own buffer.
+template <typename T>
+void embedding_backward(const GradGroups<T>& dwte, const T* dout, const int32_t* tokens, int D);
 
 // out[S,D] = inp / rms(inp) (* weight when weight != nullptr); rstd[S] saved for backward.
 template <typename T>
@@ -60,6 +100,10 @@ void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int S, int 
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight,
                       const T* rstd, int S, int D);
+// Gain gradient alone, each row group into its own buffer (rows from dweight's groups).
+template <typename T>
+void rmsnorm_weight_backward(const GradGroups<T>& dweight, const T* dout, const T* inp,
+                             const T* rstd, int D);
 
 // out[S,O] = inp[S,I] @ w[I,O] (+ bias[O]).
 template <typename T>
@@ -68,6 +112,10 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int S, int 
 template <typename T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int S,
                      int I, int O);
+// The same with dw (and dbias when given) accumulated per row group (rows from dw's groups).
+template <typename T>
+void matmul_backward(T* dinp, const GradGroups<T>& dw, const GradGroups<T>* dbias, const T* dout,
+                     const T* inp, const T* w, int I, int O);
 
 // out = silu(inp) elementwise over n values; backward: dinp += dout * silu'(inp).
 template <typename T>

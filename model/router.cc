@@ -65,8 +65,8 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   plan.received.assign(E, 0);
   plan.dropped = 0;
   if (opt.capacity_factor > 0) {
-    const int64_t capacity = static_cast<int64_t>(
-        std::ceil(opt.capacity_factor * batch_S * k / static_cast<double>(E)));
+    const int64_t capacity =
+        static_cast<int64_t>(std::ceil(opt.capacity_factor * batch_S * k / static_cast<double>(E)));
     for (size_t i = 0; i < plan.expert.size(); ++i) {
       const int e = plan.expert[i];
       if (stats.preceding[e] + plan.received[e] < capacity) {
@@ -95,6 +95,15 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
 void router_backward(float* du, float* drouter_w, const float* dweight, const RoutingPlan& plan,
                      const RouterActivations& acts, const float* u, const float* router_w, int S,
                      int D, const RouterOptions& opt, double aux_scale, double z_scale) {
+  router_backward(du, ops::GradGroups<float>::single(drouter_w, S), dweight, plan, acts, u,
+                  router_w, D, opt, aux_scale, z_scale);
+}
+
+void router_backward(float* du, const ops::GradGroups<float>& drouter_w, const float* dweight,
+                     const RoutingPlan& plan, const RouterActivations& acts, const float* u,
+                     const float* router_w, int D, const RouterOptions& opt, double aux_scale,
+                     double z_scale) {
+  const int S = drouter_w.row_end(drouter_w.groups - 1);
   const int E = opt.num_experts, k = opt.top_k;
   std::vector<float> dprobs(static_cast<size_t>(S) * E, 0.f);
   std::vector<float> dlogits(static_cast<size_t>(S) * E);
@@ -136,8 +145,8 @@ void router_backward(float* du, float* drouter_w, const float* dweight, const Ro
       for (int e = 0; e < E; ++e) dl[e] += c * p[e];
     }
   }
-  ops::matmul_backward(du, drouter_w, static_cast<float*>(nullptr), dlogits.data(), u, router_w, S,
-                       D, E);
+  ops::matmul_backward(du, drouter_w, static_cast<const ops::GradGroups<float>*>(nullptr),
+                       dlogits.data(), u, router_w, D, E);
 }
 
 }  // namespace loopmoe

@@ -5,31 +5,33 @@
 #include <functional>
 #include <vector>
 
+#include "model/ops.h"
+
 namespace loopmoe {
 
 // Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j.
 struct RoutingPlan {
   int num_tokens = 0, num_experts = 0, top_k = 0;
-  std::vector<int32_t> expert;    // [S*k]
-  std::vector<float> weight;      // [S*k] combine weight (computed before drops)
-  std::vector<uint8_t> kept;      // [S*k] 0 = dropped by capacity
-  std::vector<int64_t> assigned;  // [E] top-k assignments before drops, over the whole batch
-  std::vector<int64_t> received;  // [E] this process's slots kept after drops
+  std::vector<int32_t> expert;      // [S*k]
+  std::vector<float> weight;        // [S*k] combine weight (computed before drops)
+  std::vector<uint8_t> kept;        // [S*k] 0 = dropped by capacity
+  std::vector<int64_t> assigned;    // [E] top-k assignments before drops, over the whole batch
+  std::vector<int64_t> received;    // [E] this process's slots kept after drops
   std::vector<int64_t> batch_kept;  // [E] slots kept over the whole batch
   int64_t batch_tokens = 0;         // tokens of the whole batch (= num_tokens in one process)
   int64_t dropped = 0;              // this process's dropped slots
-  double aux_loss = 0;  // E · Σ f_i P_i over the whole batch
-  double z_loss = 0;    // mean (logsumexp)^2 over the whole batch
+  double aux_loss = 0;              // E · Σ f_i P_i over the whole batch
+  double z_loss = 0;                // mean (logsumexp)^2 over the whole batch
 };
 
 // Batch statistics of one routing. The router fills them for its own tokens; in the distributed
 // service a reducer turns them into statistics of the whole global batch (summed over the
 // workers that hold its parts), so that load balance and capacity are the single-process ones.
 struct RouterBatchStats {
-  int64_t tokens = 0;              // tokens
-  std::vector<int64_t> assigned;   // [E] top-k assignments
-  std::vector<double> prob_sum;    // [E] Σ_t p_te
-  double lse_sq_sum = 0;           // Σ_t lse_t^2
+  int64_t tokens = 0;             // tokens
+  std::vector<int64_t> assigned;  // [E] top-k assignments
+  std::vector<double> prob_sum;   // [E] Σ_t p_te
+  double lse_sq_sum = 0;          // Σ_t lse_t^2
   // [E] assignments of batch tokens that come before this process's tokens in batch order
   // (capacity keeps the first slots of each expert in that order). 0 in one process.
   std::vector<int64_t> preceding;
@@ -57,5 +59,10 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
 void router_backward(float* du, float* drouter_w, const float* dweight, const RoutingPlan& plan,
                      const RouterActivations& acts, const float* u, const float* router_w, int S,
                      int D, const RouterOptions& opt, double aux_scale, double z_scale);
+// The same with the router weight gradient accumulated per row group (its groups give S).
+void router_backward(float* du, const ops::GradGroups<float>& drouter_w, const float* dweight,
+                     const RoutingPlan& plan, const RouterActivations& acts, const float* u,
+                     const float* router_w, int D, const RouterOptions& opt, double aux_scale,
+                     double z_scale);
 
 }  // namespace loopmoe

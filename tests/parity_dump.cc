@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     loopmoe::validate(cfg);
     loopmoe::set_num_threads(threads);
     loopmoe::Model model(cfg.model);
+    model.set_grad_groups(cfg.train.grad_groups);  // the oracle checks the grouped reduction too
     model.init_params(seed);
     // Perturb every tensor so every path (IterAdaLN modulation included) carries gradient.
     loopmoe::Rng rng(seed ^ 0xA5A5A5A5ull);

@@ -243,6 +243,55 @@ TEST(IterationEncoding, SinCosPairs) {
   EXPECT_NEAR(pe[2], std::sin(3.0 * std::pow(10000.0, -2.0 / 8)), 1e-15);
 }
 
+// Grouped weight gradients: each group accumulates its own rows; the tree sum adds the groups
+// pairwise. Mathematically the ungrouped gradient (checked in double), and the order is the tree's.
+TEST(GradGroups, TreeSumIsPairwise) {
+  // In float, 1e8 + 1 == 1e8: sequential ((a+b)+c)+d gives 1, the tree (a+b)+(c+d) gives 0.
+  std::vector<float> buf = {1e8f, 1.f, -1e8f, 1.f};
+  ops::tree_sum_groups(buf.data(), 1, 4, {{0, 1}});
+  EXPECT_EQ(buf[0], 0.f);
+  // Three groups: (g0) + (g1 + g2).
+  std::vector<float> three = {1.f, 1e8f, -1e8f};
+  ops::tree_sum_groups(three.data(), 1, 3, {{0, 1}});
+  EXPECT_EQ(three[0], 1.f);
+}
+
+TEST(GradGroups, GroupedBackwardsEqualUngrouped) {
+  const int B = 3, T = 2, S = B * T, I = 4, O = 3, D = 4, Vocab = 5;
+  const V dout = random_vector(S * O, 41), x = random_vector(S * I, 42),
+          w = random_vector(I * O, 43);
+  for (int groups : {1, 2, 3}) {
+    const size_t stride = I * O + O;
+    V buf(groups * stride, 0.0), dx(S * I, 0.0), dx_ref(S * I, 0.0);
+    ops::GradGroups<double> dw{buf.data(), stride, groups, B, T};
+    const ops::GradGroups<double> db = dw.shifted(I * O);
+    ops::matmul_backward(dx.data(), dw, &db, dout.data(), x.data(), w.data(), I, O);
+    ops::tree_sum_groups(buf.data(), stride, groups, {{0, stride}});
+    V dw_ref(I * O, 0.0), db_ref(O, 0.0);
+    ops::matmul_backward(dx_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), x.data(),
+                         w.data(), S, I, O);
+    for (int i = 0; i < I * O; ++i) EXPECT_NEAR(buf[i], dw_ref[i], 1e-12) << groups;
+    for (int o = 0; o < O; ++o) EXPECT_NEAR(buf[I * O + o], db_ref[o], 1e-12) << groups;
+    EXPECT_EQ(dx, dx_ref);
+
+    const V g = random_vector(S * D, 44), xin = random_vector(S * D, 45);
+    V rstd(S, 0.7), nbuf(groups * D, 0.0), nref(D, 0.0), din(S * D, 0.0);
+    ops::rmsnorm_weight_backward(ops::GradGroups<double>{nbuf.data(), size_t(D), groups, B, T},
+                                 g.data(), xin.data(), rstd.data(), D);
+    ops::rmsnorm_backward(din.data(), nref.data(), g.data(), xin.data(), nref.data(), rstd.data(),
+                          S, D);
+    ops::tree_sum_groups(nbuf.data(), D, groups, {{0, size_t(D)}});
+    for (int i = 0; i < D; ++i) EXPECT_NEAR(nbuf[i], nref[i], 1e-12);
+
+    const std::vector<int32_t> tok = {1, 3, 1, 0, 4, 1};
+    V ebuf(groups * Vocab * D, 0.0), eref(Vocab * D, 0.0);
+    ops::embedding_backward(ops::GradGroups<double>{ebuf.data(), size_t(Vocab * D), groups, B, T},
+                            g.data(), tok.data(), D);
+    ops::embedding_backward(eref.data(), g.data(), tok.data(), S, D);
+    ops::tree_sum_groups(ebuf.data(), Vocab * D, groups, {{0, size_t(Vocab * D)}});
+    for (int i = 0; i < Vocab * D; ++i) EXPECT_NEAR(ebuf[i], eref[i], 1e-12);
+  }
+}
 }  // namespace
 }  // namespace loopmoe
 
@@ -304,6 +353,36 @@ TEST_P(IterAdaLNGradTest, ParametersAndInput) {
     expect_gradient(p, g, sub_loss, t.name);
     std::copy(p.begin(), p.end(), params.begin() + t.offset);
   }
+}
+
+// The grouped path (one group per row, summed by the tree) gives the same gradients.
+TEST_P(IterAdaLNGradTest, GroupedGradientsEqualUngrouped) {
+  ModelConfig c;
+  c.d_model = 6;
+  c.cond_dim = 4;
+  c.n_layers = 1;
+  c.n_experts = 2;
+  c.top_k = 1;
+  c.expert_hidden = 3;
+  c.n_heads = 1;
+  c.head_dim = 2;
+  c.vocab_size = 5;
+  c.iter_adaln = GetParam();
+  ParamLayout layout(c);
+  NormBlockT<double> block(c, layout.layers[0].attn_norm);
+  const int S = 3, D = c.d_model;
+  V params = random_vector(layout.size(), 30, 0.5), x = random_vector(S * D, 31);
+  V gu = random_vector(S * D, 32), gm = random_vector(S * 3 * D, 33);
+  NormActivationsT<double> acts;
+  block.forward(acts, params.data(), x.data(), 1, S);
+  V dx(S * D, 0.0), dp(layout.size(), 0.0), dm = gm;
+  block.backward(dx.data(), dp.data(), gu.data(), dm.data(), acts, params.data(), x.data(), S);
+  V dx2(S * D, 0.0), groups(3 * layout.size(), 0.0), dm2 = gm;
+  block.backward(dx2.data(), ops::GradGroups<double>{groups.data(), layout.size(), 3, S, 1},
+                 gu.data(), dm2.data(), acts, params.data(), x.data());
+  ops::tree_sum_groups(groups.data(), layout.size(), 3, {{0, layout.size()}});
+  EXPECT_EQ(dx, dx2);
+  for (size_t i = 0; i < layout.size(); ++i) EXPECT_NEAR(groups[i], dp[i], 1e-12) << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModes, IterAdaLNGradTest,
