@@ -12,5 +12,8 @@ void register_audit_command(CLI::App& app);
 void register_eval_command(CLI::App& app);
 void register_experiment_command(CLI::App& app);
 void register_report_command(CLI::App& app);
+// The training service (docs/SERVICE.md): submit, status, list, cancel, logs; cluster up.
+void register_service_commands(CLI::App& app);
+void register_cluster_command(CLI::App& app);
 
 }  // namespace loopmoe

@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   loopmoe::register_eval_command(app);
   loopmoe::register_experiment_command(app);
   loopmoe::register_report_command(app);
+  loopmoe::register_service_commands(app);
+  loopmoe::register_cluster_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

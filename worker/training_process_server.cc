@@ -163,10 +163,15 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
     return precondition(std::string("Configure: this process is ") + with_article(options_.role) +
                         ", not " + with_article(*role));
   }
+  if (job_ && job_->job_id == request->job_id() && request->epoch() > job_->epoch) {
+    // The coordinator restarted this job (e.g. after its own restart) while we were still in
+    // the old run: that run is over for everyone, join the new one.
+    leave_job_locked("superseded by a newer epoch of the same job");
+  }
   if (job_) {
     return precondition(who_locked() + " (epoch " + std::to_string(job_->epoch) +
-                        "): cannot join job '" + request->job_id() +
-                        "' while in a job; Shutdown first");
+                        "): cannot join job '" + request->job_id() + "' (epoch " +
+                        std::to_string(request->epoch()) + ") while in a job; Shutdown first");
   }
   const std::string& job_id = request->job_id();
   if (job_id.empty() || job_id.find('/') != std::string::npos) {

@@ -455,25 +455,3 @@ TEST_F(DistTest, BadSetupIsOneClearError) {
 
 }  // namespace
 }  // namespace loopmoe::dist
-namespace loopmoe::dist {
-TEST(Scratch, OneWorker) {
-  namespace fs = std::filesystem;
-  auto dir = testing::fresh_test_dir("dist", "scratch");
-  testing::write_zipf_markov_corpus(dir / "text", 4096, 400000);
-  Config c = load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/vanilla_tiny.toml");
-  c.data.dir = (dir / "text").string();
-  c.train.steps = 30;
-  c.train.warmup_steps = 10;
-  c.train.eval_interval = 0;
-  c.train.checkpoint_interval = 0;
-  TrainOptions o;
-  o.progress = false;
-  o.out_dir = (dir / "a").string();
-  o.threads = 1;
-  auto a = train(c, o).losses;
-  ThreadCluster cl(c, 1, 2);
-  auto b = losses(cl.steps(30, 1));
-  for (size_t i = 0; i < a.size(); ++i)
-    std::printf("%zu %.3g\n", i + 1, std::abs(a[i] - b[i]) / a[i]);
-}
-}  // namespace loopmoe::dist

@@ -251,6 +251,20 @@ TEST_F(ServerTest, SecondConfigureWhileInAJobIsRejected) {
   EXPECT_TRUE(contains(status.error_message(), "'j2'")) << status.error_message();
   EXPECT_EQ(factory_calls(), 1);
   EXPECT_EQ(service_->current_job(), "j1");
+  // The same job at the same epoch again is a duplicate, also rejected.
+  EXPECT_EQ(configure(configure_request("j1")).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+// After a coordinator restart the job comes back with a higher epoch while this process is still
+// in the old run: the new run replaces it.
+TEST_F(ServerTest, NewerEpochOfTheSameJobReplacesTheOldRun) {
+  ASSERT_TRUE(configure(configure_request("j1", 0)).ok());
+  grpc::Status status = configure(configure_request("j1", 1));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(factory_calls(), 2);
+  EXPECT_EQ(service_->current_job(), "j1");
+  EXPECT_EQ(configure(configure_request("j1", 0)).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);  // an older epoch never wins
 }
 
 TEST_F(ServerTest, FactoryExceptionsMapToStatusesAndLeaveTheProcessIdle) {

@@ -1,0 +1,274 @@
+// `loopmoe cluster up`: a coordinator, W workers and S expert shards on this machine, as child
+// processes of this command, until Ctrl-C (docs/SERVICE.md).
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli/service/service.h"
+#include "coordinator/health.h"
+
+extern char** environ;
+
+namespace loopmoe {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Child {
+  std::string name;  // coordinator, worker-0, shard-1, ...
+  std::string address;
+  std::string metrics;
+  fs::path log;
+  pid_t pid = -1;
+  bool exited = false;
+};
+
+// A port the kernel says is free now (bound and released; another process could take it first,
+// which the child then reports in its log).
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof sa;
+  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0) {
+    if (fd >= 0) close(fd);
+    throw std::runtime_error(std::string("cannot find a free port: ") + std::strerror(errno));
+  }
+  close(fd);
+  return ntohs(sa.sin_port);
+}
+
+fs::path binary_next_to_me(const std::string& name) {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) throw std::runtime_error("cannot read /proc/self/exe: " + ec.message());
+  const fs::path bin = self.parent_path() / name;
+  if (access(bin.c_str(), X_OK) != 0) {
+    throw std::runtime_error("cannot find " + bin.string() + " (next to " + self.string() +
+                             "): build it, e.g. cmake --build " + self.parent_path().string() +
+                             " --target " + name);
+  }
+  return bin;
+}
+
+// Starts `argv` with stdout and stderr appended to `log`, in its own process group so that a
+// Ctrl-C in the terminal reaches only us; we stop the children in order.
+pid_t spawn(const std::vector<std::string>& argv, const fs::path& log) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(),
+                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK);
+  posix_spawnattr_setpgroup(&attr, 0);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);  // we block signals; the children must not
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+std::string exit_description(int status) {
+  if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("was killed by ") + strsignal(WTERMSIG(status));
+  return "stopped";
+}
+
+// Reaps children that have exited; returns the first one that did (nullptr if none).
+Child* reap(std::vector<Child>& children, std::string* how) {
+  Child* first = nullptr;
+  for (Child& c : children) {
+    if (c.exited) continue;
+    int status = 0;
+    if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
+      c.exited = true;
+      if (first == nullptr) {
+        first = &c;
+        *how = exit_description(status);
+      }
+    }
+  }
+  return first;
+}
+
+void stop_all(std::vector<Child>& children) {
+  for (Child& c : children) {
+    if (!c.exited) kill(c.pid, SIGTERM);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  std::string how;
+  while (std::chrono::steady_clock::now() < deadline) {
+    reap(children, &how);
+    bool all = true;
+    for (const Child& c : children) all = all && c.exited;
+    if (all) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (Child& c : children) {
+    if (!c.exited) {
+      std::fprintf(stderr, "%s (pid %d) did not stop within 10 s: SIGKILL\n", c.name.c_str(),
+                   c.pid);
+      kill(c.pid, SIGKILL);
+      waitpid(c.pid, nullptr, 0);
+      c.exited = true;
+    }
+  }
+}
+
+struct Options {
+  int workers = 1, shards = 1, port = 7070, metrics_base_port = 0;
+  std::string dir = ".loopmoe-cluster";
+};
+
+void cluster_up(const Options& o) {
+  // Signals are taken synchronously (sigtimedwait) so that stopping is ordered.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGCHLD);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  const fs::path coordinator_bin = binary_next_to_me("loopmoe-coordinator");
+  const fs::path worker_bin = o.workers > 0 ? binary_next_to_me("loopmoe-worker") : fs::path();
+  const fs::path shard_bin = o.shards > 0 ? binary_next_to_me("loopmoe-expert-shard") : fs::path();
+  const fs::path dir = fs::absolute(o.dir);
+  fs::create_directories(dir / "logs");
+
+  std::vector<Child> children;
+  auto metrics_for = [&](int index) {
+    return o.metrics_base_port > 0 ? "127.0.0.1:" + std::to_string(o.metrics_base_port + index)
+                                   : std::string();
+  };
+  auto start = [&](Child c, std::vector<std::string> argv) {
+    if (!c.metrics.empty()) {
+      argv.push_back("--metrics-listen");
+      argv.push_back(c.metrics);
+    }
+    c.log = dir / "logs" / (c.name + ".log");
+    c.pid = spawn(argv, c.log);
+    children.push_back(c);
+  };
+  auto fail = [&](const std::string& what) {
+    stop_all(children);
+    throw std::runtime_error(what);
+  };
+  // Waits until `c` answers health checks; fails if it exits first.
+  auto wait_healthy = [&](const Child& c, std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto channel = grpc::CreateChannel(c.address, grpc::InsecureChannelCredentials());
+    while (true) {
+      std::string how;
+      if (Child* gone = reap(children, &how)) {
+        fail(gone->name + " (pid " + std::to_string(gone->pid) + ") " + how +
+             " while starting; its log: " + gone->log.string());
+      }
+      if (service::check_health(channel, std::chrono::milliseconds(200)).serving()) return;
+      if (std::chrono::steady_clock::now() > deadline) {
+        fail(c.name + " at " + c.address + " did not become healthy within " +
+             std::to_string(timeout.count()) + " s; its log: " + c.log.string());
+      }
+    }
+  };
+
+  Child coordinator;
+  coordinator.name = "coordinator";
+  coordinator.address = "127.0.0.1:" + std::to_string(o.port);
+  coordinator.metrics = metrics_for(0);
+  start(coordinator, {coordinator_bin.string(), "--listen", coordinator.address, "--data-dir",
+                      (dir / "coordinator").string()});
+  wait_healthy(children[0], std::chrono::seconds(20));
+
+  for (int i = 0; i < o.workers + o.shards; ++i) {
+    const bool worker = i < o.workers;
+    Child c;
+    c.name = worker ? "worker-" + std::to_string(i) : "shard-" + std::to_string(i - o.workers);
+    c.address = "127.0.0.1:" + std::to_string(free_port());
+    c.metrics = metrics_for(1 + i);
+    start(c, {(worker ? worker_bin : shard_bin).string(), "--coordinator", coordinator.address,
+              "--listen", c.address});
+  }
+  // A process's server is up before it registers, and it registers within a heartbeat; waiting
+  // for every server to answer health is the readiness the service gives us without a new RPC.
+  for (size_t i = 1; i < children.size(); ++i) wait_healthy(children[i], std::chrono::seconds(60));
+
+  std::printf("cluster up (Ctrl-C stops it):\n");
+  for (const Child& c : children) {
+    std::printf("  %-12s %-16s pid %-7d %s%s  log %s\n", c.name.c_str(), c.address.c_str(), c.pid,
+                c.metrics.empty() ? "" : "metrics http://",
+                c.metrics.empty() ? "" : (c.metrics + "/metrics").c_str(), c.log.c_str());
+  }
+  std::printf("submit with: loopmoe submit JOB.toml --coordinator %s\n",
+              coordinator.address.c_str());
+  std::fflush(stdout);
+
+  while (true) {
+    timespec tick{1, 0};
+    const int sig = sigtimedwait(&signals, nullptr, &tick);
+    if (sig == SIGINT || sig == SIGTERM) {
+      std::printf("\nstopping %zu process(es)...\n", children.size());
+      std::fflush(stdout);
+      stop_all(children);
+      std::printf("cluster stopped\n");
+      return;
+    }
+    std::string how;
+    if (Child* gone = reap(children, &how)) {
+      fail(gone->name + " (pid " + std::to_string(gone->pid) + ") " + how +
+           " unexpectedly; its log: " + gone->log.string() + "; stopped the others");
+    }
+  }
+}
+
+}  // namespace
+
+void register_cluster_command(CLI::App& app) {
+  auto* cluster = app.add_subcommand("cluster", "Run the training service on this machine");
+  cluster->require_subcommand(1);
+  auto* up = cluster->add_subcommand(
+      "up", "Start a coordinator, workers and expert shards here; stay in the foreground");
+  auto o = std::make_shared<Options>();
+  up->add_option("--workers", o->workers, "worker processes")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  up->add_option("--shards", o->shards, "expert shard processes")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  up->add_option("--port", o->port, "coordinator port on 127.0.0.1")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65535));
+  up->add_option("--dir", o->dir, "logs (DIR/logs) and the coordinator's data (DIR/coordinator)")
+      ->capture_default_str();
+  up->add_option("--metrics-base-port", o->metrics_base_port,
+                 "serve /metrics: coordinator on P, worker i on P+1+i, shard j on P+1+W+j")
+      ->check(CLI::Range(1, 65535));
+  up->callback([o] { cluster_up(*o); });
+}
+
+}  // namespace loopmoe

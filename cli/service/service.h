@@ -1,0 +1,12 @@
+// The training-service commands (submit, status, list, cancel, logs, cluster up), built into the
+// `loopmoe-service` helper that `loopmoe` runs for them (cli/service_command.cc says why).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace loopmoe {
+
+void register_service_commands(CLI::App& app);
+void register_cluster_command(CLI::App& app);
+
+}  // namespace loopmoe

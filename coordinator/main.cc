@@ -1,0 +1,53 @@
+// `loopmoe-coordinator`: the job queue, scheduler and rendezvous store of the LoopMoE training
+// service (docs/SERVICE.md).
+#include <CLI/CLI.hpp>
+#include <csignal>
+#include <cstdio>
+#include <exception>
+
+#include "coordinator/coordinator.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"LoopMoE coordinator: queues training jobs and drives workers and expert shards"};
+  loopmoe::service::CoordinatorOptions options;
+  int64_t heartbeat_timeout_ms = options.heartbeat_timeout.count();
+  app.add_option("--listen", options.listen, "gRPC address HOST:PORT")->capture_default_str();
+  app.add_option("--data-dir", options.data_dir, "job database (RocksDB) and job outputs")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", options.metrics_listen,
+                 "serve Prometheus /metrics on HOST:PORT (default: off)");
+  app.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms,
+                 "a process silent this long is dead")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3600000}));
+  app.add_option("--max-restarts", options.max_restarts,
+                 "restarts of a failing job before it is FAILED")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000));
+  CLI11_PARSE(app, argc, argv);
+  options.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+
+  // Block the stop signals in every thread (gRPC's included) and take them synchronously here.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  try {
+    loopmoe::service::Coordinator coordinator(options);
+    std::printf("coordinator listening on %s\n", coordinator.address().c_str());
+    if (!coordinator.metrics_address().empty()) {
+      std::printf("metrics on http://%s/metrics\n", coordinator.metrics_address().c_str());
+    }
+    std::fflush(stdout);
+    int signal = 0;
+    sigwait(&signals, &signal);
+    std::fprintf(stderr, "coordinator: %s, shutting down\n",
+                 signal == SIGINT ? "SIGINT" : "SIGTERM");
+    coordinator.shutdown();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,68 @@
+// Training processes known to the coordinator: registration, heartbeats, liveness, and which job
+// each one is assigned to. Thread-safe. Nothing is persisted: after a coordinator restart every
+// process learns from its next heartbeat (known = false) that it must register again.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "proto/loopmoe.pb.h"
+
+namespace loopmoe::service {
+
+struct ProcessInfo {
+  std::string id;
+  v1::Role role = v1::ROLE_UNSPECIFIED;
+  std::string address;
+  std::string metrics_address;
+  std::string name;
+  std::chrono::steady_clock::time_point last_heartbeat;
+  std::string job_id;    // assigned job, empty when idle
+  bool removed = false;  // declared dead (unreachable or replaced); heartbeats get known=false
+};
+
+class ProcessRegistry {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  explicit ProcessRegistry(std::chrono::milliseconds heartbeat_timeout)
+      : heartbeat_timeout_(heartbeat_timeout) {}
+
+  std::chrono::milliseconds heartbeat_timeout() const { return heartbeat_timeout_; }
+
+  // A new id ("worker-1", "shard-2"). A process registering at the address of an earlier one
+  // replaces it (the earlier one is removed: it restarted).
+  std::string register_process(v1::Role role, const std::string& address,
+                               const std::string& metrics_address, const std::string& name);
+  // False when the id is unknown or removed: the process must register again.
+  bool heartbeat(const std::string& id);
+  // Declares a process dead (unreachable): it leaves the pool until it registers again.
+  void remove(const std::string& id);
+
+  bool is_live(const std::string& id);
+  std::optional<ProcessInfo> get(const std::string& id);
+  std::vector<ProcessInfo> snapshot();
+  bool is_live_locked(const ProcessInfo& p, Clock::time_point now) const;
+
+  // Idle live processes of `role`, in registration order.
+  std::vector<std::string> idle(v1::Role role);
+  // Assigns all of `ids` to `job_id` if each is still idle and live; false (nothing assigned)
+  // otherwise.
+  bool assign(const std::vector<std::string>& ids, const std::string& job_id);
+  // Makes the processes of `job_id` among `ids` idle again.
+  void release(const std::vector<std::string>& ids, const std::string& job_id);
+
+ private:
+  std::mutex mu_;
+  std::chrono::milliseconds heartbeat_timeout_;
+  int64_t next_id_ = 1;
+  std::map<int64_t, ProcessInfo> by_order_;  // registration order
+  std::map<std::string, int64_t> order_of_;
+};
+
+}  // namespace loopmoe::service

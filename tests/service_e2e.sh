@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The whole service with real processes on loopback: a coordinator, 3 workers and 2 expert
+# shards started by hand; a 2-worker, 2-shard job; one of its workers killed (SIGKILL) after a
+# committed checkpoint. The job must restart on the spare worker from that checkpoint and finish
+# with the same loss curve, step for step, as `loopmoe train` in one process (the trainer prints 8
+# significant digits). Then `loopmoe cluster up` runs a job to completion and stops on SIGINT.
+# Usage: service_e2e.sh BUILD_DIR
+set -uo pipefail
+build=$(cd "$1" && pwd)
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*"
+  for f in "$tmp"/*.log; do echo "--- $f"; tail -15 "$f"; done
+  exit 1
+}
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Data: the repository's docs, one document per line.
+mkdir -p "$tmp/text"
+cat "$(dirname "$0")"/../docs/*.md > "$tmp/text/docs.txt"
+"$build/loopmoe" data prepare --input "$tmp/text" --docs-per-line --vocab 512 --out "$tmp/data" \
+  > "$tmp/prepare.log" 2>&1 || fail "data prepare"
+cat > "$tmp/job.toml" <<TOML
+[model]
+vocab_size = 512
+seq_len = 64
+d_model = 64
+n_heads = 2
+head_dim = 32
+n_layers = 2
+n_loops = 2
+n_experts = 6
+top_k = 2
+expert_hidden = 64
+iter_adaln = "joint"
+cond_dim = 16
+capacity_factor = 1.25
+[train]
+batch_size = 8
+steps = 120
+warmup_steps = 10
+eval_interval = 40
+eval_batches = 2
+checkpoint_interval = 10
+log_interval = 1
+[data]
+dir = "$tmp/data"
+TOML
+
+"$build/loopmoe" train --config "$tmp/job.toml" --out "$tmp/single" --no-progress \
+  > "$tmp/single.log" 2>&1 || fail "single-process train"
+
+port=$(free_port)
+addr=127.0.0.1:$port
+"$build/loopmoe-coordinator" --listen "$addr" --data-dir "$tmp/coord" --heartbeat-timeout-ms 3000 \
+  > "$tmp/coordinator.log" 2>&1 &
+pids+=($!)
+for i in 0 1 2; do
+  "$build/loopmoe-worker" --coordinator "$addr" > "$tmp/worker$i.log" 2>&1 &
+  pids+=($!)
+  worker_pid[$i]=$!
+done
+for i in 0 1; do
+  "$build/loopmoe-expert-shard" --coordinator "$addr" > "$tmp/shard$i.log" 2>&1 &
+  pids+=($!)
+done
+export LOOPMOE_COORDINATOR=$addr
+job=""
+for _ in $(seq 100); do
+  job=$("$build/loopmoe" submit "$tmp/job.toml" --workers 2 --shards 2 --name e2e 2>/dev/null \
+    | grep -oE '[0-9]+' | head -1) && [ -n "$job" ] && break
+  sleep 0.1
+done
+[ -n "$job" ] || fail "submit"
+echo "submitted job $job"
+
+# Kill a worker of the job once a checkpoint has been committed (and well before the end).
+killed=""
+for _ in $(seq 600); do
+  status=$("$build/loopmoe" status "$job" 2>&1)
+  ckpt=$(grep -oiE 'checkpoint[^0-9]*[0-9]+' <<<"$status" | grep -oE '[0-9]+$' | head -1)
+  step=$(grep -oiE '^ *step[^0-9]*[0-9]+' <<<"$status" | grep -oE '[0-9]+$' | head -1)
+  if [ -n "$ckpt" ] && [ "$ckpt" -ge 10 ]; then
+    [ -n "$step" ] && [ "$step" -ge 100 ] && fail "job ran too fast to kill a worker mid-run: $status"
+    for i in 0 1 2; do
+      if grep -q "of job $job: joined" "$tmp/worker$i.log"; then
+        kill -9 "${worker_pid[$i]}"
+        wait "${worker_pid[$i]}" 2>/dev/null
+        killed=$i
+        break
+      fi
+    done
+    break
+  fi
+  sleep 0.05
+done
+[ -n "$killed" ] || fail "never saw a committed checkpoint to kill after"
+echo "killed worker $killed after checkpoint step $ckpt (step ${step:-?})"
+
+for _ in $(seq 1200); do
+  state=$("$build/loopmoe" status "$job" 2>&1 | grep -oE ': (succeeded|failed|cancelled)$' | head -1 | tr -d ': ')
+  [ -n "$state" ] && break
+  sleep 0.1
+done
+"$build/loopmoe" logs "$job" > "$tmp/job.log" 2>&1
+[ "$state" = succeeded ] || fail "job ended $state"
+grep -q "epoch 1" "$tmp/job.log" || fail "no restart (epoch 1) in the job log"
+grep -qE "resuming from step [0-9]+" "$tmp/job.log" || fail "the restart did not resume from a checkpoint"
+out=$(grep -oE 'output_dir[^ ]*' "$tmp/job.log" | head -1)
+run_dir="$tmp/coord/jobs/$job"
+[ -f "$run_dir/metrics.jsonl" ] || fail "no $run_dir/metrics.jsonl"
+
+/usr/bin/python3 - "$tmp/single/metrics.jsonl" "$run_dir/metrics.jsonl" <<'PY' || fail "loss curves differ"
+import json, sys
+def read(path):
+    steps, vals = {}, {}
+    for line in open(path):
+        r = json.loads(line)
+        (vals if "val_loss" in r else steps)[r["step"]] = r.get("val_loss", r.get("loss"))
+    return steps, vals
+(s1, v1), (s2, v2) = read(sys.argv[1]), read(sys.argv[2])
+assert sorted(s1) == sorted(s2) == list(range(1, 121)), (len(s1), len(s2))
+worst = max(abs(s1[k] - s2[k]) / abs(s1[k]) for k in s1)
+assert worst <= 1e-7, f"worst relative difference {worst:.3g}"
+assert sorted(v1) == sorted(v2) and all(abs(v1[k] - v2[k]) <= 1e-7 * abs(v1[k]) for k in v1), (v1, v2)
+print(f"ok   120 steps through a worker kill and restart equal the single process (worst {worst:.2g})")
+PY
+
+# loopmoe cluster up: real workers and shards, a job to completion, clean stop on SIGINT.
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+port=$(free_port)
+export LOOPMOE_COORDINATOR=127.0.0.1:$port
+sed -i 's/^steps = 120/steps = 12/' "$tmp/job.toml"
+"$build/loopmoe" cluster up --workers 2 --shards 2 --port "$port" --dir "$tmp/cluster" \
+  > "$tmp/cluster.log" 2>&1 &
+cluster=$!
+pids+=($cluster)
+ok=""
+for _ in $(seq 200); do
+  if "$build/loopmoe" submit "$tmp/job.toml" --workers 2 --shards 2 --follow > "$tmp/follow.log" 2>&1; then
+    ok=1
+    break
+  fi
+  grep -q "cannot reach" "$tmp/follow.log" || break
+  sleep 0.1
+done
+[ -n "$ok" ] || fail "cluster up job: $(tail -3 "$tmp/follow.log")"
+grep -q "succeeded after 12 steps" "$tmp/follow.log" || fail "no success line in the followed log"
+kill -INT "$cluster"
+wait "$cluster"
+code=$?
+[ "$code" = 0 ] || fail "cluster up exited $code on SIGINT"
+echo "ok   cluster up: 2 workers + 2 shards ran a job; SIGINT stopped everything (exit 0)"
