@@ -316,6 +316,36 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
   } catch (const ConfigError& e) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, e.what());
   }
+  if (const std::string& from = request->spec().resume_from_job(); !from.empty()) {
+    // Refuse now what would fail the job later: an unknown job, no checkpoint, another config.
+    const std::vector<v1::CheckpointMeta> checkpoints = store_.list_checkpoints(from);
+    if (!store_.get_job(from)) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "job spec: resume_from_job: no job '" + from + "'");
+    }
+    const v1::CheckpointMeta* pick = nullptr;
+    for (const v1::CheckpointMeta& m : checkpoints) {
+      if (request->spec().resume_step() == 0 || m.step() == request->spec().resume_step())
+        pick = &m;
+    }
+    if (pick == nullptr) {
+      std::string have;
+      for (const auto& m : checkpoints)
+        have += (have.empty() ? "" : ", ") + std::to_string(m.step());
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "job spec: job " + from + " has no committed checkpoint" +
+                              (request->spec().resume_step() > 0
+                                   ? " at step " + std::to_string(request->spec().resume_step())
+                                   : std::string()) +
+                              " (committed steps: " + (have.empty() ? "none" : have) + ")");
+    }
+    const std::string canonical = to_toml(config);
+    if (XXH64(canonical.data(), canonical.size(), 0) != pick->config_hash()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "job spec: the config differs from job " + from +
+                              "'s (a checkpoint continues only the config it was written for)");
+    }
+  }
   v1::JobStatus job;
   *job.mutable_spec() = request->spec();
   job.set_state(v1::QUEUED);
@@ -781,11 +811,15 @@ void Coordinator::Impl::drive_run(RunningJob* run) {
       spec.output_dir().empty() ? data_dir_ + "/jobs/" + id : spec.output_dir();
   const int64_t epoch = job->epoch();
 
-  // Resume point: the requested committed checkpoint, else the latest, else a fresh start.
+  // Resume point: the requested committed checkpoint, else the latest, else a fresh start. A job
+  // started from another job's checkpoint uses that one until it has committed its own.
   v1::CheckpointMeta resume;
   std::vector<v1::CheckpointMeta> checkpoints = store_.list_checkpoints(id);
+  const bool from_other = checkpoints.empty() && !spec.resume_from_job().empty();
+  if (from_other) checkpoints = store_.list_checkpoints(spec.resume_from_job());
+  const bool own_latest = !from_other && !spec.resume_from_job().empty();
   if (!checkpoints.empty()) {
-    if (spec.resume_step() == 0) {
+    if (spec.resume_step() == 0 || own_latest) {
       resume = checkpoints.back();
     } else {
       auto it =
@@ -805,7 +839,8 @@ void Coordinator::Impl::drive_run(RunningJob* run) {
   std::string who;
   for (const Member& m : run->members) who += (who.empty() ? "" : ", ") + m.label();
   log(id, format("epoch %lld: starting on ", (long long)epoch) + who +
-              (resume.step() > 0 ? format(", resuming from step %lld", (long long)resume.step())
+              (resume.step() > 0 ? format(", resuming from step %lld", (long long)resume.step()) +
+                                       (from_other ? " of job " + spec.resume_from_job() : "")
                                  : std::string(", from step 0")));
 
   const std::string prefix = "job/" + id + "/epoch/" + std::to_string(epoch) + "/";

@@ -141,8 +141,8 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
       return *n->value<std::string>();
     };
     for (auto&& [key, value] : *job) {
-      static const char* kKnown[] = {"name",       "workers",     "shards",  "threads",
-                                     "output_dir", "resume_step", "schedule"};
+      static const char* kKnown[] = {"name",       "workers",     "shards",   "threads",
+                                     "output_dir", "resume_step", "schedule", "resume_from_job"};
       const std::string k(key.str());
       if (std::find(std::begin(kKnown), std::end(kKnown), k) == std::end(kKnown)) {
         fail(source, "unknown key job." + k);
@@ -155,6 +155,7 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
     if (auto v = integer("threads", 0, 4096)) spec.set_threads(static_cast<int>(*v));
     if (auto v = string("output_dir")) spec.set_output_dir(absolute_from(*v, base_dir));
     if (auto v = integer("resume_step", 0, int64_t{1} << 40)) spec.set_resume_step(*v);
+    if (auto v = string("resume_from_job")) spec.set_resume_from_job(*v);
     if (const toml::node* sched_node = job->get("schedule")) {
       const toml::table* sched = sched_node->as_table();
       if (sched == nullptr) fail(source, "[job.schedule] must be a table");

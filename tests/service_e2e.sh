@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole service with real processes on loopback: a coordinator, 3 workers and 2 expert
+# The whole service with real processes on loopback: a coordinator, 3 workers and 3 expert
 # shards started by hand; a 2-worker, 2-shard job; one of its workers killed (SIGKILL) after a
 # committed checkpoint. The job must restart on the spare worker from that checkpoint and finish
 # with the same loss curve, step for step, as `loopmoe train` in one process (the trainer prints 8
-# significant digits). Then `loopmoe cluster up` runs a job to completion and stops on SIGINT.
+# significant digits). A second job continues the first's step-110 checkpoint on 1 worker and 3
+# shards (experts re-mapped by global id) and must match the same curve. Then `loopmoe cluster up`
+# runs a job to completion and stops on SIGINT.
 # Usage: service_e2e.sh BUILD_DIR
 set -uo pipefail
 build=$(cd "$1" && pwd)
@@ -67,7 +69,7 @@ for i in 0 1 2; do
   pids+=($!)
   worker_pid[$i]=$!
 done
-for i in 0 1; do
+for i in 0 1 2; do
   "$build/loopmoe-expert-shard" --coordinator "$addr" > "$tmp/shard$i.log" 2>&1 &
   pids+=($!)
 done
@@ -132,6 +134,26 @@ assert worst <= 1e-7, f"worst relative difference {worst:.3g}"
 assert sorted(v1) == sorted(v2) and all(abs(v1[k] - v2[k]) <= 1e-7 * abs(v1[k]) for k in v1), (v1, v2)
 print(f"ok   120 steps through a worker kill and restart equal the single process (worst {worst:.2g})")
 PY
+
+# Job 1's checkpoint at step 110 onto 1 worker and 3 shards.
+"$build/loopmoe" submit "$tmp/job.toml" --workers 1 --shards 3 --resume-from "$job:110" --follow \
+  > "$tmp/job2.log" 2>&1
+job2=$(grep -oE 'submitted job [0-9]+' "$tmp/job2.log" | grep -oE '[0-9]+$')
+grep -q "resuming from step 110 of job $job" "$tmp/job2.log" || fail "job 2 did not resume from job $job: $(cat "$tmp/job2.log")"
+grep -q "succeeded after 120 steps" "$tmp/job2.log" || fail "job 2 did not succeed"
+/usr/bin/python3 - "$tmp/single/metrics.jsonl" "$tmp/coord/jobs/$job2/metrics.jsonl" <<'PY' || fail "resumed curve differs"
+import json, sys
+def read(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
+s1, s2 = read(sys.argv[1]), read(sys.argv[2])
+assert sorted(s2) == list(range(111, 121)), sorted(s2)
+worst = max(abs(s1[k] - s2[k]) / abs(s1[k]) for k in s2)
+assert worst <= 1e-7, f"worst relative difference {worst:.3g}"
+print(f"ok   2 shards -> 3 shards (and 2 workers -> 1): steps 111-120 equal the single process (worst {worst:.2g})")
+PY
+"$build/loopmoe" submit "$tmp/job.toml" --resume-from "$job:7" > "$tmp/bad.log" 2>&1 &&
+  fail "a resume from an uncommitted step was accepted"
+grep -q "no committed checkpoint at step 7" "$tmp/bad.log" || fail "unclear error: $(cat "$tmp/bad.log")"
 
 # loopmoe cluster up: real workers and shards, a job to completion, clean stop on SIGINT.
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done

@@ -135,7 +135,7 @@ v1::JobStatus stream_logs(Client& client, const std::string& job_id, bool follow
 void register_submit(CLI::App& app) {
   auto* cmd = app.add_subcommand("submit", "Submit a training job to the coordinator");
   struct Args {
-    std::string file, coordinator, name;
+    std::string file, coordinator, name, resume_from;
     int workers = -1, shards = -1, threads = -1;
     bool follow = false;
   };
@@ -149,6 +149,9 @@ void register_submit(CLI::App& app) {
   cmd->add_option("--shards", args->shards, "expert shards (overrides job.shards)");
   cmd->add_option("--threads", args->threads, "threads per process (overrides job.threads)");
   cmd->add_option("--name", args->name, "job name (overrides job.name)");
+  cmd->add_option("--resume-from", args->resume_from,
+                  "JOB[:STEP]: start from another job's committed checkpoint (its latest, or "
+                  "STEP), e.g. on other worker/shard counts; overrides job.resume_from_job");
   cmd->add_flag("--follow", args->follow, "print the job's log until it ends");
   cmd->callback([args] {
     std::ifstream in(args->file, std::ios::binary);
@@ -161,6 +164,18 @@ void register_submit(CLI::App& app) {
     if (args->shards >= 0) spec.set_num_shards(args->shards);
     if (args->threads >= 0) spec.set_threads(args->threads);
     if (!args->name.empty()) spec.set_name(args->name);
+    if (!args->resume_from.empty()) {
+      const size_t colon = args->resume_from.find(':');
+      spec.set_resume_from_job(args->resume_from.substr(0, colon));
+      if (colon != std::string::npos) {
+        try {
+          spec.set_resume_step(std::stoll(args->resume_from.substr(colon + 1)));
+        } catch (const std::exception&) {
+          throw std::runtime_error("--resume-from " + args->resume_from +
+                                   ": expected JOB or JOB:STEP");
+        }
+      }
+    }
     service::validate_job_spec(spec, args->file);  // the coordinator checks again
 
     Client client(args->coordinator);

@@ -396,6 +396,48 @@ TEST_F(CoordinatorTest, RejectsBadSpecsWithClearMessages) {
   EXPECT_EQ(jobs.jobs_size(), 0);  // nothing was queued
 }
 
+// A job started from another job's checkpoint, on other worker/shard counts: Configure carries
+// that checkpoint; bad references are refused at submission.
+TEST_F(CoordinatorTest, ResumeFromAnotherJobsCheckpoint) {
+  add(v1::WORKER);
+  add(v1::EXPERT_SHARD);
+  const std::string first = submit_ok(spec(test_config(20, 5, 10, 10), 1, 1));
+  ASSERT_TRUE(wait_state(first, v1::SUCCEEDED));
+  FakeProcess& s1 = add(v1::EXPERT_SHARD);
+  v1::JobSpec next = spec(test_config(20, 5, 10, 10), 1, 2);
+  next.set_resume_from_job(first);
+  next.set_resume_step(10);
+  const std::string second = submit_ok(next);
+  ASSERT_TRUE(wait_state(second, v1::SUCCEEDED));
+  ASSERT_EQ(s1.configures().size(), 1u);
+  const v1::CheckpointMeta from = s1.configures()[0].resume();
+  EXPECT_EQ(from.step(), 10);
+  EXPECT_EQ(from.job_id(), first);
+  EXPECT_EQ(from.num_shards(), 1);
+  EXPECT_EQ(s1.run_steps()[0].first_step(), 10);
+
+  struct Case {
+    std::string job, want;
+    int64_t step;
+    std::string config;
+  };
+  const std::vector<Case> cases = {
+      {"77", "no job '77'", 0, test_config(20, 5, 10, 10)},
+      {first, "no committed checkpoint at step 7 (committed steps: 10, 20)", 7,
+       test_config(20, 5, 10, 10)},
+      {first, "the config differs from job " + first, 0, test_config(30, 5, 10, 10)},
+  };
+  for (const Case& c : cases) {
+    v1::JobSpec bad = spec(c.config, 1, 1);
+    bad.set_resume_from_job(c.job);
+    bad.set_resume_step(c.step);
+    grpc::Status st = submit(bad, nullptr);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.want;
+    EXPECT_NE(st.error_message().find(c.want), std::string::npos)
+        << "want '" << c.want << "' in '" << st.error_message() << "'";
+  }
+}
+
 TEST_F(CoordinatorTest, UnknownJobIsNotFound) {
   {
     grpc::ClientContext c;
