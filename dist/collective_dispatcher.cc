@@ -46,78 +46,44 @@ void CollectiveDispatcher::send_header(int64_t tag, int application, int layer,
                [&] { world_.alltoallv(header.data(), counts, nullptr, none); });
 }
 
-void CollectiveDispatcher::forward(int application, int layer, const RoutingPlan& plan,
-                                   const float* x, float* out) {
-  if (static_cast<int>(saved_.size()) <= application) saved_.resize(application + 1);
-  Saved& sv = saved_[application];
-  const int E = plan.num_experts, D = d_model_, k = plan.top_k, W = num_workers_;
-  const size_t slots = plan.expert.size();
-  // Rows grouped by expert (so by shard: shards own contiguous ranges), slot order within one.
-  std::vector<int64_t> offset(E + 1, 0);
-  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + plan.received[e];
-  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
-  sv.row_of_slot.assign(slots, -1);
-  for (size_t i = 0; i < slots; ++i) {
-    if (plan.kept[i]) sv.row_of_slot[i] = cursor[plan.expert[i]]++;
-  }
-  sv.row_counts.assign(world_.size(), 0);
-  for (int s = 0; s < partition_.num_shards(); ++s) {
-    sv.row_counts[W + s] = offset[partition_.end(s)] - offset[partition_.begin(s)];
-  }
-  const int64_t rows = offset[E];
-  send_.resize(static_cast<size_t>(rows) * D);
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < slots; ++i) {
-    if (sv.row_of_slot[i] >= 0) {
-      std::copy_n(x + (i / k) * D, D, send_.data() + sv.row_of_slot[i] * D);
-    }
-  }
-  send_header(kForwardHeader, application, layer, plan.received);
+void CollectiveDispatcher::round_trip(const Saved& sv) {
   const std::vector<int64_t> counts = elements(sv.row_counts), none(world_.size(), 0);
   stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
   recv_.resize(send_.size());
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < slots; ++i) {
-    float* o = out + i * D;
-    if (sv.row_of_slot[i] >= 0) {
-      std::copy_n(recv_.data() + sv.row_of_slot[i] * D, D, o);
-    } else {
-      std::fill_n(o, D, 0.f);
-    }
+}
+
+void CollectiveDispatcher::forward(int application, int layer, const RoutingPlan& plan,
+                                   const float* x, float* out) {
+  if (static_cast<int>(saved_.size()) <= application) saved_.resize(application + 1);
+  Saved& sv = saved_[application];
+  const int E = plan.num_experts, D = d_model_, W = num_workers_;
+  // Grouped by expert is grouped by shard: shards own contiguous ranges.
+  std::vector<int64_t> offset;
+  group_rows_by_expert(plan, offset, sv.row_of_slot);
+  sv.row_counts.assign(world_.size(), 0);
+  for (int s = 0; s < partition_.num_shards(); ++s) {
+    sv.row_counts[W + s] = offset[partition_.end(s)] - offset[partition_.begin(s)];
   }
+  send_.resize(static_cast<size_t>(offset[E]) * D);
+  gather_slot_rows(send_.data(), x, sv.row_of_slot, plan.top_k, D);
+  send_header(kForwardHeader, application, layer, plan.received);
+  round_trip(sv);
+  scatter_slot_rows(out, recv_.data(), sv.row_of_slot, D);
 }
 
 void CollectiveDispatcher::backward(int application, int layer, const RoutingPlan& plan,
                                     const float* dout, float* dx) {
   const Saved& sv = saved_.at(application);
-  const int D = d_model_, k = plan.top_k, S = plan.num_tokens;
-  const size_t slots = plan.expert.size();
+  const int D = d_model_;
   int64_t rows = 0;
   for (int64_t r : sv.row_counts) rows += r;
   send_.resize(static_cast<size_t>(rows) * D);
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < slots; ++i) {
-    if (sv.row_of_slot[i] >= 0) std::copy_n(dout + i * D, D, send_.data() + sv.row_of_slot[i] * D);
-  }
+  gather_slot_rows(send_.data(), dout, sv.row_of_slot, 1, D);
   send_header(kBackwardHeader, application, layer, {});
-  const std::vector<int64_t> counts = elements(sv.row_counts), none(world_.size(), 0);
-  stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
-               [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
-  recv_.resize(send_.size());
-  stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
-  // Each token sums its slots in slot order, as the local dispatcher does.
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < S; ++t) {
-    float* d = dx + static_cast<size_t>(t) * D;
-    for (int j = 0; j < k; ++j) {
-      const int64_t r = sv.row_of_slot[static_cast<size_t>(t) * k + j];
-      if (r < 0) continue;
-      const float* g = recv_.data() + r * D;
-      for (int i = 0; i < D; ++i) d[i] += g[i];
-    }
-  }
+  round_trip(sv);
+  add_slot_rows_to_tokens(dx, recv_.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);
 }
 
 void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {

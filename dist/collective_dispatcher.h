@@ -45,6 +45,8 @@ class CollectiveDispatcher final : public Dispatcher {
   // in backward: the shard knows them from forward).
   void send_header(int64_t tag, int application, int layer,
                    const std::vector<int64_t>& expert_rows);
+  // send_ to the shards (sv.row_counts rows each), their answer into recv_.
+  void round_trip(const Saved& sv);
   // Rows [world] → element counts.
   std::vector<int64_t> elements(const std::vector<int64_t>& rows) const;
 

@@ -98,9 +98,15 @@ class RuntimeBase : public ProcessRuntime {
     }
     return {norm, coef};
   }
-  void check_resume_hash(uint64_t hash, const std::string& path) const {
+  // A checkpoint file must be of this job's config and of the step the metadata names.
+  void check_resume_file(uint64_t hash, int64_t step, int64_t want_step,
+                         const std::string& path) const {
     if (hash != config_hash_) {
       throw CheckpointError(path + ": written for a different config than this job's");
+    }
+    if (step != want_step) {
+      throw CheckpointError(path + ": is step " + std::to_string(step) +
+                            ", the checkpoint metadata says " + std::to_string(want_step));
     }
   }
 
@@ -293,15 +299,11 @@ class WorkerRuntime final : public RuntimeBase {
     }
     if (pick == nullptr) throw CheckpointError("checkpoint has no worker file to resume from");
     const WorkerCheckpoint c = read_worker_checkpoint(pick->path, pick->xxh64);
-    check_resume_hash(c.config_hash, pick->path);
     if (c.params.size() != replica_size_) {
       throw CheckpointError(pick->path + ": holds " + std::to_string(c.params.size()) +
                             " replica parameters, this model has " + std::to_string(replica_size_));
     }
-    if (c.step != resume.step) {
-      throw CheckpointError(pick->path + ": is step " + std::to_string(c.step) +
-                            ", the checkpoint metadata says " + std::to_string(resume.step));
-    }
+    check_resume_file(c.config_hash, c.step, resume.step, pick->path);
     unpack(c.params, model_.params());
     unpack(c.m, adam_.m().data());
     unpack(c.v, adam_.v().data());
@@ -439,11 +441,7 @@ class ShardRuntime final : public RuntimeBase {
       if (f.role != Role::kExpertShard) continue;
       const int lo = experts_->first_expert(), hi = lo + experts_->num_local_experts();
       const ShardCheckpoint c = read_shard_checkpoint(f.path, f.xxh64);
-      check_resume_hash(c.config_hash, f.path);
-      if (c.step != resume.step) {
-        throw CheckpointError(f.path + ": is step " + std::to_string(c.step) +
-                              ", the checkpoint metadata says " + std::to_string(resume.step));
-      }
+      check_resume_file(c.config_hash, c.step, resume.step, f.path);
       if (c.num_layers != experts_->num_layers() ||
           c.floats_per_expert != experts_->params_per_expert()) {
         throw CheckpointError(f.path + ": expert shapes differ from this job's model");

@@ -4,6 +4,9 @@
 // Both must produce the same numbers.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "model/router.h"
 
 namespace loopmoe {
@@ -27,5 +30,22 @@ class Dispatcher {
   // RouterBatchStats). One process holds the whole batch: nothing to do.
   virtual void reduce_batch_stats(RouterBatchStats& /*stats*/) {}
 };
+
+// Row bookkeeping every dispatcher shares. A dispatcher lays the kept slots of a plan out as rows
+// grouped by expert (slot order within an expert, so an expert sees its tokens in batch order).
+
+// offset[E+1]: expert e owns rows [offset[e], offset[e+1]); row_of_slot[S*k]: -1 when dropped.
+void group_rows_by_expert(const RoutingPlan& plan, std::vector<int64_t>& offset,
+                          std::vector<int64_t>& row_of_slot);
+// rows[row_of_slot[i], :] = src[i / per_row, :] for kept slots i: per_row = k gathers each slot's
+// token (forward), per_row = 1 gathers per-slot rows (backward). D columns.
+void gather_slot_rows(float* rows, const float* src, const std::vector<int64_t>& row_of_slot,
+                      int per_row, int D);
+// out[i, :] = rows[row_of_slot[i], :] for every slot i, zeros for dropped ones.
+void scatter_slot_rows(float* out, const float* rows, const std::vector<int64_t>& row_of_slot,
+                       int D);
+// dx[t, :] += Σ_j rows[row_of_slot[t*k + j], :], slots in order: deterministic for any threads.
+void add_slot_rows_to_tokens(float* dx, const float* rows, const std::vector<int64_t>& row_of_slot,
+                             int S, int k, int D);
 
 }  // namespace loopmoe

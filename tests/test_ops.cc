@@ -304,7 +304,8 @@ namespace {
 
 class IterAdaLNGradTest : public ::testing::TestWithParam<IterAdaLNMode> {};
 
-TEST_P(IterAdaLNGradTest, ParametersAndInput) {
+// One small layer: d = 6, d_c = 4.
+ModelConfig norm_test_config(IterAdaLNMode mode) {
   ModelConfig c;
   c.d_model = 6;
   c.cond_dim = 4;
@@ -315,7 +316,12 @@ TEST_P(IterAdaLNGradTest, ParametersAndInput) {
   c.n_heads = 1;
   c.head_dim = 2;
   c.vocab_size = 5;
-  c.iter_adaln = GetParam();
+  c.iter_adaln = mode;
+  return c;
+}
+
+TEST_P(IterAdaLNGradTest, ParametersAndInput) {
+  const ModelConfig c = norm_test_config(GetParam());
   ParamLayout layout(c);
   const NormBlockOffsets& o = layout.layers[0].attn_norm;
   NormBlockT<double> block(c, o);
@@ -357,17 +363,7 @@ TEST_P(IterAdaLNGradTest, ParametersAndInput) {
 
 // The grouped path (one group per row, summed by the tree) gives the same gradients.
 TEST_P(IterAdaLNGradTest, GroupedGradientsEqualUngrouped) {
-  ModelConfig c;
-  c.d_model = 6;
-  c.cond_dim = 4;
-  c.n_layers = 1;
-  c.n_experts = 2;
-  c.top_k = 1;
-  c.expert_hidden = 3;
-  c.n_heads = 1;
-  c.head_dim = 2;
-  c.vocab_size = 5;
-  c.iter_adaln = GetParam();
+  const ModelConfig c = norm_test_config(GetParam());
   ParamLayout layout(c);
   NormBlockT<double> block(c, layout.layers[0].attn_norm);
   const int S = 3, D = c.d_model;
