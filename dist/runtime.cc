@@ -189,7 +189,7 @@ class WorkerRuntime final : public RuntimeBase {
       }
     }
     const double lr = learning_rate(tc, static_cast<int>(steps_done_));
-    adam_.step(model_.params(), g, lr);
+    adam_.step(model_.params(), g, lr, ranges_);
     ++steps_done_;
 
     StepReport r;

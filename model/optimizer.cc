@@ -55,21 +55,25 @@ AdamW::AdamW(const ParamLayout& layout, const TrainConfig& train)
 AdamW::AdamW(std::vector<uint8_t> decay, const TrainConfig& train)
     : train_(train), m_(decay.size(), 0.f), v_(decay.size(), 0.f), decay_(std::move(decay)) {}
 
-void AdamW::step(float* p, const float* g, double lr) {
+void AdamW::step(float* p, const float* g, double lr) { step(p, g, lr, {{0, m_.size()}}); }
+
+void AdamW::step(float* p, const float* g, double lr,
+                 const std::vector<std::pair<size_t, size_t>>& ranges) {
   ++t_;
   const float b1 = static_cast<float>(train_.beta1), b2 = static_cast<float>(train_.beta2);
   const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(train_.beta1, t_)));
   const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(train_.beta2, t_)));
   const float lrf = static_cast<float>(lr), eps = static_cast<float>(train_.eps);
   const float wd = static_cast<float>(train_.weight_decay);
-  const size_t n = m_.size();
+  for (const auto& [offset, n] : ranges) {
 #pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < n; ++i) {
-    const float gi = g[i];
-    m_[i] = b1 * m_[i] + (1.f - b1) * gi;
-    v_[i] = b2 * v_[i] + (1.f - b2) * gi * gi;
-    const float mh = m_[i] * c1, vh = v_[i] * c2;
-    p[i] -= lrf * (mh / (std::sqrt(vh) + eps) + (decay_[i] ? wd * p[i] : 0.f));
+    for (size_t i = offset; i < offset + n; ++i) {
+      const float gi = g[i];
+      m_[i] = b1 * m_[i] + (1.f - b1) * gi;
+      v_[i] = b2 * v_[i] + (1.f - b2) * gi * gi;
+      const float mh = m_[i] * c1, vh = v_[i] * c2;
+      p[i] -= lrf * (mh / (std::sqrt(vh) + eps) + (decay_[i] ? wd * p[i] : 0.f));
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -26,6 +27,10 @@ class AdamW {
 
   // One update with learning rate lr; increments the step counter.
   void step(float* params, const float* grads, double lr);
+  // The same, touching only the [offset, length) ranges (a worker's replica: the experts live on
+  // the shards); the other parameters and moments stay as they are.
+  void step(float* params, const float* grads, double lr,
+            const std::vector<std::pair<size_t, size_t>>& ranges);
 
   int64_t steps_taken() const { return t_; }
   std::vector<float>& m() { return m_; }
