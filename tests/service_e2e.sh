@@ -61,11 +61,14 @@ TOML
 
 port=$(free_port)
 addr=127.0.0.1:$port
+coord_metrics=$(free_port)
 "$build/loopmoe-coordinator" --listen "$addr" --data-dir "$tmp/coord" --heartbeat-timeout-ms 3000 \
-  > "$tmp/coordinator.log" 2>&1 &
+  --metrics-listen "127.0.0.1:$coord_metrics" > "$tmp/coordinator.log" 2>&1 &
 pids+=($!)
 for i in 0 1 2; do
-  "$build/loopmoe-worker" --coordinator "$addr" > "$tmp/worker$i.log" 2>&1 &
+  worker_metrics[$i]=$(free_port)
+  "$build/loopmoe-worker" --coordinator "$addr" --metrics-listen "127.0.0.1:${worker_metrics[$i]}" \
+    > "$tmp/worker$i.log" 2>&1 &
   pids+=($!)
   worker_pid[$i]=$!
 done
@@ -133,6 +136,37 @@ worst = max(abs(s1[k] - s2[k]) / abs(s1[k]) for k in s1)
 assert worst <= 1e-7, f"worst relative difference {worst:.3g}"
 assert sorted(v1) == sorted(v2) and all(abs(v1[k] - v2[k]) <= 1e-7 * abs(v1[k]) for k in v1), (v1, v2)
 print(f"ok   120 steps through a worker kill and restart equal the single process (worst {worst:.2g})")
+PY
+
+# Prometheus metrics of the real processes after the job: a surviving worker of job 1 (it ran
+# steps 11-120 after the restart) and the coordinator.
+survivor=""
+for i in 0 1 2; do
+  [ "$i" = "$killed" ] && continue
+  grep -q "of job $job: joined (epoch 1" "$tmp/worker$i.log" && survivor=$i && break
+done
+[ -n "$survivor" ] || fail "no worker of the restarted run"
+resumed_at=$(grep -oE "resuming from step [0-9]+" "$tmp/job.log" | head -1 | grep -oE '[0-9]+$')
+/usr/bin/python3 - "${worker_metrics[$survivor]}" "$coord_metrics" "$((120 - resumed_at))" <<'PY' || fail "metrics"
+import re, sys, urllib.request
+def scrape(port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def values(text, name):
+    return [float(m.group(2)) for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)]
+w = scrape(sys.argv[1])
+steps = values(w, "loopmoe_steps_total")
+assert steps and max(steps) == int(sys.argv[3]), f"loopmoe_steps_total {steps}, want {sys.argv[3]}"
+expert = [l for l in w.splitlines() if l.startswith("loopmoe_expert_tokens_total{")]
+labels = {tuple(re.search(rf'{k}="(\d+)"', l).group(1) for k in ("layer", "iteration", "expert")) for l in expert}
+assert len(labels) == 2 * 2 * 6, f"{len(labels)} (layer, iteration, expert) series"  # N=2, R=2, E=6
+for name in ("loopmoe_train_loss", "loopmoe_alltoall_bytes_total", "loopmoe_step_duration_seconds_count",
+             "loopmoe_dropped_tokens_total", "loopmoe_expert_overload_factor", "loopmoe_heartbeat_age_seconds"):
+    assert values(w, name), f"worker metrics lack {name}"
+assert max(values(w, "loopmoe_alltoall_bytes_total")) > 0
+c = scrape(sys.argv[2])
+for name in ("loopmoe_coordinator_jobs", "loopmoe_process_heartbeat_age_seconds"):
+    assert values(c, name), f"coordinator metrics lack {name}"
+print(f"ok   metrics: worker steps {max(steps):.0f}, {len(labels)} expert-token series; coordinator jobs and heartbeat ages")
 PY
 
 # Job 1's checkpoint at step 110 onto 1 worker and 3 shards.
