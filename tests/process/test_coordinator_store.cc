@@ -4,6 +4,8 @@
 #include <thread>
 
 #include "comm/comm_error.h"
+#include "comm/gloo_communicator.h"
+#include "comm/nccl_unique_id.h"
 #include "tests/process/fakes.h"
 #include "worker/coordinator_store.h"
 
@@ -72,6 +74,44 @@ TEST_F(CoordinatorStoreTest, WaitTimeoutNamesTheMissingKeys) {
   const auto waited = std::chrono::steady_clock::now() - start;
   EXPECT_GE(waited, 250ms);
   EXPECT_LT(waited, 5s);
+}
+
+// What the store is for: Gloo's rendezvous and the NCCL unique id, through the coordinator's RPCs,
+// namespaced by job and epoch. Three ranks, each with its own client.
+TEST_F(CoordinatorStoreTest, GlooRendezvousAndNcclIdGoThroughTheCoordinator) {
+  std::vector<std::string> ids(3), errors(3);
+  std::vector<double> sums(3);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 3; ++r) {
+    ranks.emplace_back([&, r] {
+      try {
+        CoordinatorStore client(server_->address);
+        comm::NamespacedStore store(client, "j7", 2);
+        comm::GlooOptions options;
+        options.timeout = 10s;
+        options.rendezvous_timeout = 20s;
+        auto world = comm::make_gloo_communicator(store, r, 3, options);
+        double x = r + 1;
+        world->allreduce_sum(&x, 1);
+        sums[r] = x;
+        ids[r] = comm::exchange_nccl_unique_id(store, r, "world", 10s,
+                                               [] { return std::string(128, '\x2a'); });
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(errors[r], "") << "rank " << r;
+    EXPECT_EQ(sums[r], 6.0);
+    EXPECT_EQ(ids[r], std::string(128, '\x2a'));
+  }
+  EXPECT_TRUE(coordinator_.kv().count("job/j7/epoch/2/nccl/world/unique_id"));
+  bool gloo_keys = false;
+  for (const auto& [key, value] : coordinator_.kv())
+    gloo_keys |= key.starts_with("job/j7/epoch/2/gloo/");
+  EXPECT_TRUE(gloo_keys);
 }
 
 TEST(CoordinatorStoreUnreachable, FailsQuicklyWithCommErrorNamingTheAddress) {
