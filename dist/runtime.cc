@@ -424,7 +424,7 @@ class ShardRuntime final : public RuntimeBase {
     const size_t DF = static_cast<size_t>(config_.model.d_model) * config_.model.expert_hidden;
     float* p = experts_->params();
     for_each_block([&](int n, int i, size_t a, size_t b, size_t c, size_t) {
-      const size_t e = static_cast<size_t>(experts_->first_expert() + i);
+      const size_t e = static_cast<size_t>(experts_->first_expert()) + static_cast<size_t>(i);
       const LayerOffsets& l = layout.layers[n];
       std::copy_n(full.params() + l.w1 + e * DF, DF, p + a);
       std::copy_n(full.params() + l.w3 + e * DF, DF, p + b);

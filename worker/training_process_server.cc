@@ -132,7 +132,7 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
   grpc::Status status;
   bool broken = false;
   try {
-    std::rethrow_exception(error);
+    std::rethrow_exception(std::move(error));
   } catch (const ConfigError& e) {
     status = invalid(prefix + e.what());
   } catch (const comm::TimeoutError& e) {

@@ -58,7 +58,7 @@ fs::path binary_next_to_me(const std::string& name) {
   std::error_code ec;
   const fs::path self = fs::read_symlink("/proc/self/exe", ec);
   if (ec) throw std::runtime_error("cannot read /proc/self/exe: " + ec.message());
-  const fs::path bin = self.parent_path() / name;
+  fs::path bin = self.parent_path() / name;
   if (access(bin.c_str(), X_OK) != 0) {
     throw std::runtime_error("cannot find " + bin.string() + " (next to " + self.string() +
                              "): build it, e.g. cmake --build " + self.parent_path().string() +
