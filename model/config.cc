@@ -219,6 +219,9 @@ Config parse_config(const std::string& text, const std::string& source) {
   });
   for (auto&& [section, node] : root) {
     std::string sec(section.str());
+    // A job file is a training config plus [job] for `loopmoe submit`, which checks that table
+    // itself (docs/SERVICE.md); the same file trains locally too.
+    if (sec == "job") continue;
     if (!known.count(sec)) fail(source, "unknown section [" + sec + "]");
     if (!node.is_table()) fail(source, "[" + sec + "] must be a table");
     for (auto&& [key, value] : *node.as_table()) {

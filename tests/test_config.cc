@@ -52,6 +52,15 @@ TEST(Config, RejectsBadInputWithOneClearError) {
   expect_error("[train]\nsteps = 10\nwarmup_steps = 20\n", "warmup_steps exceeds");
 }
 
+// A job file (training config + [job] for `loopmoe submit`) also trains locally: [job] is left to
+// the service, and nothing of it reaches the canonical config.
+TEST(Config, JobTableIsLeftToTheService) {
+  const Config c =
+      parse_config("[model]\nn_layers = 3\n[job]\nworkers = 2\nshards = 9\n", "job.toml");
+  EXPECT_EQ(c.model.n_layers, 3);
+  EXPECT_EQ(to_toml(c).find("job"), std::string::npos);
+}
+
 // docs/CONFIG.md documents every key, each as a table row "| `section.key` |".
 TEST(Config, EveryKeyIsDocumented) {
   std::ifstream in(std::string(LOOPMOE_SOURCE_DIR) + "/docs/CONFIG.md");
