@@ -99,6 +99,21 @@ class RuntimeBase : public ProcessRuntime {
     return {norm, coef};
   }
   // A checkpoint file must be of this job's config and of the step the metadata names.
+  // The parts of a step report both roles fill alike.
+  StepReport report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,
+                    Clock::time_point t0) const {
+    StepReport r;
+    r.step = steps_done_;
+    r.loops = loops;
+    r.lr = lr;
+    r.grad_norm = grad_norm;
+    r.num_experts = config_.model.n_experts;
+    r.tokens = static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len;
+    r.alltoall_bytes = a2a.bytes_sent;
+    r.alltoall_seconds = a2a.seconds;
+    r.seconds = seconds_since(t0);
+    return r;
+  }
   void check_resume_file(uint64_t hash, int64_t step, int64_t want_step,
                          const std::string& path) const {
     if (hash != config_hash_) {
@@ -192,9 +207,7 @@ class WorkerRuntime final : public RuntimeBase {
     adam_.step(model_.params(), g, lr, ranges_);
     ++steps_done_;
 
-    StepReport r;
-    r.step = steps_done_;
-    r.loops = loops;
+    StepReport r = report(loops, lr, norm, dispatcher_->stats(), t0);
     double parts[2] = {loss.ce, static_cast<double>(loss.dropped)};
     if (workers_) workers_->allreduce_sum(parts, 2);
     r.ce = parts[0];
@@ -202,19 +215,13 @@ class WorkerRuntime final : public RuntimeBase {
     r.aux = loss.aux;
     r.z = loss.z;
     r.loss = r.ce + config_.model.aux_loss_coef * r.aux + config_.model.z_loss_coef * r.z;
-    r.lr = lr;
-    r.grad_norm = norm;
-    r.tokens = static_cast<int64_t>(B) * T;
-    r.num_experts = config_.model.n_experts;
     if (setup_.rank == 0) {
       for (int a = 0; a < model_.applications(); ++a) {
         const auto& kept = model_.routing(a).batch_kept;
         r.expert_tokens.insert(r.expert_tokens.end(), kept.begin(), kept.end());
       }
     }
-    r.alltoall_bytes = dispatcher_->stats().bytes_sent;
-    r.alltoall_seconds = dispatcher_->stats().seconds;
-    r.seconds = seconds_since(t0);
+    r.seconds = seconds_since(t0);  // the loss reduction included
     return r;
   }
 
@@ -353,17 +360,7 @@ class ShardRuntime final : public RuntimeBase {
     const double lr = learning_rate(config_.train, static_cast<int>(steps_done_));
     adam_->step(experts_->params(), g, lr);
     ++steps_done_;
-    StepReport r;
-    r.step = steps_done_;
-    r.loops = loops;
-    r.lr = lr;
-    r.grad_norm = norm;
-    r.num_experts = config_.model.n_experts;
-    r.tokens = static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len;
-    r.alltoall_bytes = experts_->stats().bytes_sent;
-    r.alltoall_seconds = experts_->stats().seconds;
-    r.seconds = seconds_since(t0);
-    return r;
+    return report(loops, lr, norm, experts_->stats(), t0);
   }
 
   double evaluate(int batches) override {
