@@ -4,6 +4,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -163,8 +164,8 @@ TrainProgress load_checkpoint(const std::string& path, const Config& config, Mod
     throw CheckpointError(path + ": parameter count differs from the model");
   }
   std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
-  opt.m() = std::move(l.m);
-  opt.v() = std::move(l.v);
+  std::copy(l.m.begin(), l.m.end(), opt.m().begin());
+  std::copy(l.v.begin(), l.v.end(), opt.v().begin());
   opt.set_steps_taken(l.header.adam_steps);
   TrainProgress p;
   p.step = l.header.step;

@@ -162,6 +162,7 @@ class WorkerRuntime final : public RuntimeBase {
     // Each worker holds a subtree of the single process's gradient groups (exact when W is a
     // power of two dividing them; see combine_replica_grads).
     model_.set_grad_groups(std::max(1, std::min(config_.train.grad_groups, B) / W));
+    model_.set_remote_experts(true);  // the shards hold them: their pages stay uncommitted here
     model_.init_params(config_.train.seed);
     model_.set_loss_token_count(static_cast<int64_t>(B) * config_.model.seq_len);
     if (setup.resume) load(*setup.resume);
@@ -413,20 +414,28 @@ class ShardRuntime final : public RuntimeBase {
       for (size_t off : {a, b, c}) out.insert(out.end(), src + off, src + off + DF);
     });
   }
-  // The same initial values as a single process: initialise the whole model, keep our experts.
+  // The same initial values as a single process (the one random stream of init_params), without
+  // materialising the model: keep our experts of each w1 / w3 / w2 tensor as it goes by.
   void init_from_model() {
-    Model full(config_.model);
-    full.init_params(config_.train.seed);
-    const ParamLayout& layout = full.layout();
+    const ParamLayout layout(config_.model);
     const size_t DF = static_cast<size_t>(config_.model.d_model) * config_.model.expert_hidden;
+    const size_t first = static_cast<size_t>(experts_->first_expert());
     float* p = experts_->params();
-    for_each_block([&](int n, int i, size_t a, size_t b, size_t c, size_t) {
-      const size_t e = static_cast<size_t>(experts_->first_expert()) + static_cast<size_t>(i);
-      const LayerOffsets& l = layout.layers[n];
-      std::copy_n(full.params() + l.w1 + e * DF, DF, p + a);
-      std::copy_n(full.params() + l.w3 + e * DF, DF, p + b);
-      std::copy_n(full.params() + l.w2 + e * DF, DF, p + c);
-    });
+    visit_initial_params(config_.model, layout, config_.train.seed, is_expert_tensor,
+                         [&](const ParamTensor& t, const float* values) {
+                           for (int n = 0; n < experts_->num_layers(); ++n) {
+                             const LayerOffsets& l = layout.layers[n];
+                             for (int i = 0; i < experts_->num_local_experts(); ++i) {
+                               const float* src = values + (first + static_cast<size_t>(i)) * DF;
+                               if (t.offset == l.w1)
+                                 std::copy_n(src, DF, p + experts_->w1_offset(n, i));
+                               if (t.offset == l.w3)
+                                 std::copy_n(src, DF, p + experts_->w3_offset(n, i));
+                               if (t.offset == l.w2)
+                                 std::copy_n(src, DF, p + experts_->w2_offset(n, i));
+                             }
+                           }
+                         });
   }
   // Any number of shard files may hold our experts (the checkpoint may come from a different
   // shard count): take each owned (layer, expert) from the file whose range holds it.

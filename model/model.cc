@@ -28,8 +28,8 @@ void set_num_threads(int threads) {
 }
 
 Model::Model(const ModelConfig& config) : config_(config), layout_(config), moe_(config) {
-  params_.assign(layout_.size(), 0.f);
-  grads_.assign(layout_.size(), 0.f);
+  params_.resize(layout_.size());
+  grads_.resize(layout_.size());
   for (const LayerOffsets& l : layout_.layers) {
     attn_norms_.emplace_back(config_, l.attn_norm);
     ffn_norms_.emplace_back(config_, l.ffn_norm);
@@ -38,10 +38,7 @@ Model::Model(const ModelConfig& config) : config_(config), layout_(config), moe_
       std::make_unique<LocalDispatcher>(config_, layout_, params_.data(), grads_.data());
   dispatcher_ = local_dispatcher_.get();
   for (const ParamTensor& t : layout_.tensors()) {
-    const bool expert =
-        t.name.size() > 7 &&
-        (t.name.ends_with(".moe.w1") || t.name.ends_with(".moe.w3") || t.name.ends_with(".moe.w2"));
-    if (expert) continue;
+    if (is_expert_tensor(t)) continue;
     if (!replica_ranges_.empty() &&
         replica_ranges_.back().first + replica_ranges_.back().second == t.offset) {
       replica_ranges_.back().second += t.numel();
@@ -55,33 +52,55 @@ Model::~Model() = default;
 
 void Model::set_dispatcher(Dispatcher* d) { dispatcher_ = d ? d : local_dispatcher_.get(); }
 
-void Model::zero_grad() { std::memset(grads_.data(), 0, grads_.size() * sizeof(float)); }
+void Model::zero_grad() {
+  if (!remote_experts_) {
+    std::memset(grads_.data(), 0, grads_.size() * sizeof(float));
+    return;
+  }
+  for (const auto& [offset, n] : replica_ranges_) std::fill_n(grads_.data() + offset, n, 0.f);
+}
 
-void Model::init_params(uint64_t seed) {
+bool is_expert_tensor(const ParamTensor& t) {
+  return t.name.ends_with(".moe.w1") || t.name.ends_with(".moe.w3") || t.name.ends_with(".moe.w2");
+}
+
+void visit_initial_params(const ModelConfig& config, const ParamLayout& layout, uint64_t seed,
+                          const std::function<bool(const ParamTensor&)>& want,
+                          const std::function<void(const ParamTensor&, const float*)>& visit) {
   Rng rng(seed);
-  const double std = config_.init_std;
-  const double out_std = std / std::sqrt(2.0 * config_.depth());
-  for (const ParamTensor& t : layout_.tensors()) {
-    float* p = params_.data() + t.offset;
+  const double std = config.init_std;
+  const double out_std = std / std::sqrt(2.0 * config.depth());
+  std::vector<float> values;
+  for (const ParamTensor& t : layout.tensors()) {
     const std::string& n = t.name;
-    auto ends = [&](const char* suffix) {
-      const size_t len = std::strlen(suffix);
-      return n.size() >= len && n.compare(n.size() - len, len, suffix) == 0;
-    };
     double s = 0, fill = 0;
-    if (ends(".weight")) {
+    if (n.ends_with(".weight")) {
       fill = 1;
-    } else if (ends("iter_b1") || ends("iter_b2") || ends("mod_w") || ends("mod_b")) {
+    } else if (n.ends_with("iter_b1") || n.ends_with("iter_b2") || n.ends_with("mod_w") ||
+               n.ends_with("mod_b")) {
       fill = 0;
-    } else if (ends("attn.wo") || ends("moe.w2")) {
+    } else if (n.ends_with("attn.wo") || n.ends_with("moe.w2")) {
       s = out_std;
     } else {
       s = std;
     }
+    const bool keep = want(t);
+    if (keep) values.resize(t.numel());
     for (size_t i = 0; i < t.numel(); ++i) {
-      p[i] = s > 0 ? static_cast<float>(s * rng.normal()) : static_cast<float>(fill);
+      const float v = s > 0 ? static_cast<float>(s * rng.normal()) : static_cast<float>(fill);
+      if (keep) values[i] = v;
     }
+    if (keep) visit(t, values.data());
   }
+}
+
+void Model::init_params(uint64_t seed) {
+  visit_initial_params(
+      config_, layout_, seed,
+      [&](const ParamTensor& t) { return !(remote_experts_ && is_expert_tensor(t)); },
+      [&](const ParamTensor& t, const float* v) {
+        std::copy_n(v, t.numel(), params_.data() + t.offset);
+      });
 }
 
 void Model::attention_forward(Application& a, int layer, int B, int T) {
@@ -162,6 +181,9 @@ double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
 
 LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T,
                          const ForwardOptions& options) {
+  if (remote_experts_ && dispatcher_ == local_dispatcher_.get()) {
+    throw std::logic_error("Model::forward: the experts are remote but no dispatcher is set");
+  }
   const int S = B * T, D = config_.d_model, V = config_.vocab_size, N = config_.n_layers;
   const int R = options.loops < 0 ? config_.n_loops : options.loops;
   const bool halting = options.halt_threshold > 0;

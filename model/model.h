@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "model/moe_layer.h"
 #include "model/ops.h"
 #include "model/param_layout.h"
+#include "model/zero_page_allocator.h"
 
 namespace loopmoe {
 
@@ -47,6 +49,11 @@ class Model {
   // Fills parameters per docs/MODEL.md "Initialisation" from `seed` (bit-reproducible).
   void init_params(uint64_t seed);
   void zero_grad();
+  // The experts live elsewhere (the expert shards of the distributed service): init_params and
+  // zero_grad leave their tensors untouched (zero, and never committed to memory: the buffers
+  // are ZeroPageVectors), and forward() refuses to run them through the local dispatcher. Call
+  // before init_params.
+  void set_remote_experts(bool remote) { remote_experts_ = remote; }
 
   // Experts run through `dispatcher` (default: a LocalDispatcher over this model's buffers).
   void set_dispatcher(Dispatcher* dispatcher);
@@ -98,7 +105,7 @@ class Model {
 
   ModelConfig config_;
   ParamLayout layout_;
-  std::vector<float> params_, grads_;
+  ZeroPageVector<float> params_, grads_;
   std::vector<NormBlock> attn_norms_, ffn_norms_;
   MoeLayer moe_;
   std::unique_ptr<Dispatcher> local_dispatcher_;
@@ -118,10 +125,21 @@ class Model {
   bool halted_forward_ = false;
   int64_t loss_tokens_ = 0;
   int grad_groups_ = 1;
+  bool remote_experts_ = false;
   std::vector<std::pair<size_t, size_t>> replica_ranges_;
   std::unique_ptr<float[]> group_grads_;  // [groups][num_params]; only replica ranges touched
   int group_grads_capacity_ = 0;          // groups the buffer holds
 };
+
+// The initial parameter values of init_params, tensor by tensor in layout order: visit(tensor,
+// values) for every tensor `want` accepts (values: its numel() floats); the random draws of the
+// others are made and dropped, so every value equals init_params's. One tensor in memory at a
+// time: an expert shard initialises its experts without materialising the model.
+void visit_initial_params(const ModelConfig& config, const ParamLayout& layout, uint64_t seed,
+                          const std::function<bool(const ParamTensor&)>& want,
+                          const std::function<void(const ParamTensor&, const float*)>& visit);
+// Whether a tensor holds expert weights (w1, w3, w2 of a layer's experts).
+bool is_expert_tensor(const ParamTensor& tensor);
 
 // Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.
 void set_num_threads(int threads);

@@ -46,14 +46,19 @@ double clip_grad_norm(float* g, size_t n, double max_norm) {
 }
 
 AdamW::AdamW(const ParamLayout& layout, const TrainConfig& train)
-    : train_(train), m_(layout.size(), 0.f), v_(layout.size(), 0.f), decay_(layout.size(), 0) {
+    : train_(train), decay_(layout.size(), 0) {
+  m_.resize(layout.size());
+  v_.resize(layout.size());
   for (const ParamTensor& t : layout.tensors()) {
     if (t.shape.size() >= 2) std::fill_n(decay_.begin() + t.offset, t.numel(), 1);
   }
 }
 
 AdamW::AdamW(std::vector<uint8_t> decay, const TrainConfig& train)
-    : train_(train), m_(decay.size(), 0.f), v_(decay.size(), 0.f), decay_(std::move(decay)) {}
+    : train_(train), decay_(std::move(decay)) {
+  m_.resize(decay_.size());
+  v_.resize(decay_.size());
+}
 
 void AdamW::step(float* p, const float* g, double lr) { step(p, g, lr, {{0, m_.size()}}); }
 

@@ -7,6 +7,7 @@
 
 #include "model/config.h"
 #include "model/param_layout.h"
+#include "model/zero_page_allocator.h"
 
 namespace loopmoe {
 
@@ -33,13 +34,14 @@ class AdamW {
             const std::vector<std::pair<size_t, size_t>>& ranges);
 
   int64_t steps_taken() const { return t_; }
-  std::vector<float>& m() { return m_; }
-  std::vector<float>& v() { return v_; }
+  ZeroPageVector<float>& m() { return m_; }
+  ZeroPageVector<float>& v() { return v_; }
   void set_steps_taken(int64_t t) { t_ = t; }
 
  private:
   TrainConfig train_;
-  std::vector<float> m_, v_;
+  // Untouched ranges (a worker's experts) stay uncommitted: see zero_page_allocator.h.
+  ZeroPageVector<float> m_, v_;
   std::vector<uint8_t> decay_;  // per parameter: weight decay applies (tensor rank >= 2)
   int64_t t_ = 0;
 };

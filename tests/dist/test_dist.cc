@@ -3,6 +3,8 @@
 // single-process trainer's loss curve; resume is bit-exact, also onto another shard count; a
 // router that sends everything to one expert does not hang anything.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <fstream>
@@ -20,6 +22,7 @@
 #include "model/error.h"
 #include "model/local_dispatcher.h"
 #include "model/model.h"
+#include "model/optimizer.h"
 #include "model/param_layout.h"
 #include "model/rng.h"
 #include "tests/tiny_run.h"
@@ -273,6 +276,53 @@ void check_dispatchers_agree(bool all_to_one) {
 
 TEST(CollectiveDispatcher, EqualsLocalDispatcher) { check_dispatchers_agree(false); }
 TEST(CollectiveDispatcher, EverySlotToOneExpertDoesNotHang) { check_dispatchers_agree(true); }
+
+// Resident pages of [p, p + n) floats, counting only pages wholly inside it.
+size_t resident_pages(const float* p, size_t n) {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n) / page * page;
+  if (end <= begin) return 0;
+  std::vector<unsigned char> vec((end - begin) / page);
+  if (mincore(reinterpret_cast<void*>(begin), end - begin, vec.data()) != 0) return SIZE_MAX;
+  size_t resident = 0;
+  for (unsigned char v : vec) resident += v & 1;
+  return resident;
+}
+
+// A worker's model never commits the experts' memory (the shards hold them); one process's does.
+TEST(RemoteExperts, WorkerNeverCommitsExpertPages) {
+  const ModelConfig c =
+      load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/loopmoe_tiny.toml").model;
+  TrainConfig tc;
+  for (bool remote : {true, false}) {
+    Model m(c);
+    m.set_remote_experts(remote);
+    m.init_params(1);
+    m.zero_grad();
+    AdamW adam(m.layout(), tc);
+    adam.step(m.params(), m.grads(), 1e-3, m.replica_ranges());
+    size_t expert_pages = 0, replica_pages = 0;
+    for (const ParamTensor& t : m.layout().tensors()) {
+      size_t& count = is_expert_tensor(t) ? expert_pages : replica_pages;
+      const float* const buffers[] = {m.params(), m.grads(), adam.m().data(), adam.v().data()};
+      for (const float* base : buffers) {
+        count += resident_pages(base + t.offset, t.numel());
+      }
+    }
+    EXPECT_GT(replica_pages, 0u);
+    if (remote) {
+      EXPECT_EQ(expert_pages, 0u);
+    } else {
+      EXPECT_GT(expert_pages, 0u);  // the control: the test can tell
+    }
+  }
+  Model m(c);
+  m.set_remote_experts(true);
+  m.init_params(1);
+  std::vector<int32_t> tokens(c.seq_len, 1);
+  EXPECT_THROW(m.forward(tokens.data(), tokens.data(), 1, c.seq_len), std::logic_error);
+}
 
 TEST(ExpertPartition, CoversEveryExpertOnce) {
   for (int E : {1, 5, 8, 41}) {
