@@ -60,18 +60,31 @@ TOML
 "$build/loopmoe" train --config "$tmp/job.toml" --out "$tmp/single" --no-progress \
   > "$tmp/single.log" 2>&1 || fail "single-process train"
 
-port=$(free_port)
-addr=127.0.0.1:$port
-coord_metrics=$(free_port)
-"$build/loopmoe-coordinator" --listen "$addr" --data-dir "$tmp/coord" --heartbeat-timeout-ms 3000 \
-  --metrics-listen "127.0.0.1:$coord_metrics" > "$tmp/coordinator.log" 2>&1 &
+# logged_address LOG PATTERN: the HOST:PORT a process logged after PATTERN (every server here
+# listens on port 0, so the kernel picks free ports and nothing races for them).
+logged_address() {
+  local a=""
+  for _ in $(seq 200); do
+    a=$(grep -oE "$2[0-9.]+:[0-9]+" "$1" 2>/dev/null | head -1 | grep -oE '[0-9.]+:[0-9]+$')
+    [ -n "$a" ] && break
+    sleep 0.05
+  done
+  [ -n "$a" ] || fail "no address after '$2' in $1"
+  echo "$a"
+}
+"$build/loopmoe-coordinator" --listen 127.0.0.1:0 --data-dir "$tmp/coord" --heartbeat-timeout-ms 3000 \
+  --metrics-listen 127.0.0.1:0 > "$tmp/coordinator.log" 2>&1 &
 pids+=($!)
+addr=$(logged_address "$tmp/coordinator.log" "listening on ")
+coord_metrics=$(logged_address "$tmp/coordinator.log" "metrics on http://" | cut -d: -f2)
 for i in 0 1 2; do
-  worker_metrics[$i]=$(free_port)
-  "$build/loopmoe-worker" --coordinator "$addr" --metrics-listen "127.0.0.1:${worker_metrics[$i]}" \
+  "$build/loopmoe-worker" --coordinator "$addr" --metrics-listen 127.0.0.1:0 \
     > "$tmp/worker$i.log" 2>&1 &
   pids+=($!)
   worker_pid[$i]=$!
+done
+for i in 0 1 2; do
+  worker_metrics[$i]=$(logged_address "$tmp/worker$i.log" "metrics on http://" | cut -d: -f2)
 done
 for i in 0 1 2; do
   "$build/loopmoe-expert-shard" --coordinator "$addr" > "$tmp/shard$i.log" 2>&1 &
@@ -160,12 +173,12 @@ run_dir="$tmp/coord/jobs/$job"
 result=$(curve_equal "$run_dir/metrics.jsonl" 1) || fail "loss curves differ: $result"
 echo "ok   worker killed and replaced: $result"
 
-# Prometheus metrics of the real processes after the job: a surviving worker of job 1 (it ran
-# steps 11-120 after the restart) and the coordinator.
+# Prometheus metrics of the real processes after the job: worker 0 of job 1's restarted run (it
+# ran the steps after the restart; worker 0 is the one that reports tokens per expert) and the
+# coordinator.
 survivor=""
 for i in 0 1 2; do
-  [ "$i" = "$killed" ] && continue
-  grep -q "of job $job: joined (epoch 1" "$tmp/worker$i.log" && survivor=$i && break
+  grep -q "worker 0 of job $job: joined (epoch 1" "$tmp/worker$i.log" && survivor=$i && break
 done
 [ -n "$survivor" ] || fail "no worker of the restarted run"
 resumed_at=$(grep -oE "resuming from step [0-9]+" "$tmp/job.log" | head -1 | grep -oE '[0-9]+$')
@@ -215,7 +228,7 @@ echo "ok   shard killed and replaced: $result"
 
 # loopmoe cluster up: real workers and shards, a job to completion, clean stop on SIGINT.
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-port=$(free_port)
+port=$(free_port)  # the only pre-picked port: nothing else is starting now
 export LOOPMOE_COORDINATOR=127.0.0.1:$port
 sed -i 's/^steps = 120/steps = 12/' "$tmp/job.toml"
 "$build/loopmoe" cluster up --workers 2 --shards 2 --port "$port" --dir "$tmp/cluster" \

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -36,23 +37,6 @@ struct Child {
   pid_t pid = -1;
   bool exited = false;
 };
-
-// A port the kernel says is free now (bound and released; another process could take it first,
-// which the child then reports in its log).
-int free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof sa;
-  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0) {
-    if (fd >= 0) close(fd);
-    throw std::runtime_error(std::string("cannot find a free port: ") + std::strerror(errno));
-  }
-  close(fd);
-  return ntohs(sa.sin_port);
-}
 
 fs::path binary_next_to_me(const std::string& name) {
   std::error_code ec;
@@ -205,18 +189,46 @@ void cluster_up(const Options& o) {
                       (dir / "coordinator").string()});
   wait_healthy(children[0], std::chrono::seconds(20));
 
+  // Workers and shards take a free port of the kernel's choosing (port 0; no race with other
+  // processes picking ports) and name it in their first log line.
+  auto wait_address = [&](Child& c, std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      std::string how;
+      if (Child* gone = reap(children, &how)) {
+        fail(gone->name + " (pid " + std::to_string(gone->pid) + ") " + how +
+             " while starting; its log: " + gone->log.string());
+      }
+      std::ifstream log(c.log);
+      std::string line;
+      while (std::getline(log, line)) {
+        const size_t at = line.find(" listening on ");
+        if (at == std::string::npos) continue;
+        const size_t begin = at + std::strlen(" listening on ");
+        c.address = line.substr(begin, line.find(' ', begin) - begin);
+        return;
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        fail(c.name + " did not report its address within " + std::to_string(timeout.count()) +
+             " s; its log: " + c.log.string());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  };
   for (int i = 0; i < o.workers + o.shards; ++i) {
     const bool worker = i < o.workers;
     Child c;
     c.name = worker ? "worker-" + std::to_string(i) : "shard-" + std::to_string(i - o.workers);
-    c.address = "127.0.0.1:" + std::to_string(free_port());
     c.metrics = metrics_for(1 + i);
     start(c, {(worker ? worker_bin : shard_bin).string(), "--coordinator", coordinator.address,
-              "--listen", c.address});
+              "--listen", "127.0.0.1:0"});
   }
   // A process's server is up before it registers, and it registers within a heartbeat; waiting
   // for every server to answer health is the readiness the service gives us without a new RPC.
-  for (size_t i = 1; i < children.size(); ++i) wait_healthy(children[i], std::chrono::seconds(60));
+  for (size_t i = 1; i < children.size(); ++i) {
+    wait_address(children[i], std::chrono::seconds(60));
+    wait_healthy(children[i], std::chrono::seconds(60));
+  }
 
   std::printf("cluster up (Ctrl-C stops it):\n");
   for (const Child& c : children) {
