@@ -21,7 +21,10 @@
 namespace loopmoe::dist {
 
 enum class Role { kWorker, kExpertShard };
-const char* to_string(Role role);
+// For messages: "worker" / "expert shard". Inline, so the process servers' tests need no runtime.
+inline const char* to_string(Role role) {
+  return role == Role::kWorker ? "worker" : "expert shard";
+}
 
 // One file of a checkpoint: a worker's replica (non-expert parameters and AdamW state) or a shard's
 // experts (keyed by global expert id, so a job can resume onto a different number of shards).

@@ -31,8 +31,6 @@
 
 namespace loopmoe::dist {
 
-const char* to_string(Role role) { return role == Role::kWorker ? "worker" : "expert shard"; }
-
 namespace {
 
 namespace fs = std::filesystem;

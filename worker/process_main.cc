@@ -108,8 +108,8 @@ void ProcessHost::start() {
     if (!retryable(status)) {
       stop();
       throw std::runtime_error("the coordinator at " + options_.coordinator +
-                               " refused to register this " + role_text(options_.role) + ": " +
-                               status.error_message());
+                               " refused to register this " + dist::to_string(options_.role) +
+                               ": " + status.error_message());
     }
     if (Clock::now() + milliseconds(200) >= deadline) {
       stop();
@@ -268,8 +268,8 @@ int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory)
     std::fprintf(stderr, "error: %s: %s\n", program.c_str(), e.what());
     return 1;
   }
-  std::printf("%s listening on %s (coordinator %s)\n", role_text(role), host.address().c_str(),
-              options.coordinator.c_str());
+  std::printf("%s listening on %s (coordinator %s)\n", dist::to_string(role),
+              host.address().c_str(), options.coordinator.c_str());
   if (!host.metrics_address().empty()) {
     std::printf("metrics on http://%s/metrics\n", host.metrics_address().c_str());
   }

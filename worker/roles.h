@@ -1,6 +1,5 @@
-// Conversions between the runtime's dist::Role, the proto's loopmoe.v1.Role and their names.
-// (dist::to_string lives in loopmoe_dist; this library must not depend on it, so that its tests
-// run against a fake runtime.)
+// Conversions between the runtime's dist::Role, the proto's loopmoe.v1.Role and metric labels
+// (names for messages: dist::to_string).
 #pragma once
 
 #include <optional>
@@ -13,11 +12,6 @@ namespace loopmoe::process {
 // Metric label value and command-line spelling: "worker" / "expert_shard".
 inline const char* role_label(dist::Role role) {
   return role == dist::Role::kWorker ? "worker" : "expert_shard";
-}
-
-// For messages: "worker" / "expert shard".
-inline const char* role_text(dist::Role role) {
-  return role == dist::Role::kWorker ? "worker" : "expert shard";
 }
 
 inline loopmoe::v1::Role to_proto(dist::Role role) {

@@ -100,7 +100,7 @@ std::optional<std::string> TrainingProcessServer::current_job() const {
 }
 
 std::string TrainingProcessServer::who_locked() const {
-  std::string who(role_text(options_.role));
+  std::string who(dist::to_string(options_.role));
   if (job_)
     who.append(" ").append(std::to_string(job_->rank)).append(" of job ").append(job_->job_id);
   return who;
@@ -109,8 +109,8 @@ std::string TrainingProcessServer::who_locked() const {
 grpc::Status TrainingProcessServer::check_job_locked(const std::string& job_id,
                                                      const char* rpc) const {
   if (!job_) {
-    return precondition(std::string(role_text(options_.role)) + ": " + rpc + " for job '" + job_id +
-                        "' but this process is in no job (not configured, or it left " +
+    return precondition(std::string(dist::to_string(options_.role)) + ": " + rpc + " for job '" +
+                        job_id + "' but this process is in no job (not configured, or it left " +
                         "after a failure)");
   }
   if (job_id != job_->job_id) {
@@ -230,7 +230,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
     job->runtime = options_.factory(setup);
   } catch (...) {
     // Still idle: job_ is only set once the runtime exists.
-    return runtime_failure_locked(std::string(role_text(options_.role)) + " " +
+    return runtime_failure_locked(std::string(dist::to_string(options_.role)) + " " +
                                       std::to_string(setup.rank) + " of job " + job_id,
                                   "joining", std::current_exception());
   }
