@@ -299,12 +299,11 @@ void Model::backward() {
   const int G = std::min(grad_groups_, B);
   ops::GradGroups<float> gg = ops::GradGroups<float>::single(grads_.data(), S);
   if (G > 1) {
-    if (group_grads_capacity_ < G) {
-      // Not value-initialised: the pages of expert ranges are never touched, so never committed.
-      group_grads_.reset(new float[static_cast<size_t>(G) * layout_.size()]);
-      group_grads_capacity_ = G;
-    }
-    gg = {group_grads_.get(), layout_.size(), G, B, T};
+    const size_t size = static_cast<size_t>(G) * layout_.size();
+    // A fresh buffer rather than resize(), which would copy (and so commit) the old one: the
+    // pages of expert ranges are never touched, so never committed.
+    if (group_grads_.size() < size) group_grads_ = ZeroPageVector<float>(size);
+    gg = {group_grads_.data(), layout_.size(), G, B, T};
     for (int grp = 0; grp < G; ++grp) {
       for (const auto& [offset, n] : replica_ranges_) std::fill_n(gg.at(grp) + offset, n, 0.f);
     }

@@ -127,8 +127,7 @@ class Model {
   int grad_groups_ = 1;
   bool remote_experts_ = false;
   std::vector<std::pair<size_t, size_t>> replica_ranges_;
-  std::unique_ptr<float[]> group_grads_;  // [groups][num_params]; only replica ranges touched
-  int group_grads_capacity_ = 0;          // groups the buffer holds
+  ZeroPageVector<float> group_grads_;  // [groups][num_params]; only replica ranges touched
 };
 
 // The initial parameter values of init_params, tensor by tensor in layout order: visit(tensor,
