@@ -96,7 +96,6 @@ class RuntimeBase : public ProcessRuntime {
     }
     return {norm, coef};
   }
-  // A checkpoint file must be of this job's config and of the step the metadata names.
   // The parts of a step report both roles fill alike.
   StepReport report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,
                     Clock::time_point t0) const {
@@ -112,6 +111,7 @@ class RuntimeBase : public ProcessRuntime {
     r.seconds = seconds_since(t0);
     return r;
   }
+  // A checkpoint file must be of this job's config and of the step the metadata names.
   void check_resume_file(uint64_t hash, int64_t step, int64_t want_step,
                          const std::string& path) const {
     if (hash != config_hash_) {
@@ -188,20 +188,17 @@ class WorkerRuntime final : public RuntimeBase {
     const LossParts loss =
         model_.forward(batch_in_.data() + first, batch_tg_.data() + first, Bw, T, loops);
     model_.backward();
-    // Replica gradients: each worker's covers its slice, scaled by the global token count.
+    // Replica gradients, packed once: each worker's covers its slice, scaled by the global token
+    // count; combined over the workers, worker 0's share of the global norm, clipped, unpacked.
     float* g = model_.grads();
-    if (workers_) combine_replica_grads(g);
-    double local = 0;
-    if (setup_.rank == 0) {
-      pack(g, packed_);
-      local = sum_of_squares(packed_.data(), packed_.size());
-    }
-    const auto [norm, coef] = global_clip(local);
+    pack(g, packed_);
+    if (workers_) combine_replica_grads();
+    const auto [norm, coef] =
+        global_clip(setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0);
     if (coef != 1.f) {
-      for (const auto& [offset, n] : ranges_) {
-        for (size_t i = 0; i < n; ++i) g[offset + i] *= coef;
-      }
+      for (float& x : packed_) x *= coef;
     }
+    unpack(packed_, g);
     const double lr = learning_rate(tc, static_cast<int>(steps_done_));
     adam_.step(model_.params(), g, lr, ranges_);
     ++steps_done_;
@@ -261,13 +258,13 @@ class WorkerRuntime final : public RuntimeBase {
   data::SamplerState sampler_state() const override { return sampler_.state(); }
 
  private:
-  // Sum of the workers' replica gradients in the pairwise tree over workers that continues the
-  // tree each worker ran over its own gradient groups, so the result is the single process's.
-  // Two workers: an all-reduce adds a + b (the same bits in either order). More: every worker
-  // gathers all partial sums (an all-reduce of zero-padded slots, exact) and runs the tree.
-  void combine_replica_grads(float* g) {
+  // packed_ becomes the sum of the workers' replica gradients in the pairwise tree over workers
+  // that continues the tree each worker ran over its own gradient groups, so the result is the
+  // single process's. Two workers: an all-reduce adds a + b (the same bits in either order). More:
+  // every worker gathers all partial sums (an all-reduce of zero-padded slots, exact) and runs the
+  // tree.
+  void combine_replica_grads() {
     const int W = setup_.num_workers;
-    pack(g, packed_);
     if (W == 2) {
       workers_->allreduce_sum(packed_.data(), packed_.size());
     } else {
@@ -279,7 +276,6 @@ class WorkerRuntime final : public RuntimeBase {
       ops::tree_sum_groups(gathered_.data(), n, W, {{0, n}});
       std::copy_n(gathered_.begin(), n, packed_.begin());
     }
-    unpack(packed_, g);
   }
   void pack(const float* src, std::vector<float>& out) const {
     out.resize(replica_size_);
@@ -297,7 +293,7 @@ class WorkerRuntime final : public RuntimeBase {
     }
   }
   void load(const ResumePoint& resume) {
-    // Workers are replicas: this rank's file if the checkpoint has one, else worker 0's.
+    // Workers are replicas: this rank's file if the checkpoint has one, else any worker's.
     const CheckpointFileRef* pick = nullptr;
     for (const CheckpointFileRef& f : resume.files) {
       if (f.role != Role::kWorker) continue;
@@ -322,7 +318,7 @@ class WorkerRuntime final : public RuntimeBase {
   Model model_;
   AdamW adam_;
   data::BatchSampler sampler_;
-  std::vector<std::pair<size_t, size_t>> ranges_;
+  const std::vector<std::pair<size_t, size_t>>& ranges_;  // the model's replica ranges
   size_t replica_size_ = 0;
   int row_begin_ = 0, row_end_ = 0;  // this worker's rows of the global batch
   std::unique_ptr<comm::Communicator> workers_;
@@ -441,9 +437,16 @@ class ShardRuntime final : public RuntimeBase {
     std::vector<uint8_t> found(
         static_cast<size_t>(experts_->num_layers()) * experts_->num_local_experts(), 0);
     int64_t adam_steps = -1;
+    // The writing shards' ranges follow from their count: read only the files that overlap ours.
+    int old_shards = 0;
+    for (const CheckpointFileRef& f : resume.files) old_shards += f.role == Role::kExpertShard;
+    const int lo = experts_->first_expert(), hi = lo + experts_->num_local_experts();
     for (const CheckpointFileRef& f : resume.files) {
       if (f.role != Role::kExpertShard) continue;
-      const int lo = experts_->first_expert(), hi = lo + experts_->num_local_experts();
+      if (f.rank >= 0 && f.rank < old_shards && old_shards <= config_.model.n_experts) {
+        const ExpertPartition old(config_.model.n_experts, old_shards);
+        if (old.end(f.rank) <= lo || old.begin(f.rank) >= hi) continue;
+      }
       const ShardCheckpoint c = read_shard_checkpoint(f.path, f.xxh64);
       check_resume_file(c.config_hash, c.step, resume.step, f.path);
       if (c.num_layers != experts_->num_layers() ||
@@ -453,7 +456,7 @@ class ShardRuntime final : public RuntimeBase {
       adam_steps = c.adam_steps;
       for_each_block([&](int n, int i, size_t a, size_t b, size_t cc, size_t DF) {
         const int e = lo + i;
-        if (e < c.first_expert || e >= c.first_expert + c.num_experts || e >= hi) return;
+        if (e < c.first_expert || e >= c.first_expert + c.num_experts) return;
         const size_t src =
             (static_cast<size_t>(n) * c.num_experts + (e - c.first_expert)) * c.floats_per_expert;
         const std::vector<float>* from[3] = {&c.params, &c.m, &c.v};
