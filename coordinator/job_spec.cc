@@ -9,6 +9,7 @@
 #include <string>
 
 #include "model/error.h"
+#include "model/rng.h"
 #include "model/toml_util.h"
 
 namespace loopmoe::service {
@@ -16,13 +17,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& source, const std::string& what) {
   throw ConfigError(source + ": " + what);
-}
-
-// splitmix64's output for state `x` (model/rng.h's step without the increment).
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
 }
 
 int64_t next_multiple(int64_t done, int64_t interval) { return (done / interval + 1) * interval; }
@@ -82,8 +76,10 @@ int loops_for_step(const v1::LoopSchedule& schedule, int n_loops, int64_t step) 
       return schedule.loops(static_cast<int>(step % schedule.loops_size()));
     case v1::LoopSchedule::UNIFORM: {
       const uint64_t span = static_cast<uint64_t>(schedule.max_loops()) - schedule.min_loops() + 1;
+      // The splitmix64 stream of model/rng.h entered at draw `step`: the state after `step` draws
+      // from `seed` is seed + step·0x9E3779B97F4A7C15, and its next output is the documented z.
       const uint64_t z =
-          mix64(schedule.seed() + (static_cast<uint64_t>(step) + 1) * 0x9E3779B97F4A7C15ull);
+          Rng(schedule.seed() + static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull).next_u64();
       return schedule.min_loops() + static_cast<int>(z % span);
     }
     default:
