@@ -97,8 +97,11 @@ void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
   std::copy(stats.assigned.begin(), stats.assigned.end(),
             counts.begin() + static_cast<ptrdiff_t>(me) * (E + 1) + 1);
   workers_->allreduce_sum(counts.data(), counts.size());
-  std::vector<double> sums(stats.prob_sum);
-  sums.push_back(stats.lse_sq_sum);
+  // Fixed-point sums (units, invalid) of the E probabilities and of lse^2: integers, so the
+  // reduction gives the single process's sums bit for bit.
+  std::vector<int64_t> sums;
+  for (const ops::LossSum& s : stats.prob_sum) sums.insert(sums.end(), {s.units, s.invalid});
+  sums.insert(sums.end(), {stats.lse_sq_sum.units, stats.lse_sq_sum.invalid});
   workers_->allreduce_sum(sums.data(), sums.size());
 
   stats.tokens = 0;
@@ -112,8 +115,11 @@ void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
       if (w < me) stats.preceding[e] += row[1 + e];
     }
   }
-  std::copy_n(sums.begin(), E, stats.prob_sum.begin());
-  stats.lse_sq_sum = sums[E];
+  for (int e = 0; e <= E; ++e) {
+    ops::LossSum& s = e < E ? stats.prob_sum[e] : stats.lse_sq_sum;
+    s.units = sums[2 * static_cast<size_t>(e)];
+    s.invalid = sums[2 * static_cast<size_t>(e) + 1];
+  }
 }
 
 }  // namespace loopmoe::dist

@@ -204,10 +204,12 @@ class WorkerRuntime final : public RuntimeBase {
     ++steps_done_;
 
     StepReport r = report(loops, lr, norm, dispatcher_->stats(), t0);
-    double parts[2] = {loss.ce, static_cast<double>(loss.dropped)};
-    if (workers_) workers_->allreduce_sum(parts, 2);
-    r.ce = parts[0];
-    r.dropped = static_cast<int64_t>(parts[1]);
+    // The cross-entropy sums are integers (ops::LossSum), so adding the workers' gives the single
+    // process's sum bit for bit.
+    int64_t parts[3] = {loss.ce_sum.units, loss.ce_sum.invalid, loss.dropped};
+    if (workers_) workers_->allreduce_sum(parts, 3);
+    r.ce = ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
+    r.dropped = parts[2];
     r.aux = loss.aux;
     r.z = loss.z;
     r.loss = r.ce + config_.model.aux_loss_coef * r.aux + config_.model.z_loss_coef * r.z;
@@ -230,9 +232,10 @@ class WorkerRuntime final : public RuntimeBase {
     double total = 0;
     for (int i = 0; i < batches; ++i) {
       val.next(in.data(), tg.data());
-      double ce = model_.forward(in.data() + first, tg.data() + first, Bw, T).ce;
-      if (workers_) workers_->allreduce_sum(&ce, 1);
-      total += ce;
+      const ops::LossSum sum = model_.forward(in.data() + first, tg.data() + first, Bw, T).ce_sum;
+      int64_t parts[2] = {sum.units, sum.invalid};
+      if (workers_) workers_->allreduce_sum(parts, 2);
+      total += ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
     }
     return batches > 0 ? total / batches : 0.0;
   }

@@ -176,7 +176,8 @@ double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
     ops::matmul_forward(logits.data(), h.data(), p + layout_.lm_head,
                         static_cast<const float*>(nullptr), S, D, V);
   }
-  return ops::crossentropy_forward(probs.data(), logits.data(), targets, S, V);
+  // The same fixed-point sum as forward(), so a logit-lens loss equals the validation loss exactly.
+  return ops::crossentropy_forward_sum(probs.data(), logits.data(), targets, S, V).value() / S;
 }
 
 LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T,
@@ -282,8 +283,9 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
   }
   if (targets != nullptr) {
     probs_.resize(logits_.size());
-    loss.ce = ops::crossentropy_forward(probs_.data(), logits_.data(), targets_.data(), S, V);
-    if (loss_tokens_ > 0) loss.ce *= static_cast<double>(S) / static_cast<double>(loss_tokens_);
+    loss.ce_sum =
+        ops::crossentropy_forward_sum(probs_.data(), logits_.data(), targets_.data(), S, V);
+    loss.ce = loss.ce_sum.value() / static_cast<double>(loss_tokens_ > 0 ? loss_tokens_ : S);
   }
   loss.total = loss.ce + config_.aux_loss_coef * loss.aux + config_.z_loss_coef * loss.z;
   return loss;

@@ -20,10 +20,11 @@
 namespace loopmoe {
 
 struct LossParts {
-  double total = 0;  // ce + aux_coef·aux + z_coef·z
-  double ce = 0;
-  double aux = 0;  // mean over MoE layer applications
-  double z = 0;    // mean over MoE layer applications
+  double total = 0;     // ce + aux_coef·aux + z_coef·z
+  double ce = 0;        // ce_sum / tokens (the loss token count when set, else this call's rows)
+  ops::LossSum ce_sum;  // this call's rows' cross-entropy, summed split-invariantly
+  double aux = 0;       // mean over MoE layer applications
+  double z = 0;         // mean over MoE layer applications
   int64_t dropped = 0;
 };
 

@@ -7,7 +7,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
+
+#include "model/cpu/sgemm.h"
 
 namespace loopmoe::ops {
 namespace {
@@ -96,12 +99,13 @@ void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float
                  const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
   count_flops(2ull * m * n * k);
-  const auto ta_ = ta ? CblasTrans : CblasNoTrans, tb_ = tb ? CblasTrans : CblasNoTrans;
-  // OpenBLAS stays single-threaded (it is called from inside our parallel loops); a large product
-  // outside any parallel region is split into one block of C per thread instead.
+  // cpu::sgemm computes every element as one fixed fma chain, so neither the split below nor the
+  // number of rows in the call changes any result (docs/MODEL.md "Batch-invariant numerics").
+  // Inside our parallel loops it runs single-threaded; a large product outside any parallel
+  // region is split into one block of C per thread.
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
   if (threads == 1 || static_cast<double>(m) * n * k < 4e6) {
-    cblas_sgemm(CblasRowMajor, ta_, tb_, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    cpu::sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   const bool split_rows = m >= n;
@@ -113,11 +117,11 @@ void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float
     if (len <= 0) continue;
     if (split_rows) {  // rows [begin, begin+len) of C and of op(A)
       const float* as = ta ? a + begin : a + static_cast<size_t>(begin) * lda;
-      cblas_sgemm(CblasRowMajor, ta_, tb_, len, n, k, alpha, as, lda, b, ldb, beta,
-                  c + static_cast<size_t>(begin) * ldc, ldc);
+      cpu::sgemm(ta, tb, len, n, k, alpha, as, lda, b, ldb, beta,
+                 c + static_cast<size_t>(begin) * ldc, ldc);
     } else {  // columns [begin, begin+len) of C and of op(B)
       const float* bs = tb ? b + static_cast<size_t>(begin) * ldb : b + begin;
-      cblas_sgemm(CblasRowMajor, ta_, tb_, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin, ldc);
+      cpu::sgemm(ta, tb, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin, ldc);
     }
   }
 }
@@ -522,8 +526,29 @@ void softmax_backward(T* dlogits, const T* dprobs, const T* probs, int S, int E)
   }
 }
 
+void LossSum::add_row(double loss) {
+  if (!(std::abs(loss) < 0x1p20)) {  // also catches NaN
+    ++invalid;
+    return;
+  }
+  const int64_t row = static_cast<int64_t>(std::nearbyint(loss * (1.0 / kUnit)));
+  if (__builtin_add_overflow(units, row, &units)) ++invalid;
+}
+
+void LossSum::add(const LossSum& other) {
+  invalid += other.invalid;
+  if (__builtin_add_overflow(units, other.units, &units)) ++invalid;
+}
+
+double LossSum::value() const {
+  return invalid > 0 ? std::numeric_limits<double>::quiet_NaN()
+                     : static_cast<double>(units) * kUnit;
+}
+
+// Softmax of each row into probs; returns each row's loss.
 template <typename T>
-double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, int S, int V) {
+std::vector<double> crossentropy_rows(T* probs, const T* logits, const int32_t* targets, int S,
+                                      int V) {
   std::vector<double> losses(S);
 #pragma omp parallel for schedule(static)
   for (int s = 0; s < S; ++s) {
@@ -539,9 +564,21 @@ double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, i
     for (int v = 0; v < V; ++v) p[v] *= inv;
     losses[s] = -(static_cast<double>(l[targets[s]]) - mx - std::log(static_cast<double>(sum)));
   }
+  return losses;
+}
+
+template <typename T>
+double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, int S, int V) {
   double total = 0;
-  for (double x : losses) total += x;
+  for (double x : crossentropy_rows(probs, logits, targets, S, V)) total += x;
   return total / S;
+}
+
+template <typename T>
+LossSum crossentropy_forward_sum(T* probs, const T* logits, const int32_t* targets, int S, int V) {
+  LossSum total;
+  for (double x : crossentropy_rows(probs, logits, targets, S, V)) total.add_row(x);
+  return total;
 }
 
 template <typename T>
@@ -620,6 +657,7 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
   template void softmax_forward<T>(T*, T*, const T*, int, int);                                  \
   template void softmax_backward<T>(T*, const T*, const T*, int, int);                           \
   template double crossentropy_forward<T>(T*, const T*, const int32_t*, int, int);               \
+  template LossSum crossentropy_forward_sum<T>(T*, const T*, const int32_t*, int, int);          \
   template void crossentropy_backward<T>(T*, const T*, const int32_t*, T, int, int);             \
   template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,   \
                                   int, int);                                                     \

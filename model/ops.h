@@ -47,7 +47,9 @@ void tree_sum_groups(T* base, size_t stride, int groups,
                      const std::vector<std::pair<size_t, size_t>>& ranges);
 
 // C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major, op = transpose when the flag is set.
-// The one place the engine multiplies matrices (OpenBLAS), so FLOP accounting lives here.
+// The one place the engine multiplies matrices, so FLOP accounting lives here. float runs the
+// batch-invariant model/cpu/sgemm (each element one fixed fma chain, whatever the call's shape,
+// thread split or CPU); double (gradient checks only) runs OpenBLAS.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
           int ldb, T beta, T* c, int ldc);
@@ -165,7 +167,26 @@ void softmax_forward(T* probs, T* lse, const T* logits, int S, int E);
 template <typename T>
 void softmax_backward(T* dlogits, const T* dprobs, const T* probs, int S, int E);
 
-// Mean cross-entropy of logits[S,V] against targets; probs[S,V] receives the softmax.
+// A sum of per-row losses in fixed point: each row's loss rounded to a multiple of kUnit and
+// added as an integer. Integer addition is associative, so the sum of a batch does not depend on
+// how its rows are split into calls or over data-parallel workers (who add their sums): the
+// reported loss is the single process's bit for bit (docs/MODEL.md "Batch-invariant numerics").
+// A row whose loss is not finite or not below 2^20, or a sum that would overflow, counts in
+// `invalid` and makes value() NaN, so divergence is still reported.
+struct LossSum {
+  static constexpr double kUnit = 0x1p-30;  // resolution per row: 9.3e-10
+  int64_t units = 0;
+  int64_t invalid = 0;
+  void add_row(double loss);
+  void add(const LossSum& other);
+  double value() const;  // units · kUnit, or NaN when anything was invalid
+};
+
+// Cross-entropy of logits[S,V] against targets: the sum over rows; probs[S,V] receives the softmax.
+template <typename T>
+LossSum crossentropy_forward_sum(T* probs, const T* logits, const int32_t* targets, int S, int V);
+// The mean over rows, summed in floating point (exact enough for the double gradient checks, not
+// split-invariant: training reports crossentropy_forward_sum).
 template <typename T>
 double crossentropy_forward(T* probs, const T* logits, const int32_t* targets, int S, int V);
 // dlogits = (probs − onehot) * scale (overwrites; may alias probs).

@@ -49,13 +49,13 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   RouterBatchStats stats;
   stats.tokens = S;
   stats.assigned.assign(E, 0);
-  stats.prob_sum.assign(E, 0.0);
+  stats.prob_sum.assign(E, ops::LossSum{});
   stats.preceding.assign(E, 0);
   for (size_t i = 0; i < plan.expert.size(); ++i) stats.assigned[plan.expert[i]]++;
   for (int t = 0; t < S; ++t) {
     const float* p = acts.probs.data() + static_cast<size_t>(t) * E;
-    for (int e = 0; e < E; ++e) stats.prob_sum[e] += p[e];
-    stats.lse_sq_sum += static_cast<double>(acts.lse[t]) * acts.lse[t];
+    for (int e = 0; e < E; ++e) stats.prob_sum[e].add_row(p[e]);
+    stats.lse_sq_sum.add_row(static_cast<double>(acts.lse[t]) * acts.lse[t]);
   }
   if (reduce) reduce(stats);
   const int64_t batch_S = stats.tokens;
@@ -86,10 +86,10 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   double aux = 0;
   for (int e = 0; e < E; ++e) {
     aux += (static_cast<double>(plan.assigned[e]) / (static_cast<double>(batch_S) * k)) *
-           (stats.prob_sum[e] / batch_S);
+           (stats.prob_sum[e].value() / batch_S);
   }
   plan.aux_loss = E * aux;
-  plan.z_loss = stats.lse_sq_sum / batch_S;
+  plan.z_loss = stats.lse_sq_sum.value() / batch_S;
 }
 
 void router_backward(float* du, float* drouter_w, const float* dweight, const RoutingPlan& plan,

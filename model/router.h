@@ -30,8 +30,10 @@ struct RoutingPlan {
 struct RouterBatchStats {
   int64_t tokens = 0;             // tokens
   std::vector<int64_t> assigned;  // [E] top-k assignments
-  std::vector<double> prob_sum;   // [E] Σ_t p_te
-  double lse_sq_sum = 0;          // Σ_t lse_t^2
+  // Sums over tokens in fixed point (ops::LossSum), so that workers' parts add up to the single
+  // process's bit for bit; they only enter the reported aux and z losses, not the gradients.
+  std::vector<ops::LossSum> prob_sum;  // [E] Σ_t p_te
+  ops::LossSum lse_sq_sum;             // Σ_t lse_t^2
   // [E] assignments of batch tokens that come before this process's tokens in batch order
   // (capacity keeps the first slots of each expert in that order). 0 in one process.
   std::vector<int64_t> preceding;
