@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/cpu/sgemm.h"
 #include "model/model.h"
 #include "model/ops.h"
 #include "model/optimizer.h"
@@ -24,21 +25,31 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Best-of-10 sgemm rate (2048^3) with `threads` OpenBLAS threads: the machine's matrix peak.
-double sgemm_gflops(int threads) {
-  loopmoe::set_num_threads(1);
+// Best-of-10 rate of a 2048^3 product with `threads` threads, by the engine's sgemm (ops::gemm,
+// model/cpu/sgemm) and by OpenBLAS's cblas_sgemm (whatever kernel it picked on this machine).
+struct Peak {
+  double engine = 0, openblas = 0;
+  double best() const { return std::max(engine, openblas); }
+};
+Peak sgemm_gflops(int threads) {
+  loopmoe::set_num_threads(threads);
   openblas_set_num_threads(threads);
   const int n = 2048;
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
-  double best = 0;
+  Peak p;
   for (int rep = 0; rep < 10; ++rep) {
     auto t0 = Clock::now();
     loopmoe::ops::gemm<float>(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(),
                               n);
-    best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    p.engine = std::max(p.engine, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    t0 = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n,
+                0.f, c.data(), n);
+    p.openblas = std::max(p.openblas, 2.0 * n * n * n / seconds_since(t0) / 1e9);
   }
   openblas_set_num_threads(1);
-  return best;
+  loopmoe::set_num_threads(1);
+  return p;
 }
 
 struct Measured {
@@ -112,12 +123,14 @@ int main(int argc, char** argv) {
   app.add_option("--threads", thread_counts, "thread counts to measure")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  const double peak1 = sgemm_gflops(1), peak2 = sgemm_gflops(2);
-  const double peak = std::max(peak1, peak2);
+  const Peak p1 = sgemm_gflops(1), p2 = sgemm_gflops(2);
+  const double peak1 = p1.best(), peak = std::max(peak1, p2.best());
   std::printf(
-      "sgemm 2048^3: %.1f GFLOP/s with 1 thread, %.1f with 2 (MFU denominators for 1 and\n"
-      "2 threads: the peak the same thread count reaches)\n\n",
-      peak1, peak);
+      "sgemm 2048^3, GFLOP/s: engine (model/cpu/sgemm, %s) %.1f with 1 thread, %.1f with 2;\n"
+      "OpenBLAS (%s) %.1f with 1 thread, %.1f with 2. MFU denominators for 1 and 2 threads: the\n"
+      "better of the two at the same thread count (%.1f, %.1f)\n\n",
+      loopmoe::ops::cpu::sgemm_kernel_name(), p1.engine, p2.engine, openblas_get_corename(),
+      p1.openblas, p2.openblas, peak1, peak);
   std::printf("%-22s %7s %11s %9s %12s %7s\n", "config", "threads", "tokens/s", "step ms",
               "GFLOP/token", "MFU");
   struct Row {
