@@ -27,6 +27,8 @@ namespace {
 // of a row block (kMc × kKc) in L1/L2 across all panels; a packed B block (kKc × kNc) sits in L2.
 // (Measured on the 12-row AVX-512 kernel; a smaller row block kept A's rows hot across panels.)
 constexpr int kKc = 256, kMc = 48, kNc = 1024;
+// Up to this many rows, whole panels of a row-major B are read in place instead of packed.
+constexpr int kInPlaceRows = 256;
 
 // Packs columns [j0, j0 + cols) of op(B) for K values [0, kc) of the block at b as panels of nr
 // columns: panel p holds op(B)[k, j0 + p·nr + c] at [p][k][c]. Columns past n are zero.
@@ -71,6 +73,9 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
   b_pack.resize(static_cast<size_t>(nc) * kc_max);
   // Raw chains of the current column block between K blocks (only when K is split).
   if (K > kKc) part.resize(static_cast<size_t>(m) * nc);
+  // Few rows reuse each B panel only a few times: packing B would cost about as much as the
+  // product, so whole panels of a row-major B are read in place (rows ldb apart).
+  const bool b_in_place = !tb && m <= kInPlaceRows;
   MicroArgs x;
   x.ldp = nc;
   x.panel = nr;
@@ -83,15 +88,24 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
       x.kc = std::min(kKc, K - p0);
       x.resume = p0 > 0;
       x.final = p0 + kKc >= K;
-      pack_b(b_pack.data(), nr, tb, tb ? b + p0 : b + static_cast<size_t>(p0) * ldb, ldb, j0,
-             cols_padded, n, x.kc);
+      const float* b_block = tb ? b + p0 : b + static_cast<size_t>(p0) * ldb;
+      const int full_cols = cols / nr * nr;  // columns in whole panels
+      if (!b_in_place) {
+        pack_b(b_pack.data(), nr, tb, b_block, ldb, j0, cols_padded, n, x.kc);
+      } else if (full_cols < cols) {  // only the zero-padded edge panel, at the buffer's start
+        pack_b(b_pack.data(), nr, tb, b_block, ldb, j0 + full_cols, nr, n, x.kc);
+      }
       // op(A)'s strip of rows [i, i + mr), K block p0: row-major in place when A is not
       // transposed, k-major in place when it is.
       const float* a_block = ta ? a + static_cast<size_t>(p0) * lda : a + p0;
       for (int i0 = 0; i0 < m; i0 += kMc) {
         const int rows = std::min(kMc, m - i0);
         for (int jr = 0; jr < cols; jr += nr) {
-          const float* bp = b_pack.data() + static_cast<size_t>(jr) * x.kc;
+          const bool read_in_place = b_in_place && jr < full_cols;
+          const float* bp = read_in_place ? b_block + j0 + jr
+                            : b_in_place  ? b_pack.data()
+                                          : b_pack.data() + static_cast<size_t>(jr) * x.kc;
+          x.panel = read_in_place ? ldb : nr;
           const int tile_cols = std::min(nr, cols - jr),
                     vectors = (tile_cols + t.width - 1) / t.width;
           for (int ir = 0; ir < rows; ir += mr) {
