@@ -46,19 +46,25 @@ struct Loaded {
   std::vector<float> params, m, v;
 };
 
-Loaded read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+Header read_header(std::ifstream& in, const std::string& path) {
   if (!in) throw CheckpointError(path + ": cannot open checkpoint");
-  Loaded l;
-  in.read(reinterpret_cast<char*>(&l.header), sizeof(Header));
+  Header h;
+  in.read(reinterpret_cast<char*>(&h), sizeof(Header));
   if (!in) throw CheckpointError(path + ": truncated checkpoint (no complete header)");
-  if (std::memcmp(l.header.magic, kMagic, 8) != 0) {
+  if (std::memcmp(h.magic, kMagic, 8) != 0) {
     throw CheckpointError(path + ": not a LoopMoE checkpoint (bad magic)");
   }
-  if (l.header.version != kVersion) {
-    throw CheckpointError(path + ": checkpoint version " + std::to_string(l.header.version) +
+  if (h.version != kVersion) {
+    throw CheckpointError(path + ": checkpoint version " + std::to_string(h.version) +
                           " is not supported (expected " + std::to_string(kVersion) + ")");
   }
+  return h;
+}
+
+Loaded read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  Loaded l;
+  l.header = read_header(in, path);
   const uint64_t n = l.header.num_params;
   const uint64_t want = sizeof(Header) + l.header.config_bytes + 3 * n * sizeof(float);
   const uint64_t have = std::filesystem::file_size(path);
@@ -130,6 +136,11 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
   std::filesystem::rename(tmp, path);
   const std::string dir = std::filesystem::path(path).parent_path().string();
   fsync_path(dir.empty() ? "." : dir, true);
+}
+
+int64_t read_checkpoint_step(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return read_header(in, path).step;
 }
 
 Config read_checkpoint_config(const std::string& path) {

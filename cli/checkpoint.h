@@ -23,6 +23,10 @@ struct TrainProgress {
 void save_checkpoint(const std::string& path, const Config& config, const Model& model,
                      AdamW& optimizer, const TrainProgress& progress);
 
+// The steps a checkpoint says are done, from its header alone (magic and version checked, not
+// the checksum): enough to plan a resumed run before loading it.
+int64_t read_checkpoint_step(const std::string& path);
+
 // Reads the config stored in a checkpoint (validated, checksum verified).
 Config read_checkpoint_config(const std::string& path);
 

@@ -44,7 +44,8 @@ void register_prepare(CLI::App& data) {
                   "Use this sentencepiece model instead of training one")
       ->check(CLI::ExistingFile);
   cmd->add_option("--val-fraction", options->val_fraction,
-                  "Share of documents held out for validation")
+                  "Share of documents held out for validation (long documents are cut into "
+                  "chunks when there are too few; docs/DATA.md)")
       ->capture_default_str();
   cmd->add_option("--seed", options->seed, "Seed of the train/validation split")
       ->capture_default_str();
@@ -59,8 +60,14 @@ void register_prepare(CLI::App& data) {
       const data::PrepareResult r = data::prepare_dataset(*options);
       std::cout << "data prepare: done: vocab " << r.vocab_size << ", train " << r.train_docs
                 << " docs / " << r.train_tokens << " tokens, val " << r.val_docs << " docs / "
-                << r.val_tokens << " tokens (tokenizer " << r.tokenizer_seconds << " s, encode "
-                << r.encode_seconds << " s)" << std::endl;
+                << r.val_tokens << " tokens";
+      if (r.chunked_docs > 0) {
+        std::cout << "; " << r.chunked_docs << (r.chunked_docs == 1 ? " document" : " documents")
+                  << " cut into " << r.chunks << " chunks for the split (" << r.val_chunks
+                  << " to val; docs/DATA.md)";
+      }
+      std::cout << " (tokenizer " << r.tokenizer_seconds << " s, encode " << r.encode_seconds
+                << " s)" << std::endl;
     });
   });
 }

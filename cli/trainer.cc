@@ -7,10 +7,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "cli/checkpoint.h"
 #include "cli/format.h"
+#include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
@@ -52,6 +54,16 @@ double validation_loss(Model& model, const data::TokenShard& val, int batch, int
   return total / batches;
 }
 
+int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t end) {
+  int64_t first = 0;
+  if (train.eval_interval > 0) {
+    const int64_t next = (start / train.eval_interval + 1) * train.eval_interval;
+    if (next <= end) first = next;
+  }
+  if (start < end && end == train.steps && first == 0) first = train.steps;
+  return first;
+}
+
 TrainResult train(const Config& requested, const TrainOptions& opt) {
   // The run records an absolute data directory, so audit and eval find the data from any
   // working directory (and a resume from another directory still matches).
@@ -61,18 +73,30 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   const TrainConfig& tc = cfg.train;
   const int B = tc.batch_size, T = cfg.model.seq_len;
   const fs::path data_dir(cfg.data.dir);
-  data::TokenShard train_shard = data::TokenShard::open(data_dir / "train.bin");
-  data::TokenShard val_shard = data::TokenShard::open(data_dir / "val.bin");
-  for (const data::TokenShard* s : {&train_shard, &val_shard}) {
-    if (s->vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size)) {
-      throw ConfigError(s->path().string() + ": shard vocabulary " +
-                        std::to_string(s->vocab_size()) + " exceeds model.vocab_size " +
-                        std::to_string(cfg.model.vocab_size));
-    }
-  }
-  fs::create_directories(opt.out_dir);
   const fs::path ckpt = fs::path(opt.out_dir) / "checkpoint.bin";
   const fs::path metrics_path = fs::path(opt.out_dir) / "metrics.jsonl";
+  const int end = opt.stop_after >= 0 ? std::min(tc.steps, opt.stop_after) : tc.steps;
+
+  // Vet every input this run will read before writing or computing anything (docs/DATA.md
+  // "Checking a dataset before a run"): from the shard headers, at once, so a bad dataset fails
+  // here instead of at the first validation, after the training work. val.bin is read only when
+  // the steps this invocation runs include a validation.
+  const int64_t first_step = opt.resume ? read_checkpoint_step(ckpt.string()) : 0;
+  const int64_t first_eval = first_validation_step(tc, first_step, end);
+  data::DatasetNeeds needs;
+  needs.max_vocab = static_cast<uint32_t>(cfg.model.vocab_size);
+  needs.seq_len = T;
+  needs.val = first_eval > 0;
+  needs.val_why =
+      first_eval == tc.steps && (tc.eval_interval == 0 || first_eval % tc.eval_interval != 0)
+          ? "the run validates after its last step (train.steps = " + std::to_string(tc.steps) + ")"
+          : "the run validates every train.eval_interval = " + std::to_string(tc.eval_interval) +
+                " steps, first after step " + std::to_string(first_eval);
+  data::check_dataset(data_dir, needs);
+  data::TokenShard train_shard = data::TokenShard::open(data_dir / "train.bin");
+  std::optional<data::TokenShard> val_shard;
+  if (needs.val) val_shard.emplace(data::TokenShard::open(data_dir / "val.bin"));
+  fs::create_directories(opt.out_dir);
 
   Model model(cfg.model);
   model.set_grad_groups(tc.grad_groups);
@@ -81,6 +105,10 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   int64_t start = 0;
   if (opt.resume) {
     TrainProgress p = load_checkpoint(ckpt.string(), cfg, model, adam);
+    if (p.step != first_step) {
+      throw CheckpointError(ckpt.string() + ": changed while the run started (step " +
+                            std::to_string(first_step) + ", then " + std::to_string(p.step) + ")");
+    }
     sampler.restore(p.sampler);
     start = p.step;
     truncate_metrics(metrics_path, start);
@@ -109,14 +137,19 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
                  cfg.model.adaln() ? "LoopMoE" : (cfg.model.n_loops > 1 ? "looped MoE" : "MoE"),
                  model.num_params(), cfg.model.n_layers, cfg.model.n_loops, cfg.model.n_experts,
                  cfg.model.top_k);
-    std::fprintf(stderr, "data: %lu train tokens, %lu validation tokens; %d tokens per step\n",
-                 static_cast<unsigned long>(train_shard.num_tokens()),
-                 static_cast<unsigned long>(val_shard.num_tokens()), B * T);
+    if (val_shard) {
+      std::fprintf(stderr, "data: %lu train tokens, %lu validation tokens; %d tokens per step\n",
+                   static_cast<unsigned long>(train_shard.num_tokens()),
+                   static_cast<unsigned long>(val_shard->num_tokens()), B * T);
+    } else {
+      std::fprintf(stderr,
+                   "data: %lu train tokens, no validation in these steps; %d tokens per step\n",
+                   static_cast<unsigned long>(train_shard.num_tokens()), B * T);
+    }
   }
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   TrainResult result;
   result.first_step = static_cast<int>(start);
-  const int end = opt.stop_after >= 0 ? std::min(tc.steps, opt.stop_after) : tc.steps;
   double train_seconds = 0, window_seconds = 0;
   int64_t window_tokens = 0;
   const auto save = [&](int64_t steps_done) {
@@ -163,7 +196,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
     const bool eval_now =
         (tc.eval_interval > 0 && done % tc.eval_interval == 0) || done == tc.steps;
     if (eval_now) {
-      result.final_val_loss = validation_loss(model, val_shard, B, T, tc.eval_batches);
+      result.final_val_loss = validation_loss(model, *val_shard, B, T, tc.eval_batches);
       metrics << "{\"step\": " << done << ", \"val_loss\": " << result.final_val_loss << "}\n";
       metrics.flush();
       if (opt.progress) {

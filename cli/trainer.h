@@ -2,6 +2,7 @@
 // JSON-lines metrics, progress output and resumable checkpoints.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,18 @@ struct TrainResult {
   int steps_done = 0;
 };
 
+// Checks every input first (data.dir's shards against model.vocab_size and seq_len, val.bin only
+// when a validation falls in the steps to run; see first_validation_step), so bad data fails
+// before any output is written; then trains. Throws data::DataError, ConfigError or
+// CheckpointError with one clear message.
 TrainResult train(const Config& config, const TrainOptions& options);
+
+// The first step in (start, end] after which a run of this schedule validates, or 0 when none
+// does. Validation follows every multiple of train.eval_interval (when > 0) and step train.steps
+// (the end of the schedule, even with eval_interval = 0); `start` is the steps already done,
+// `end` where this invocation stops (train.steps, or earlier with --stop-after). A run that
+// validates nowhere does not read val.bin.
+int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t end);
 
 // Mean cross-entropy over `batches` sequential validation batches from the start of the shard.
 class Model;

@@ -23,6 +23,7 @@
 #include "coordinator/metrics.h"
 #include "coordinator/process_registry.h"
 #include "coordinator/rendezvous_kv.h"
+#include "dataloader/data_error.h"
 #include "model/error.h"
 #include "proto/loopmoe.grpc.pb.h"
 
@@ -315,6 +316,16 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
     config = validate_job_spec(request->spec(), "job spec");
   } catch (const ConfigError& e) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, e.what());
+  }
+  if (options_.check_data) {
+    // A dataset that would fail the job (a missing shard, or one too small for a window) is
+    // refused now, not after the workers have trained up to the first validation.
+    try {
+      check_job_data(config);
+    } catch (const data::DataError& e) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          std::string("job spec: data.dir: ") + e.what());
+    }
   }
   if (const std::string& from = request->spec().resume_from_job(); !from.empty()) {
     // Refuse now what would fail the job later: an unknown job, no checkpoint, another config.

@@ -21,6 +21,10 @@ struct CoordinatorOptions {
   std::chrono::milliseconds step_timeout{30 * 60 * 1000};  // RunSteps, Evaluate, Checkpoint
   std::chrono::milliseconds shutdown_timeout{5000};        // best-effort Shutdown
   int64_t max_chunk_steps = 50;
+  // SubmitJob refuses a job whose dataset would fail it (check_job_data: shards missing, vocab
+  // too large, fewer tokens than one window). Off only for a coordinator that cannot see the
+  // workers' data.dir (or tests with fake processes that read none).
+  bool check_data = true;
 };
 
 class Coordinator {

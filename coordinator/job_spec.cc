@@ -8,6 +8,7 @@
 #include <sstream>
 #include <string>
 
+#include "dataloader/dataset_check.h"
 #include "model/error.h"
 #include "model/rng.h"
 #include "model/toml_util.h"
@@ -68,6 +69,16 @@ Config validate_job_spec(const v1::JobSpec& spec, const std::string& source) {
       fail(source, "unknown schedule kind " + std::to_string(s.kind()));
   }
   return config;
+}
+
+void check_job_data(const Config& config) {
+  data::DatasetNeeds needs;
+  needs.max_vocab = static_cast<uint32_t>(config.model.vocab_size);
+  needs.seq_len = config.model.seq_len;
+  needs.val = true;
+  needs.val_why = "every job validates after its last step (train.steps = " +
+                  std::to_string(config.train.steps) + ")";
+  data::check_dataset(config.data.dir, needs);
 }
 
 int loops_for_step(const v1::LoopSchedule& schedule, int n_loops, int64_t step) {

@@ -16,6 +16,14 @@ namespace loopmoe::service {
 // parsed config; throws ConfigError with one clear message otherwise.
 Config validate_job_spec(const v1::JobSpec& spec, const std::string& source);
 
+// Checks the dataset a job will read, before it is queued: data.dir/train.bin and val.bin exist
+// and are token shards (headers only, so it answers at once for any size), their vocabulary is
+// at most model.vocab_size, and each holds one window of model.seq_len + 1 tokens. val.bin is
+// always needed: every worker opens it, and every job validates after its last step. Throws
+// data::DataError whose message starts with the offending file. The coordinator calls it in
+// SubmitJob (it sees the data at the workers' paths; CoordinatorOptions::check_data).
+void check_job_data(const Config& config);
+
 // The loop count of 0-based step `step`: FIXED → n_loops; LIST → loops[step % size];
 // UNIFORM → min + splitmix64(seed + (step + 1)·0x9E3779B97F4A7C15) mod (max - min + 1)
 // (the first output of splitmix64 started at seed + step·γ; deterministic on every build).

@@ -24,7 +24,12 @@ int main(int argc, char** argv) {
                  "restarts of a failing job before it is FAILED")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000));
+  bool no_data_check = false;
+  app.add_flag("--no-data-check", no_data_check,
+               "accept jobs without checking their data.dir shards (for a coordinator that cannot "
+               "see the workers' files)");
   CLI11_PARSE(app, argc, argv);
+  options.check_data = !no_data_check;
   options.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
 
   // Block the stop signals in every thread (gRPC's included) and take them synchronously here.

@@ -26,8 +26,19 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-double split_score(const std::string& file_name, uint64_t doc_index, uint64_t seed) {
-  const std::string key = file_name + "#" + std::to_string(doc_index);
+// "<file_name>#<doc_index>" for a whole document, "<file_name>#<doc_index>.<chunk>" for a chunk.
+std::string split_key(const std::string& file_name, uint64_t doc_index, int64_t chunk) {
+  std::string key = file_name;
+  key += '#';
+  key += std::to_string(doc_index);
+  if (chunk >= 0) {
+    key += '.';
+    key += std::to_string(chunk);
+  }
+  return key;
+}
+
+double split_score(const std::string& key, uint64_t seed) {
   const uint64_t h = XXH64(key.data(), key.size(), seed);
   return static_cast<double>(h >> 11) * 0x1.0p-53;  // top 53 bits: exact in a double
 }
@@ -40,13 +51,87 @@ struct Source {
   uint64_t val_docs = 0;
 };
 
+// A unit of the split: a whole document, or one chunk of a document that was cut.
 struct Doc {
   size_t source;
-  uint64_t index;  // within its source
+  uint64_t index;  // the document's, within its source
+  int64_t chunk;   // -1: the whole document; else the chunk's index within it
   std::string_view text;
   double score;
   bool val;
 };
+
+// The split rule over `docs` (in place): val iff the key's score is below val_fraction, with the
+// two fallbacks that give each side a unit whenever there are two. Returns the validation count.
+size_t split_units(std::vector<Doc>& docs, const std::vector<Source>& sources, uint64_t seed,
+                   double val_fraction) {
+  size_t num_val = 0;
+  for (Doc& d : docs) {
+    d.score = split_score(split_key(sources[d.source].name, d.index, d.chunk), seed);
+    d.val = d.score < val_fraction;
+    num_val += d.val;
+  }
+  const auto by_score = [](const Doc& a, const Doc& b) { return a.score < b.score; };
+  if (docs.size() >= 2 && num_val == 0) {
+    std::min_element(docs.begin(), docs.end(), by_score)->val = true;
+    num_val = 1;
+  } else if (docs.size() >= 2 && num_val == docs.size()) {
+    std::max_element(docs.begin(), docs.end(), by_score)->val = false;
+    --num_val;
+  }
+  return num_val;
+}
+
+uint64_t val_bytes(const std::vector<Doc>& docs) {
+  uint64_t bytes = 0;
+  for (const Doc& d : docs) bytes += d.val ? d.text.size() : 0;
+  return bytes;
+}
+
+// After a chunked split: while validation holds fewer than kMinValBytes, the train unit with the
+// smallest score moves to validation, as long as train keeps at least as much text as
+// validation. Returns how many moved.
+size_t top_up_validation(std::vector<Doc>& docs) {
+  std::vector<Doc*> train;
+  uint64_t train_bytes = 0;
+  for (Doc& d : docs) {
+    if (d.val) continue;
+    train.push_back(&d);
+    train_bytes += d.text.size();
+  }
+  std::sort(train.begin(), train.end(), [](const Doc* a, const Doc* b) {
+    return a->score < b->score || (a->score == b->score && a < b);
+  });
+  uint64_t val = val_bytes(docs);
+  size_t moved = 0;
+  for (Doc* d : train) {
+    if (val >= kMinValBytes || train_bytes - d->text.size() < val + d->text.size()) break;
+    d->val = true;
+    val += d->text.size();
+    train_bytes -= d->text.size();
+    ++moved;
+  }
+  return moved;
+}
+
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+}
+
+// Boundary kinds of cut_document, best first. `p` is in (0, text.size()).
+bool paragraph_start(std::string_view text, size_t p) {
+  if (text[p - 1] != '\n') return false;
+  for (size_t i = p - 1; i-- > 0;) {  // the line before: blank up to its own start
+    if (text[i] == '\n') return true;
+    if (!is_space(text[i])) return false;
+  }
+  return true;
+}
+bool line_start(std::string_view text, size_t p) { return text[p - 1] == '\n'; }
+bool after_space(std::string_view text, size_t p) { return is_space(text[p - 1]); }
+bool char_start(std::string_view text, size_t p) {
+  return (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
+}
 
 std::vector<fs::path> expand_inputs(const std::vector<fs::path>& inputs) {
   if (inputs.empty()) throw DataError("data prepare: no input files given (--input)");
@@ -138,7 +223,47 @@ std::string mb(uint64_t bytes) {
 
 bool is_validation_doc(const std::string& file_name, uint64_t doc_index, uint64_t seed,
                        double val_fraction) {
-  return split_score(file_name, doc_index, seed) < val_fraction;
+  return split_score(split_key(file_name, doc_index, -1), seed) < val_fraction;
+}
+
+bool is_validation_chunk(const std::string& file_name, uint64_t doc_index, uint64_t chunk_index,
+                         uint64_t seed, double val_fraction) {
+  return split_score(split_key(file_name, doc_index, static_cast<int64_t>(chunk_index)), seed) <
+         val_fraction;
+}
+
+std::vector<std::string_view> cut_document(std::string_view text, size_t chunk_bytes) {
+  const size_t n = text.size();
+  const size_t k = chunk_bytes == 0 ? 1 : (n + chunk_bytes - 1) / chunk_bytes;
+  if (k < 2) return {text};
+  const size_t slack = n / k / 4;
+  std::vector<size_t> cuts = {0};
+  for (size_t j = 1; j < k; ++j) {
+    const size_t ideal = j * (n / k) + j * (n % k) / k;  // j * n / k without overflow
+    size_t cut = ideal;
+    bool found = false;
+    for (auto* kind : {paragraph_start, line_start, after_space, char_start}) {
+      // Nearest first, the earlier side first on a tie; never at 0 or n, never before the last
+      // cut (the windows of neighbouring cuts do not overlap, but stay safe).
+      for (size_t d = 0; d <= slack && !found; ++d) {
+        for (const size_t p : {ideal - std::min(d, ideal), ideal + d}) {
+          if (p <= cuts.back() || p >= n || !kind(text, p)) continue;
+          cut = p;
+          found = true;
+          break;
+        }
+      }
+      if (found) break;
+    }
+    if (!found) continue;  // only when the window holds no character start at all: no cut here
+    cuts.push_back(cut);
+  }
+  cuts.push_back(n);
+  std::vector<std::string_view> pieces;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    pieces.push_back(text.substr(cuts[i], cuts[i + 1] - cuts[i]));
+  }
+  return pieces;
 }
 
 PrepareResult prepare_dataset(const PrepareOptions& options) {
@@ -180,7 +305,7 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   for (size_t si = 0; si < sources.size(); ++si) {
     std::string_view text = sources[si].text;
     if (!options.docs_per_line) {
-      docs.push_back({si, 0, text, 0.0, false});
+      docs.push_back({si, 0, -1, text, 0.0, false});
       continue;
     }
     uint64_t index = 0;
@@ -188,35 +313,63 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
       const size_t nl = text.find('\n');
       const std::string_view line = text.substr(0, nl);
       text = nl == std::string_view::npos ? std::string_view() : text.substr(nl + 1);
-      if (!blank(line)) docs.push_back({si, index++, line, 0.0, false});
+      if (!blank(line)) docs.push_back({si, index++, -1, line, 0.0, false});
     }
   }
   say("read " + std::to_string(sources.size()) + " files (" + mb(result.input_bytes) + "), " +
       std::to_string(docs.size()) + " documents");
 
-  // 2. Split by document. The fallbacks only matter for tiny corpora: both sides need a document
-  // whenever there are two, or validation (or training) would have nothing to run on.
-  size_t num_val = 0;
-  for (Doc& d : docs) {
-    d.score = split_score(sources[d.source].name, d.index, options.seed);
-    d.val = d.score < options.val_fraction;
-    num_val += d.val;
+  // 2. Split by document. The fallbacks give both sides a document whenever there are two. When
+  // the documents are too few for the fraction, or validation would get too little text, long
+  // documents are cut into chunks and the split is redone over the pieces (docs/DATA.md), so one
+  // big file still yields a validation split. Documents that are not cut keep their key.
+  size_t num_val = split_units(docs, sources, options.seed, options.val_fraction);
+  const std::string fraction = json_double(options.val_fraction);
+  const uint64_t doc_val_bytes = val_bytes(docs);
+  const bool too_few = static_cast<double>(docs.size()) * options.val_fraction < 1.0;
+  if (too_few || doc_val_bytes < kMinValBytes) {
+    std::vector<Doc> units;
+    for (const Doc& d : docs) {
+      if (d.text.size() <= kChunkBytes) {
+        units.push_back(d);
+        continue;
+      }
+      const std::vector<std::string_view> pieces = cut_document(d.text);
+      ++result.chunked_docs;
+      for (size_t c = 0; c < pieces.size(); ++c) {
+        if (blank(pieces[c])) continue;  // whitespace only: nothing to learn from
+        units.push_back({d.source, d.index, static_cast<int64_t>(c), pieces[c], 0.0, false});
+        ++result.chunks;
+      }
+    }
+    if (result.chunked_docs > 0) {
+      docs = std::move(units);
+      num_val = split_units(docs, sources, options.seed, options.val_fraction);
+      num_val += top_up_validation(docs);
+      for (const Doc& d : docs) result.val_chunks += d.val && d.chunk >= 0;
+      say(std::string(too_few ? "documents too few for val fraction " + fraction
+                              : "validation would hold only " + std::to_string(doc_val_bytes) +
+                                    " bytes") +
+          ": cut " + std::to_string(result.chunked_docs) + " document(s) longer than " +
+          std::to_string(kChunkBytes) + " bytes into " + std::to_string(result.chunks) +
+          " chunks at paragraph/line boundaries; " + std::to_string(result.val_chunks) +
+          " chunks go to validation");
+    }
   }
-  if (docs.size() >= 2 && num_val == 0) {
-    std::min_element(docs.begin(), docs.end(), [](const Doc& a, const Doc& b) {
-      return a.score < b.score;
-    })->val = true;
-    num_val = 1;
-  } else if (docs.size() >= 2 && num_val == docs.size()) {
-    std::max_element(docs.begin(), docs.end(), [](const Doc& a, const Doc& b) {
-      return a.score < b.score;
-    })->val = false;
-    --num_val;
+  if (num_val == 0 || num_val == docs.size()) {
+    // One unit only (with two, the fallbacks fill both sides): a single document too short to
+    // cut, or cut into one non-blank piece.
+    const Doc& d = docs.front();
+    throw DataError(sources[d.source].path.string() +
+                    ": too little text for a train/validation split: the corpus is one " +
+                    (options.docs_per_line ? "line" : "document") + " of " +
+                    std::to_string(d.text.size()) + " bytes, and only documents over " +
+                    std::to_string(kChunkBytes) +
+                    " bytes are cut into chunks (give more text, or more files)");
   }
-  if (num_val == 0) say("warning: a single document; the validation split is empty");
   say("split: " + std::to_string(docs.size() - num_val) + " train / " + std::to_string(num_val) +
-      " val documents (val fraction " + json_double(options.val_fraction) + ", seed " +
-      std::to_string(options.seed) + ")");
+      (result.chunked_docs > 0 ? " val documents and chunks" : " val documents") +
+      " (val fraction " + fraction + ", seed " + std::to_string(options.seed) + ")");
 
   // 3. Tokenizer: trained on the train split only, so validation text never shapes the vocabulary.
   Clock::time_point t = Clock::now();
@@ -262,6 +415,12 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     const int side = d.val ? 1 : 0;
     const std::vector<int32_t> ids = tokenizer.encode(d.text);
     tokens[side].insert(tokens[side].end(), ids.begin(), ids.end());
+    // Consecutive chunks of one document on the same side are one shard document: the text
+    // runs on there, so no eos between them (cuts are at whitespace, so their ids are those of
+    // the joined text). eos marks only real ends, and the gaps validation chunks leave.
+    const bool runs_on = i + 1 < docs.size() && docs[i + 1].source == d.source &&
+                         docs[i + 1].index == d.index && docs[i + 1].val == d.val;
+    if (runs_on) continue;
     tokens[side].push_back(eos);
     offsets[side].push_back(tokens[side].size());
     (d.val ? sources[d.source].val_docs : sources[d.source].train_docs) += 1;
@@ -313,7 +472,15 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     << "    \"rule\": \"val iff xxh64(basename + '#' + doc_index, seed) / 2^64 < val_fraction\",\n"
     << "    \"seed\": " << options.seed << ",\n"
     << "    \"val_fraction\": " << json_double(options.val_fraction) << ",\n"
-    << "    \"docs_per_line\": " << (options.docs_per_line ? "true" : "false") << "\n"
+    << "    \"docs_per_line\": " << (options.docs_per_line ? "true" : "false");
+  if (result.chunked_docs > 0) {  // absent otherwise, so unchunked datasets stay as they were
+    j << ",\n"
+      << "    \"chunking\": {\"rule\": \"documents over chunk_bytes cut at paragraph/line "
+         "boundaries; chunk c of doc i: key basename + '#' + i + '.' + c\", \"chunk_bytes\": "
+      << kChunkBytes << ", \"docs_cut\": " << result.chunked_docs
+      << ", \"chunks\": " << result.chunks << ", \"val_chunks\": " << result.val_chunks << "}";
+  }
+  j << "\n"
     << "  },\n"
     << "  \"train\": {\"file\": \"train.bin\", \"docs\": " << result.train_docs
     << ", \"tokens\": " << result.train_tokens << ", \"xxh64\": \"" << hex64(train_sum) << "\"},\n"

@@ -122,10 +122,11 @@ void write_token_shard(const std::filesystem::path& path, uint32_t vocab_size,
   out.commit();
 }
 
-TokenShard TokenShard::open(const std::filesystem::path& path) {
-  TokenShard shard;
-  shard.path_ = path;
+namespace {
 
+// Opens `path` read-only and checks that it is a regular file; returns the descriptor and sets
+// *file_bytes. Throws DataError naming the file.
+int open_regular_file(const std::filesystem::path& path, uint64_t* file_bytes) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
@@ -138,19 +139,97 @@ TokenShard TokenShard::open(const std::filesystem::path& path) {
     ::close(fd);
     fail(path, "not a regular file");
   }
-  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  *file_bytes = static_cast<uint64_t>(st.st_size);
+  return fd;
+}
+
+// The header checks TokenShard::open and read_shard_header share. `head` holds the file's first
+// `head_len` bytes: all 48 header bytes, or fewer only when the file itself is shorter.
+ShardHeader check_header(const std::filesystem::path& path, const unsigned char* head,
+                         size_t head_len, uint64_t file_bytes) {
   if (file_bytes < kShardHeaderBytes) {
     // A short file that does not even start like a shard is some other file, not a cut shard;
     // saying "truncated" there would send the user looking for the wrong problem.
-    unsigned char head[sizeof kShardMagic] = {};
-    const ssize_t got = ::pread(fd, head, sizeof head, 0);
-    ::close(fd);
-    const size_t n = got > 0 ? static_cast<size_t>(got) : 0;
-    if (std::memcmp(head, kShardMagic, n) != 0 || n == 0) {
+    const size_t n = std::min(head_len, sizeof kShardMagic);
+    if (n == 0 || std::memcmp(head, kShardMagic, n) != 0) {
       fail(path, "bad magic (not a LoopMoE token shard; expected \"LMOETOK\\0\")");
     }
     fail(path, "truncated: file holds " + std::to_string(file_bytes) + " bytes, less than the " +
                    std::to_string(kShardHeaderBytes) + "-byte header");
+  }
+  const unsigned char* h = head;
+  if (std::memcmp(h, kShardMagic, sizeof kShardMagic) != 0) {
+    fail(path, "bad magic (not a LoopMoE token shard; expected \"LMOETOK\\0\")");
+  }
+  const uint32_t version = load<uint32_t>(h + kOffVersion);
+  if (version != kShardVersion) {
+    fail(path, "unsupported version " + std::to_string(version) + " (this build reads " +
+                   std::to_string(kShardVersion) + ")");
+  }
+  ShardHeader hdr;
+  hdr.vocab_size = load<uint32_t>(h + kOffVocab);
+  hdr.bytes_per_token = load<uint32_t>(h + kOffBytesPerToken);
+  hdr.num_tokens = load<uint64_t>(h + kOffNumTokens);
+  hdr.num_docs = load<uint64_t>(h + kOffNumDocs);
+  hdr.checksum = load<uint64_t>(h + kOffChecksum);
+  if (hdr.vocab_size == 0) fail(path, "vocab size is 0");
+  if (hdr.vocab_size > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
+    fail(path, "vocab " + std::to_string(hdr.vocab_size) + " does not fit int32 token ids");
+  }
+  const uint32_t want_bpt = bytes_per_token_for_vocab(hdr.vocab_size);
+  if (hdr.bytes_per_token != want_bpt) {
+    fail(path, "vocab " + std::to_string(hdr.vocab_size) + " needs uint" +
+                   std::to_string(want_bpt * 8) + " tokens, header says " +
+                   std::to_string(hdr.bytes_per_token) + " bytes per token");
+  }
+  if (load<uint32_t>(h + kOffReserved) != 0) fail(path, "reserved header field is not 0");
+
+  // Sizes are checked by division first: a corrupt header must not overflow the arithmetic.
+  const uint64_t after_header = file_bytes - kShardHeaderBytes;
+  if (hdr.num_docs >= after_header / sizeof(uint64_t)) {
+    fail(path, "truncated: header says " + std::to_string(hdr.num_docs) +
+                   " documents, file is too short for their offset table (" +
+                   std::to_string(file_bytes) + " bytes)");
+  }
+  const uint64_t offsets_bytes = (hdr.num_docs + 1) * sizeof(uint64_t);
+  const uint64_t payload_bytes = after_header - offsets_bytes;
+  const uint64_t held_tokens = payload_bytes / hdr.bytes_per_token;
+  if (held_tokens < hdr.num_tokens) {
+    fail(path, "truncated: header says " + std::to_string(hdr.num_tokens) + " tokens, file holds " +
+                   std::to_string(held_tokens));
+  }
+  if (payload_bytes != hdr.num_tokens * hdr.bytes_per_token) {
+    fail(path, "trailing bytes: header says " + std::to_string(hdr.num_tokens) +
+                   " tokens, file holds " + std::to_string(payload_bytes) + " payload bytes");
+  }
+  return hdr;
+}
+
+}  // namespace
+
+ShardHeader read_shard_header(const std::filesystem::path& path) {
+  uint64_t file_bytes = 0;
+  const int fd = open_regular_file(path, &file_bytes);
+  unsigned char head[kShardHeaderBytes] = {};
+  const size_t want = static_cast<size_t>(std::min<uint64_t>(file_bytes, kShardHeaderBytes));
+  const ssize_t got = ::pread(fd, head, want, 0);
+  const int err = errno;
+  ::close(fd);
+  if (got < 0) fail(path, std::string("cannot read: ") + std::strerror(err));
+  return check_header(path, head, static_cast<size_t>(got), file_bytes);
+}
+
+TokenShard TokenShard::open(const std::filesystem::path& path) {
+  TokenShard shard;
+  shard.path_ = path;
+
+  uint64_t file_bytes = 0;
+  const int fd = open_regular_file(path, &file_bytes);
+  if (file_bytes < kShardHeaderBytes) {
+    unsigned char head[kShardHeaderBytes] = {};
+    const ssize_t got = ::pread(fd, head, file_bytes, 0);
+    ::close(fd);
+    check_header(path, head, got > 0 ? static_cast<size_t>(got) : 0, file_bytes);  // throws
   }
   void* map = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_err = errno;
@@ -160,51 +239,15 @@ TokenShard TokenShard::open(const std::filesystem::path& path) {
   shard.map_bytes_ = file_bytes;
   // From here on `shard`'s destructor unmaps on every throw.
 
-  const unsigned char* h = shard.map_;
-  if (std::memcmp(h, kShardMagic, sizeof kShardMagic) != 0) {
-    fail(path, "bad magic (not a LoopMoE token shard; expected \"LMOETOK\\0\")");
-  }
-  const uint32_t version = load<uint32_t>(h + kOffVersion);
-  if (version != kShardVersion) {
-    fail(path, "unsupported version " + std::to_string(version) + " (this build reads " +
-                   std::to_string(kShardVersion) + ")");
-  }
-  shard.vocab_size_ = load<uint32_t>(h + kOffVocab);
-  shard.bytes_per_token_ = load<uint32_t>(h + kOffBytesPerToken);
-  shard.num_tokens_ = load<uint64_t>(h + kOffNumTokens);
-  shard.num_docs_ = load<uint64_t>(h + kOffNumDocs);
-  shard.checksum_ = load<uint64_t>(h + kOffChecksum);
-  if (shard.vocab_size_ == 0) fail(path, "vocab size is 0");
-  if (shard.vocab_size_ > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())) {
-    fail(path, "vocab " + std::to_string(shard.vocab_size_) + " does not fit int32 token ids");
-  }
-  const uint32_t want_bpt = bytes_per_token_for_vocab(shard.vocab_size_);
-  if (shard.bytes_per_token_ != want_bpt) {
-    fail(path, "vocab " + std::to_string(shard.vocab_size_) + " needs uint" +
-                   std::to_string(want_bpt * 8) + " tokens, header says " +
-                   std::to_string(shard.bytes_per_token_) + " bytes per token");
-  }
-  if (load<uint32_t>(h + kOffReserved) != 0) fail(path, "reserved header field is not 0");
-
-  // Sizes are checked by division first: a corrupt header must not overflow the arithmetic.
-  const uint64_t after_header = file_bytes - kShardHeaderBytes;
-  if (shard.num_docs_ >= after_header / sizeof(uint64_t)) {
-    fail(path, "truncated: header says " + std::to_string(shard.num_docs_) +
-                   " documents, file is too short for their offset table (" +
-                   std::to_string(file_bytes) + " bytes)");
-  }
+  const ShardHeader hdr = check_header(path, shard.map_, kShardHeaderBytes, file_bytes);
+  shard.vocab_size_ = hdr.vocab_size;
+  shard.bytes_per_token_ = hdr.bytes_per_token;
+  shard.num_tokens_ = hdr.num_tokens;
+  shard.num_docs_ = hdr.num_docs;
+  shard.checksum_ = hdr.checksum;
   const uint64_t offsets_bytes = (shard.num_docs_ + 1) * sizeof(uint64_t);
-  const uint64_t payload_bytes = after_header - offsets_bytes;
-  const uint64_t held_tokens = payload_bytes / shard.bytes_per_token_;
-  if (held_tokens < shard.num_tokens_) {
-    fail(path, "truncated: header says " + std::to_string(shard.num_tokens_) +
-                   " tokens, file holds " + std::to_string(held_tokens));
-  }
-  if (payload_bytes != shard.num_tokens_ * shard.bytes_per_token_) {
-    fail(path, "trailing bytes: header says " + std::to_string(shard.num_tokens_) +
-                   " tokens, file holds " + std::to_string(payload_bytes) + " payload bytes");
-  }
-  shard.offsets_ = h + kShardHeaderBytes;
+  const uint64_t payload_bytes = shard.num_tokens_ * shard.bytes_per_token_;
+  shard.offsets_ = shard.map_ + kShardHeaderBytes;
   shard.tokens_ = shard.offsets_ + offsets_bytes;
 
   // Checksum before interpreting the table, so corruption is reported as such rather than as

@@ -25,6 +25,22 @@ uint32_t bytes_per_token_for_vocab(uint32_t vocab_size);
 void write_token_shard(const std::filesystem::path& path, uint32_t vocab_size,
                        std::span<const int32_t> tokens, std::span<const uint64_t> doc_offsets);
 
+// What a shard's 48-byte header says, checked against the file's length.
+struct ShardHeader {
+  uint32_t vocab_size = 0;
+  uint32_t bytes_per_token = 0;
+  uint64_t num_tokens = 0;
+  uint64_t num_docs = 0;
+  uint64_t checksum = 0;
+};
+
+// Reads and checks only the header of the shard at `path`: every check of TokenShard::open up to
+// and including "trailing bytes" (magic, version, vocab and width, reserved field, sizes against
+// the file length), with the same messages, but neither the checksum nor the offset table nor the
+// tokens. It reads 48 bytes, so it is instant for any shard size: the cheap way to vet a dataset
+// before committing to a run. Throws DataError naming the file.
+ShardHeader read_shard_header(const std::filesystem::path& path);
+
 struct DocRange {
   uint64_t begin = 0;  // first token
   uint64_t end = 0;    // one past the last token (the document's eos)

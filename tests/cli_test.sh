@@ -29,6 +29,27 @@ expect topk 1 "top_k = 4 exceeds model.n_experts = 2" -- "$bin" train --config "
 expect missing_config 105 "File does not exist" -- "$bin" train --config "$tmp/none.toml"
 expect missing_data 1 "nodata/train.bin" -- "$bin" train --config "$tmp/nodata.toml" --out "$tmp/r3"
 expect prepare_missing_input 105 "nothing_here" -- "$bin" data prepare --input "$tmp/nothing_here" --vocab 300 --out "$tmp/d"
+# One big text file (nanoGPT's input.txt): cut into chunks, so validation is never empty; the same
+# input gives byte-identical output; a file too small for any split is one clear error.
+cat "$(dirname "$0")"/../docs/*.md > "$tmp/input.txt"
+expect prepare_one_file 0 "val [1-9][0-9]* docs / [1-9][0-9]* tokens; 1 document cut into [0-9]+ chunks" -- "$bin" data prepare --input "$tmp/input.txt" --vocab 512 --out "$tmp/book"
+"$bin" data prepare --input "$tmp/input.txt" --vocab 512 --out "$tmp/book2" > /dev/null 2>&1
+for f in tokenizer.model train.bin val.bin meta.json; do
+  expect "prepare_same_$f" 0 "" -- cmp "$tmp/book/$f" "$tmp/book2/$f"
+done
+printf 'A few lines of text.\nFar too few to hold any of them out.\n' > "$tmp/small.txt"
+expect prepare_too_small 1 "^loopmoe data prepare: error: .*small.txt: too little text for a train/validation split" -- "$bin" data prepare --input "$tmp/small.txt" --vocab 512 --out "$tmp/small"
+if [ -e "$tmp/small" ]; then echo "FAIL prepare_too_small left $tmp/small behind"; fails=$((fails + 1)); fi
+printf '[model]\nvocab_size = 512\nseq_len = 64\nd_model = 32\nn_heads = 2\nhead_dim = 16\nn_layers = 1\nn_experts = 4\nexpert_hidden = 32\n[train]\nbatch_size = 2\nsteps = 4\nwarmup_steps = 1\neval_interval = 2\neval_batches = 1\nlog_interval = 2\n[data]\ndir = "%s"\n' "$tmp/book" > "$tmp/book.toml"
+expect train_one_file 0 "^final validation loss [0-9.]+" -- "$bin" train --config "$tmp/book.toml" --out "$tmp/ok_book" --no-progress
+# A dataset from before: val.bin holds no tokens. train fails at once, naming it, not after 60 steps.
+mkdir -p "$tmp/oldval"
+cp "$tmp/book/train.bin" "$tmp/oldval/"
+printf 'LMOETOK\0\1\0\0\0\0\2\0\0\2\0\0\0\0\0\0\0' > "$tmp/oldval/val.bin"  # header: v1, vocab 512
+head -c 32 /dev/zero >> "$tmp/oldval/val.bin"
+sed "s|$tmp/book|$tmp/oldval|" "$tmp/book.toml" > "$tmp/oldval.toml"
+expect train_empty_val 1 "^error: .*oldval/val.bin: too few tokens for seq_len 64: shard holds 0, one window needs 65; the run validates every train.eval_interval = 2 steps" -- "$bin" train --config "$tmp/oldval.toml" --steps 60 --out "$tmp/r_oldval"
+if [ -e "$tmp/r_oldval" ]; then echo "FAIL train_empty_val created its run directory"; fails=$((fails + 1)); fi
 cfg_dir=$(dirname "$0")/../configs
 expect budget_table 0 "flops_per_token_train" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4
 expect budget_json 0 '"relative_diff"' -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --json
@@ -64,7 +85,11 @@ if [ -x "$coord" ]; then
   for _ in $(seq 100); do grep -q "cluster up" "$tmp/cluster.out" && break; sleep 0.1; done
   at=127.0.0.1:$port
   expect cluster_up_ready 0 "coordinator +127.0.0.1:$port" -- cat "$tmp/cluster.out"
-  expect submit_ok 0 "^submitted job 1$" -- "$bin" submit "$cfg_dir/loopmoe_tiny.toml" --coordinator $at --shards 2
+  # The coordinator checks the job's dataset at submission: one that would fail it is refused.
+  sed "s|^dir = .*|dir = \"$tmp/book\"|" "$cfg_dir/loopmoe_tiny.toml" > "$tmp/job.toml"
+  sed "s|^dir = .*|dir = \"$tmp/oldval\"|" "$cfg_dir/loopmoe_tiny.toml" > "$tmp/job_oldval.toml"
+  expect submit_bad_data 1 "^error: job spec: data.dir: .*oldval/val.bin: too few tokens for seq_len 128: shard holds 0" -- "$bin" submit "$tmp/job_oldval.toml" --coordinator $at
+  expect submit_ok 0 "^submitted job 1$" -- "$bin" submit "$tmp/job.toml" --coordinator $at --shards 2
   expect list_ok 0 "^1 +queued +0/" -- "$bin" list --coordinator $at
   expect status_ok 0 "^job 1: queued" -- "$bin" status 1 --coordinator $at
   expect logs_ok 0 "submitted: 1 worker\\(s\\), 2 shard\\(s\\)" -- "$bin" logs 1 --coordinator $at

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "dataloader/dataset_check.h"
 #include "dataloader/prepare.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
@@ -173,9 +174,16 @@ class CorruptShardTest : public ::testing::Test {
   }
   void patch_u32(size_t at, uint32_t v) { std::memcpy(&bytes_[at], &v, 4); }
   void save() { spit(path_, bytes_); }
-  void expect_open_error(const std::string& what) {
+  // TokenShard::open fails with `what`; so does read_shard_header for the errors its header and
+  // sizes show, while it accepts what only the checksum or the tokens give away.
+  void expect_open_error(const std::string& what, bool header_shows_it = true) {
     save();
     expect_error([&] { TokenShard::open(path_); }, path_, what);
+    if (header_shows_it) {
+      expect_error([&] { read_shard_header(path_); }, path_, what);
+    } else {
+      EXPECT_NO_THROW(read_shard_header(path_)) << what;
+    }
   }
 
   TempDir dir_;
@@ -227,19 +235,19 @@ TEST_F(CorruptShardTest, TrailingBytes) {
 
 TEST_F(CorruptShardTest, FlippedTokenByte) {
   bytes_[bytes_.size() - 3] ^= 0x01;
-  expect_open_error("checksum mismatch");
+  expect_open_error("checksum mismatch", /*header_shows_it=*/false);
 }
 
 TEST_F(CorruptShardTest, FlippedOffsetByte) {
   bytes_[kShardHeaderBytes + 9] ^= 0x40;
-  expect_open_error("checksum mismatch");
+  expect_open_error("checksum mismatch", /*header_shows_it=*/false);
 }
 
 TEST_F(CorruptShardTest, TokenOutOfRange) {
   // The checksum covers the payload, not the header, so shrinking the vocabulary in the header
   // leaves a shard with a valid checksum whose ids exceed its vocabulary.
   patch_u32(12, 10);
-  expect_open_error("out of range for vocab 10");
+  expect_open_error("out of range for vocab 10", /*header_shows_it=*/false);
 }
 
 TEST_F(CorruptShardTest, WidthDisagreesWithVocab) {
@@ -251,6 +259,93 @@ TEST(TokenShardTest, MissingFileOrDirectory) {
   TempDir dir;
   expect_error([&] { TokenShard::open(dir / "nope.bin"); }, dir / "nope.bin", "cannot open");
   expect_error([&] { TokenShard::open(dir.path()); }, dir.path(), "not a regular file");
+  expect_error([&] { read_shard_header(dir / "nope.bin"); }, dir / "nope.bin", "cannot open");
+  expect_error([&] { read_shard_header(dir.path()); }, dir.path(), "not a regular file");
+}
+
+TEST(TokenShardTest, HeaderAgreesWithOpen) {
+  TempDir dir;
+  const fs::path path = dir / "s.bin";
+  const ShardData d = sample_data(70000);
+  write_token_shard(path, 70000, d.tokens, d.offsets);
+  const ShardHeader h = read_shard_header(path);
+  const TokenShard shard = TokenShard::open(path);
+  EXPECT_EQ(h.vocab_size, shard.vocab_size());
+  EXPECT_EQ(h.bytes_per_token, shard.bytes_per_token());
+  EXPECT_EQ(h.num_tokens, shard.num_tokens());
+  EXPECT_EQ(h.num_docs, shard.num_docs());
+  EXPECT_EQ(h.checksum, shard.checksum());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking a dataset before a run
+
+void write_counting(const fs::path& path, uint64_t n, uint32_t vocab) {
+  std::vector<int32_t> tokens(n);
+  for (uint64_t i = 0; i < n; ++i) tokens[i] = static_cast<int32_t>(i % vocab);
+  const std::vector<uint64_t> offsets = {0, n};
+  write_token_shard(path, vocab, tokens, offsets);
+}
+
+TEST(DatasetCheckTest, AcceptsAUsableDataset) {
+  TempDir dir;
+  write_counting(dir / "train.bin", 1000, 300);
+  write_counting(dir / "val.bin", 17, 300);  // exactly one window of seq_len 16
+  const DatasetHeaders h = check_dataset(dir.path(), {300, 16, true, ""});
+  EXPECT_EQ(h.train.num_tokens, 1000u);
+  ASSERT_TRUE(h.val.has_value());
+  EXPECT_EQ(h.val->num_tokens, 17u);
+  EXPECT_EQ(h.val->vocab_size, 300u);
+  check_dataset(dir.path(), {4096, 16, true, ""});  // a larger model vocabulary is fine
+}
+
+TEST(DatasetCheckTest, NamesTheFileThatFails) {
+  TempDir dir;
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, true, ""});
+      },
+      dir / "train.bin", "cannot open");
+  write_counting(dir / "train.bin", 1000, 300);
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, true, ""});
+      },
+      dir / "val.bin", "cannot open");
+  // A run that never validates does not read val.bin at all.
+  EXPECT_FALSE(check_dataset(dir.path(), {300, 16, false, ""}).val.has_value());
+
+  write_token_shard(dir / "val.bin", 300, {}, std::vector<uint64_t>{0});  // the old one-file case
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, true, "it validates at step 5"});
+      },
+      dir / "val.bin",
+      "too few tokens for seq_len 16: shard holds 0, one window needs 17; it validates "
+      "at step 5");
+  write_counting(dir / "val.bin", 16, 300);
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, true, ""});
+      },
+      dir / "val.bin", "shard holds 16, one window needs 17");
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {256, 8, true, ""});
+      },
+      dir / "train.bin", "shard vocabulary 300 exceeds model.vocab_size 256");
+  write_counting(dir / "train.bin", 10, 300);
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, false, ""});
+      },
+      dir / "train.bin", "too few tokens");
+  spit(dir / "train.bin", "not a shard");
+  expect_error(
+      [&] {
+        check_dataset(dir.path(), {300, 16, false, ""});
+      },
+      dir / "train.bin", "bad magic");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -474,6 +569,16 @@ TEST(PrepareTest, SplitRuleIsStableAndNearTheFraction) {
   }
   EXPECT_GT(val, 800);
   EXPECT_LT(val, 1200);
+  // Chunk keys ("f.txt#0.<c>") too, and a chunk is not its document.
+  int val_chunks = 0, same_as_doc = 0;
+  for (int c = 0; c < 20000; ++c) {
+    val_chunks += is_validation_chunk("f.txt", 0, c, 1234, 0.05);
+    same_as_doc +=
+        is_validation_chunk("f.txt", 0, c, 1234, 0.5) == is_validation_doc("f.txt", c, 1234, 0.5);
+  }
+  EXPECT_GT(val_chunks, 800);
+  EXPECT_LT(val_chunks, 1200);
+  EXPECT_LT(same_as_doc, 12000);
   // A different seed gives a different split.
   int same = 0;
   for (int i = 0; i < 2000; ++i) {
@@ -492,6 +597,202 @@ TEST(PrepareTest, TwoDocumentsGiveOneEachSide) {
     EXPECT_EQ(r.train_docs, 1u) << frac;
     EXPECT_EQ(r.val_docs, 1u) << frac;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunking: one big file still gives a validation split
+
+// `paragraphs` paragraphs of make_text(…, words), each followed by a blank line (150 words: about
+// 1.1 KB a paragraph).
+std::string make_book(int paragraphs, int words = 150) {
+  std::string s;
+  for (int i = 0; i < paragraphs; ++i) s += make_text(1000 + i, words) + "\n";
+  return s;
+}
+
+TEST(CutDocumentTest, PrefersParagraphsThenLinesThenSpacesAndCoversTheText) {
+  // Paragraphs of ~400 bytes and cuts that may move a quarter of ~1.9 KB: one is always in reach.
+  const std::string book = make_book(36, 50);
+  const std::vector<std::string_view> pieces = cut_document(book, 2000);
+  const size_t k = (book.size() + 1999) / 2000;
+  ASSERT_EQ(pieces.size(), k);
+  size_t offset = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    EXPECT_EQ(pieces[i].data(), book.data() + offset) << i;  // consecutive views into the text
+    const double share = static_cast<double>(pieces[i].size()) * k / book.size();
+    EXPECT_GE(share, 0.5) << i;
+    EXPECT_LE(share, 1.5) << i;
+    if (i > 0) {
+      EXPECT_EQ(book.substr(offset - 2, 2), "\n\n") << "cut " << i << " is not at a paragraph";
+    }
+    offset += pieces[i].size();
+  }
+  EXPECT_EQ(offset, book.size());
+
+  // No blank lines: cuts fall on line starts. No newlines: after a space. Neither: on a UTF-8
+  // character start, never inside "é".
+  std::string lines;
+  for (int i = 0; i < 200; ++i) lines += "line number " + std::to_string(i) + " of the file\n";
+  ASSERT_GT(cut_document(lines, 1000).size(), 2u);
+  for (std::string_view p : cut_document(lines, 1000)) EXPECT_EQ(p.back(), '\n');
+  std::string one_line = lines;
+  std::replace(one_line.begin(), one_line.end(), '\n', ' ');
+  for (std::string_view p : cut_document(one_line, 1000)) EXPECT_EQ(p.back(), ' ');
+  std::string accents;
+  for (int i = 0; i < 3000; ++i) accents += "\xc3\xa9";  // é
+  size_t total = 0;
+  for (std::string_view p : cut_document(accents, 1000)) {
+    EXPECT_EQ(p.size() % 2, 0u);
+    EXPECT_EQ(p.substr(0, 2), "\xc3\xa9");
+    total += p.size();
+  }
+  EXPECT_EQ(total, accents.size());
+
+  // Documents up to the chunk size are not cut.
+  EXPECT_EQ(cut_document("short text", 1000).size(), 1u);
+  EXPECT_EQ(cut_document(std::string(kChunkBytes, 'a')).size(), 1u);
+  EXPECT_EQ(cut_document(std::string(kChunkBytes + 1, 'a')).size(), 2u);
+}
+
+TEST(PrepareTest, OneFileIsChunkedIntoBothSplitsDeterministically) {
+  TempDir dir;
+  fs::create_directories(dir / "in");
+  const std::string book = make_book(100);  // ~110 KB: 14 chunks
+  spit(dir / "in" / "book.txt", book);
+  PrepareOptions o = tiny_options(dir / "in" / "book.txt", dir / "a");
+  std::ostringstream log;
+  o.log = &log;
+  const PrepareResult r = prepare_dataset(o);
+  EXPECT_EQ(r.chunked_docs, 1u);
+  EXPECT_EQ(r.chunks, (book.size() + kChunkBytes - 1) / kChunkBytes);
+  EXPECT_GE(r.val_chunks, 1u);
+  EXPECT_GE(r.train_docs, 1u);
+  EXPECT_GE(r.val_docs, 1u);
+  EXPECT_GT(r.val_tokens, 200u);
+  EXPECT_GT(r.train_tokens, r.val_tokens);
+  EXPECT_NE(log.str().find("documents too few for val fraction 0.2: cut 1 document(s)"),
+            std::string::npos)
+      << log.str();
+  EXPECT_NE(slurp(dir / "a" / "meta.json").find("\"chunking\": {"), std::string::npos);
+
+  // The split is the hash rule over "book.txt#0.<c>", and consecutive chunks on one side are one
+  // shard document whose ids are those of the joined text.
+  const std::vector<std::string_view> pieces = cut_document(book);
+  std::vector<std::string> val_runs, train_runs;
+  uint64_t val_chunks = 0, val_bytes = 0;
+  for (size_t c = 0; c < pieces.size(); ++c) {
+    const bool val = is_validation_chunk("book.txt", 0, c, o.seed, o.val_fraction);
+    val_chunks += val;
+    val_bytes += val ? pieces[c].size() : 0;
+    std::vector<std::string>& runs = val ? val_runs : train_runs;
+    const bool continues =
+        c > 0 && is_validation_chunk("book.txt", 0, c - 1, o.seed, o.val_fraction) == val;
+    if (continues) {
+      runs.back() += pieces[c];
+    } else {
+      runs.emplace_back(pieces[c]);
+    }
+  }
+  ASSERT_GE(val_bytes, kMinValBytes) << "pick another seed: this test assumes no fallback";
+  EXPECT_EQ(r.val_chunks, val_chunks);
+  const Dataset ds = open_dataset(dir / "a");
+  const Tokenizer tok = Tokenizer::load(dir / "a" / "tokenizer.model");
+  for (const auto& [shard, runs] :
+       {std::pair{&ds.train, &train_runs}, std::pair{&ds.val, &val_runs}}) {
+    ASSERT_EQ(shard->num_docs(), runs->size());
+    for (uint64_t i = 0; i < shard->num_docs(); ++i) {
+      const DocRange range = shard->doc_range(i);
+      std::vector<int32_t> ids(range.end - range.begin);
+      shard->read(range.begin, ids.size(), ids.data());
+      EXPECT_EQ(ids.back(), kEosId);
+      ids.pop_back();
+      EXPECT_EQ(std::count(ids.begin(), ids.end(), kEosId), 0);
+      EXPECT_EQ(ids, tok.encode((*runs)[i])) << i;
+      EXPECT_EQ(tok.decode(ids), normalize_ws((*runs)[i])) << i;
+    }
+  }
+
+  // Byte-identical again.
+  o.out_dir = dir / "b";
+  o.log = nullptr;
+  prepare_dataset(o);
+  for (const char* f : {"tokenizer.model", "train.bin", "val.bin", "meta.json"}) {
+    EXPECT_EQ(slurp(dir / "a" / f), slurp(dir / "b" / f)) << f;
+  }
+}
+
+TEST(PrepareTest, ManyDocumentsAreSplitByDocumentAsBefore) {
+  // 30 documents of ~10 KB at 0.2: enough documents and validation text, so nothing is cut (even
+  // though every document is longer than kChunkBytes) and each one is where is_validation_doc
+  // puts it.
+  TempDir dir;
+  fs::create_directories(dir / "corpus");
+  const auto doc_name = [](int i) {
+    std::string name = "d";
+    name += std::to_string(i);
+    return name += ".txt";
+  };
+  for (int i = 0; i < 30; ++i) spit(dir / "corpus" / doc_name(i), make_text(i, 1500));
+  const PrepareResult r = prepare_dataset(tiny_options(dir / "corpus", dir / "out"));
+  EXPECT_EQ(r.chunked_docs, 0u);
+  EXPECT_EQ(r.train_docs + r.val_docs, 30u);
+  const std::string meta = slurp(dir / "out" / "meta.json");
+  EXPECT_EQ(meta.find("chunking"), std::string::npos);
+  uint64_t want_val = 0;
+  for (int i = 0; i < 30; ++i) {
+    const std::string name = doc_name(i);
+    const bool val = is_validation_doc(name, 0, 7, 0.2);
+    want_val += val;
+    std::string line = name;
+    line += "\", \"bytes\": ";
+    line += std::to_string(make_text(i, 1500).size());
+    line += val ? ", \"train_docs\": 0, \"val_docs\": 1" : ", \"train_docs\": 1, \"val_docs\": 0";
+    EXPECT_NE(meta.find(line), std::string::npos) << line;
+  }
+  EXPECT_EQ(r.val_docs, want_val);
+}
+
+TEST(PrepareTest, BigFileBesideATinyOneIsChunked) {
+  // Two documents cannot hold out 5%: the fallback alone could have made the 40-byte note the
+  // whole validation split. The book is cut (the note keeps its key "note.txt#0"), and validation
+  // is topped up to kMinValBytes with book chunks.
+  TempDir dir;
+  fs::create_directories(dir / "in");
+  spit(dir / "in" / "book.txt", make_book(100));
+  spit(dir / "in" / "note.txt", "A short note that says almost nothing.\n");
+  PrepareOptions o = tiny_options(dir / "in", dir / "out");
+  o.val_fraction = 0.05;
+  const PrepareResult r = prepare_dataset(o);
+  EXPECT_EQ(r.chunked_docs, 1u);
+  EXPECT_GE(r.val_chunks, 1u);
+  EXPECT_GT(r.val_tokens, 500u);
+  EXPECT_GE(r.train_docs + r.val_docs, 3u);  // the note is a document of its own
+}
+
+TEST(PrepareTest, ChunkingLeavesShortDocumentsAlone) {
+  // Few documents, none long: chunking has nothing to cut, and the split is the document split.
+  TempDir dir;
+  write_corpus(dir / "corpus", 3);
+  PrepareOptions o = tiny_options(dir / "corpus", dir / "out");
+  o.val_fraction = 0.05;
+  const PrepareResult r = prepare_dataset(o);
+  EXPECT_EQ(r.chunked_docs, 0u);
+  EXPECT_EQ(r.train_docs + r.val_docs, 3u);
+  EXPECT_EQ(r.val_docs, 1u);
+}
+
+TEST(PrepareTest, TooLittleTextForASplitIsAClearError) {
+  TempDir dir;
+  fs::create_directories(dir / "in");
+  spit(dir / "in" / "small.txt", make_book(4));  // ~4.5 KB: one document, too short to cut
+  PrepareOptions o = tiny_options(dir / "in" / "small.txt", dir / "out");
+  expect_error([&] { prepare_dataset(o); }, dir / "in" / "small.txt",
+               "too little text for a train/validation split: the corpus is one document of ");
+  EXPECT_FALSE(fs::exists(dir / "out"));  // nothing written, not even the directory
+  o.docs_per_line = true;
+  spit(dir / "in" / "small.txt", "\n\n  one single line\n\n");
+  expect_error([&] { prepare_dataset(o); }, dir / "in" / "small.txt", "one line of 17 bytes");
+  EXPECT_FALSE(fs::exists(dir / "out"));
 }
 
 TEST(PrepareTest, Errors) {

@@ -2,11 +2,16 @@
 // corruption and config mismatch errors.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "cli/checkpoint.h"
 #include "cli/trainer.h"
+#include "dataloader/data_error.h"
+#include "dataloader/prepare.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
 #include "tests/tiny_run.h"
@@ -124,6 +129,108 @@ TEST_F(TrainerTest, MissingDataNamesTheFile) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("nowhere"), std::string::npos) << e.what();
   }
+}
+
+TEST(FirstValidationStep, FollowsTheTrainerSchedule) {
+  TrainConfig t;
+  t.steps = 100;
+  t.eval_interval = 30;
+  EXPECT_EQ(first_validation_step(t, 0, 100), 30);
+  EXPECT_EQ(first_validation_step(t, 0, 29), 0);  // --stop-after 29
+  EXPECT_EQ(first_validation_step(t, 0, 30), 30);
+  EXPECT_EQ(first_validation_step(t, 30, 59), 0);  // resumed at 30, stops before 60
+  EXPECT_EQ(first_validation_step(t, 30, 100), 60);
+  EXPECT_EQ(first_validation_step(t, 90, 100), 100);  // the end of the schedule
+  EXPECT_EQ(first_validation_step(t, 100, 100), 0);   // nothing left to run
+  t.eval_interval = 0;
+  EXPECT_EQ(first_validation_step(t, 0, 100), 100);  // every full run validates at its end
+  EXPECT_EQ(first_validation_step(t, 0, 99), 0);
+  EXPECT_EQ(first_validation_step(t, 40, 100), 100);
+}
+
+// Expects train() to throw data::DataError naming `file` and saying `what`, having written
+// nothing: not even the run directory.
+void expect_data_error(const Config& c, const TrainOptions& o, const fs::path& file,
+                       const std::string& what) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    train(c, o);
+    ADD_FAILURE() << "no error; expected one naming " << file;
+  } catch (const data::DataError& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind(file.string(), 0), 0u) << msg;  // the message starts with the file
+    EXPECT_NE(msg.find(what), std::string::npos) << msg;
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  if (!o.resume) {
+    EXPECT_FALSE(fs::exists(o.out_dir)) << o.out_dir;
+  }
+}
+
+TEST_F(TrainerTest, UnusableValidationFailsBeforeTheFirstStep) {
+  // The one-file dataset `data prepare` used to write: a validation shard with no tokens. The run
+  // would train all its steps and only then fail to validate; now it fails at once.
+  const fs::path val = root_ / "data" / "val.bin";
+  data::write_token_shard(val, 60, {}, std::vector<uint64_t>{0});
+  expect_data_error(config_, options("a"), val,
+                    "too few tokens for seq_len 16: shard holds 0, one window needs 17; the run "
+                    "validates every train.eval_interval = 5 steps, first after step 5");
+  config_.train.eval_interval = 0;
+  expect_data_error(config_, options("b"), val,
+                    "; the run validates after its last step (train.steps = 12)");
+
+  // A run that validates nowhere does not need val.bin at all, and a resumed run needs it only if
+  // its remaining steps validate.
+  fs::remove(val);
+  TrainOptions o = options("c");
+  o.stop_after = 11;
+  EXPECT_EQ(train(config_, o).steps_done, 11);
+  o.resume = true;
+  o.stop_after = -1;  // step 12 is the end of the schedule: it validates
+  expect_data_error(config_, o, val, "cannot open");
+  EXPECT_FALSE(fs::exists(root_ / "c" / "checkpoint.bin.tmp"));
+}
+
+TEST_F(TrainerTest, BadTrainShardOrVocabularyFailsBeforeTheFirstStep) {
+  const fs::path train_bin = root_ / "data" / "train.bin";
+  config_.model.vocab_size = 40;  // the shards hold ids up to 59
+  expect_data_error(config_, options("a"), train_bin,
+                    "shard vocabulary 60 exceeds model.vocab_size 40");
+  config_.model.vocab_size = 64;
+  const std::vector<int32_t> few = {1, 2, 3, 4, 5};
+  data::write_token_shard(train_bin, 60, few, std::vector<uint64_t>{0, few.size()});
+  expect_data_error(config_, options("b"), train_bin, "too few tokens for seq_len 16");
+}
+
+TEST_F(TrainerTest, TrainsOnOneTextFile) {
+  // The way most people bring text: one file. `data prepare` cuts it into chunks so both splits
+  // get text, and training validates on it.
+  std::string text;
+  for (int p = 0; p < 60; ++p) {
+    for (int s = 0; s < 12; ++s) {
+      text += "Paragraph " + std::to_string(p) + " sentence " + std::to_string(s) +
+              ": the quick brown fox jumps over the lazy dog near the river bank.\n";
+    }
+    text += "\n";
+  }
+  fs::create_directories(root_ / "text");
+  std::ofstream(root_ / "text" / "input.txt") << text;
+  data::PrepareOptions p;
+  p.inputs = {root_ / "text" / "input.txt"};
+  p.out_dir = root_ / "book";
+  p.vocab_size = 300;
+  const data::PrepareResult r = data::prepare_dataset(p);
+  ASSERT_EQ(r.chunked_docs, 1u);
+  ASSERT_GT(r.val_tokens, 17u);
+
+  config_.data.dir = (root_ / "book").string();
+  config_.model.vocab_size = 300;
+  config_.train.steps = 6;
+  config_.train.eval_interval = 3;
+  const TrainResult result = train(config_, options("run"));
+  EXPECT_EQ(result.steps_done, 6);
+  EXPECT_GT(result.final_val_loss, 0.0);
+  EXPECT_LT(result.final_val_loss, 10.0);
 }
 
 }  // namespace

@@ -176,7 +176,9 @@ void register_submit(CLI::App& app) {
         }
       }
     }
-    service::validate_job_spec(spec, args->file);  // the coordinator checks again
+    // The coordinator checks again, and checks the dataset too (it sees data.dir at the workers'
+    // paths, which this machine need not: a laptop submitting through a port-forward).
+    service::validate_job_spec(spec, args->file);
 
     Client client(args->coordinator);
     auto c = client.context();

@@ -230,6 +230,7 @@ CoordinatorOptions test_options(const std::filesystem::path& data_dir) {
   o.configure_timeout = std::chrono::seconds(10);
   o.step_timeout = std::chrono::seconds(10);
   o.shutdown_timeout = std::chrono::seconds(1);
+  o.check_data = false;  // the fake processes read no data; tests that want the check set it
   return o;
 }
 

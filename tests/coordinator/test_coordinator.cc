@@ -5,13 +5,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "coordinator/coordinator.h"
 #include "coordinator/health.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
+#include "dataloader/token_shard.h"
 #include "fake_process.h"
 #include "model/error.h"
 
@@ -210,6 +215,7 @@ class CoordinatorTest : public ::testing::Test {
     o.listen = listen;
     o.max_restarts = max_restarts_;
     o.metrics_listen = metrics_listen_;
+    o.check_data = check_data_;
     coordinator_ = std::make_unique<Coordinator>(o);
     stub_ = testing::coordinator_stub(coordinator_->address());
   }
@@ -289,6 +295,7 @@ class CoordinatorTest : public ::testing::Test {
   TempDir dir_;
   int max_restarts_ = 3;
   std::string metrics_listen_;
+  bool check_data_ = false;
   std::unique_ptr<Coordinator> coordinator_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   std::vector<std::unique_ptr<FakeProcess>> fakes_;
@@ -394,6 +401,61 @@ TEST_F(CoordinatorTest, RejectsBadSpecsWithClearMessages) {
   v1::ListJobsResponse jobs;
   ASSERT_TRUE(stub_->ListJobs(&c, v1::ListJobsRequest(), &jobs).ok());
   EXPECT_EQ(jobs.jobs_size(), 0);  // nothing was queued
+}
+
+// test_config's job with data.dir = `dir`.
+std::string config_with_data(const std::filesystem::path& dir) {
+  std::string c = test_config(20, 5, 10, 10);
+  const std::string from = "/nonexistent/data";
+  return c.replace(c.find(from), from.size(), dir.string());
+}
+
+void write_shard(const std::filesystem::path& path, uint32_t vocab, size_t tokens) {
+  std::filesystem::create_directories(path.parent_path());
+  const std::vector<int32_t> ids(tokens, 1);
+  data::write_token_shard(path, vocab, ids, std::vector<uint64_t>{0, tokens});
+}
+
+// A job whose data would fail it (at the first validation, after the training work) is refused
+// at submission, naming the file; the check reads shard headers only.
+TEST_F(CoordinatorTest, RefusesAJobWhoseDataWouldFailIt) {
+  coordinator_.reset();
+  check_data_ = true;
+  start();
+  const std::filesystem::path data = dir_.path / "data";
+  struct Case {
+    std::function<void()> setup;
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {[] {}, data.string() + "/train.bin: cannot open"},
+      {[&] { write_shard(data / "train.bin", 256, 1000); },
+       data.string() + "/val.bin: cannot open"},
+      {[&] { write_shard(data / "val.bin", 256, 0); },
+       data.string() +
+           "/val.bin: too few tokens for seq_len 16: shard holds 0, one window needs 17; every "
+           "job validates after its last step (train.steps = 20)"},
+      {[&] { write_shard(data / "val.bin", 300, 100); },
+       data.string() + "/val.bin: shard vocabulary 300 exceeds model.vocab_size 256"},
+      {[&] { write_shard(data / "train.bin", 256, 16); },
+       data.string() + "/train.bin: too few tokens for seq_len 16"},
+  };
+  for (const Case& c : cases) {
+    c.setup();
+    grpc::Status s = submit(spec(config_with_data(data)), nullptr);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.want;
+    EXPECT_EQ(s.error_message().rfind("job spec: data.dir: " + c.want, 0), 0u)
+        << "want '" << c.want << "' at the start of '" << s.error_message() << "'";
+  }
+  {
+    grpc::ClientContext c;
+    v1::ListJobsResponse jobs;
+    ASSERT_TRUE(stub_->ListJobs(&c, v1::ListJobsRequest(), &jobs).ok());
+    EXPECT_EQ(jobs.jobs_size(), 0);  // nothing was queued
+  }
+  write_shard(data / "train.bin", 256, 17);  // one window each is enough
+  write_shard(data / "val.bin", 200, 17);
+  EXPECT_FALSE(submit_ok(spec(config_with_data(data))).empty());
 }
 
 // A job started from another job's checkpoint, on other worker/shard counts: Configure carries
