@@ -64,13 +64,31 @@ void pack_b(float* dst, int nr, bool tb, const float* b, int ldb, int j0, int co
   }
 }
 
+// Packs rows [0, rows) of op(A) = A^T (A at a, k-major with stride lda) for kc values of k as
+// strips of mr rows: strip s holds op(A)[s·mr + r, k] at [s][k][r] (a short last strip is not
+// padded: its kernel reads only its rows).
+void pack_a_transposed(float* dst, int mr, const float* a, int lda, int rows, int kc) {
+  for (int s = 0; s < rows; s += mr) {
+    const int valid = std::min(mr, rows - s);
+    float* strip = dst + static_cast<size_t>(s) * kc;
+    for (int k = 0; k < kc; ++k) {
+      std::copy_n(a + static_cast<size_t>(k) * lda + s, valid, strip + static_cast<size_t>(k) * mr);
+    }
+  }
+}
+
 void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alpha, const float* a,
            int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   const int mr = t.mr, nr = t.nv * t.width;
-  thread_local std::vector<float> b_pack, part;
+  thread_local std::vector<float> a_pack, b_pack, part;
   const int kc_max = std::min(std::max(K, 1), kKc);
   const int nc = std::min(kNc / nr * nr, (n + nr - 1) / nr * nr);
   b_pack.resize(static_cast<size_t>(nc) * kc_max);
+  // A transposed is read k-major in place: a strip's kc values of k are rows of A lda apart.
+  // When lda is a multiple of 1024 floats those rows all fall in one L1 set and evict each
+  // other, so then each row block's strips are packed contiguously once for all panels.
+  const bool pack_a = ta && lda % 1024 == 0 && n > nr;
+  if (pack_a) a_pack.resize(static_cast<size_t>(kMc) * kc_max);
   // Raw chains of the current column block between K blocks (only when K is split).
   if (K > kKc) part.resize(static_cast<size_t>(m) * nc);
   // Few rows reuse each B panel only a few times: packing B would cost about as much as the
@@ -100,6 +118,7 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
       const float* a_block = ta ? a + static_cast<size_t>(p0) * lda : a + p0;
       for (int i0 = 0; i0 < m; i0 += kMc) {
         const int rows = std::min(kMc, m - i0);
+        if (pack_a) pack_a_transposed(a_pack.data(), mr, a_block + i0, lda, rows, x.kc);
         for (int jr = 0; jr < cols; jr += nr) {
           const bool read_in_place = b_in_place && jr < full_cols;
           const float* bp = read_in_place ? b_block + j0 + jr
@@ -113,7 +132,10 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
             float* part_tile = K > kKc ? part.data() + static_cast<size_t>(i) * nc + jr : nullptr;
             float* c_tile = c + static_cast<size_t>(i) * ldc + j0 + jr;
             const MicroKernel kernel = t.kernel[tile_rows - 1][vectors - 1][ta ? 0 : 1];
-            if (ta) {
+            if (pack_a) {
+              kernel(x, a_pack.data() + static_cast<size_t>(ir) * x.kc, mr, bp, c_tile,
+                     part_tile, tile_cols);
+            } else if (ta) {
               kernel(x, a_block + i, lda, bp, c_tile, part_tile, tile_cols);
             } else {
               kernel(x, a_block + static_cast<size_t>(i) * lda, lda, bp, c_tile, part_tile,
