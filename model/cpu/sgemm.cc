@@ -40,8 +40,9 @@ void pack_b(float* dst, int nr, bool tb, const float* b, int ldb, int j0, int co
       for (int k = 0; k < kc; ++k) {
         const float* src = b + static_cast<size_t>(k) * ldb + j0 + p;
         float* d = panel + static_cast<size_t>(k) * nr;
-        std::copy_n(src, valid, d);
-        std::fill(d + valid, d + nr, 0.f);
+        // A plain loop, not std::copy_n: a memmove call per 32 floats cost 5% of a training step.
+        for (int c = 0; c < valid; ++c) d[c] = src[c];
+        for (int c = valid; c < nr; ++c) d[c] = 0.f;
       }
     } else {  // op(B)[k, j] = b[j·ldb + k]: transpose 8 values of k at a time per column
       int k = 0;
@@ -72,7 +73,9 @@ void pack_a_transposed(float* dst, int mr, const float* a, int lda, int rows, in
     const int valid = std::min(mr, rows - s);
     float* strip = dst + static_cast<size_t>(s) * kc;
     for (int k = 0; k < kc; ++k) {
-      std::copy_n(a + static_cast<size_t>(k) * lda + s, valid, strip + static_cast<size_t>(k) * mr);
+      const float* src = a + static_cast<size_t>(k) * lda + s;
+      float* d = strip + static_cast<size_t>(k) * mr;
+      for (int r = 0; r < valid; ++r) d[r] = src[r];
     }
   }
 }
