@@ -15,10 +15,7 @@ bool eventually(const std::function<bool()>& done, std::chrono::milliseconds tim
   return done();
 }
 
-FakeProcess::FakeProcess(const std::string& coordinator, FakeScript script)
-    : script_(script),
-      coordinator_(v1::Coordinator::NewStub(
-          grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials()))) {
+FakeProcess::FakeProcess(const std::string& coordinator, FakeScript script) : script_(script) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -26,6 +23,9 @@ FakeProcess::FakeProcess(const std::string& coordinator, FakeScript script)
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) throw std::runtime_error("fake process: cannot listen");
   address_ = "127.0.0.1:" + std::to_string(port);
+  if (coordinator.empty()) return;  // standalone: the test registers it (JobDriver tests)
+  coordinator_ = v1::Coordinator::NewStub(
+      grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials()));
   register_now();
   heartbeat_ = std::thread([this] { heartbeat_loop(); });
 }

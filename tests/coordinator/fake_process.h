@@ -35,6 +35,8 @@ struct FakeScript {
 
 class FakeProcess final : public v1::TrainingProcess::Service {
  public:
+  // Registers with and heartbeats to `coordinator`; an empty one: a standalone process that does
+  // neither (a test drives it directly and registers it in its own ProcessRegistry).
   FakeProcess(const std::string& coordinator, FakeScript script);
   ~FakeProcess() override;
 

@@ -1,0 +1,511 @@
+// The job driver (job_driver.h): one run of one job on its assigned training processes.
+#include "coordinator/job_driver.h"
+
+#include <grpcpp/grpcpp.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "coordinator/job_spec.h"
+#include "coordinator/util.h"
+#include "model/error.h"
+
+namespace loopmoe::service {
+namespace {
+
+using internal::code_name;
+using internal::format;
+using internal::role_name;
+using internal::unix_ms;
+
+// RUN/metrics.jsonl in the output directory, in `loopmoe train`'s format (so `loopmoe compare`
+// reads a cluster run like a local one) with full precision. A run resumed from step `keep`
+// first drops the records after it, so the file always describes one consistent run.
+void truncate_metrics_after(const std::filesystem::path& path, int64_t keep) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    const auto pos = line.find("\"step\": ");
+    if (pos != std::string::npos && std::stoll(line.substr(pos + 8)) <= keep) kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(path, std::ios::trunc) << kept;
+}
+
+std::string step_record(const loopmoe::v1::StepReport& r, double tokens_per_s) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "{\"step\": %lld, \"loss\": %.17g, \"ce\": %.17g, \"aux\": %.17g, \"z\": "
+                "%.17g, \"dropped\": %lld, \"lr\": %.17g, \"grad_norm\": %.17g, \"loops\": %d, "
+                "\"tokens_per_s\": %.6g}\n",
+                static_cast<long long>(r.step()), r.loss(), r.ce(), r.aux(), r.z(),
+                static_cast<long long>(r.dropped()), r.lr(), r.grad_norm(), r.loops(),
+                tokens_per_s);
+  return buf;
+}
+
+// A failure of one run of a job (a process died, timed out or answered with an error): the job
+// restarts with the next epoch, unless it is out of restarts.
+struct RunFailure : std::runtime_error {
+  RunFailure(const std::string& what, std::vector<std::string> unreachable)
+      : std::runtime_error(what), unreachable(std::move(unreachable)) {}
+  std::vector<std::string> unreachable;  // process ids to declare dead
+};
+// A failure no restart can fix (the job's config no longer parses, a missing resume checkpoint).
+struct PermanentFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The coordinator is shutting down: leave the job as it is in the store.
+struct Stopping {};
+// The user cancelled the job.
+struct Cancelled {};
+
+}  // namespace
+
+std::string Member::label() const {
+  return id + " (" + role_name(role) + " " + std::to_string(rank) + " at " + address + ")";
+}
+
+Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  Member m;
+  m.id = id;
+  m.role = role;
+  m.rank = rank;
+  m.address = address;
+  m.stub = v1::TrainingProcess::NewStub(
+      grpc::CreateCustomChannel(m.address, grpc::InsecureChannelCredentials(), args));
+  return m;
+}
+
+JobDriver::JobDriver(const CoordinatorOptions& options, std::string data_dir, JobStore& store,
+                     ProcessRegistry& registry, CoordinatorMetrics& metrics, DriverHost host,
+                     std::string job_id, std::vector<Member> members)
+    : options_(options),
+      data_dir_(std::move(data_dir)),
+      store_(store),
+      registry_(registry),
+      metrics_(metrics),
+      host_(std::move(host)),
+      job_id_(std::move(job_id)),
+      members_(std::move(members)) {}
+
+void JobDriver::stop() {
+  stopping_ = true;
+  cancel_calls();
+}
+
+void JobDriver::cancel_calls() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (grpc::ClientContext* c : active_) c->TryCancel();
+}
+
+bool JobDriver::update_job(const std::function<bool(v1::JobStatus&)>& change) {
+  {
+    std::lock_guard<std::mutex> lock(*host_.mu);
+    std::optional<v1::JobStatus> job = store_.get_job(job_id_);
+    if (!job || !change(*job)) return false;
+    job->set_updated_unix_ms(unix_ms());
+    store_.put_job(*job);
+  }
+  host_.changed->notify_all();
+  return true;
+}
+
+void JobDriver::log(const std::string& text) {
+  store_.append_log(job_id_, text, unix_ms());
+  host_.changed->notify_all();
+}
+
+void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
+                         const std::function<grpc::Status(Member&, grpc::ClientContext*)>& call) {
+  const size_t n = members_.size();
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts(n);
+  std::vector<grpc::Status> statuses(n);
+  std::vector<char> cancelled_by_us(n, 0);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < n; ++i) {
+      contexts[i] = std::make_unique<grpc::ClientContext>();
+      contexts[i]->set_deadline(std::chrono::system_clock::now() + timeout);
+      active_.insert(contexts[i].get());
+    }
+  }
+  if (stopping_) cancel_calls();  // stop() may have run before these contexts existed
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      statuses[i] = call(members_[i], contexts[i].get());
+      if (!statuses[i].ok()) {
+        // One failure fails the step for everyone: don't wait for the others' timeouts.
+        std::lock_guard<std::mutex> lock(mu_);
+        for (size_t j = 0; j < n; ++j) {
+          if (j != i && !cancelled_by_us[j]) {
+            cancelled_by_us[j] = 1;
+            contexts[j]->TryCancel();
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& c : contexts) active_.erase(c.get());
+  }
+  if (stopping_) throw Stopping{};
+  // The root cause: an unreachable process first, then any other error we did not cause.
+  int root = -1;
+  std::vector<std::string> unreachable;
+  for (size_t i = 0; i < n; ++i) {
+    if (statuses[i].ok()) continue;
+    if (statuses[i].error_code() == grpc::StatusCode::UNAVAILABLE) {
+      unreachable.push_back(members_[i].id);
+      if (root < 0 || statuses[root].error_code() != grpc::StatusCode::UNAVAILABLE) root = i;
+    } else if (root < 0 &&
+               !(cancelled_by_us[i] && statuses[i].error_code() == grpc::StatusCode::CANCELLED)) {
+      root = i;
+    }
+  }
+  if (root < 0) {
+    for (size_t i = 0; i < n && root < 0; ++i) {
+      if (!statuses[i].ok()) root = i;
+    }
+  }
+  if (root >= 0) {
+    const grpc::Status& s = statuses[root];
+    throw RunFailure(std::string(rpc) + " on " + members_[root].label() +
+                         " failed: " + code_name(s.error_code()) + ": " + s.error_message(),
+                     unreachable);
+  }
+}
+
+void JobDriver::check_interrupts() {
+  if (stopping_) throw Stopping{};
+  if (cancel_) throw Cancelled{};
+  for (const Member& m : members_) {
+    if (!registry_.is_live(m.id)) {
+      throw RunFailure(m.label() + " is dead (no heartbeat for " +
+                           std::to_string(options_.heartbeat_timeout.count()) + " ms)",
+                       {m.id});
+    }
+  }
+}
+
+void JobDriver::shutdown_members(const std::set<std::string>& skip) {
+  std::vector<std::thread> threads;
+  for (Member& m : members_) {
+    if (skip.count(m.id)) continue;
+    threads.emplace_back([&] {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + options_.shutdown_timeout);
+      v1::ShutdownRequest request;
+      request.set_job_id(job_id_);
+      request.set_exit(false);
+      v1::ShutdownResponse response;
+      (void)m.stub->Shutdown(&context, request, &response);  // best effort
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+v1::CheckpointMeta JobDriver::checkpoint(const v1::JobStatus& job, const std::string& output_dir,
+                                         int64_t step) {
+  const std::string dir = output_dir + "/checkpoints/" + format("step-%08lld", (long long)step);
+  std::vector<v1::CheckpointResponse> responses(members_.size());
+  call_all("Checkpoint", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
+    v1::CheckpointRequest request;
+    request.set_job_id(job_id_);
+    request.set_step(step);
+    request.set_dir(dir);
+    return m.stub->Checkpoint(c, request, &responses[&m - members_.data()]);
+  });
+  // Every process has fsynced its file: the checkpoint counts once this record is committed.
+  const Config config = parse_config(job.spec().config_toml(), "job " + job.job_id());
+  const std::string canonical = to_toml(config);
+  v1::CheckpointMeta meta;
+  meta.set_job_id(job_id_);
+  meta.set_step(step);
+  meta.set_epoch(job.epoch());
+  for (size_t i = 0; i < responses.size(); ++i) {
+    v1::CheckpointFile* f = meta.add_files();
+    *f = responses[i].file();
+    f->set_role(members_[i].role);
+    f->set_rank(members_[i].rank);
+  }
+  *meta.mutable_sampler() = responses[0].sampler();
+  meta.set_config_hash(XXH64(canonical.data(), canonical.size(), 0));
+  meta.set_num_workers(job.spec().num_workers());
+  meta.set_num_shards(job.spec().num_shards());
+  meta.set_threads(std::max(1, job.spec().threads()));
+  meta.set_created_unix_ms(unix_ms());
+  store_.put_checkpoint(meta);
+  return meta;
+}
+
+void JobDriver::run() {
+  const std::string id = job_id_;
+  std::set<std::string> dead;
+  try {
+    drive_run();
+  } catch (const Stopping&) {
+    // Coordinator shutdown: the job stays STARTING/RUNNING and is requeued at the next start.
+    shutdown_members({});
+  } catch (const Cancelled&) {
+    shutdown_members({});
+    std::optional<v1::JobStatus> job = store_.get_job(id);
+    log("cancelled at step " + std::to_string(job ? job->step() : 0));
+  } catch (const PermanentFailure& e) {
+    log(std::string("error: ") + e.what());
+    shutdown_members({});
+    update_job([&](v1::JobStatus& job) {
+      if (is_terminal(job.state())) return false;
+      job.set_state(v1::FAILED);
+      job.set_error(e.what());
+      return true;
+    });
+    log("failed");
+  } catch (const RunFailure& e) {
+    log(std::string("error: ") + e.what());
+    dead.insert(e.unreachable.begin(), e.unreachable.end());
+    for (const std::string& pid : dead) registry_.remove(pid);
+    shutdown_members(dead);
+    bool requeued = false;
+    int64_t epoch = 0;
+    // Out of restarts: say so before the state turns FAILED, so that whoever sees FAILED (a
+    // `logs --follow` ends there) has the line too.
+    if (const std::optional<v1::JobStatus> before = store_.get_job(id);
+        before && !is_terminal(before->state()) && before->epoch() >= options_.max_restarts) {
+      log("failed: out of restarts (--max-restarts " + std::to_string(options_.max_restarts) + ")");
+    }
+    update_job([&](v1::JobStatus& job) {
+      if (is_terminal(job.state())) return false;  // cancelled meanwhile
+      if (job.epoch() >= options_.max_restarts) {
+        job.set_state(v1::FAILED);
+        job.set_error(std::string(e.what()) + " (after " + std::to_string(job.epoch()) +
+                      " restart(s))");
+      } else {
+        job.set_state(v1::QUEUED);
+        job.set_epoch(job.epoch() + 1);
+        job.clear_process_ids();
+        requeued = true;
+        epoch = job.epoch();
+      }
+      return true;
+    });
+    if (requeued) {
+      {
+        std::lock_guard<std::mutex> lock(*host_.mu);
+        host_.requeue(id);  // scheduled again once this driver has finished
+      }
+      log("restarting as epoch " + std::to_string(epoch) + " from its latest checkpoint");
+    }
+  } catch (const std::exception& e) {
+    // Store errors and the like: the coordinator itself is in trouble; say so and fail the job.
+    std::fprintf(stderr, "coordinator: job %s: internal error: %s\n", id.c_str(), e.what());
+    shutdown_members({});
+    try {
+      update_job([&](v1::JobStatus& job) {
+        if (is_terminal(job.state())) return false;
+        job.set_state(v1::FAILED);
+        job.set_error(std::string("coordinator internal error: ") + e.what());
+        return true;
+      });
+    } catch (const std::exception&) {
+      // The store itself failed; the job is requeued when the coordinator restarts.
+    }
+  }
+  std::vector<std::string> ids;
+  for (const Member& m : members_) ids.push_back(m.id);
+  registry_.release(ids, id);
+  {
+    std::lock_guard<std::mutex> lock(*host_.mu);
+    finished_ = true;
+  }
+  host_.changed->notify_all();
+}
+
+void JobDriver::drive_run() {
+  const std::string id = job_id_;
+  std::optional<v1::JobStatus> job = store_.get_job(id);
+  if (!job) throw PermanentFailure("job record disappeared");
+  const v1::JobSpec& spec = job->spec();
+  Config config;
+  try {
+    config = parse_config(spec.config_toml(), "job " + id);
+  } catch (const ConfigError& e) {
+    throw PermanentFailure(e.what());
+  }
+  const TrainConfig& train = config.train;
+  const std::string output_dir =
+      spec.output_dir().empty() ? data_dir_ + "/jobs/" + id : spec.output_dir();
+  const int64_t epoch = job->epoch();
+
+  // Resume point: the requested committed checkpoint, else the latest, else a fresh start. A job
+  // started from another job's checkpoint uses that one until it has committed its own.
+  v1::CheckpointMeta resume;
+  std::vector<v1::CheckpointMeta> checkpoints = store_.list_checkpoints(id);
+  const bool from_other = checkpoints.empty() && !spec.resume_from_job().empty();
+  if (from_other) checkpoints = store_.list_checkpoints(spec.resume_from_job());
+  const bool own_latest = !from_other && !spec.resume_from_job().empty();
+  if (!checkpoints.empty()) {
+    if (spec.resume_step() == 0 || own_latest) {
+      resume = checkpoints.back();
+    } else {
+      auto it =
+          std::find_if(checkpoints.begin(), checkpoints.end(),
+                       [&](const v1::CheckpointMeta& m) { return m.step() == spec.resume_step(); });
+      if (it == checkpoints.end()) {
+        std::string have;
+        for (const auto& m : checkpoints)
+          have += (have.empty() ? "" : ", ") + std::to_string(m.step());
+        throw PermanentFailure("no committed checkpoint at resume_step " +
+                               std::to_string(spec.resume_step()) + " (committed steps: " + have +
+                               ")");
+      }
+      resume = *it;
+    }
+  }
+  std::string who;
+  for (const Member& m : members_) who += (who.empty() ? "" : ", ") + m.label();
+  log(format("epoch %lld: starting on ", (long long)epoch) + who +
+      (resume.step() > 0 ? format(", resuming from step %lld", (long long)resume.step()) +
+                               (from_other ? " of job " + spec.resume_from_job() : "")
+                         : std::string(", from step 0")));
+
+  const std::string prefix = "job/" + id + "/epoch/" + std::to_string(epoch) + "/";
+  call_all("Configure", options_.configure_timeout, [&](Member& m, grpc::ClientContext* c) {
+    v1::ConfigureRequest request;
+    request.set_job_id(id);
+    request.set_epoch(epoch);
+    request.set_role(m.role);
+    request.set_rank(m.rank);
+    request.set_num_workers(spec.num_workers());
+    request.set_num_shards(spec.num_shards());
+    request.set_config_toml(spec.config_toml());
+    request.set_threads(std::max(1, spec.threads()));
+    request.set_rendezvous_prefix(prefix);
+    request.set_output_dir(output_dir);
+    if (resume.step() > 0) *request.mutable_resume() = resume;
+    v1::ConfigureResponse response;
+    return m.stub->Configure(c, request, &response);
+  });
+  check_interrupts();
+  update_job([&](v1::JobStatus& j) {
+    if (is_terminal(j.state())) return false;
+    j.set_state(v1::RUNNING);
+    j.set_step(resume.step());
+    return true;
+  });
+
+  const std::filesystem::path metrics_path = std::filesystem::path(output_dir) / "metrics.jsonl";
+  std::error_code ignored;
+  std::filesystem::create_directories(output_dir, ignored);
+  truncate_metrics_after(metrics_path, resume.step());
+  std::ofstream(std::filesystem::path(output_dir) / "config.toml", std::ios::trunc)
+      << spec.config_toml();
+  std::ofstream metrics_file(metrics_path, std::ios::app);
+  if (!metrics_file) log("warning: cannot write " + metrics_path.string());
+  int64_t done = resume.step();
+  while (done < train.steps) {
+    check_interrupts();
+    const int64_t end = next_chunk_end(train, done, options_.max_chunk_steps);
+    std::vector<int32_t> loops;
+    for (int64_t s = done; s < end; ++s) {
+      loops.push_back(loops_for_step(spec.schedule(), config.model.n_loops, s));
+    }
+    std::vector<v1::RunStepsResponse> responses(members_.size());
+    call_all("RunSteps", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
+      v1::RunStepsRequest request;
+      request.set_job_id(id);
+      request.set_first_step(done);
+      request.mutable_loops()->Add(loops.begin(), loops.end());
+      return m.stub->RunSteps(c, request, &responses[&m - members_.data()]);
+    });
+    for (size_t i = 0; i < responses.size(); ++i) {
+      if (responses[i].steps_size() != static_cast<int>(loops.size())) {
+        throw RunFailure(
+            format("RunSteps on %s returned %d step report(s) for %zu step(s)",
+                   members_[i].label().c_str(), responses[i].steps_size(), loops.size()),
+            {});
+      }
+    }
+    const v1::RunStepsResponse& lead = responses[0];  // worker 0 carries the loss
+    double chunk_seconds = 0;
+    int64_t chunk_tokens = 0;
+    for (int k = 0; k < lead.steps_size(); ++k) {
+      const v1::StepReport& r = lead.steps(k);
+      chunk_seconds += r.seconds();
+      chunk_tokens += r.tokens();
+      if (!log_due(train, r.step())) continue;
+      int64_t a2a_bytes = 0;
+      double a2a_seconds = 0;
+      for (const v1::RunStepsResponse& resp : responses) {
+        a2a_bytes += resp.steps(k).alltoall_bytes();
+        a2a_seconds = std::max(a2a_seconds, resp.steps(k).alltoall_seconds());
+      }
+      const double tok_s = r.seconds() > 0 ? r.tokens() / r.seconds() : 0;
+      metrics_file << step_record(r, tok_s);
+      log(
+          format("step %lld/%d loss %.4f lr %.1e grad_norm %.2f loops %d dropped %lld "
+                 "tok/s %.0f a2a %.1f MB %.1f ms",
+                 (long long)r.step(), train.steps, r.loss(), r.lr(), r.grad_norm(), r.loops(),
+                 (long long)r.dropped(), tok_s, a2a_bytes / 1e6, a2a_seconds * 1e3));
+    }
+    metrics_file.flush();
+    done = end;
+    const double loss = lead.steps(lead.steps_size() - 1).loss();
+    update_job([&](v1::JobStatus& j) {
+      if (is_terminal(j.state())) return false;
+      j.set_step(done);
+      j.set_loss(loss);
+      j.set_tokens_per_s(chunk_seconds > 0 ? chunk_tokens / chunk_seconds : 0);
+      return true;
+    });
+    metrics_.set_job_progress(id, done, loss);
+
+    if (eval_due(train, done)) {
+      std::vector<v1::EvaluateResponse> evals(members_.size());
+      call_all("Evaluate", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
+        v1::EvaluateRequest request;
+        request.set_job_id(id);
+        request.set_batches(train.eval_batches);
+        return m.stub->Evaluate(c, request, &evals[&m - members_.data()]);
+      });
+      const double val_loss = evals[0].val_loss();
+      log(format("step %lld/%d val_loss %.4f", (long long)done, train.steps, val_loss));
+      metrics_file << format("{\"step\": %lld, \"val_loss\": %.17g}\n", (long long)done, val_loss);
+      metrics_file.flush();
+      update_job([&](v1::JobStatus& j) {
+        if (is_terminal(j.state())) return false;
+        j.set_val_loss(val_loss);
+        return true;
+      });
+    }
+    if (checkpoint_due(train, done)) {
+      v1::CheckpointMeta meta = checkpoint(*job, output_dir, done);
+      update_job([&](v1::JobStatus& j) {
+        j.set_last_checkpoint_step(done);  // committed: recorded even if cancelled meanwhile
+        return true;
+      });
+      log(format("checkpoint step %lld committed (%d files)", (long long)done, meta.files_size()));
+    }
+  }
+  if (cancel_) throw Cancelled{};
+  shutdown_members({});
+  if (update_job([&](v1::JobStatus& j) {
+        if (is_terminal(j.state())) return false;
+        j.set_state(v1::SUCCEEDED);
+        return true;
+      })) {
+    log(format("succeeded after %lld steps", (long long)done));
+  }
+}
+
+}  // namespace loopmoe::service
