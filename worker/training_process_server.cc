@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "comm/comm_error.h"
+#include "dataloader/data_error.h"
 #include "model/config.h"
 #include "model/error.h"
 #include "worker/roles.h"
@@ -135,6 +136,10 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
     std::rethrow_exception(std::move(error));
   } catch (const ConfigError& e) {
     status = invalid(prefix + e.what());
+  } catch (const data::DataError& e) {  // the data or a checkpoint is not what the job needs:
+    status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};  // not our fault
+  } catch (const CheckpointError& e) {
+    status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};
   } catch (const comm::TimeoutError& e) {
     status = {grpc::StatusCode::DEADLINE_EXCEEDED, prefix + e.what()};
     broken = true;

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "comm/comm_error.h"
+#include "dataloader/data_error.h"
 #include "model/error.h"
 #include "tests/process/fakes.h"
 #include "worker/coordinator_store.h"
@@ -280,8 +281,12 @@ TEST_F(ServerTest, FactoryExceptionsMapToStatusesAndLeaveTheProcessIdle) {
        grpc::StatusCode::UNAVAILABLE, "connect to 10.0.0.9 refused"},
       {[] { throw comm::TimeoutError("waiting for 1 key(s): 'gloo/world/2'"); },
        grpc::StatusCode::DEADLINE_EXCEEDED, "'gloo/world/2'"},
-      {[] { throw std::runtime_error("data/sotu/train.bin: no such file"); },
-       grpc::StatusCode::INTERNAL, "train.bin: no such file"},
+      {[] { throw data::DataError("data/sotu/train.bin: no such file"); },
+       grpc::StatusCode::FAILED_PRECONDITION, "train.bin: no such file"},
+      {[] { throw CheckpointError("ckpt/worker-0.bin: checksum mismatch"); },
+       grpc::StatusCode::FAILED_PRECONDITION, "checksum mismatch"},
+      {[] { throw std::runtime_error("std::bad_alloc"); }, grpc::StatusCode::INTERNAL,
+       "std::bad_alloc"},
   };
   for (const Case& c : cases) {
     {
