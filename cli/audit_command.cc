@@ -1,8 +1,8 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
-#include "cli/audit.h"
 #include "cli/commands.h"
+#include "eval/audit.h"
 
 namespace loopmoe {
 

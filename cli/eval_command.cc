@@ -4,8 +4,8 @@
 #include <string>
 
 #include "cli/commands.h"
-#include "cli/eval_tasks.h"
-#include "cli/evaluator.h"
+#include "eval/eval_tasks.h"
+#include "eval/evaluator.h"
 
 namespace loopmoe {
 namespace {

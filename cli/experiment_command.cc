@@ -3,7 +3,7 @@
 #include <string>
 
 #include "cli/commands.h"
-#include "cli/experiment.h"
+#include "experiment/experiment.h"
 
 namespace loopmoe {
 

@@ -4,7 +4,7 @@
 #include <string>
 
 #include "cli/commands.h"
-#include "cli/report.h"
+#include "experiment/report.h"
 
 namespace loopmoe {
 

@@ -1,8 +1,8 @@
 #include <cstdio>
 
 #include "cli/commands.h"
-#include "cli/trainer.h"
 #include "model/config.h"
+#include "train/trainer.h"
 
 namespace loopmoe {
 

@@ -5,9 +5,9 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "cli/audit.h"
-#include "cli/trainer.h"
+#include "eval/audit.h"
 #include "tests/tiny_run.h"
+#include "train/trainer.h"
 
 namespace loopmoe {
 namespace {

@@ -13,16 +13,16 @@
 #include <string>
 #include <vector>
 
-#include "cli/checkpoint.h"
-#include "cli/eval_tasks.h"
-#include "cli/evaluator.h"
-#include "cli/trainer.h"
 #include "dataloader/prepare.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
+#include "eval/eval_tasks.h"
+#include "eval/evaluator.h"
 #include "model/model.h"
 #include "tests/tiny_run.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace loopmoe {
 namespace {

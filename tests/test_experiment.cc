@@ -10,9 +10,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "cli/experiment.h"
-#include "cli/report.h"
 #include "dataloader/token_shard.h"
+#include "experiment/experiment.h"
+#include "experiment/report.h"
 #include "model/error.h"
 #include "model/rng.h"
 #include "tests/tiny_run.h"

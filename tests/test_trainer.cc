@@ -8,13 +8,13 @@
 #include <string>
 #include <vector>
 
-#include "cli/checkpoint.h"
-#include "cli/trainer.h"
 #include "dataloader/data_error.h"
 #include "dataloader/prepare.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
 #include "tests/tiny_run.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace loopmoe {
 namespace {

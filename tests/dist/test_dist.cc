@@ -12,7 +12,6 @@
 #include <optional>
 #include <thread>
 
-#include "cli/trainer.h"
 #include "comm/gloo_communicator.h"
 #include "comm/in_process_store.h"
 #include "dist/collective_dispatcher.h"
@@ -27,6 +26,7 @@
 #include "model/rng.h"
 #include "tests/openblas_coretype.h"
 #include "tests/tiny_run.h"
+#include "train/trainer.h"
 
 namespace loopmoe::dist {
 namespace {

@@ -1,4 +1,4 @@
-#include "cli/audit.h"
+#include "eval/audit.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,12 +9,12 @@
 #include <set>
 #include <vector>
 
-#include "cli/checkpoint.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/budget.h"
 #include "model/model.h"
 #include "model/ops.h"
+#include "train/checkpoint.h"
 
 namespace loopmoe {
 namespace {

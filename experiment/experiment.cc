@@ -1,4 +1,4 @@
-#include "cli/experiment.h"
+#include "experiment/experiment.h"
 
 #include <toml++/toml.h>
 
@@ -15,10 +15,10 @@
 #include <set>
 #include <sstream>
 
-#include "cli/format.h"
 #include "model/error.h"
 #include "model/model.h"
 #include "model/toml_util.h"
+#include "train/format.h"
 
 namespace loopmoe {
 namespace {

@@ -11,11 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "cli/audit.h"
-#include "cli/evaluator.h"
-#include "cli/trainer.h"
+#include "eval/audit.h"
+#include "eval/evaluator.h"
 #include "model/budget.h"
 #include "model/config.h"
+#include "train/trainer.h"
 
 namespace loopmoe {
 

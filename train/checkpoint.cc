@@ -1,4 +1,4 @@
-#include "cli/checkpoint.h"
+#include "train/checkpoint.h"
 
 #include <fcntl.h>
 #include <unistd.h>

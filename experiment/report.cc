@@ -1,4 +1,4 @@
-#include "cli/report.h"
+#include "experiment/report.h"
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -16,11 +16,11 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "cli/experiment.h"
-#include "cli/format.h"
+#include "experiment/experiment.h"
 #include "model/budget.h"
 #include "model/config.h"
 #include "model/error.h"
+#include "train/format.h"
 
 extern char** environ;
 

@@ -1,4 +1,4 @@
-#include "cli/evaluator.h"
+#include "eval/evaluator.h"
 
 #include <algorithm>
 #include <chrono>
@@ -10,13 +10,13 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "cli/checkpoint.h"
-#include "cli/eval_tasks.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
+#include "eval/eval_tasks.h"
 #include "model/error.h"
 #include "model/model.h"
+#include "train/checkpoint.h"
 
 namespace loopmoe {
 namespace {

@@ -1,4 +1,4 @@
-#include "cli/trainer.h"
+#include "train/trainer.h"
 
 #include <unistd.h>
 
@@ -10,14 +10,14 @@
 #include <optional>
 #include <sstream>
 
-#include "cli/checkpoint.h"
-#include "cli/format.h"
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/error.h"
 #include "model/model.h"
 #include "model/optimizer.h"
+#include "train/checkpoint.h"
+#include "train/format.h"
 
 namespace loopmoe {
 namespace {

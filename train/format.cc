@@ -1,4 +1,4 @@
-#include "cli/format.h"
+#include "train/format.h"
 
 #include <cmath>
 #include <cstdio>

@@ -1,4 +1,4 @@
-#include "cli/eval_tasks.h"
+#include "eval/eval_tasks.h"
 
 #include <unistd.h>
 #include <xxhash.h>
@@ -13,12 +13,12 @@
 #include <stdexcept>
 #include <tuple>
 
-#include "cli/checkpoint.h"
 #include "dataloader/data_error.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
 #include "model/error.h"
 #include "model/model.h"
+#include "train/checkpoint.h"
 
 namespace loopmoe {
 namespace {
