@@ -99,7 +99,6 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
   const bool b_in_place = !tb && m <= kInPlaceRows;
   MicroArgs x;
   x.ldp = nc;
-  x.panel = nr;
   x.alpha = alpha;
   x.beta = beta;
   x.ldc = ldc;
@@ -117,7 +116,7 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
         pack_b(b_pack.data(), nr, tb, b_block, ldb, j0 + full_cols, nr, n, x.kc);
       }
       // op(A)'s strip of rows [i, i + mr), K block p0: row-major in place when A is not
-      // transposed, k-major in place when it is.
+      // transposed, k-major (in place, or packed when pack_a) when it is.
       const float* a_block = ta ? a + static_cast<size_t>(p0) * lda : a + p0;
       for (int i0 = 0; i0 < m; i0 += kMc) {
         const int rows = std::min(kMc, m - i0);
@@ -136,8 +135,8 @@ void drive(const MicroTable& t, bool ta, bool tb, int m, int n, int K, float alp
             float* c_tile = c + static_cast<size_t>(i) * ldc + j0 + jr;
             const MicroKernel kernel = t.kernel[tile_rows - 1][vectors - 1][ta ? 0 : 1];
             if (pack_a) {
-              kernel(x, a_pack.data() + static_cast<size_t>(ir) * x.kc, mr, bp, c_tile,
-                     part_tile, tile_cols);
+              kernel(x, a_pack.data() + static_cast<size_t>(ir) * x.kc, mr, bp, c_tile, part_tile,
+                     tile_cols);
             } else if (ta) {
               kernel(x, a_block + i, lda, bp, c_tile, part_tile, tile_cols);
             } else {

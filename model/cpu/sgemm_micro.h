@@ -10,14 +10,15 @@ struct MicroArgs {
   bool resume = false;  // continue the chain parked in `part` (false: start from zero)
   bool final = true;    // last K block: write alpha·acc (+ beta·C) into C; else park it in `part`
   int ldp = 0;          // row stride of `part`
-  int panel = 0;        // floats per k in a packed B panel (the table's nv · width)
+  int panel = 0;        // floats from one k to the next in the B panel: the table's nv · width
+                        // when packed, ldb when a row-major B is read in place
   float alpha = 1.f, beta = 0.f;
   int ldc = 0;
 };
 
-// One tile: rows × (nv·width) of C from an A strip and a packed B panel. A is read row-major
-// (element (r, k) at ap[r·a_stride + k]) or k-major (ap[k·a_stride + r]); the last `cols` <=
-// nv·width columns are written.
+// One tile: rows × (nv·width) of C from an A strip and a B panel (x.panel apart per k). A is read
+// row-major (element (r, k) at ap[r·a_stride + k]) or k-major (ap[k·a_stride + r]); the last `cols`
+// <= nv·width columns are written.
 using MicroKernel = void (*)(const MicroArgs& x, const float* ap, int a_stride, const float* bp,
                              float* c, float* part, int cols);
 
