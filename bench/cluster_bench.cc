@@ -15,11 +15,11 @@
 #include "comm/in_process_store.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
-#include "dist/process_runtime.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/optimizer.h"
 #include "model/rng.h"
+#include "runtime/create_runtime.h"
 
 namespace {
 
@@ -70,21 +70,21 @@ struct ClusterResult {
 ClusterResult cluster(const loopmoe::Config& cfg, int W, int S, int steps, int warmup) {
   loopmoe::comm::InProcessStore store;
   loopmoe::comm::NamespacedStore ns(store, "bench", 0);
-  std::vector<std::vector<loopmoe::dist::StepReport>> reports(W + S);
+  std::vector<std::vector<loopmoe::runtime::StepReport>> reports(W + S);
   std::vector<std::thread> threads;
   std::vector<std::string> errors(W + S);
   for (int i = 0; i < W + S; ++i) {
     threads.emplace_back([&, i] {
       try {
-        loopmoe::dist::ProcessSetup s;
+        loopmoe::runtime::ProcessSetup s;
         s.job_id = "bench";
-        s.role = i < W ? loopmoe::dist::Role::kWorker : loopmoe::dist::Role::kExpertShard;
+        s.role = i < W ? loopmoe::runtime::Role::kWorker : loopmoe::runtime::Role::kExpertShard;
         s.rank = i < W ? i : i - W;
         s.num_workers = W;
         s.num_shards = S;
         s.config_toml = loopmoe::to_toml(cfg);
         s.store = &ns;
-        auto rt = loopmoe::dist::create_runtime(s);
+        auto rt = loopmoe::runtime::create_runtime(s);
         for (int k = 0; k < warmup + steps; ++k) {
           auto r = rt->step(cfg.model.n_loops);
           if (k >= warmup) reports[i].push_back(std::move(r));

@@ -1,9 +1,9 @@
 // loopmoe-worker: one data-parallel worker of a distributed LoopMoE job (embedding, attention,
-// IterAdaLN, router, head). See worker/process_main.h.
-#include "dist/process_runtime.h"
-#include "worker/process_main.h"
+// IterAdaLN, router, head). See process/process_main.h.
+#include "process/process_main.h"
+#include "worker/worker_runtime.h"
 
 int main(int argc, char** argv) {
-  return loopmoe::process::process_main(loopmoe::dist::Role::kWorker, argc, argv,
-                                        loopmoe::dist::create_runtime);
+  return loopmoe::process::process_main(loopmoe::runtime::Role::kWorker, argc, argv,
+                                        loopmoe::worker::create_worker_runtime);
 }

@@ -62,7 +62,7 @@ struct FakeRuntime::CallGuard {
   ~CallGuard() { runtime.in_call_.fetch_sub(1); }
 };
 
-FakeRuntime::FakeRuntime(std::shared_ptr<FakeRuntimeLog> log, const dist::ProcessSetup& setup)
+FakeRuntime::FakeRuntime(std::shared_ptr<FakeRuntimeLog> log, const runtime::ProcessSetup& setup)
     : log_(std::move(log)),
       role_(setup.role),
       rank_(setup.rank),
@@ -77,7 +77,7 @@ FakeRuntime::~FakeRuntime() {
   ++log_->runtimes_destroyed;
 }
 
-dist::StepReport FakeRuntime::step(int loops) {
+runtime::StepReport FakeRuntime::step(int loops) {
   CallGuard guard(*this);
   std::chrono::milliseconds sleep;
   int n_layers, n_experts;
@@ -95,10 +95,10 @@ dist::StepReport FakeRuntime::step(int loops) {
     throw comm::CommError("comm(gloo): alltoallv on rank 0 of 3 failed: peer closed connection");
   }
   ++steps_done_;
-  dist::StepReport report;
+  runtime::StepReport report;
   report.step = steps_done_;
   report.loops = loops;
-  if (role_ == dist::Role::kWorker) {
+  if (role_ == runtime::Role::kWorker) {
     report.loss = 10.0 / static_cast<double>(steps_done_);
     report.ce = report.loss - 0.5;
     report.aux = 0.4;
@@ -112,7 +112,7 @@ dist::StepReport FakeRuntime::step(int loops) {
   report.alltoall_seconds = 0.01 * loops;
   report.num_experts = n_experts;
   report.tokens = 2048;
-  if (role_ == dist::Role::kWorker && rank_ == 0) {
+  if (role_ == runtime::Role::kWorker && rank_ == 0) {
     for (int a = 0; a < n_layers * loops; ++a) {
       for (int e = 0; e < n_experts; ++e) report.expert_tokens.push_back(100 * a + e + 1);
     }
@@ -124,10 +124,10 @@ double FakeRuntime::evaluate(int batches) {
   CallGuard guard(*this);
   std::lock_guard lock(log_->mutex);
   log_->evaluate_batches.push_back(batches);
-  return role_ == dist::Role::kWorker ? 2.5 : 0.0;
+  return role_ == runtime::Role::kWorker ? 2.5 : 0.0;
 }
 
-dist::CheckpointFileRef FakeRuntime::checkpoint(const std::string& dir) {
+runtime::CheckpointFileRef FakeRuntime::checkpoint(const std::string& dir) {
   CallGuard guard(*this);
   std::lock_guard lock(log_->mutex);
   log_->checkpoint_dirs.push_back(dir);
@@ -140,7 +140,7 @@ data::SamplerState FakeRuntime::sampler_state() const {
 }
 
 RuntimeFactory fake_factory(std::shared_ptr<FakeRuntimeLog> log) {
-  return [log](const dist::ProcessSetup& setup) -> std::unique_ptr<dist::ProcessRuntime> {
+  return [log](const runtime::ProcessSetup& setup) -> std::unique_ptr<runtime::ProcessRuntime> {
     std::function<void()> thrower;
     {
       std::lock_guard lock(log->mutex);

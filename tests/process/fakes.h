@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
-#include "dist/process_runtime.h"
+#include "process/training_process_server.h"
 #include "proto/loopmoe.grpc.pb.h"
-#include "worker/training_process_server.h"
+#include "runtime/process_runtime.h"
 
 namespace loopmoe::process::testing {
 
@@ -35,8 +35,8 @@ extern const char* const kTestConfig;
 // What the fake runtimes did, shared by the factory and every runtime it made.
 struct FakeRuntimeLog {
   std::mutex mutex;
-  std::vector<dist::ProcessSetup> setups;   // store pointers are dangling after the call
-  std::vector<std::string> store_prefixes;  // NamespacedStore::prefix() of each setup's store
+  std::vector<runtime::ProcessSetup> setups;  // store pointers are dangling after the call
+  std::vector<std::string> store_prefixes;    // NamespacedStore::prefix() of each setup's store
   std::vector<int> step_loops;
   std::vector<int> evaluate_batches;
   std::vector<std::string> checkpoint_dirs;
@@ -52,26 +52,26 @@ struct FakeRuntimeLog {
   std::chrono::milliseconds step_sleep{0};
 };
 
-class FakeRuntime final : public dist::ProcessRuntime {
+class FakeRuntime final : public runtime::ProcessRuntime {
  public:
-  FakeRuntime(std::shared_ptr<FakeRuntimeLog> log, const dist::ProcessSetup& setup);
+  FakeRuntime(std::shared_ptr<FakeRuntimeLog> log, const runtime::ProcessSetup& setup);
   ~FakeRuntime() override;
 
-  dist::Role role() const override { return role_; }
+  runtime::Role role() const override { return role_; }
   int rank() const override { return rank_; }
   int64_t steps_done() const override { return steps_done_; }
   // Report of step s (1-based) with R loops: loss = 10 / s, seconds = 0.5, tokens = 2048,
   // alltoall_bytes = 1000 * R, alltoall_seconds = 0.01 * R, dropped = 3, and (worker 0 only)
   // expert_tokens[a][e] = 100 * a + e + 1.
-  dist::StepReport step(int loops) override;
+  runtime::StepReport step(int loops) override;
   double evaluate(int batches) override;  // 2.5 on workers, 0 on shards
-  dist::CheckpointFileRef checkpoint(const std::string& dir) override;
+  runtime::CheckpointFileRef checkpoint(const std::string& dir) override;
   data::SamplerState sampler_state() const override;
 
  private:
   struct CallGuard;
   std::shared_ptr<FakeRuntimeLog> log_;
-  dist::Role role_;
+  runtime::Role role_;
   int rank_;
   int64_t steps_done_;
   std::atomic<int> in_call_{0};

@@ -6,8 +6,8 @@
 #include "comm/comm_error.h"
 #include "comm/gloo_communicator.h"
 #include "comm/nccl_unique_id.h"
+#include "process/coordinator_store.h"
 #include "tests/process/fakes.h"
-#include "worker/coordinator_store.h"
 
 namespace loopmoe::process {
 namespace {

@@ -1,6 +1,6 @@
 // The real loopmoe-worker / loopmoe-expert-shard executables as child processes, against the fake
 // coordinator: --help, a clear failure without a coordinator, registration, and clean exits on
-// Shutdown(exit) and SIGTERM. Skipped when the executables are not built (no loopmoe_dist yet).
+// Shutdown(exit) and SIGTERM. Skipped when the executables are not built (not built).
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>

@@ -9,8 +9,8 @@
 
 #include <future>
 
+#include "process/process_main.h"
 #include "tests/process/fakes.h"
-#include "worker/process_main.h"
 
 namespace loopmoe::process {
 namespace {
@@ -22,7 +22,7 @@ using testing::FakeCoordinator;
 
 class ProcessHostTest : public ::testing::Test {
  protected:
-  ProcessOptions options(dist::Role role) {
+  ProcessOptions options(runtime::Role role) {
     ProcessOptions o;
     o.role = role;
     o.coordinator = coordinator_server_->address;
@@ -45,7 +45,7 @@ class ProcessHostTest : public ::testing::Test {
 
 TEST_F(ProcessHostTest, RegistersThenHeartbeats) {
   coordinator_.set_heartbeat_interval_ms(30);
-  ProcessOptions o = options(dist::Role::kExpertShard);
+  ProcessOptions o = options(runtime::Role::kExpertShard);
   o.metrics_listen = "127.0.0.1:0";
   o.hostname = "127.0.0.1";
   ProcessHost host(o, testing::fake_factory(log_));
@@ -67,7 +67,7 @@ TEST_F(ProcessHostTest, RegistersThenHeartbeats) {
 }
 
 TEST_F(ProcessHostTest, DefaultNameIsHostnameSlashPid) {
-  ProcessOptions o = options(dist::Role::kWorker);
+  ProcessOptions o = options(runtime::Role::kWorker);
   o.name.clear();
   ProcessHost host(o, testing::fake_factory(log_));
   host.start();
@@ -78,7 +78,7 @@ TEST_F(ProcessHostTest, DefaultNameIsHostnameSlashPid) {
 
 TEST_F(ProcessHostTest, RegistersAgainWhenTheCoordinatorForgetsIt) {
   coordinator_.set_heartbeat_interval_ms(30);
-  ProcessHost host(options(dist::Role::kWorker), testing::fake_factory(log_));
+  ProcessHost host(options(runtime::Role::kWorker), testing::fake_factory(log_));
   host.start();
   ASSERT_TRUE(eventually([&] { return heartbeats_from("p-1") >= 1; }));
   coordinator_.forget_processes();  // as after a coordinator restart
@@ -90,7 +90,7 @@ TEST_F(ProcessHostTest, RegistersAgainWhenTheCoordinatorForgetsIt) {
 }
 
 TEST_F(ProcessHostTest, ServesTrainingProcessHealthAndExitRequests) {
-  ProcessHost host(options(dist::Role::kWorker), testing::fake_factory(log_));
+  ProcessHost host(options(runtime::Role::kWorker), testing::fake_factory(log_));
   host.start();
   auto channel = grpc::CreateChannel(host.address(), grpc::InsecureChannelCredentials());
 
@@ -142,7 +142,7 @@ TEST_F(ProcessHostTest, ServesTrainingProcessHealthAndExitRequests) {
 }
 
 TEST_F(ProcessHostTest, UnreachableCoordinatorFailsWithOneClearMessage) {
-  ProcessOptions o = options(dist::Role::kWorker);
+  ProcessOptions o = options(runtime::Role::kWorker);
   o.coordinator = "127.0.0.1:1";
   o.connect_timeout = 600ms;
   ProcessHost host(o, testing::fake_factory(log_));
@@ -171,7 +171,7 @@ TEST_F(ProcessHostTest, WaitsForACoordinatorThatStartsLate) {
     auto probe = testing::serve({&late});
     address = probe->address;
   }
-  ProcessOptions o = options(dist::Role::kWorker);
+  ProcessOptions o = options(runtime::Role::kWorker);
   o.coordinator = address;
   o.connect_timeout = 10s;
   ProcessHost host(o, testing::fake_factory(log_));

@@ -11,7 +11,7 @@
 #include <sstream>
 #include <thread>
 
-#include "worker/process_metrics.h"
+#include "process/process_metrics.h"
 
 namespace loopmoe::process {
 namespace {
@@ -82,8 +82,8 @@ int count_samples(const std::string& text, const std::string& name) {
 }
 
 // Matches the fake runtime's reports (tests/process/fakes.h): worker 0, 4 experts.
-dist::StepReport report(int64_t step, int loops, int n_layers = 2, int experts = 4) {
-  dist::StepReport r;
+runtime::StepReport report(int64_t step, int loops, int n_layers = 2, int experts = 4) {
+  runtime::StepReport r;
   r.step = step;
   r.loops = loops;
   r.loss = 10.0 / static_cast<double>(step);
@@ -100,7 +100,7 @@ dist::StepReport report(int64_t step, int loops, int n_layers = 2, int experts =
 }
 
 TEST(ProcessMetrics, StepsFillTheFamilies) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   metrics.begin_job("j1", 0, 2);
   for (int step = 1; step <= 3; ++step) metrics.record_step(report(step, 2));
   const std::string text = metrics.text();
@@ -148,7 +148,7 @@ TEST(ProcessMetrics, StepsFillTheFamilies) {
 }
 
 TEST(ProcessMetrics, FewerLoopsRemoveStaleOverloadSeries) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   metrics.begin_job("j1", 0, 2);
   metrics.record_step(report(1, 3));
   EXPECT_EQ(count_samples(metrics.text(), "loopmoe_expert_overload_factor"), 6);
@@ -165,7 +165,7 @@ TEST(ProcessMetrics, FewerLoopsRemoveStaleOverloadSeries) {
 }
 
 TEST(ProcessMetrics, MisshapenExpertTableIsIgnored) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   metrics.begin_job("j1", 0, 3);  // 3 layers, but the report has 2 layers' worth of rows
   metrics.record_step(report(1, 2, /*n_layers=*/2));
   const std::string text = metrics.text();
@@ -174,9 +174,9 @@ TEST(ProcessMetrics, MisshapenExpertTableIsIgnored) {
 }
 
 TEST(ProcessMetrics, ShardsHaveNoLossSeries) {
-  ProcessMetrics metrics(dist::Role::kExpertShard);
+  ProcessMetrics metrics(runtime::Role::kExpertShard);
   metrics.begin_job("j1", 1, 2);
-  dist::StepReport r = report(1, 2);
+  runtime::StepReport r = report(1, 2);
   r.loss = 0;
   r.expert_tokens.clear();
   metrics.record_step(r);
@@ -190,7 +190,7 @@ TEST(ProcessMetrics, ShardsHaveNoLossSeries) {
 }
 
 TEST(ProcessMetrics, NextJobReplacesThePreviousJobsSeries) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   metrics.begin_job("j1", 0, 2);
   metrics.record_step(report(1, 2));
   metrics.record_validation_loss(4.0);
@@ -206,7 +206,7 @@ TEST(ProcessMetrics, NextJobReplacesThePreviousJobsSeries) {
 }
 
 TEST(ProcessMetrics, HeartbeatAgeGrowsUntilAcknowledged) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   std::this_thread::sleep_for(120ms);
   const double before =
       *value_of(metrics.text(), "loopmoe_heartbeat_age_seconds", {{"role", "worker"}});
@@ -241,7 +241,7 @@ std::string http_get(int port, const std::string& path) {
 }
 
 TEST(ProcessMetrics, ServesTheTextOverHttp) {
-  ProcessMetrics metrics(dist::Role::kWorker);
+  ProcessMetrics metrics(runtime::Role::kWorker);
   const int port = metrics.serve("127.0.0.1:0");
   ASSERT_GT(port, 0);
   metrics.begin_job("j1", 0, 2);
@@ -253,9 +253,9 @@ TEST(ProcessMetrics, ServesTheTextOverHttp) {
 }
 
 TEST(ProcessMetrics, ServeOnABusyPortFailsWithTheAddress) {
-  ProcessMetrics first(dist::Role::kWorker);
+  ProcessMetrics first(runtime::Role::kWorker);
   const int port = first.serve("127.0.0.1:0");
-  ProcessMetrics second(dist::Role::kWorker);
+  ProcessMetrics second(runtime::Role::kWorker);
   const std::string address = "127.0.0.1:" + std::to_string(port);
   try {
     second.serve(address);

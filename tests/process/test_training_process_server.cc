@@ -8,10 +8,10 @@
 #include "comm/comm_error.h"
 #include "dataloader/data_error.h"
 #include "model/error.h"
+#include "process/coordinator_store.h"
+#include "process/process_metrics.h"
+#include "process/training_process_server.h"
 #include "tests/process/fakes.h"
-#include "worker/coordinator_store.h"
-#include "worker/process_metrics.h"
-#include "worker/training_process_server.h"
 
 namespace loopmoe::process {
 namespace {
@@ -27,7 +27,7 @@ bool contains(const std::string& text, const std::string& part) {
 
 class ServerTest : public ::testing::Test {
  protected:
-  void start(dist::Role role) {
+  void start(runtime::Role role) {
     // A second start() (another role) tears the first down in dependency order.
     stub_.reset();
     server_.reset();
@@ -50,7 +50,7 @@ class ServerTest : public ::testing::Test {
         grpc::CreateChannel(server_->address, grpc::InsecureChannelCredentials()));
   }
 
-  void SetUp() override { start(dist::Role::kWorker); }
+  void SetUp() override { start(runtime::Role::kWorker); }
 
   pb::ConfigureRequest configure_request(const std::string& job_id, int64_t epoch = 0) {
     pb::ConfigureRequest request;
@@ -115,10 +115,10 @@ TEST_F(ServerTest, ConfigureMapsTheRequestOntoTheSetup) {
   EXPECT_EQ(service_->current_job(), "j1");
   std::lock_guard lock(log_->mutex);
   ASSERT_EQ(log_->setups.size(), 1u);
-  const dist::ProcessSetup& setup = log_->setups[0];
+  const runtime::ProcessSetup& setup = log_->setups[0];
   EXPECT_EQ(setup.job_id, "j1");
   EXPECT_EQ(setup.epoch, 2);
-  EXPECT_EQ(setup.role, dist::Role::kWorker);
+  EXPECT_EQ(setup.role, runtime::Role::kWorker);
   EXPECT_EQ(setup.rank, 1);
   EXPECT_EQ(setup.num_workers, 2);
   EXPECT_EQ(setup.num_shards, 3);
@@ -167,18 +167,18 @@ TEST_F(ServerTest, ConfigureMapsTheResumePoint) {
   ASSERT_TRUE(configure(request).ok());
   {
     std::lock_guard lock(log_->mutex);
-    const std::optional<dist::ResumePoint>& point = log_->setups[0].resume;
+    const std::optional<runtime::ResumePoint>& point = log_->setups[0].resume;
     ASSERT_TRUE(point.has_value());
     EXPECT_EQ(point->step, 40);
     EXPECT_EQ(point->sampler.seed, 11u);
     EXPECT_EQ(point->sampler.epoch, 2u);
     EXPECT_EQ(point->sampler.index, 640u);
     ASSERT_EQ(point->files.size(), 2u);
-    EXPECT_EQ(point->files[0].role, dist::Role::kWorker);
+    EXPECT_EQ(point->files[0].role, runtime::Role::kWorker);
     EXPECT_EQ(point->files[0].path, "/ckpt/40/worker-0.bin");
     EXPECT_EQ(point->files[0].xxh64, 0xdeadbeefULL);
     EXPECT_EQ(point->files[0].bytes, 1000);
-    EXPECT_EQ(point->files[1].role, dist::Role::kExpertShard);
+    EXPECT_EQ(point->files[1].role, runtime::Role::kExpertShard);
     EXPECT_EQ(point->files[1].rank, 1);
     EXPECT_EQ(point->files[1].xxh64, 42u);
   }
@@ -202,7 +202,7 @@ TEST_F(ServerTest, ConfigureRejectsRoleMismatch) {
 }
 
 TEST_F(ServerTest, ShardRejectsWorkerConfiguration) {
-  start(dist::Role::kExpertShard);
+  start(runtime::Role::kExpertShard);
   grpc::Status status = configure(configure_request("j1"));  // role WORKER
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_TRUE(contains(status.error_message(), "this process is an expert shard, not a worker"))

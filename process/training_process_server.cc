@@ -1,4 +1,4 @@
-#include "worker/training_process_server.h"
+#include "process/training_process_server.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -10,15 +10,15 @@
 #include "dataloader/data_error.h"
 #include "model/config.h"
 #include "model/error.h"
-#include "worker/roles.h"
+#include "process/roles.h"
 
 namespace loopmoe::process {
 namespace {
 
 namespace pb = loopmoe::v1;
 
-const char* with_article(dist::Role role) {
-  return role == dist::Role::kWorker ? "a worker" : "an expert shard";
+const char* with_article(runtime::Role role) {
+  return role == runtime::Role::kWorker ? "a worker" : "an expert shard";
 }
 
 grpc::Status invalid(const std::string& message) {
@@ -29,7 +29,7 @@ grpc::Status precondition(const std::string& message) {
   return {grpc::StatusCode::FAILED_PRECONDITION, message};
 }
 
-void to_proto(const dist::StepReport& report, pb::StepReport* out) {
+void to_proto(const runtime::StepReport& report, pb::StepReport* out) {
   out->set_step(report.step);
   out->set_loops(report.loops);
   out->set_loss(report.loss);
@@ -48,7 +48,8 @@ void to_proto(const dist::StepReport& report, pb::StepReport* out) {
 }
 
 // Resume point of a Configure request; the error text names the offending field.
-std::optional<dist::ResumePoint> resume_point(const pb::CheckpointMeta& meta, std::string* error) {
+std::optional<runtime::ResumePoint> resume_point(const pb::CheckpointMeta& meta,
+                                                 std::string* error) {
   if (meta.step() < 0) {
     *error = "resume.step " + std::to_string(meta.step()) + " is negative";
     return std::nullopt;
@@ -58,10 +59,10 @@ std::optional<dist::ResumePoint> resume_point(const pb::CheckpointMeta& meta, st
     *error = "resume from step " + std::to_string(meta.step()) + " lists no checkpoint files";
     return std::nullopt;
   }
-  dist::ResumePoint resume;
+  runtime::ResumePoint resume;
   resume.step = meta.step();
   for (const pb::CheckpointFile& file : meta.files()) {
-    std::optional<dist::Role> role = from_proto(file.role());
+    std::optional<runtime::Role> role = from_proto(file.role());
     if (!role) {
       *error = "resume file '" + file.path() + "' has no role";
       return std::nullopt;
@@ -81,7 +82,7 @@ struct TrainingProcessServer::Job {
   int eval_batches = 1;  // the config's train.eval_batches, for Evaluate with batches = 0
   // Declared before the runtime, so the runtime (which may hold on to it) goes first.
   std::unique_ptr<comm::NamespacedStore> store;
-  std::unique_ptr<dist::ProcessRuntime> runtime;
+  std::unique_ptr<runtime::ProcessRuntime> runtime;
 };
 
 TrainingProcessServer::TrainingProcessServer(TrainingProcessOptions options)
@@ -101,7 +102,7 @@ std::optional<std::string> TrainingProcessServer::current_job() const {
 }
 
 std::string TrainingProcessServer::who_locked() const {
-  std::string who(dist::to_string(options_.role));
+  std::string who(runtime::to_string(options_.role));
   if (job_)
     who.append(" ").append(std::to_string(job_->rank)).append(" of job ").append(job_->job_id);
   return who;
@@ -110,7 +111,7 @@ std::string TrainingProcessServer::who_locked() const {
 grpc::Status TrainingProcessServer::check_job_locked(const std::string& job_id,
                                                      const char* rpc) const {
   if (!job_) {
-    return precondition(std::string(dist::to_string(options_.role)) + ": " + rpc + " for job '" +
+    return precondition(std::string(runtime::to_string(options_.role)) + ": " + rpc + " for job '" +
                         job_id + "' but this process is in no job (not configured, or it left " +
                         "after a failure)");
   }
@@ -162,7 +163,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
                                               const pb::ConfigureRequest* request,
                                               pb::ConfigureResponse*) {
   std::lock_guard lock(mutex_);
-  const std::optional<dist::Role> role = from_proto(request->role());
+  const std::optional<runtime::Role> role = from_proto(request->role());
   if (!role) return invalid("Configure: role is unspecified");
   if (*role != options_.role) {
     return precondition(std::string("Configure: this process is ") + with_article(options_.role) +
@@ -188,7 +189,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
                    ") and num_shards (" + std::to_string(request->num_shards()) + ") must be >= 1");
   }
   const int role_size =
-      options_.role == dist::Role::kWorker ? request->num_workers() : request->num_shards();
+      options_.role == runtime::Role::kWorker ? request->num_workers() : request->num_shards();
   if (request->rank() < 0 || request->rank() >= role_size) {
     return invalid("Configure: rank " + std::to_string(request->rank()) + " is not in [0, " +
                    std::to_string(role_size) + ")");
@@ -202,7 +203,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
     return invalid(std::string("Configure: ") + e.what());
   }
   std::string resume_error;
-  std::optional<dist::ResumePoint> resume = resume_point(request->resume(), &resume_error);
+  std::optional<runtime::ResumePoint> resume = resume_point(request->resume(), &resume_error);
   if (!resume_error.empty()) return invalid("Configure: " + resume_error);
 
   std::string prefix = request->rendezvous_prefix();
@@ -216,7 +217,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
   job->eval_batches = std::max(1, config.train.eval_batches);
   job->store = std::make_unique<comm::NamespacedStore>(*options_.rendezvous_store, prefix);
 
-  dist::ProcessSetup setup;
+  runtime::ProcessSetup setup;
   setup.job_id = job_id;
   setup.epoch = request->epoch();
   setup.role = options_.role;
@@ -235,7 +236,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
     job->runtime = options_.factory(setup);
   } catch (...) {
     // Still idle: job_ is only set once the runtime exists.
-    return runtime_failure_locked(std::string(dist::to_string(options_.role)) + " " +
+    return runtime_failure_locked(std::string(runtime::to_string(options_.role)) + " " +
                                       std::to_string(setup.rank) + " of job " + job_id,
                                   "joining", std::current_exception());
   }
@@ -273,7 +274,7 @@ grpc::Status TrainingProcessServer::RunSteps(grpc::ServerContext*,
                         std::to_string(done) + " steps)");
   }
   for (int i = 0; i < request->loops_size(); ++i) {
-    dist::StepReport report;
+    runtime::StepReport report;
     try {
       report = job_->runtime->step(request->loops(i));
     } catch (...) {
@@ -320,7 +321,7 @@ grpc::Status TrainingProcessServer::Checkpoint(grpc::ServerContext*,
     return precondition(who_locked() + ": Checkpoint for step " + std::to_string(request->step()) +
                         " but the process is at step " + std::to_string(done));
   }
-  dist::CheckpointFileRef file;
+  runtime::CheckpointFileRef file;
   data::SamplerState sampler;
   try {
     file = job_->runtime->checkpoint(request->dir());

@@ -13,11 +13,11 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "dist/comm_stats.h"
-#include "dist/expert_partition.h"
 #include "model/dispatcher.h"
+#include "runtime/comm_stats.h"
+#include "runtime/expert_partition.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 // Tag of a header: forward and backward headers differ so a shard cannot confuse them.
 constexpr int64_t kForwardHeader = 1, kBackwardHeader = 2;
@@ -60,4 +60,4 @@ class CollectiveDispatcher final : public Dispatcher {
   AllToAllStats stats_;
 };
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

@@ -1,9 +1,9 @@
-#include "dist/collective_dispatcher.h"
+#include "runtime/collective_dispatcher.h"
 
 #include <algorithm>
 #include <stdexcept>
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 CollectiveDispatcher::CollectiveDispatcher(comm::Communicator& world, comm::Communicator* workers,
                                            int num_workers, ExpertPartition partition, int d_model)
@@ -122,4 +122,4 @@ void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
   }
 }
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

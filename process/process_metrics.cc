@@ -1,4 +1,4 @@
-#include "worker/process_metrics.h"
+#include "process/process_metrics.h"
 
 #include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
@@ -9,7 +9,7 @@
 #include <tuple>
 #include <vector>
 
-#include "worker/roles.h"
+#include "process/roles.h"
 
 namespace loopmoe::process {
 namespace {
@@ -78,7 +78,7 @@ struct ProcessMetrics::JobSeries {
   }
 };
 
-ProcessMetrics::ProcessMetrics(dist::Role role)
+ProcessMetrics::ProcessMetrics(runtime::Role role)
     : role_(role),
       registry_(std::make_shared<prometheus::Registry>()),
       heartbeat_age_(std::make_shared<HeartbeatAge>(role_label(role))),
@@ -176,7 +176,7 @@ void ProcessMetrics::begin_job(const std::string& job_id, int rank, int n_layers
   auto job = std::make_unique<JobSeries>();
   job->labels = {{"job_id", job_id}, {"rank", std::to_string(rank)}};
   job->n_layers = std::max(1, n_layers);
-  if (role_ == dist::Role::kWorker) job->train_loss = &train_loss_.Add(job->labels);
+  if (role_ == runtime::Role::kWorker) job->train_loss = &train_loss_.Add(job->labels);
   job->tokens_per_second = &tokens_per_second_.Add(job->labels);
   job->step_duration = &step_duration_.Add(job->labels, kStepBuckets);
   job->steps_total = &steps_total_.Add(job->labels);
@@ -186,7 +186,7 @@ void ProcessMetrics::begin_job(const std::string& job_id, int rank, int n_layers
   job_ = std::move(job);
 }
 
-void ProcessMetrics::record_step(const dist::StepReport& report) {
+void ProcessMetrics::record_step(const runtime::StepReport& report) {
   std::lock_guard lock(mutex_);
   if (!job_) return;
   if (job_->train_loss) job_->train_loss->Set(report.loss);
@@ -200,7 +200,7 @@ void ProcessMetrics::record_step(const dist::StepReport& report) {
   record_expert_tokens_locked(report);
 }
 
-void ProcessMetrics::record_expert_tokens_locked(const dist::StepReport& report) {
+void ProcessMetrics::record_expert_tokens_locked(const runtime::StepReport& report) {
   const int64_t experts = report.num_experts;
   const int64_t applications = static_cast<int64_t>(report.loops) * job_->n_layers;
   // Only worker 0 reports the table; a table of the wrong shape is ignored rather than
@@ -248,7 +248,7 @@ void ProcessMetrics::record_expert_tokens_locked(const dist::StepReport& report)
 }
 
 void ProcessMetrics::record_validation_loss(double val_loss) {
-  if (role_ != dist::Role::kWorker) return;  // shards take part in evaluation but return 0
+  if (role_ != runtime::Role::kWorker) return;  // shards take part in evaluation but return 0
   std::lock_guard lock(mutex_);
   if (!job_) return;
   if (!job_->validation_loss) job_->validation_loss = &validation_loss_.Add(job_->labels);

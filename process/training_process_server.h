@@ -1,5 +1,5 @@
 // The TrainingProcess gRPC service of one worker or expert shard: turns the coordinator's
-// Configure / RunSteps / Evaluate / Checkpoint / Shutdown calls into dist::ProcessRuntime calls.
+// Configure / RunSteps / Evaluate / Checkpoint / Shutdown calls into runtime::ProcessRuntime calls.
 //
 // States: idle -> (Configure) in a job -> (Shutdown, or a communication failure) idle. The
 // runtime is not thread-safe, so RPCs are served one at a time; a Configure that is still
@@ -25,17 +25,17 @@
 #include <string>
 
 #include "comm/key_value_store.h"
-#include "dist/process_runtime.h"
+#include "process/process_metrics.h"
 #include "proto/loopmoe.grpc.pb.h"
-#include "worker/process_metrics.h"
+#include "runtime/process_runtime.h"
 
 namespace loopmoe::process {
 
 using RuntimeFactory =
-    std::function<std::unique_ptr<dist::ProcessRuntime>(const dist::ProcessSetup&)>;
+    std::function<std::unique_ptr<runtime::ProcessRuntime>(const runtime::ProcessSetup&)>;
 
 struct TrainingProcessOptions {
-  dist::Role role = dist::Role::kWorker;
+  runtime::Role role = runtime::Role::kWorker;
   RuntimeFactory factory;
   // The coordinator's store (a CoordinatorStore in the service); each job run sees it through a
   // NamespacedStore with the request's rendezvous_prefix. Not owned; must outlive the server.

@@ -9,12 +9,15 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "dist/comm_stats.h"
-#include "dist/expert_partition.h"
 #include "model/config.h"
 #include "model/experts.h"
+#include "runtime/comm_stats.h"
+#include "runtime/expert_partition.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::expert_shard {
+
+using runtime::AllToAllStats;
+using runtime::ExpertPartition;
 
 class ShardExperts {
  public:
@@ -63,4 +66,4 @@ class ShardExperts {
   AllToAllStats stats_;
 };
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::expert_shard

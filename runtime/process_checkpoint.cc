@@ -1,4 +1,4 @@
-#include "dist/process_checkpoint.h"
+#include "runtime/process_checkpoint.h"
 
 #include <xxhash.h>
 
@@ -9,7 +9,7 @@
 #include "dataloader/file_util.h"
 #include "model/error.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 namespace {
 
 constexpr uint32_t kVersion = 1;
@@ -173,4 +173,4 @@ ShardCheckpoint read_shard_checkpoint(const std::string& path, uint64_t expected
   return c;
 }
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

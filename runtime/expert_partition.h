@@ -6,7 +6,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 class ExpertPartition {
  public:
@@ -34,4 +34,4 @@ class ExpertPartition {
   int experts_, shards_;
 };
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

@@ -1,7 +1,7 @@
 // What a training process of the distributed service runs, behind its gRPC server: one worker
 // (embedding, attention, IterAdaLN, router, head; data parallel) or one expert shard (the experts
 // with global ids in its range, for every unique layer; expert parallel). The gRPC layer
-// (worker/, expert_shard/) turns RPCs into these calls; this layer knows nothing of gRPC.
+// (process/) turns RPCs into these calls; this layer knows nothing of gRPC.
 //
 // All processes of a job call step(), evaluate() and checkpoint() in the same order with the same
 // arguments: they meet in collectives (Gloo) inside them. A peer that dies turns into a
@@ -18,7 +18,7 @@
 #include "comm/key_value_store.h"
 #include "dataloader/sampler.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 enum class Role { kWorker, kExpertShard };
 // For messages: "worker" / "expert shard". Inline, so the process servers' tests need no runtime.
@@ -95,10 +95,7 @@ class ProcessRuntime {
   virtual data::SamplerState sampler_state() const = 0;
 };
 
-// Rendezvous with the job's other processes (blocks until all have arrived or the rendezvous
-// timeout passes), build this process's part of the model (initialised from the config's seed,
-// identically to the single-process trainer), and load `setup.resume` when set. Throws ConfigError
-// for a bad config, DataError for unreadable data or checkpoint files, comm errors for rendezvous.
-std::unique_ptr<ProcessRuntime> create_runtime(const ProcessSetup& setup);
+// Built by create_runtime (runtime/create_runtime.h) or, in the role's executable, by
+// worker::create_worker_runtime / expert_shard::create_shard_runtime.
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

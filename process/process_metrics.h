@@ -37,7 +37,7 @@
 #include <string>
 #include <utility>
 
-#include "dist/process_runtime.h"
+#include "runtime/process_runtime.h"
 
 namespace prometheus {
 class Exposer;
@@ -47,7 +47,7 @@ namespace loopmoe::process {
 
 class ProcessMetrics {
  public:
-  explicit ProcessMetrics(dist::Role role);
+  explicit ProcessMetrics(runtime::Role role);
   ~ProcessMetrics();
   ProcessMetrics(const ProcessMetrics&) = delete;
   ProcessMetrics& operator=(const ProcessMetrics&) = delete;
@@ -60,7 +60,7 @@ class ProcessMetrics {
   // `n_layers` (the config's unique layers) maps StepReport.expert_tokens rows to
   // (layer, iteration).
   void begin_job(const std::string& job_id, int rank, int n_layers);
-  void record_step(const dist::StepReport& report);
+  void record_step(const runtime::StepReport& report);
   void record_validation_loss(double val_loss);
   // The coordinator acknowledged a heartbeat or a registration just now.
   void record_heartbeat_ack();
@@ -74,9 +74,9 @@ class ProcessMetrics {
   struct JobSeries;
 
   void drop_job_series_locked();
-  void record_expert_tokens_locked(const dist::StepReport& report);
+  void record_expert_tokens_locked(const runtime::StepReport& report);
 
-  const dist::Role role_;
+  const runtime::Role role_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<HeartbeatAge> heartbeat_age_;
   std::unique_ptr<prometheus::Exposer> exposer_;

@@ -1,13 +1,13 @@
-#include "dist/shard_experts.h"
+#include "expert_shard/shard_experts.h"
 
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
-#include "dist/collective_dispatcher.h"
+#include "runtime/collective_dispatcher.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::expert_shard {
 
 ShardExperts::ShardExperts(comm::Communicator& world, int num_workers, int shard,
                            ExpertPartition partition, const ModelConfig& config)
@@ -54,12 +54,13 @@ std::vector<int64_t> ShardExperts::receive_header(int64_t tag, int application, 
   for (int w = 0; w < W; ++w) {
     const int64_t* h = header.data() + static_cast<size_t>(w) * per_worker;
     if (h[0] != tag || h[1] != application || h[2] != layer) {
-      throw std::runtime_error(
-          "expert shard " + std::to_string(shard_) + ": out of step with worker " +
-          std::to_string(w) + ": expected " + (tag == kForwardHeader ? "forward" : "backward") +
-          " of application " + std::to_string(application) + " (layer " + std::to_string(layer) +
-          "), got tag " + std::to_string(h[0]) + " application " + std::to_string(h[1]) +
-          " layer " + std::to_string(h[2]));
+      throw std::runtime_error("expert shard " + std::to_string(shard_) +
+                               ": out of step with worker " + std::to_string(w) + ": expected " +
+                               (tag == runtime::kForwardHeader ? "forward" : "backward") +
+                               " of application " + std::to_string(application) + " (layer " +
+                               std::to_string(layer) + "), got tag " + std::to_string(h[0]) +
+                               " application " + std::to_string(h[1]) + " layer " +
+                               std::to_string(h[2]));
     }
   }
   return header;
@@ -70,7 +71,7 @@ void ShardExperts::serve_forward(int application, int layer) {
   Saved& sv = saved_[application];
   const int W = num_workers_, D = shape_.d_model, world = world_.size();
   const int64_t per_worker = 3 + local_;
-  const std::vector<int64_t> header = receive_header(kForwardHeader, application, layer);
+  const std::vector<int64_t> header = receive_header(runtime::kForwardHeader, application, layer);
   auto rows_of = [&](int w, int e) { return header[static_cast<size_t>(w) * per_worker + 3 + e]; };
   // Workers send their rows grouped by expert; the batch groups them by expert, worker 0's rows
   // first: the order a single process would see them in (worker w holds the w-th slice of the
@@ -123,7 +124,7 @@ void ShardExperts::serve_forward(int application, int layer) {
 void ShardExperts::serve_backward(int application, int layer) {
   Saved& sv = saved_.at(application);
   const int W = num_workers_, D = shape_.d_model, world = world_.size();
-  receive_header(kBackwardHeader, application, layer);
+  receive_header(runtime::kBackwardHeader, application, layer);
   const int64_t rows = sv.batch.offset[local_];
   std::vector<int64_t> counts(world, 0), none(world, 0);
   for (int w = 0; w < W; ++w) counts[w] = sv.worker_rows[w] * D;
@@ -144,4 +145,4 @@ void ShardExperts::serve_backward(int application, int layer) {
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
 }
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::expert_shard

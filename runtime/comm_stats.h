@@ -4,7 +4,7 @@
 #include <chrono>
 #include <cstdint>
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 struct AllToAllStats {
   int64_t bytes_sent = 0;
@@ -20,4 +20,4 @@ struct AllToAllStats {
   }
 };
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

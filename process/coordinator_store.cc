@@ -1,4 +1,4 @@
-#include "worker/coordinator_store.h"
+#include "process/coordinator_store.h"
 
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>

@@ -14,7 +14,7 @@
 
 #include "dataloader/sampler.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 
 struct WorkerCheckpoint {
   int rank = 0;
@@ -45,4 +45,4 @@ ShardCheckpoint read_shard_checkpoint(const std::string& path, uint64_t expected
 // XXH64 of a config's canonical text.
 uint64_t config_hash(const std::string& canonical_config);
 
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

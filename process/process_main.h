@@ -1,6 +1,6 @@
 // What `loopmoe-worker` and `loopmoe-expert-shard` run: a TrainingProcess gRPC server (with
 // grpc.health.v1), optional Prometheus metrics, registration with the coordinator and a heartbeat
-// thread. The training itself is behind the injected RuntimeFactory (dist::create_runtime in the
+// thread. The training itself is behind the injected RuntimeFactory (runtime::create_runtime in the
 // executables, a fake in tests).
 #pragma once
 
@@ -14,14 +14,14 @@
 #include <string>
 #include <thread>
 
-#include "worker/coordinator_store.h"
-#include "worker/process_metrics.h"
-#include "worker/training_process_server.h"
+#include "process/coordinator_store.h"
+#include "process/process_metrics.h"
+#include "process/training_process_server.h"
 
 namespace loopmoe::process {
 
 struct ProcessOptions {
-  dist::Role role = dist::Role::kWorker;
+  runtime::Role role = runtime::Role::kWorker;
   std::string coordinator;             // host:port of the Coordinator service
   std::string listen = "127.0.0.1:0";  // TrainingProcess server; port 0 picks a free one
   std::string metrics_listen;          // Prometheus /metrics; empty = none
@@ -86,6 +86,6 @@ class ProcessHost {
 // a Shutdown with exit, and returns the process exit code: 0 after a clean shutdown, 1 with one
 // `error:` line on stderr when it cannot start. Call first thing in main(): it blocks SIGINT and
 // SIGTERM before any thread exists, to receive them synchronously.
-int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory);
+int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory factory);
 
 }  // namespace loopmoe::process

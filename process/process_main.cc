@@ -1,4 +1,4 @@
-#include "worker/process_main.h"
+#include "process/process_main.h"
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -16,7 +16,7 @@
 #include <stdexcept>
 #include <utility>
 
-#include "worker/roles.h"
+#include "process/roles.h"
 
 namespace loopmoe::process {
 namespace {
@@ -108,7 +108,7 @@ void ProcessHost::start() {
     if (!retryable(status)) {
       stop();
       throw std::runtime_error("the coordinator at " + options_.coordinator +
-                               " refused to register this " + dist::to_string(options_.role) +
+                               " refused to register this " + runtime::to_string(options_.role) +
                                ": " + status.error_message());
     }
     if (Clock::now() + milliseconds(200) >= deadline) {
@@ -207,7 +207,7 @@ void ProcessHost::stop(milliseconds grace) {
   }
 }
 
-int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory) {
+int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory factory) {
   // Blocked here, before gRPC starts any thread, so every thread inherits the mask and the
   // signals wait for sigtimedwait below instead of killing the process mid-RPC.
   sigset_t stop_signals;
@@ -217,8 +217,8 @@ int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory)
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   const std::string program =
-      role == dist::Role::kWorker ? "loopmoe-worker" : "loopmoe-expert-shard";
-  CLI::App app{role == dist::Role::kWorker
+      role == runtime::Role::kWorker ? "loopmoe-worker" : "loopmoe-expert-shard";
+  CLI::App app{role == runtime::Role::kWorker
                    ? "LoopMoE worker: embedding, attention, IterAdaLN, router and head of a "
                      "distributed training job (data parallel)"
                    : "LoopMoE expert shard: the expert FFNs of a distributed training job "
@@ -268,7 +268,7 @@ int process_main(dist::Role role, int argc, char** argv, RuntimeFactory factory)
     std::fprintf(stderr, "error: %s: %s\n", program.c_str(), e.what());
     return 1;
   }
-  std::printf("%s listening on %s (coordinator %s)\n", dist::to_string(role),
+  std::printf("%s listening on %s (coordinator %s)\n", runtime::to_string(role),
               host.address().c_str(), options.coordinator.c_str());
   if (!host.metrics_address().empty()) {
     std::printf("metrics on http://%s/metrics\n", host.metrics_address().c_str());

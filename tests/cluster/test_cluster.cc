@@ -14,21 +14,21 @@
 
 #include "comm/gloo_communicator.h"
 #include "comm/in_process_store.h"
-#include "dist/collective_dispatcher.h"
-#include "dist/process_checkpoint.h"
-#include "dist/process_runtime.h"
-#include "dist/shard_experts.h"
+#include "expert_shard/shard_experts.h"
 #include "model/error.h"
 #include "model/local_dispatcher.h"
 #include "model/model.h"
 #include "model/optimizer.h"
 #include "model/param_layout.h"
 #include "model/rng.h"
+#include "runtime/collective_dispatcher.h"
+#include "runtime/create_runtime.h"
+#include "runtime/process_checkpoint.h"
 #include "tests/openblas_coretype.h"
 #include "tests/tiny_run.h"
 #include "train/trainer.h"
 
-namespace loopmoe::dist {
+namespace loopmoe::runtime {
 namespace {
 
 namespace fs = std::filesystem;
@@ -153,7 +153,7 @@ void expect_close_curves(const std::vector<double>& want, const std::vector<doub
   }
 }
 
-class DistTest : public ::testing::Test {
+class ClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (auto why = testing::unsupported_openblas_coretype()) GTEST_SKIP() << *why;
@@ -249,7 +249,7 @@ void check_dispatchers_agree(bool all_to_one) {
                  dx.data() + static_cast<size_t>(t0) * D);
     } else {
       const int s = rank - W;
-      ShardExperts experts(*world, W, s, part, mc);
+      expert_shard::ShardExperts experts(*world, W, s, part, mc);
       for (int i = 0; i < experts.num_local_experts(); ++i) {
         const size_t e = static_cast<size_t>(part.begin(s) + i);
         std::copy_n(model.params() + l.w1 + e * DF, DF, experts.params() + experts.w1_offset(0, i));
@@ -348,7 +348,8 @@ TEST(ExpertPartition, CoversEveryExpertOnce) {
 
 // W workers + S shards reproduce `loopmoe train`'s 50-step curve bit for bit: every kernel is
 // batch-invariant and every cross-worker sum is either an integer or the same fixed tree
-// (docs/MODEL.md). ctest runs these under several OPENBLAS_CORETYPE values (tests/dist/CMakeLists).
+// (docs/MODEL.md). ctest runs these under several OPENBLAS_CORETYPE values
+// (tests/cluster/CMakeLists).
 void expect_layouts_reproduce_single_process(const Config& c, const fs::path& dir) {
   const std::vector<double> want = single_process_losses(c, dir / "single");
   for (const auto& [workers, shards] : {std::pair{2, 2}, std::pair{4, 1}, std::pair{1, 3}}) {
@@ -358,19 +359,19 @@ void expect_layouts_reproduce_single_process(const Config& c, const fs::path& di
   }
 }
 
-TEST_F(DistTest, ClusterLayoutsReproduceSingleProcessBitForBitVanillaTiny) {
+TEST_F(ClusterTest, ClusterLayoutsReproduceSingleProcessBitForBitVanillaTiny) {
   expect_layouts_reproduce_single_process(shipped_config("vanilla_tiny.toml", text_data(), 50),
                                           dir_);
 }
 
-TEST_F(DistTest, ClusterLayoutsReproduceSingleProcessBitForBitLoopMoeTiny) {
+TEST_F(ClusterTest, ClusterLayoutsReproduceSingleProcessBitForBitLoopMoeTiny) {
   expect_layouts_reproduce_single_process(shipped_config("loopmoe_tiny.toml", text_data(), 50),
                                           dir_);
 }
 
 // Capacity drops walk the global batch in order across workers; 3 workers split 4 sequences
 // unevenly (1, 1, 2).
-TEST_F(DistTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
+TEST_F(ClusterTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.train.steps = 20;
   c.train.checkpoint_interval = 0;
@@ -384,7 +385,7 @@ TEST_F(DistTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
   EXPECT_GT(dropped, 0) << "capacity factor 1.25 should drop something in 20 steps";
 }
 
-TEST_F(DistTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
+TEST_F(ClusterTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.train.steps = 30;
   std::vector<double> straight;
@@ -417,7 +418,7 @@ TEST_F(DistTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
   }
 }
 
-TEST_F(DistTest, CorruptCheckpointFileIsOneClearError) {
+TEST_F(ClusterTest, CorruptCheckpointFileIsOneClearError) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   ResumePoint p;
   {
@@ -442,7 +443,7 @@ TEST_F(DistTest, CorruptCheckpointFileIsOneClearError) {
 
 // A router with zero weights ties every expert; top-1 then sends every token to expert 0 (lowest
 // index wins ties): shard 1 and experts 1.. receive nothing, yet every collective completes.
-TEST_F(DistTest, RouterSendingEverythingToOneExpertDoesNotHang) {
+TEST_F(ClusterTest, RouterSendingEverythingToOneExpertDoesNotHang) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.model.top_k = 1;
   c.model.capacity_factor = 0;
@@ -481,7 +482,7 @@ TEST_F(DistTest, RouterSendingEverythingToOneExpertDoesNotHang) {
   for (const StepReport& s : cluster.steps(3, c.model.n_loops)) EXPECT_TRUE(std::isfinite(s.loss));
 }
 
-TEST_F(DistTest, VariableLoopCountsPerStep) {
+TEST_F(ClusterTest, VariableLoopCountsPerStep) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   ThreadCluster cluster(c, 2, 1);
   for (int loops : {1, 3, 2}) {
@@ -493,7 +494,7 @@ TEST_F(DistTest, VariableLoopCountsPerStep) {
   }
 }
 
-TEST_F(DistTest, BadSetupIsOneClearError) {
+TEST_F(ClusterTest, BadSetupIsOneClearError) {
   Config c = testing::tiny_loopmoe_config(dir_ / "data");
   comm::InProcessStore store;
   ProcessSetup s;
@@ -513,4 +514,4 @@ TEST_F(DistTest, BadSetupIsOneClearError) {
 }
 
 }  // namespace
-}  // namespace loopmoe::dist
+}  // namespace loopmoe::runtime

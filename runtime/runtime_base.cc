@@ -1,0 +1,115 @@
+#include "runtime/runtime_base.h"
+
+#include <cmath>
+#include <filesystem>
+#include <stdexcept>
+
+#include "model/error.h"
+#include "model/model.h"
+#include "model/optimizer.h"
+#include "runtime/process_checkpoint.h"
+
+namespace loopmoe::runtime {
+
+namespace fs = std::filesystem;
+
+Config checked_config(const ProcessSetup& setup, Role role) {
+  if (setup.store == nullptr) throw std::invalid_argument("create_runtime: no rendezvous store");
+  if (setup.role != role) {
+    throw std::invalid_argument(std::string("create_runtime: a ") + to_string(role) +
+                                " runtime cannot host a " + to_string(setup.role));
+  }
+  if (setup.num_workers < 1 || setup.num_shards < 1) {
+    throw ConfigError("a job needs at least one worker and one expert shard");
+  }
+  const int role_size = setup.role == Role::kWorker ? setup.num_workers : setup.num_shards;
+  if (setup.rank < 0 || setup.rank >= role_size) {
+    throw ConfigError(std::string(to_string(setup.role)) + " rank " + std::to_string(setup.rank) +
+                      " is outside 0.." + std::to_string(role_size - 1));
+  }
+  Config config = parse_config(setup.config_toml, "job " + setup.job_id);
+  if (setup.num_shards > config.model.n_experts) {
+    throw ConfigError("job has " + std::to_string(setup.num_shards) + " expert shards but only " +
+                      std::to_string(config.model.n_experts) + " experts per layer");
+  }
+  return config;
+}
+
+std::string checkpoint_file_name(Role role, int rank) {
+  return std::string(role == Role::kWorker ? "worker-" : "shard-") + std::to_string(rank) + ".bin";
+}
+
+comm::GlooOptions gloo_options(const ProcessSetup& s, const char* group) {
+  comm::GlooOptions o;
+  o.hostname = s.hostname;
+  o.timeout = s.collective_timeout;
+  o.rendezvous_timeout = s.rendezvous_timeout;
+  o.group = group;
+  return o;
+}
+
+double sum_of_squares(const float* g, size_t n) {
+  const double norm = global_norm(g, n);
+  return norm * norm;
+}
+
+RuntimeBase::RuntimeBase(const ProcessSetup& setup, Config config)
+    : setup_(setup),
+      config_(std::move(config)),
+      config_hash_(config_hash(to_toml(config_))),
+      partition_(config_.model.n_experts, setup.num_shards) {
+  set_threads();
+}
+
+void RuntimeBase::set_threads() const { set_num_threads(setup_.threads); }
+
+void RuntimeBase::connect_world() {
+  world_ = comm::make_gloo_communicator(*setup_.store, world_rank(),
+                                        setup_.num_workers + setup_.num_shards,
+                                        gloo_options(setup_, "world"));
+}
+
+std::pair<double, float> RuntimeBase::global_clip(double local_sum_of_squares) {
+  double total = local_sum_of_squares;
+  world_->allreduce_sum(&total, 1);
+  const double norm = std::sqrt(total);
+  float coef = 1.f;
+  const double max_norm = config_.train.grad_clip;
+  if (max_norm > 0) {
+    const double c = max_norm / (norm + 1e-6);
+    if (c < 1.0) coef = static_cast<float>(c);
+  }
+  return {norm, coef};
+}
+
+StepReport RuntimeBase::report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,
+                               Clock::time_point t0) const {
+  StepReport r;
+  r.step = steps_done_;
+  r.loops = loops;
+  r.lr = lr;
+  r.grad_norm = grad_norm;
+  r.num_experts = config_.model.n_experts;
+  r.tokens = static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len;
+  r.alltoall_bytes = a2a.bytes_sent;
+  r.alltoall_seconds = a2a.seconds;
+  r.seconds = seconds_since(t0);
+  return r;
+}
+
+void RuntimeBase::check_resume_file(uint64_t hash, int64_t step, int64_t want_step,
+                                    const std::string& path) const {
+  if (hash != config_hash_) {
+    throw CheckpointError(path + ": written for a different config than this job's");
+  }
+  if (step != want_step) {
+    throw CheckpointError(path + ": is step " + std::to_string(step) +
+                          ", the checkpoint metadata says " + std::to_string(want_step));
+  }
+}
+
+std::string RuntimeBase::checkpoint_path(const std::string& dir) const {
+  return fs::absolute(fs::path(dir) / checkpoint_file_name(setup_.role, setup_.rank)).string();
+}
+
+}  // namespace loopmoe::runtime
