@@ -1,9 +1,7 @@
 // `loopmoe`: train and compare looped and vanilla Mixture-of-Experts language models.
-#include <cstdio>
-#include <exception>
-
 #include "cli/commands.h"
 #include "cli/data_command.h"
+#include "common/run_main.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE: train looped and vanilla Mixture-of-Experts language models"};
@@ -18,13 +16,16 @@ int main(int argc, char** argv) {
   loopmoe::register_report_command(app);
   loopmoe::register_service_commands(app);
   loopmoe::register_cluster_command(app);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "\nerror: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  // A command's error may interrupt its progress line ("training ..."), so it gets a line of its
+  // own.
+  return loopmoe::common::run_main(
+      [&] {
+        try {
+          app.parse(argc, argv);
+        } catch (const CLI::ParseError& e) {
+          return app.exit(e);
+        }
+        return 0;
+      },
+      loopmoe::common::ErrorLine::kOwnLine);
 }

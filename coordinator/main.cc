@@ -3,8 +3,8 @@
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
-#include <exception>
 
+#include "common/run_main.h"
 #include "coordinator/coordinator.h"
 
 int main(int argc, char** argv) {
@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  try {
+  return loopmoe::common::run_main([&] {
     loopmoe::service::Coordinator coordinator(options);
     std::printf("coordinator listening on %s\n", coordinator.address().c_str());
     if (!coordinator.metrics_address().empty()) {
@@ -50,9 +50,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "coordinator: %s, shutting down\n",
                  signal == SIGINT ? "SIGINT" : "SIGTERM");
     coordinator.shutdown();
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  });
 }

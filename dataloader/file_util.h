@@ -1,39 +1,23 @@
-// Internal file helpers for dataloader/ (not part of its public API).
+// common/atomic_file.h with dataloader's error type: failures throw DataError (internal to
+// dataloader/; runtime/process_checkpoint.cc uses the writer too).
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
 #include <filesystem>
-#include <string>
-#include <string_view>
+#include <utility>
+
+#include "common/atomic_file.h"
 
 namespace loopmoe::data {
 
-// Writes `path` + ".tmp" and, on commit(), fsyncs it, renames it over `path` and fsyncs the
-// directory: readers see either the old file or the complete new one. Destroying the writer
-// without commit() removes the temporary file (e.g. when an exception unwinds).
-class AtomicFileWriter {
+// Throws DataError(failure.message()): the file first, then what failed and why.
+[[noreturn]] void throw_data_error(const common::WriteFailure& failure);
+
+// common::AtomicFileWriter throwing DataError: PATH.tmp, and on commit() fsync, rename over PATH,
+// directory fsync. Destroying it without commit() removes the temporary file.
+class AtomicFileWriter : public common::AtomicFileWriter {
  public:
-  explicit AtomicFileWriter(std::filesystem::path path);
-  AtomicFileWriter(const AtomicFileWriter&) = delete;
-  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
-  ~AtomicFileWriter();
-
-  void write(const void* data, size_t bytes);
-  void pwrite(const void* data, size_t bytes, uint64_t offset);
-  void commit();
-
- private:
-  [[noreturn]] void fail(const std::string& what) const;
-
-  std::filesystem::path path_;
-  std::filesystem::path tmp_;
-  int fd_ = -1;
+  explicit AtomicFileWriter(std::filesystem::path path)
+      : common::AtomicFileWriter(std::move(path), throw_data_error) {}
 };
-
-void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
-
-// Reads a whole file; throws DataError naming it on failure.
-std::string read_file(const std::filesystem::path& path);
 
 }  // namespace loopmoe::data

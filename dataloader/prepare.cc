@@ -1,3 +1,5 @@
+// `data prepare` (prepare.h): read the inputs, split them (split.cc), train or load the tokenizer,
+// encode, and write the shards and meta.json.
 #include "dataloader/prepare.h"
 
 #include <xxhash.h>
@@ -13,7 +15,11 @@
 #include <system_error>
 #include <utility>
 
+#include "common/atomic_file.h"
+#include "common/clock.h"
+#include "common/text_file.h"
 #include "dataloader/file_util.h"
+#include "dataloader/split.h"
 #include "dataloader/tokenizer.h"
 
 namespace loopmoe::data {
@@ -21,117 +27,11 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// "<file_name>#<doc_index>" for a whole document, "<file_name>#<doc_index>.<chunk>" for a chunk.
-std::string split_key(const std::string& file_name, uint64_t doc_index, int64_t chunk) {
-  std::string key = file_name;
-  key += '#';
-  key += std::to_string(doc_index);
-  if (chunk >= 0) {
-    key += '.';
-    key += std::to_string(chunk);
-  }
-  return key;
-}
-
-double split_score(const std::string& key, uint64_t seed) {
-  const uint64_t h = XXH64(key.data(), key.size(), seed);
-  return static_cast<double>(h >> 11) * 0x1.0p-53;  // top 53 bits: exact in a double
-}
-
-struct Source {
-  fs::path path;
-  std::string name;  // base name: what the split hashes
-  std::string text;
-  uint64_t train_docs = 0;
-  uint64_t val_docs = 0;
-};
-
-// A unit of the split: a whole document, or one chunk of a document that was cut.
-struct Doc {
-  size_t source;
-  uint64_t index;  // the document's, within its source
-  int64_t chunk;   // -1: the whole document; else the chunk's index within it
-  std::string_view text;
-  double score;
-  bool val;
-};
-
-// The split rule over `docs` (in place): val iff the key's score is below val_fraction, with the
-// two fallbacks that give each side a unit whenever there are two. Returns the validation count.
-size_t split_units(std::vector<Doc>& docs, const std::vector<Source>& sources, uint64_t seed,
-                   double val_fraction) {
-  size_t num_val = 0;
-  for (Doc& d : docs) {
-    d.score = split_score(split_key(sources[d.source].name, d.index, d.chunk), seed);
-    d.val = d.score < val_fraction;
-    num_val += d.val;
-  }
-  const auto by_score = [](const Doc& a, const Doc& b) { return a.score < b.score; };
-  if (docs.size() >= 2 && num_val == 0) {
-    std::min_element(docs.begin(), docs.end(), by_score)->val = true;
-    num_val = 1;
-  } else if (docs.size() >= 2 && num_val == docs.size()) {
-    std::max_element(docs.begin(), docs.end(), by_score)->val = false;
-    --num_val;
-  }
-  return num_val;
-}
-
-uint64_t val_bytes(const std::vector<Doc>& docs) {
-  uint64_t bytes = 0;
-  for (const Doc& d : docs) bytes += d.val ? d.text.size() : 0;
-  return bytes;
-}
-
-// After a chunked split: while validation holds fewer than kMinValBytes, the train unit with the
-// smallest score moves to validation, as long as train keeps at least as much text as
-// validation. Returns how many moved.
-size_t top_up_validation(std::vector<Doc>& docs) {
-  std::vector<Doc*> train;
-  uint64_t train_bytes = 0;
-  for (Doc& d : docs) {
-    if (d.val) continue;
-    train.push_back(&d);
-    train_bytes += d.text.size();
-  }
-  std::sort(train.begin(), train.end(), [](const Doc* a, const Doc* b) {
-    return a->score < b->score || (a->score == b->score && a < b);
-  });
-  uint64_t val = val_bytes(docs);
-  size_t moved = 0;
-  for (Doc* d : train) {
-    if (val >= kMinValBytes || train_bytes - d->text.size() < val + d->text.size()) break;
-    d->val = true;
-    val += d->text.size();
-    train_bytes -= d->text.size();
-    ++moved;
-  }
-  return moved;
-}
-
-bool is_space(char c) {
-  return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
-}
-
-// Boundary kinds of cut_document, best first. `p` is in (0, text.size()).
-bool paragraph_start(std::string_view text, size_t p) {
-  if (text[p - 1] != '\n') return false;
-  for (size_t i = p - 1; i-- > 0;) {  // the line before: blank up to its own start
-    if (text[i] == '\n') return true;
-    if (!is_space(text[i])) return false;
-  }
-  return true;
-}
-bool line_start(std::string_view text, size_t p) { return text[p - 1] == '\n'; }
-bool after_space(std::string_view text, size_t p) { return is_space(text[p - 1]); }
-bool char_start(std::string_view text, size_t p) {
-  return (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
-}
+using split_internal::Doc;
+using split_internal::Source;
+using split_internal::split_units;
+using split_internal::top_up_validation;
+using split_internal::val_bytes;
 
 std::vector<fs::path> expand_inputs(const std::vector<fs::path>& inputs) {
   if (inputs.empty()) throw DataError("data prepare: no input files given (--input)");
@@ -221,51 +121,6 @@ std::string mb(uint64_t bytes) {
 
 }  // namespace
 
-bool is_validation_doc(const std::string& file_name, uint64_t doc_index, uint64_t seed,
-                       double val_fraction) {
-  return split_score(split_key(file_name, doc_index, -1), seed) < val_fraction;
-}
-
-bool is_validation_chunk(const std::string& file_name, uint64_t doc_index, uint64_t chunk_index,
-                         uint64_t seed, double val_fraction) {
-  return split_score(split_key(file_name, doc_index, static_cast<int64_t>(chunk_index)), seed) <
-         val_fraction;
-}
-
-std::vector<std::string_view> cut_document(std::string_view text, size_t chunk_bytes) {
-  const size_t n = text.size();
-  const size_t k = chunk_bytes == 0 ? 1 : (n + chunk_bytes - 1) / chunk_bytes;
-  if (k < 2) return {text};
-  const size_t slack = n / k / 4;
-  std::vector<size_t> cuts = {0};
-  for (size_t j = 1; j < k; ++j) {
-    const size_t ideal = j * (n / k) + j * (n % k) / k;  // j * n / k without overflow
-    size_t cut = ideal;
-    bool found = false;
-    for (auto* kind : {paragraph_start, line_start, after_space, char_start}) {
-      // Nearest first, the earlier side first on a tie; never at 0 or n, never before the last
-      // cut (the windows of neighbouring cuts do not overlap, but stay safe).
-      for (size_t d = 0; d <= slack && !found; ++d) {
-        for (const size_t p : {ideal - std::min(d, ideal), ideal + d}) {
-          if (p <= cuts.back() || p >= n || !kind(text, p)) continue;
-          cut = p;
-          found = true;
-          break;
-        }
-      }
-      if (found) break;
-    }
-    if (!found) continue;  // only when the window holds no character start at all: no cut here
-    cuts.push_back(cut);
-  }
-  cuts.push_back(n);
-  std::vector<std::string_view> pieces;
-  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
-    pieces.push_back(text.substr(cuts[i], cuts[i + 1] - cuts[i]));
-  }
-  return pieces;
-}
-
 PrepareResult prepare_dataset(const PrepareOptions& options) {
   const Clock::time_point start = Clock::now();
   std::ostream* log = options.log;
@@ -293,7 +148,7 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     Source s;
     s.path = f;
     s.name = f.filename().string();
-    s.text = read_file(f);
+    s.text = common::read_text_as<DataError>(f);
     check_utf8(f, s.text);
     if (blank(s.text)) throw DataError(f.string() + ": empty file (no text)");
     result.input_bytes += s.text.size();
@@ -393,7 +248,7 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     topt.seed = static_cast<uint32_t>(options.seed);
     return Tokenizer::train(train_text, topt);
   }();
-  result.tokenizer_seconds = seconds_since(t);
+  result.tokenizer_seconds = common::seconds_since(t);
   result.vocab_size = static_cast<uint32_t>(tokenizer.vocab_size());
   if (!options.tokenizer_model.empty() && options.vocab_size > 0 &&
       static_cast<uint32_t>(options.vocab_size) != result.vocab_size) {
@@ -424,12 +279,12 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     tokens[side].push_back(eos);
     offsets[side].push_back(tokens[side].size());
     (d.val ? sources[d.source].val_docs : sources[d.source].train_docs) += 1;
-    if (seconds_since(last_report) > 2.0) {
+    if (common::seconds_since(last_report) > 2.0) {
       last_report = Clock::now();
       say("encoded " + std::to_string(i + 1) + "/" + std::to_string(docs.size()) + " documents");
     }
   }
-  result.encode_seconds = seconds_since(t);
+  result.encode_seconds = common::seconds_since(t);
   result.train_docs = offsets[0].size() - 1;
   result.val_docs = offsets[1].size() - 1;
   result.train_tokens = tokens[0].size();
@@ -495,9 +350,9 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
       << (i + 1 < sources.size() ? ",\n" : "\n");
   }
   j << "  ]\n}\n";
-  write_file_atomic(options.out_dir / "meta.json", j.str());
+  common::write_file_atomically(options.out_dir / "meta.json", j.str(), throw_data_error);
 
-  result.total_seconds = seconds_since(start);
+  result.total_seconds = common::seconds_since(start);
   say("wrote " + options.out_dir.string() + "/{tokenizer.model,train.bin,val.bin,meta.json} in " +
       json_double(std::round(result.total_seconds * 100) / 100) + " s total");
   return result;

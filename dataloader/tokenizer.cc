@@ -7,6 +7,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include "common/atomic_file.h"
+#include "common/text_file.h"
 #include "dataloader/file_util.h"
 
 namespace loopmoe::data {
@@ -90,7 +92,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::load(const std::filesystem::path& model_file) {
-  return Tokenizer(read_file(model_file), model_file.string());
+  return Tokenizer(common::read_text_as<DataError>(model_file), model_file.string());
 }
 
 Tokenizer Tokenizer::train(const std::vector<std::string_view>& documents,
@@ -167,7 +169,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
 }
 
 void Tokenizer::save(const std::filesystem::path& path) const {
-  write_file_atomic(path, serialized_);
+  common::write_file_atomically(path, serialized_, throw_data_error);
 }
 
 }  // namespace loopmoe::data

@@ -5,11 +5,12 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "common/atomic_file.h"
+#include "common/clock.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
@@ -190,16 +191,15 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   const std::string text = j.dump(2) + "\n";
 
   // Written whole and renamed, so a reader never sees half a file.
-  const fs::path out = run / "eval.json", tmp = run / "eval.json.tmp";
-  {
-    std::ofstream file(tmp, std::ios::trunc);
-    file << text;
-    if (!file.flush()) throw std::runtime_error(tmp.string() + ": write failed");
-  }
-  fs::rename(tmp, out);
+  const fs::path out = run / "eval.json";
+  common::write_file_atomically(out, text, [](const common::WriteFailure& f) {
+    if (f.step == common::WriteStep::kCreate || f.step == common::WriteStep::kWrite) {
+      throw std::runtime_error(f.tmp.string() + ": write failed");
+    }
+    throw std::runtime_error(f.message());
+  });
   if (options.progress) {
-    std::fprintf(stderr, "wrote %s in %.1f s\n", out.c_str(),
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    std::fprintf(stderr, "wrote %s in %.1f s\n", out.c_str(), common::seconds_since(t0));
   }
   return text;
 }

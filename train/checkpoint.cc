@@ -1,7 +1,5 @@
 #include "train/checkpoint.h"
 
-#include <fcntl.h>
-#include <unistd.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -11,6 +9,7 @@
 #include <sstream>
 #include <vector>
 
+#include "common/atomic_file.h"
 #include "model/error.h"
 
 namespace loopmoe {
@@ -32,12 +31,24 @@ struct Header {
   uint64_t checksum;  // XXH64 of the payload
 };
 
-void fsync_path(const std::string& path, bool directory) {
-  int fd = ::open(path.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-  if (fd < 0) throw CheckpointError(path + ": cannot open for fsync");
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) throw CheckpointError(path + ": fsync failed");
+// A failed checkpoint write, worded as the checkpoint's errors always were.
+void throw_checkpoint_error(const common::WriteFailure& f) {
+  switch (f.step) {
+    case common::WriteStep::kCreate:
+      throw CheckpointError(f.tmp.string() + ": cannot create checkpoint file");
+    case common::WriteStep::kWrite:
+    case common::WriteStep::kClose:
+      throw CheckpointError(f.tmp.string() + ": write failed (disk full?)");
+    case common::WriteStep::kSync:
+      throw CheckpointError(f.tmp.string() + ": fsync failed");
+    case common::WriteStep::kOpenDirectory:
+      throw CheckpointError(f.directory.string() + ": cannot open for fsync");
+    case common::WriteStep::kSyncDirectory:
+      throw CheckpointError(f.directory.string() + ": fsync failed");
+    case common::WriteStep::kRename:
+      break;
+  }
+  throw CheckpointError(f.message());
 }
 
 struct Loaded {
@@ -117,25 +128,13 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
   h.checksum = XXH64_digest(st);
   XXH64_freeState(st);
 
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw CheckpointError(tmp + ": cannot create checkpoint file");
-    out.write(reinterpret_cast<const char*>(&h), sizeof(h));
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    out.write(reinterpret_cast<const char*>(model.params()),
-              static_cast<std::streamsize>(n * sizeof(float)));
-    out.write(reinterpret_cast<const char*>(opt.m().data()),
-              static_cast<std::streamsize>(n * sizeof(float)));
-    out.write(reinterpret_cast<const char*>(opt.v().data()),
-              static_cast<std::streamsize>(n * sizeof(float)));
-    out.flush();
-    if (!out) throw CheckpointError(tmp + ": write failed (disk full?)");
-  }
-  fsync_path(tmp, false);
-  std::filesystem::rename(tmp, path);
-  const std::string dir = std::filesystem::path(path).parent_path().string();
-  fsync_path(dir.empty() ? "." : dir, true);
+  common::AtomicFileWriter out(path, throw_checkpoint_error);
+  out.write(&h, sizeof(h));
+  out.write(text);
+  out.write(model.params(), n * sizeof(float));
+  out.write(opt.m().data(), n * sizeof(float));
+  out.write(opt.v().data(), n * sizeof(float));
+  out.commit();
 }
 
 int64_t read_checkpoint_step(const std::string& path) {

@@ -19,7 +19,8 @@ struct TrainProgress {
   int threads = 1;  // bit-exact continuation needs the same thread count
 };
 
-// Writes path.tmp, fsyncs it, renames it over path and fsyncs the directory.
+// Writes path.tmp, fsyncs it, renames it over path and fsyncs the directory
+// (common::AtomicFileWriter); failures throw CheckpointError naming the file.
 void save_checkpoint(const std::string& path, const Config& config, const Model& model,
                      AdamW& optimizer, const TrainProgress& progress);
 

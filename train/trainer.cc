@@ -10,6 +10,7 @@
 #include <optional>
 #include <sstream>
 
+#include "common/clock.h"
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
@@ -164,7 +165,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
     const double norm = clip_grad_norm(model.grads(), model.num_params(), tc.grad_clip);
     const double lr = learning_rate(tc, step);
     adam.step(model.params(), model.grads(), lr);
-    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double dt = common::seconds_since(t0);
     train_seconds += dt;
     window_seconds += dt;
     window_tokens += static_cast<int64_t>(B) * T;

@@ -1,0 +1,36 @@
+// The error handling of a command's main(): run the body; an exception that escapes it becomes one
+// line "error: <what>" on stderr and exit code 1.
+#pragma once
+
+#include <cstdio>
+#include <exception>
+#include <type_traits>
+
+namespace loopmoe::common {
+
+// The exit code of a command that failed with an exception.
+inline constexpr int kErrorExitCode = 1;
+
+enum class ErrorLine {
+  kAsIs,     // "error: <what>\n"
+  kOwnLine,  // "\nerror: <what>\n": ends a progress line the command may have left open
+};
+
+// Returns what `body` returns (an int exit code), or 0 for a void body; kErrorExitCode when it
+// throws a std::exception, after printing the error line.
+template <class Body>
+int run_main(Body&& body, ErrorLine line = ErrorLine::kAsIs) {
+  try {
+    if constexpr (std::is_void_v<std::invoke_result_t<Body&>>) {
+      body();
+      return 0;
+    } else {
+      return body();
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%serror: %s\n", line == ErrorLine::kOwnLine ? "\n" : "", e.what());
+    return kErrorExitCode;
+  }
+}
+
+}  // namespace loopmoe::common
