@@ -2,9 +2,10 @@
 // run that still goes through the collective code path).
 #pragma once
 
-#include <condition_variable>
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <map>
-#include <mutex>
 
 #include "comm/key_value_store.h"
 
@@ -12,14 +13,14 @@ namespace loopmoe::comm {
 
 class InProcessStore final : public KeyValueStore {
  public:
-  void set(const std::string& key, const std::string& value) override;
-  std::optional<std::string> get(const std::string& key) override;
-  void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
+  void set(const std::string& key, const std::string& value) override ABSL_LOCKS_EXCLUDED(mutex_);
+  std::optional<std::string> get(const std::string& key) override ABSL_LOCKS_EXCLUDED(mutex_);
+  void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override
+      ABSL_LOCKS_EXCLUDED(mutex_);
 
  private:
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::map<std::string, std::string> values_;
+  absl::Mutex mutex_;
+  std::map<std::string, std::string> values_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace loopmoe::comm

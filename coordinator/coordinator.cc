@@ -42,13 +42,13 @@ Coordinator::Impl::Impl(const CoordinatorOptions& options)
 
 void Coordinator::Impl::shutdown() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
     stopping_ = true;
     for (auto& [id, run] : running_) run->driver->stop();
   }
-  changed_.notify_all();
+  changed_.SignalAll();
   kv_.close();
   if (server_) {
     server_->GetHealthCheckService()->SetServingStatus(false);
@@ -57,7 +57,7 @@ void Coordinator::Impl::shutdown() {
   if (scheduler_.joinable()) scheduler_.join();
   std::map<std::string, std::unique_ptr<RunningJob>> running;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     running.swap(running_);
   }
   for (auto& [id, run] : running) {
@@ -79,13 +79,16 @@ void Coordinator::Impl::requeue_after_restart() {
                             std::to_string(job.epoch()) + ", resumes from step " +
                             std::to_string(job.last_checkpoint_step()));
     }
-    if (job.state() == v1::QUEUED) queue_.insert(job_number(job.job_id()));
+    if (job.state() == v1::QUEUED) {
+      absl::MutexLock lock(&mu_);  // no other thread runs yet; taken for the annotation's sake
+      queue_.insert(job_number(job.job_id()));
+    }
   }
 }
 
 void Coordinator::Impl::log(const std::string& job_id, const std::string& text) {
   store_.append_log(job_id, text, unix_ms());
-  changed_.notify_all();
+  changed_.SignalAll();
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@
 // public API is coordinator.h.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
 
-#include <condition_variable>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -36,7 +36,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   explicit Impl(const CoordinatorOptions& options);
   ~Impl() override { shutdown(); }
 
-  void shutdown();
+  void shutdown() ABSL_LOCKS_EXCLUDED(mu_);
 
   // ---- Coordinator service (rpc_handlers.cc)
   grpc::Status SubmitJob(grpc::ServerContext*, const v1::SubmitJobRequest* request,
@@ -73,21 +73,23 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
  private:
   // ---- jobs (coordinator.cc)
-  void requeue_after_restart();
+  void requeue_after_restart() ABSL_LOCKS_EXCLUDED(mu_);
   void log(const std::string& job_id, const std::string& text);
 
   // ---- scheduler (scheduler.cc)
-  void scheduler_loop();
-  void schedule_locked();
-  void reap_finished_locked();
+  void scheduler_loop() ABSL_LOCKS_EXCLUDED(mu_);
+  void schedule_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void reap_finished_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  std::mutex mu_;
-  std::condition_variable changed_;  // job state, logs, processes: wakes scheduler and watchers
-  std::set<int64_t> queue_;          // QUEUED jobs, FIFO = id order
-  std::map<std::string, std::unique_ptr<RunningJob>> running_;
-  bool stopping_ = false;
-  bool shut_down_ = false;
-  std::thread scheduler_;
+  absl::Mutex mu_;
+  // Job state, logs, processes: wakes the scheduler and watchers. A CondVar, not mu_.Await: log
+  // lines and registrations change state outside mu_.
+  absl::CondVar changed_;
+  std::set<int64_t> queue_ ABSL_GUARDED_BY(mu_);  // QUEUED jobs, FIFO = id order
+  std::map<std::string, std::unique_ptr<RunningJob>> running_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread scheduler_;  // started by the constructor, joined by shutdown()
 };
 
 }  // namespace loopmoe::service

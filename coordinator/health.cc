@@ -1,11 +1,10 @@
 #include "coordinator/health.h"
 
+#include <absl/synchronization/notification.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/support/byte_buffer.h>
 
-#include <condition_variable>
-#include <mutex>
 #include <vector>
 
 namespace loopmoe::service {
@@ -45,19 +44,14 @@ HealthResult check_health(const std::shared_ptr<grpc::Channel>& channel,
   context.set_wait_for_ready(true);  // wait for the server to come up, within the deadline
 
   grpc::GenericStub stub(channel);
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  grpc::Status status;
+  grpc::Status status;  // written by the callback before it notifies `done`
+  absl::Notification done;
   stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
                  [&](grpc::Status s) {
-                   std::lock_guard<std::mutex> lock(mu);
                    status = std::move(s);
-                   done = true;
-                   cv.notify_one();
+                   done.Notify();
                  });
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return done; });
+  done.WaitForNotification();
 
   HealthResult result;
   if (!status.ok()) {

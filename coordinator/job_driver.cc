@@ -102,25 +102,25 @@ void JobDriver::stop() {
 }
 
 void JobDriver::cancel_calls() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (grpc::ClientContext* c : active_) c->TryCancel();
 }
 
 bool JobDriver::update_job(const std::function<bool(v1::JobStatus&)>& change) {
   {
-    std::lock_guard<std::mutex> lock(*host_.mu);
+    absl::MutexLock lock(host_.mu);
     std::optional<v1::JobStatus> job = store_.get_job(job_id_);
     if (!job || !change(*job)) return false;
     job->set_updated_unix_ms(unix_ms());
     store_.put_job(*job);
   }
-  host_.changed->notify_all();
+  host_.changed->SignalAll();
   return true;
 }
 
 void JobDriver::log(const std::string& text) {
   store_.append_log(job_id_, text, unix_ms());
-  host_.changed->notify_all();
+  host_.changed->SignalAll();
 }
 
 void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
@@ -130,7 +130,7 @@ void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
   std::vector<grpc::Status> statuses(n);
   std::vector<char> cancelled_by_us(n, 0);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < n; ++i) {
       contexts[i] = std::make_unique<grpc::ClientContext>();
       contexts[i]->set_deadline(std::chrono::system_clock::now() + timeout);
@@ -144,7 +144,7 @@ void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
       statuses[i] = call(members_[i], contexts[i].get());
       if (!statuses[i].ok()) {
         // One failure fails the step for everyone: don't wait for the others' timeouts.
-        std::lock_guard<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);  // also serialises the threads' cancelled_by_us updates
         for (size_t j = 0; j < n; ++j) {
           if (j != i && !cancelled_by_us[j]) {
             cancelled_by_us[j] = 1;
@@ -156,7 +156,7 @@ void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
   }
   for (std::thread& t : threads) t.join();
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     for (auto& c : contexts) active_.erase(c.get());
   }
   if (stopping_) throw Stopping{};
@@ -301,7 +301,7 @@ void JobDriver::run() {
     });
     if (requeued) {
       {
-        std::lock_guard<std::mutex> lock(*host_.mu);
+        absl::MutexLock lock(host_.mu);
         host_.requeue(id);  // scheduled again once this driver has finished
       }
       log("restarting as epoch " + std::to_string(epoch) + " from its latest checkpoint");
@@ -325,10 +325,10 @@ void JobDriver::run() {
   for (const Member& m : members_) ids.push_back(m.id);
   registry_.release(ids, id);
   {
-    std::lock_guard<std::mutex> lock(*host_.mu);
+    absl::MutexLock lock(host_.mu);
     finished_ = true;
   }
-  host_.changed->notify_all();
+  host_.changed->SignalAll();
 }
 
 void JobDriver::drive_run() {

@@ -8,12 +8,13 @@
 // without a Coordinator server (tests/coordinator/test_job_driver.cc).
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -43,10 +44,10 @@ Member make_member(const std::string& id, v1::Role role, int rank, const std::st
 struct DriverHost {
   // The coordinator's mutex: serializes the driver's read-modify-writes of the job record with
   // CancelJob and the scheduler; requeue and the driver's finished flag are set under it.
-  std::mutex* mu = nullptr;
-  // Notified after every change of the job record, every log line and the end of run(): wakes
+  absl::Mutex* mu = nullptr;
+  // Signalled after every change of the job record, every log line and the end of run(): wakes
   // the scheduler and WatchJob.
-  std::condition_variable* changed = nullptr;
+  absl::CondVar* changed = nullptr;
   // A failed run was requeued (the record is QUEUED with epoch + 1): queue the job again. Called
   // with *mu held.
   std::function<void(const std::string& job_id)> requeue;
@@ -74,7 +75,7 @@ class JobDriver {
   void cancel() { cancel_ = true; }
   // Coordinator shutdown: cancels the calls in flight (and any made later); run() returns leaving
   // the job as it is in the store (it is requeued by the next start). Idempotent.
-  void stop();
+  void stop() ABSL_LOCKS_EXCLUDED(mu_);
 
   bool finished() const { return finished_; }
   const std::string& job_id() const { return job_id_; }
@@ -85,8 +86,9 @@ class JobDriver {
   // Calls `call(member, context)` on every member concurrently, each with `timeout`; the first
   // failure cancels the others. Throws RunFailure/Stopping; returns when all succeeded.
   void call_all(const char* rpc, std::chrono::milliseconds timeout,
-                const std::function<grpc::Status(Member&, grpc::ClientContext*)>& call);
-  void cancel_calls();
+                const std::function<grpc::Status(Member&, grpc::ClientContext*)>& call)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void cancel_calls() ABSL_LOCKS_EXCLUDED(mu_);
   void check_interrupts();
   void shutdown_members(const std::set<std::string>& skip);
   v1::CheckpointMeta checkpoint(const v1::JobStatus& job, const std::string& output_dir,
@@ -104,11 +106,15 @@ class JobDriver {
   DriverHost host_;
   const std::string job_id_;
   std::vector<Member> members_;
+  // Lone flags, set once and polled, so atomics need no mutex.
   std::atomic<bool> cancel_{false};    // cancel(): checked between chunks
   std::atomic<bool> stopping_{false};  // stop(): coordinator shutdown
-  std::atomic<bool> finished_{false};  // set under host_.mu, as run()'s last act
-  std::mutex mu_;                      // guards active_ (the calls in flight)
-  std::set<grpc::ClientContext*> active_;
+  // Set under *host_.mu as run()'s last act, so that the scheduler, which checks it under that
+  // mutex before waiting on host_.changed, cannot miss the wake-up; atomic for finished() callers
+  // without the mutex (tests).
+  std::atomic<bool> finished_{false};
+  absl::Mutex mu_;
+  std::set<grpc::ClientContext*> active_ ABSL_GUARDED_BY(mu_);  // the calls in flight
 };
 
 }  // namespace loopmoe::service

@@ -90,7 +90,7 @@ std::vector<Message> JobStore::scan(const std::string& prefix, int64_t max) {
 }
 
 std::string JobStore::next_job_id() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   int64_t next = 1;
   if (auto v = get(kNextJobId)) next = std::stoll(*v);
   put(kNextJobId, std::to_string(next + 1));
@@ -115,7 +115,7 @@ std::optional<v1::JobStatus> JobStore::get_job(const std::string& job_id) {
 std::vector<v1::JobStatus> JobStore::list_jobs() { return scan<v1::JobStatus>("job/"); }
 
 int64_t JobStore::log_size(const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return log_size_locked(job_id);
 }
 
@@ -135,7 +135,7 @@ int64_t JobStore::log_size_locked(const std::string& job_id) {
 }
 
 int64_t JobStore::append_log(const std::string& job_id, const std::string& text, int64_t unix_ms) {
-  std::lock_guard<std::mutex> lock(mu_);  // one writer at a time per index
+  absl::MutexLock lock(&mu_);  // one writer at a time per index
   const int64_t line = log_size_locked(job_id);
   v1::LogLine record;
   record.set_line(line);

@@ -2,10 +2,12 @@
 // metadata and the job id counter (keys: docs/SERVICE.md). Thread-safe.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -36,7 +38,7 @@ class JobStore {
   const std::string& path() const { return path_; }
 
   // A new job id ("1", "2", ...); the counter is written with a synced write.
-  std::string next_job_id();
+  std::string next_job_id() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Jobs (synced writes).
   void put_job(const v1::JobStatus& job);
@@ -44,10 +46,11 @@ class JobStore {
   std::vector<v1::JobStatus> list_jobs();  // by id
 
   // Log lines of a job: append returns the line's 0-based index.
-  int64_t append_log(const std::string& job_id, const std::string& text, int64_t unix_ms);
+  int64_t append_log(const std::string& job_id, const std::string& text, int64_t unix_ms)
+      ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<v1::LogLine> read_log(const std::string& job_id, int64_t from_line,
                                     int64_t max_lines);
-  int64_t log_size(const std::string& job_id);
+  int64_t log_size(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Committed checkpoints of a job (synced write), by step.
   void put_checkpoint(const v1::CheckpointMeta& meta);
@@ -56,14 +59,16 @@ class JobStore {
  private:
   void put(const std::string& key, const std::string& value);
   std::optional<std::string> get(const std::string& key);
-  int64_t log_size_locked(const std::string& job_id);
+  int64_t log_size_locked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   template <class Message>
   std::vector<Message> scan(const std::string& prefix, int64_t max = -1);
 
   std::string path_;
   std::unique_ptr<rocksdb::DB> db_;
-  std::mutex mu_;  // guards the counters below (RocksDB itself is thread-safe)
-  std::map<std::string, int64_t> log_sizes_;
+  // RocksDB itself is thread-safe; mu_ also makes next_job_id's read-modify-write of the stored
+  // counter atomic, and gives each log one appender at a time.
+  absl::Mutex mu_;
+  std::map<std::string, int64_t> log_sizes_ ABSL_GUARDED_BY(mu_);
 };
 
 // Job ids are decimal integers; keys hold them zero-padded so RocksDB's order is numeric order.

@@ -68,7 +68,7 @@ CoordinatorMetrics::~CoordinatorMetrics() = default;
 void CoordinatorMetrics::set_jobs(const std::vector<v1::JobStatus>& jobs) {
   std::map<std::string, int> counts;
   for (const v1::JobStatus& job : jobs) ++counts[job_state_name(job.state())];
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (auto state :
        {v1::QUEUED, v1::STARTING, v1::RUNNING, v1::SUCCEEDED, v1::FAILED, v1::CANCELLED}) {
     jobs_->Add({{"state", job_state_name(state)}}).Set(counts[job_state_name(state)]);
@@ -80,7 +80,7 @@ void CoordinatorMetrics::set_processes(const std::vector<ProcessInfo>& processes
   const auto now = ProcessRegistry::Clock::now();
   std::map<std::pair<std::string, std::string>, int> counts;
   std::set<std::string> present;
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const ProcessInfo& p : processes) {
     const bool live = registry.is_live_locked(p, now);
     ++counts[{role_label(p.role), live ? "live" : "dead"}];
@@ -104,7 +104,7 @@ void CoordinatorMetrics::set_processes(const std::vector<ProcessInfo>& processes
 }
 
 void CoordinatorMetrics::set_job_progress(const std::string& job_id, int64_t step, double loss) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   job_step_->Add({{"job_id", job_id}}).Set(static_cast<double>(step));
   job_loss_->Add({{"job_id", job_id}}).Set(loss);
 }

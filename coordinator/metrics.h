@@ -2,9 +2,11 @@
 // listen address is given. Thread-safe.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -31,20 +33,24 @@ class CoordinatorMetrics {
   // "host:port" actually bound, empty when not serving.
   std::string address() const { return address_; }
 
-  void set_jobs(const std::vector<v1::JobStatus>& jobs);
-  void set_processes(const std::vector<ProcessInfo>& processes, const ProcessRegistry& registry);
-  void set_job_progress(const std::string& job_id, int64_t step, double loss);
+  void set_jobs(const std::vector<v1::JobStatus>& jobs) ABSL_LOCKS_EXCLUDED(mu_);
+  void set_processes(const std::vector<ProcessInfo>& processes, const ProcessRegistry& registry)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void set_job_progress(const std::string& job_id, int64_t step, double loss)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  std::mutex mu_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::string address_;
-  prometheus::Family<prometheus::Gauge>* jobs_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* processes_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* heartbeat_age_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* job_step_ = nullptr;
-  prometheus::Family<prometheus::Gauge>* job_loss_ = nullptr;
+  // Set by the constructor. The families are thread-safe themselves; mu_ serialises the set_*
+  // calls, each several updates (set_processes adds and removes series).
+  absl::Mutex mu_;
+  prometheus::Family<prometheus::Gauge>* jobs_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* processes_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* heartbeat_age_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* job_step_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Gauge>* job_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace loopmoe::service

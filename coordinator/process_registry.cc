@@ -5,7 +5,7 @@ namespace loopmoe::service {
 std::string ProcessRegistry::register_process(v1::Role role, const std::string& address,
                                               const std::string& metrics_address,
                                               const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (auto& [order, p] : by_order_) {
     if (p.address == address) p.removed = true;
   }
@@ -23,7 +23,7 @@ std::string ProcessRegistry::register_process(v1::Role role, const std::string& 
 }
 
 bool ProcessRegistry::heartbeat(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = order_of_.find(id);
   if (it == order_of_.end()) return false;
   ProcessInfo& p = by_order_.at(it->second);
@@ -33,7 +33,7 @@ bool ProcessRegistry::heartbeat(const std::string& id) {
 }
 
 void ProcessRegistry::remove(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = order_of_.find(id);
   if (it != order_of_.end()) by_order_.at(it->second).removed = true;
 }
@@ -43,27 +43,27 @@ bool ProcessRegistry::is_live_locked(const ProcessInfo& p, Clock::time_point now
 }
 
 bool ProcessRegistry::is_live(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = order_of_.find(id);
   return it != order_of_.end() && is_live_locked(by_order_.at(it->second), Clock::now());
 }
 
 std::optional<ProcessInfo> ProcessRegistry::get(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = order_of_.find(id);
   if (it == order_of_.end()) return std::nullopt;
   return by_order_.at(it->second);
 }
 
 std::vector<ProcessInfo> ProcessRegistry::snapshot() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   std::vector<ProcessInfo> out;
   for (auto& [order, p] : by_order_) out.push_back(p);
   return out;
 }
 
 std::vector<std::string> ProcessRegistry::idle(v1::Role role) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const auto now = Clock::now();
   std::vector<std::string> out;
   for (auto& [order, p] : by_order_) {
@@ -73,7 +73,7 @@ std::vector<std::string> ProcessRegistry::idle(v1::Role role) {
 }
 
 bool ProcessRegistry::assign(const std::vector<std::string>& ids, const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const auto now = Clock::now();
   for (const std::string& id : ids) {
     auto it = order_of_.find(id);
@@ -86,7 +86,7 @@ bool ProcessRegistry::assign(const std::vector<std::string>& ids, const std::str
 }
 
 void ProcessRegistry::release(const std::vector<std::string>& ids, const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   for (const std::string& id : ids) {
     auto it = order_of_.find(id);
     if (it == order_of_.end()) continue;

@@ -3,10 +3,12 @@
 // process learns from its next heartbeat (known = false) that it must register again.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <chrono>
 #include <cstdint>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,31 +40,36 @@ class ProcessRegistry {
   // A new id ("worker-1", "shard-2"). A process registering at the address of an earlier one
   // replaces it (the earlier one is removed: it restarted).
   std::string register_process(v1::Role role, const std::string& address,
-                               const std::string& metrics_address, const std::string& name);
+                               const std::string& metrics_address, const std::string& name)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // False when the id is unknown or removed: the process must register again.
-  bool heartbeat(const std::string& id);
+  bool heartbeat(const std::string& id) ABSL_LOCKS_EXCLUDED(mu_);
   // Declares a process dead (unreachable): it leaves the pool until it registers again.
-  void remove(const std::string& id);
+  void remove(const std::string& id) ABSL_LOCKS_EXCLUDED(mu_);
 
-  bool is_live(const std::string& id);
-  std::optional<ProcessInfo> get(const std::string& id);
-  std::vector<ProcessInfo> snapshot();
+  bool is_live(const std::string& id) ABSL_LOCKS_EXCLUDED(mu_);
+  std::optional<ProcessInfo> get(const std::string& id) ABSL_LOCKS_EXCLUDED(mu_);
+  std::vector<ProcessInfo> snapshot() ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether `p` (one of this registry's entries or a snapshot's) is live at `now`. Reads only
+  // `p` and the timeout, so it needs no lock despite its name.
   bool is_live_locked(const ProcessInfo& p, Clock::time_point now) const;
 
   // Idle live processes of `role`, in registration order.
-  std::vector<std::string> idle(v1::Role role);
+  std::vector<std::string> idle(v1::Role role) ABSL_LOCKS_EXCLUDED(mu_);
   // Assigns all of `ids` to `job_id` if each is still idle and live; false (nothing assigned)
   // otherwise.
-  bool assign(const std::vector<std::string>& ids, const std::string& job_id);
+  bool assign(const std::vector<std::string>& ids, const std::string& job_id)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Makes the processes of `job_id` among `ids` idle again.
-  void release(const std::vector<std::string>& ids, const std::string& job_id);
+  void release(const std::vector<std::string>& ids, const std::string& job_id)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  std::mutex mu_;
-  std::chrono::milliseconds heartbeat_timeout_;
-  int64_t next_id_ = 1;
-  std::map<int64_t, ProcessInfo> by_order_;  // registration order
-  std::map<std::string, int64_t> order_of_;
+  const std::chrono::milliseconds heartbeat_timeout_;
+  absl::Mutex mu_;
+  int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<int64_t, ProcessInfo> by_order_ ABSL_GUARDED_BY(mu_);  // registration order
+  std::map<std::string, int64_t> order_of_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace loopmoe::service

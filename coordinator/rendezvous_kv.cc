@@ -1,17 +1,16 @@
 #include "coordinator/rendezvous_kv.h"
 
+#include <absl/time/time.h>
+
 namespace loopmoe::service {
 
 void RendezvousKv::set(const std::string& key, const std::string& value) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    values_[key] = value;
-  }
-  changed_.notify_all();
+  absl::MutexLock lock(&mu_);
+  values_[key] = value;
 }
 
 std::optional<std::string> RendezvousKv::get(const std::string& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = values_.find(key);
   if (it == values_.end()) return std::nullopt;
   return it->second;
@@ -27,28 +26,26 @@ std::vector<std::string> RendezvousKv::missing_locked(const std::vector<std::str
 
 std::vector<std::string> RendezvousKv::wait(const std::vector<std::string>& keys,
                                             std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::vector<std::string> missing = missing_locked(keys);
-  while (!missing.empty() && !closed_) {
-    if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
-      return missing_locked(keys);
+  absl::MutexLock lock(&mu_);
+  // Re-evaluated (by whichever thread releases mu_) at every release: a cheap check, no list.
+  const auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_) return true;
+    for (const std::string& key : keys) {
+      if (!values_.count(key)) return false;
     }
-    missing = missing_locked(keys);
-  }
-  return missing;
+    return true;
+  };
+  mu_.AwaitWithTimeout(absl::Condition(&done), absl::FromChrono(timeout));
+  return missing_locked(keys);
 }
 
 void RendezvousKv::close() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed_ = true;
-  }
-  changed_.notify_all();
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
 }
 
 size_t RendezvousKv::size() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return values_.size();
 }
 

@@ -3,10 +3,11 @@
 // every job with a new epoch, hence new keys.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <chrono>
-#include <condition_variable>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -15,23 +16,24 @@ namespace loopmoe::service {
 
 class RendezvousKv {
  public:
-  void set(const std::string& key, const std::string& value);
-  std::optional<std::string> get(const std::string& key);
+  void set(const std::string& key, const std::string& value) ABSL_LOCKS_EXCLUDED(mu_);
+  std::optional<std::string> get(const std::string& key) ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks until every key is set, `timeout` passes or close() is called; returns the keys still
   // missing (empty: all set).
   std::vector<std::string> wait(const std::vector<std::string>& keys,
-                                std::chrono::milliseconds timeout);
+                                std::chrono::milliseconds timeout) ABSL_LOCKS_EXCLUDED(mu_);
   // Releases every waiter (server shutdown).
-  void close();
-  size_t size();
+  void close() ABSL_LOCKS_EXCLUDED(mu_);
+  size_t size() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  std::vector<std::string> missing_locked(const std::vector<std::string>& keys) const;
+  std::vector<std::string> missing_locked(const std::vector<std::string>& keys) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  std::mutex mu_;
-  std::condition_variable changed_;
-  std::map<std::string, std::string> values_;
-  bool closed_ = false;
+  // Waiters sleep in mu_.Await: every change is made under mu_, which re-checks their keys.
+  absl::Mutex mu_;
+  std::map<std::string, std::string> values_ ABSL_GUARDED_BY(mu_);
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace loopmoe::service

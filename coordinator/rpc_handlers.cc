@@ -1,6 +1,7 @@
 // The Coordinator gRPC service methods (proto/loopmoe.proto, docs/SERVICE.md): jobs, logs,
 // checkpoints, the process registry and the rendezvous KV. They only read and write the job store,
 // the queue and the registry; the scheduler and the job drivers do the rest.
+#include <absl/time/time.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -72,7 +73,7 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
   job.set_submitted_unix_ms(unix_ms());
   job.set_updated_unix_ms(job.submitted_unix_ms());
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     job.set_job_id(store_.next_job_id());
     store_.put_job(job);
     queue_.insert(job_number(job.job_id()));
@@ -102,7 +103,7 @@ grpc::Status Coordinator::Impl::CancelJob(grpc::ServerContext*, const v1::Cancel
   const std::string& id = request->job_id();
   std::string message;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     std::optional<v1::JobStatus> job = store_.get_job(id);
     if (!job) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no job '" + id + "'");
     if (is_terminal(job->state())) {
@@ -141,7 +142,7 @@ grpc::Status Coordinator::Impl::WatchJob(grpc::ServerContext* context,
       }
     }
     if (!request->follow() || last_pass) return grpc::Status::OK;
-    std::unique_lock<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
     if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
     std::optional<v1::JobStatus> job = store_.get_job(id);
@@ -150,7 +151,7 @@ grpc::Status Coordinator::Impl::WatchJob(grpc::ServerContext* context,
       last_pass = true;
       continue;
     }
-    if (store_.log_size(id) <= next) changed_.wait_for(lock, std::chrono::milliseconds(200));
+    if (store_.log_size(id) <= next) changed_.WaitWithTimeout(&mu_, absl::Milliseconds(200));
   }
 }
 
@@ -180,7 +181,7 @@ grpc::Status Coordinator::Impl::Register(grpc::ServerContext*, const v1::Registe
   // Several heartbeats per timeout, so one late heartbeat does not kill a process.
   response->set_heartbeat_interval_ms(
       std::max<int64_t>(50, options_.heartbeat_timeout.count() / 4));
-  changed_.notify_all();
+  changed_.SignalAll();
   return grpc::Status::OK;
 }
 

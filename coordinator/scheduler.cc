@@ -2,6 +2,8 @@
 // JobDriver thread for each job it places and reaps the drivers that have finished.
 #include "coordinator/scheduler.h"
 
+#include <absl/time/time.h>
+
 #include <chrono>
 
 #include "coordinator/coordinator_impl.h"
@@ -43,21 +45,22 @@ std::optional<Assignment> assign_next(
 void Coordinator::Impl::scheduler_loop() {
   using Clock = std::chrono::steady_clock;
   auto next_metrics = Clock::now();
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   while (!stopping_) {
     reap_finished_locked();
     schedule_locked();
     if (Clock::now() >= next_metrics) {
-      lock.unlock();
+      mu_.Unlock();
       metrics_.set_jobs(store_.list_jobs());
       metrics_.set_processes(registry_.snapshot(), registry_);
-      lock.lock();
+      mu_.Lock();
       next_metrics = Clock::now() + std::chrono::seconds(1);
     }
     // Woken by submissions, registrations and finished jobs; the timeout catches processes that
     // became live or dead by the clock alone.
-    changed_.wait_for(lock, std::chrono::milliseconds(100));
+    changed_.WaitWithTimeout(&mu_, absl::Milliseconds(100));
   }
+  mu_.Unlock();
 }
 
 void Coordinator::Impl::reap_finished_locked() {
@@ -72,7 +75,9 @@ void Coordinator::Impl::reap_finished_locked() {
 }
 
 void Coordinator::Impl::schedule_locked() {
-  const auto still_running = [this](const std::string& id) { return running_.count(id) > 0; };
+  const auto still_running = [this](const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return running_.count(id) > 0;
+  };
   while (std::optional<Assignment> a = assign_next(queue_, store_, registry_, still_running)) {
     v1::JobStatus& job = a->job;
     const std::string id = job.job_id();
@@ -97,7 +102,10 @@ void Coordinator::Impl::schedule_locked() {
     DriverHost host;
     host.mu = &mu_;
     host.changed = &changed_;
-    host.requeue = [this](const std::string& job_id) { queue_.insert(job_number(job_id)); };
+    host.requeue = [this](const std::string& job_id) {
+      mu_.AssertHeld();  // the driver calls it under host.mu
+      queue_.insert(job_number(job_id));
+    };
     auto run = std::make_unique<RunningJob>();
     run->driver = std::make_unique<JobDriver>(options_, data_dir_, store_, registry_, metrics_,
                                               std::move(host), id, std::move(members));

@@ -22,7 +22,6 @@ namespace loopmoe::process {
 namespace {
 
 namespace pb = loopmoe::v1;
-using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 std::string default_name(const std::string& hostname) {
@@ -54,7 +53,7 @@ ProcessHost::ProcessHost(ProcessOptions options, RuntimeFactory factory)
 ProcessHost::~ProcessHost() { stop(); }
 
 std::string ProcessHost::process_id() const {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return process_id_;
 }
 
@@ -80,9 +79,8 @@ void ProcessHost::start() {
   service_options.rendezvous_timeout = options_.rendezvous_timeout;
   service_options.metrics = &metrics_;
   service_options.request_exit = [this] {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     exit_requested_ = true;
-    changed_.notify_all();
   };
   service_ = std::make_unique<TrainingProcessServer>(std::move(service_options));
 
@@ -99,11 +97,11 @@ void ProcessHost::start() {
   }
   address_ = options_.hostname + ":" + std::to_string(selected_port);
 
-  const Clock::time_point deadline = Clock::now() + options_.connect_timeout;
+  const absl::Time deadline = absl::Now() + absl::FromChrono(options_.connect_timeout);
   grpc::Status status;
   while (true) {
-    const auto remaining = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
-    status = register_once(std::clamp(remaining, milliseconds(100), milliseconds(2000)));
+    status = register_once(
+        std::clamp(deadline - absl::Now(), absl::Milliseconds(100), absl::Seconds(2)));
     if (status.ok()) break;
     if (!retryable(status)) {
       stop();
@@ -111,7 +109,7 @@ void ProcessHost::start() {
                                " refused to register this " + runtime::to_string(options_.role) +
                                ": " + status.error_message());
     }
-    if (Clock::now() + milliseconds(200) >= deadline) {
+    if (absl::Now() + absl::Milliseconds(200) >= deadline) {
       stop();
       const double seconds = std::chrono::duration<double>(options_.connect_timeout).count();
       char waited[32];
@@ -124,7 +122,7 @@ void ProcessHost::start() {
   heartbeat_thread_ = std::thread([this] { heartbeat_loop(); });
 }
 
-grpc::Status ProcessHost::register_once(milliseconds timeout) {
+grpc::Status ProcessHost::register_once(absl::Duration timeout) {
   pb::RegisterRequest request;
   request.set_role(to_proto(options_.role));
   request.set_address(address_);
@@ -132,12 +130,12 @@ grpc::Status ProcessHost::register_once(milliseconds timeout) {
   request.set_name(options_.name.empty() ? default_name(options_.hostname) : options_.name);
   pb::RegisterResponse response;
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   grpc::Status status = coordinator_->Register(&context, request, &response);
   if (status.ok()) {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     process_id_ = response.process_id();
-    heartbeat_interval_ = milliseconds(
+    heartbeat_interval_ = absl::Milliseconds(
         response.heartbeat_interval_ms() > 0 ? response.heartbeat_interval_ms() : 1000);
     metrics_.record_heartbeat_ack();
   }
@@ -146,18 +144,18 @@ grpc::Status ProcessHost::register_once(milliseconds timeout) {
 
 void ProcessHost::heartbeat_loop() {
   bool lost = false;  // log transitions only, not every failed beat
-  std::unique_lock lock(mutex_);
   while (true) {
-    changed_.wait_for(lock, heartbeat_interval_, [this] { return stopping_; });
-    if (stopping_) return;
-    const milliseconds timeout =
-        std::clamp(heartbeat_interval_, milliseconds(1000), milliseconds(10000));
+    absl::Duration timeout;
     pb::HeartbeatRequest request;
-    request.set_process_id(process_id_);
-    lock.unlock();
+    {
+      absl::MutexLock lock(&mutex_);
+      if (mutex_.AwaitWithTimeout(absl::Condition(&stopping_), heartbeat_interval_)) return;
+      timeout = std::clamp(heartbeat_interval_, absl::Seconds(1), absl::Seconds(10));
+      request.set_process_id(process_id_);
+    }
     pb::HeartbeatResponse response;
     grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + timeout);
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     grpc::Status status = coordinator_->Heartbeat(&context, request, &response);
     if (status.ok() && response.known()) {
       metrics_.record_heartbeat_ack();
@@ -184,20 +182,18 @@ void ProcessHost::heartbeat_loop() {
                    options_.coordinator.c_str(), status.error_message().c_str());
       lost = true;
     }
-    lock.lock();
   }
 }
 
 bool ProcessHost::wait_for_exit_request(milliseconds timeout) {
-  std::unique_lock lock(mutex_);
-  return changed_.wait_for(lock, timeout, [this] { return exit_requested_; });
+  absl::MutexLock lock(&mutex_);
+  return mutex_.AwaitWithTimeout(absl::Condition(&exit_requested_), absl::FromChrono(timeout));
 }
 
 void ProcessHost::stop(milliseconds grace) {
   {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     stopping_ = true;
-    changed_.notify_all();
   }
   if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
   if (server_) {

@@ -4,13 +4,13 @@
 // executables, a fake in tests).
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+#include <absl/time/time.h>
 #include <grpcpp/server.h>
 
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
@@ -44,23 +44,23 @@ class ProcessHost {
   // Starts the servers, registers with the coordinator (retrying until connect_timeout) and starts
   // heartbeats. Throws std::runtime_error with one clear line (e.g. the coordinator is
   // unreachable, or the address cannot be bound).
-  void start();
+  void start() ABSL_LOCKS_EXCLUDED(mutex_);
   // Stops heartbeats and the servers, waiting up to `grace` for running RPCs. Idempotent.
-  void stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
+  void stop(std::chrono::milliseconds grace = std::chrono::seconds(5)) ABSL_LOCKS_EXCLUDED(mutex_);
 
   // Advertised addresses: hostname and the bound port.
   const std::string& address() const { return address_; }
   const std::string& metrics_address() const { return metrics_address_; }
-  std::string process_id() const;
+  std::string process_id() const ABSL_LOCKS_EXCLUDED(mutex_);
   ProcessMetrics& metrics() { return metrics_; }
 
   // True once a Shutdown RPC asked the process to exit; waits up to `timeout` for it.
-  bool wait_for_exit_request(std::chrono::milliseconds timeout);
+  bool wait_for_exit_request(std::chrono::milliseconds timeout) ABSL_LOCKS_EXCLUDED(mutex_);
 
  private:
   // One Register call; on success stores the id and interval. Returns the failure status.
-  grpc::Status register_once(std::chrono::milliseconds deadline);
-  void heartbeat_loop();
+  grpc::Status register_once(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mutex_);
+  void heartbeat_loop() ABSL_LOCKS_EXCLUDED(mutex_);
 
   const ProcessOptions options_;
   const RuntimeFactory factory_;
@@ -73,13 +73,13 @@ class ProcessHost {
   std::string address_;
   std::string metrics_address_;
 
-  mutable std::mutex mutex_;
-  std::condition_variable changed_;
-  std::string process_id_;
-  std::chrono::milliseconds heartbeat_interval_{1000};
-  bool exit_requested_ = false;
-  bool stopping_ = false;
-  std::thread heartbeat_thread_;
+  // Waiters sleep in mutex_.Await: the flags below change only under mutex_, which re-checks them.
+  mutable absl::Mutex mutex_;
+  std::string process_id_ ABSL_GUARDED_BY(mutex_);
+  absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mutex_) = absl::Seconds(1);
+  bool exit_requested_ ABSL_GUARDED_BY(mutex_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
+  std::thread heartbeat_thread_;  // started by start(), joined by stop()
 };
 
 // Parses the command line (--help lists the flags), runs a ProcessHost until SIGINT / SIGTERM or

@@ -29,7 +29,7 @@ class ProcessMetrics::HeartbeatAge final : public prometheus::Collectable {
   explicit HeartbeatAge(std::string role) : role_(std::move(role)), last_ack_(Clock::now()) {}
 
   void acknowledge() {
-    std::lock_guard lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     last_ack_ = Clock::now();
   }
 
@@ -43,7 +43,7 @@ class ProcessMetrics::HeartbeatAge final : public prometheus::Collectable {
     prometheus::ClientMetric metric;
     metric.label.push_back({"role", role_});
     {
-      std::lock_guard lock(mutex_);
+      absl::MutexLock lock(&mutex_);
       metric.gauge.value = std::chrono::duration<double>(Clock::now() - last_ack_).count();
     }
     family.metric.push_back(std::move(metric));
@@ -52,8 +52,8 @@ class ProcessMetrics::HeartbeatAge final : public prometheus::Collectable {
 
  private:
   const std::string role_;
-  mutable std::mutex mutex_;
-  Clock::time_point last_ack_;
+  mutable absl::Mutex mutex_;
+  Clock::time_point last_ack_ ABSL_GUARDED_BY(mutex_);
 };
 
 struct ProcessMetrics::JobSeries {
@@ -171,7 +171,7 @@ void ProcessMetrics::drop_job_series_locked() {
 }
 
 void ProcessMetrics::begin_job(const std::string& job_id, int rank, int n_layers) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   drop_job_series_locked();
   auto job = std::make_unique<JobSeries>();
   job->labels = {{"job_id", job_id}, {"rank", std::to_string(rank)}};
@@ -187,7 +187,7 @@ void ProcessMetrics::begin_job(const std::string& job_id, int rank, int n_layers
 }
 
 void ProcessMetrics::record_step(const runtime::StepReport& report) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (!job_) return;
   if (job_->train_loss) job_->train_loss->Set(report.loss);
   job_->tokens_per_second->Set(
@@ -249,7 +249,7 @@ void ProcessMetrics::record_expert_tokens_locked(const runtime::StepReport& repo
 
 void ProcessMetrics::record_validation_loss(double val_loss) {
   if (role_ != runtime::Role::kWorker) return;  // shards take part in evaluation but return 0
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (!job_) return;
   if (!job_->validation_loss) job_->validation_loss = &validation_loss_.Add(job_->labels);
   job_->validation_loss->Set(val_loss);

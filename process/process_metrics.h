@@ -24,6 +24,8 @@
 // not accumulate series. Thread-safe.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
@@ -33,7 +35,6 @@
 #include <chrono>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 
@@ -59,9 +60,9 @@ class ProcessMetrics {
   // A new job: drops the previous job's series and labels new ones with (job_id, rank).
   // `n_layers` (the config's unique layers) maps StepReport.expert_tokens rows to
   // (layer, iteration).
-  void begin_job(const std::string& job_id, int rank, int n_layers);
-  void record_step(const runtime::StepReport& report);
-  void record_validation_loss(double val_loss);
+  void begin_job(const std::string& job_id, int rank, int n_layers) ABSL_LOCKS_EXCLUDED(mutex_);
+  void record_step(const runtime::StepReport& report) ABSL_LOCKS_EXCLUDED(mutex_);
+  void record_validation_loss(double val_loss) ABSL_LOCKS_EXCLUDED(mutex_);
   // The coordinator acknowledged a heartbeat or a registration just now.
   void record_heartbeat_ack();
 
@@ -73,8 +74,9 @@ class ProcessMetrics {
   class HeartbeatAge;
   struct JobSeries;
 
-  void drop_job_series_locked();
-  void record_expert_tokens_locked(const runtime::StepReport& report);
+  void drop_job_series_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  void record_expert_tokens_locked(const runtime::StepReport& report)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const runtime::Role role_;
   std::shared_ptr<prometheus::Registry> registry_;
@@ -92,8 +94,8 @@ class ProcessMetrics {
   prometheus::Family<prometheus::Gauge>& overload_factor_;
   prometheus::Family<prometheus::Gauge>& validation_loss_;
 
-  mutable std::mutex mutex_;  // guards job_ (the metrics themselves are thread-safe)
-  std::unique_ptr<JobSeries> job_;
+  mutable absl::Mutex mutex_;  // the metrics themselves are thread-safe
+  std::unique_ptr<JobSeries> job_ ABSL_GUARDED_BY(mutex_) ABSL_PT_GUARDED_BY(mutex_);
 };
 
 }  // namespace loopmoe::process

@@ -96,7 +96,7 @@ TrainingProcessServer::TrainingProcessServer(TrainingProcessOptions options)
 TrainingProcessServer::~TrainingProcessServer() = default;
 
 std::optional<std::string> TrainingProcessServer::current_job() const {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (!job_) return std::nullopt;
   return job_->job_id;
 }
@@ -162,7 +162,7 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
 grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
                                               const pb::ConfigureRequest* request,
                                               pb::ConfigureResponse*) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   const std::optional<runtime::Role> role = from_proto(request->role());
   if (!role) return invalid("Configure: role is unspecified");
   if (*role != options_.role) {
@@ -255,7 +255,7 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
 grpc::Status TrainingProcessServer::RunSteps(grpc::ServerContext*,
                                              const pb::RunStepsRequest* request,
                                              pb::RunStepsResponse* response) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (grpc::Status status = check_job_locked(request->job_id(), "RunSteps"); !status.ok()) {
     return status;
   }
@@ -291,7 +291,7 @@ grpc::Status TrainingProcessServer::RunSteps(grpc::ServerContext*,
 grpc::Status TrainingProcessServer::Evaluate(grpc::ServerContext*,
                                              const pb::EvaluateRequest* request,
                                              pb::EvaluateResponse* response) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (grpc::Status status = check_job_locked(request->job_id(), "Evaluate"); !status.ok()) {
     return status;
   }
@@ -311,7 +311,7 @@ grpc::Status TrainingProcessServer::Evaluate(grpc::ServerContext*,
 grpc::Status TrainingProcessServer::Checkpoint(grpc::ServerContext*,
                                                const pb::CheckpointRequest* request,
                                                pb::CheckpointResponse* response) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (grpc::Status status = check_job_locked(request->job_id(), "Checkpoint"); !status.ok()) {
     return status;
   }
@@ -344,7 +344,7 @@ grpc::Status TrainingProcessServer::Checkpoint(grpc::ServerContext*,
 grpc::Status TrainingProcessServer::Shutdown(grpc::ServerContext*,
                                              const pb::ShutdownRequest* request,
                                              pb::ShutdownResponse*) {
-  std::lock_guard lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (job_ && !request->job_id().empty() && request->job_id() != job_->job_id) {
     return precondition(who_locked() + ": Shutdown is for job '" + request->job_id() + "'");
   }

@@ -17,10 +17,12 @@
 // Messages always say which process and job (e.g. "worker 1 of job j-3: ...").
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <chrono>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -67,21 +69,23 @@ class TrainingProcessServer final : public loopmoe::v1::TrainingProcess::Service
                         loopmoe::v1::ShutdownResponse* response) override;
 
   // For tests and logs: the job this process is in, if any.
-  std::optional<std::string> current_job() const;
+  std::optional<std::string> current_job() const ABSL_LOCKS_EXCLUDED(mutex_);
 
  private:
   struct Job;
 
-  grpc::Status check_job_locked(const std::string& job_id, const char* rpc) const;
+  grpc::Status check_job_locked(const std::string& job_id, const char* rpc) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   // Maps an exception from the runtime to a status; drops the runtime on a comm error.
   grpc::Status runtime_failure_locked(const std::string& who, const std::string& what,
-                                      std::exception_ptr error);
-  void leave_job_locked(const char* why);
-  std::string who_locked() const;
+                                      std::exception_ptr error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  void leave_job_locked(const char* why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  std::string who_locked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const TrainingProcessOptions options_;
-  mutable std::mutex mutex_;  // serialises RPCs: the runtime is not thread-safe
-  std::unique_ptr<Job> job_;
+  mutable absl::Mutex mutex_;  // serialises RPCs: the runtime is not thread-safe
+  std::unique_ptr<Job> job_ ABSL_GUARDED_BY(mutex_) ABSL_PT_GUARDED_BY(mutex_);
 };
 
 }  // namespace loopmoe::process

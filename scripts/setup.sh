@@ -2,11 +2,11 @@
 # Installs every Debian package LoopMoE uses. Idempotent and non-interactive; run as root.
 set -euo pipefail
 PKGS=(
-  build-essential cmake pkg-config git ca-certificates
+  build-essential cmake pkg-config git ca-certificates clang
   libopenblas-dev libsentencepiece-dev libtomlplusplus-dev libcli11-dev libxxhash-dev
   nlohmann-json3-dev libgloo-dev
-  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc librocksdb-dev
-  prometheus-cpp-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc librocksdb-dev libabsl-dev
+  prometheus-cpp-dev prometheus
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-matplotlib
 )
@@ -23,5 +23,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The deploy check's validators (deploy/checks/package-lock.json: kubernetes-models, yaml), pinned;
+# installed again only when the lock file changes.
+checks="$(dirname "$0")/../deploy/checks"
+if ! cmp -s "$checks/package-lock.json" "$checks/node_modules/.lock-stamp"; then
+  npm ci --prefix "$checks" --no-audit --no-fund --loglevel=error
+  cp "$checks/package-lock.json" "$checks/node_modules/.lock-stamp"
 fi
 echo "setup: all ${#PKGS[@]} packages present"

@@ -57,7 +57,7 @@ class ThreadCluster {
  public:
   ThreadCluster(const Config& config, int workers, int shards,
                 std::optional<ResumePoint> resume = std::nullopt)
-      : workers_(workers), shards_(shards) {
+      : workers_(workers) {
     static int counter = 0;
     const std::string job = "test" + std::to_string(++counter);
     ns_ = std::make_unique<comm::NamespacedStore>(store_, job, 0);
@@ -104,7 +104,7 @@ class ThreadCluster {
   int size() const { return static_cast<int>(runtimes_.size()); }
 
  private:
-  int workers_, shards_;
+  int workers_;
   comm::InProcessStore store_;
   std::unique_ptr<comm::NamespacedStore> ns_;
   std::vector<std::unique_ptr<ProcessRuntime>> runtimes_;

@@ -2,14 +2,13 @@
 // standalone fake training processes (fake_process.h, over real gRPC on 127.0.0.1), and no
 // Coordinator server. The test plays the scheduler (assigns the processes, builds the members)
 // and CancelJob.
+#include <absl/synchronization/mutex.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -138,8 +137,10 @@ class JobDriverTest : public ::testing::Test {
   JobStore store_;
   ProcessRegistry registry_;
   CoordinatorMetrics metrics_;
-  std::mutex mu_;  // stands in for the coordinator's: guards requeued_ (requeue is called under it)
-  std::condition_variable changed_;
+  // Stands in for the coordinator's: guards requeued_ (requeue is called under it; the tests read
+  // it after the driver's thread has ended).
+  absl::Mutex mu_;
+  absl::CondVar changed_;
   std::vector<std::string> requeued_;
   std::vector<Process> processes_;
 };
@@ -338,7 +339,7 @@ TEST_F(JobDriverTest, CancelStopsBetweenChunks) {
   // Cancel while the first chunk is in flight, as CancelJob does.
   ASSERT_TRUE(eventually([&] { return w.run_steps().size() == 1 && s.run_steps().size() == 1; }));
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     v1::JobStatus st = job(id);
     st.set_state(v1::CANCELLED);
     store_.put_job(st);
