@@ -2,12 +2,13 @@
 // config under a capacity-balancing rule, with both models' figures side by side
 // (DESIGN.md §1, docs/BUDGET.md).
 #include <cstdio>
-#include <fstream>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "cli/commands.h"
+#include "common/atomic_file.h"
 #include "model/budget.h"
 #include "model/config.h"
 
@@ -28,7 +29,7 @@ void register_budget_command(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--loops", args->loops, "loop count R of the LoopMoE (divides n_layers)")
       ->required()
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveNumber);
   cmd->add_option("--balance", args->balance, "capacity-balancing rule: experts | width | none")
       ->capture_default_str();
   cmd->add_option("--iter-adaln", args->iter_adaln, "IterAdaLN mode: joint | iter | token | off")
@@ -36,7 +37,7 @@ void register_budget_command(CLI::App& app) {
   cmd->add_option("--expert-scale", args->expert_scale,
                   "multiply the rule's expert count (sensitivity ablation, e.g. 0.5, 1.5)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveNumber);
   cmd->add_flag("--json", args->json, "print a JSON object instead of the table");
   cmd->add_option("--write", args->write,
                   "write the solved LoopMoE config (the reference's [train] and [data]) as TOML");
@@ -62,14 +63,21 @@ void register_budget_command(CLI::App& app) {
       Config out = vanilla;
       out.model = solved.loopmoe_config;
       validate(out);
-      std::ofstream f(args->write, std::ios::binary);
-      if (!f) throw std::runtime_error(args->write + ": cannot open for writing");
+      std::ostringstream f;
       f << "# LoopMoE config solved by `loopmoe budget` from " << args->config << "\n"
         << "# (loops " << args->loops << ", balance " << to_string(solved.balance)
         << ", expert_scale " << solved.expert_scale << "; docs/BUDGET.md).\n\n"
         << to_toml(out);
-      f.close();
-      if (!f) throw std::runtime_error(args->write + ": write failed");
+      // Written whole and renamed: an existing config is replaced only by a complete one.
+      common::write_file_atomically(args->write, f.str(), [](const common::WriteFailure& e) {
+        if (e.step == common::WriteStep::kCreate) {
+          throw std::runtime_error(e.path.string() + ": cannot open for writing");
+        }
+        if (e.step == common::WriteStep::kWrite) {
+          throw std::runtime_error(e.path.string() + ": write failed");
+        }
+        throw std::runtime_error(e.message());
+      });
       std::fprintf(stderr, "wrote %s\n", args->write.c_str());
     }
   });

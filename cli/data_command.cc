@@ -1,7 +1,6 @@
 #include "cli/data_command.h"
 
 #include <CLI/CLI.hpp>
-#include <exception>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -12,20 +11,6 @@
 
 namespace loopmoe {
 namespace {
-
-// Runs `body`, turning any exception into a one-line message and CLI11's exit-code-only error,
-// so main's ordinary CLI11 handling exits 1 without a second message.
-template <typename F>
-void run_reporting_errors(const char* command, F&& body) {
-  try {
-    body();
-  } catch (const CLI::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    std::cerr << "loopmoe " << command << ": error: " << e.what() << std::endl;
-    throw CLI::RuntimeError(1);
-  }
-}
 
 void register_prepare(CLI::App& data) {
   auto options = std::make_shared<data::PrepareOptions>();
@@ -52,23 +37,21 @@ void register_prepare(CLI::App& data) {
   cmd->add_flag("--docs-per-line", options->docs_per_line,
                 "Treat each non-blank line as a document (default: each file is one)");
   cmd->callback([options] {
-    run_reporting_errors("data prepare", [&] {
-      if (options->tokenizer_model.empty() && options->vocab_size == 0) {
-        throw data::DataError("--vocab N is required unless --tokenizer MODEL is given");
-      }
-      options->log = &std::cout;
-      const data::PrepareResult r = data::prepare_dataset(*options);
-      std::cout << "data prepare: done: vocab " << r.vocab_size << ", train " << r.train_docs
-                << " docs / " << r.train_tokens << " tokens, val " << r.val_docs << " docs / "
-                << r.val_tokens << " tokens";
-      if (r.chunked_docs > 0) {
-        std::cout << "; " << r.chunked_docs << (r.chunked_docs == 1 ? " document" : " documents")
-                  << " cut into " << r.chunks << " chunks for the split (" << r.val_chunks
-                  << " to val; docs/DATA.md)";
-      }
-      std::cout << " (tokenizer " << r.tokenizer_seconds << " s, encode " << r.encode_seconds
-                << " s)" << std::endl;
-    });
+    if (options->tokenizer_model.empty() && options->vocab_size == 0) {
+      throw CLI::ValidationError("--vocab N is required unless --tokenizer MODEL is given");
+    }
+    options->log = &std::cout;
+    const data::PrepareResult r = data::prepare_dataset(*options);
+    std::cout << "data prepare: done: vocab " << r.vocab_size << ", train " << r.train_docs
+              << " docs / " << r.train_tokens << " tokens, val " << r.val_docs << " docs / "
+              << r.val_tokens << " tokens";
+    if (r.chunked_docs > 0) {
+      std::cout << "; " << r.chunked_docs << (r.chunked_docs == 1 ? " document" : " documents")
+                << " cut into " << r.chunks << " chunks for the split (" << r.val_chunks
+                << " to val; docs/DATA.md)";
+    }
+    std::cout << " (tokenizer " << r.tokenizer_seconds << " s, encode " << r.encode_seconds << " s)"
+              << std::endl;
   });
 }
 
@@ -77,15 +60,12 @@ void register_info(CLI::App& data) {
   CLI::App* cmd = data.add_subcommand("info", "Validate token shards and print their headers");
   cmd->add_option("shards", *files, "Token shard files (.bin)")->required();
   cmd->callback([files] {
-    run_reporting_errors("data info", [&] {
-      for (const std::string& f : *files) {
-        const data::TokenShard shard = data::TokenShard::open(f);
-        std::cout << f << ": ok, vocab " << shard.vocab_size() << ", " << shard.num_docs()
-                  << " docs, " << shard.num_tokens() << " tokens, " << shard.bytes_per_token()
-                  << " bytes/token, xxh64 " << std::hex << shard.checksum() << std::dec
-                  << std::endl;
-      }
-    });
+    for (const std::string& f : *files) {
+      const data::TokenShard shard = data::TokenShard::open(f);
+      std::cout << f << ": ok, vocab " << shard.vocab_size() << ", " << shard.num_docs()
+                << " docs, " << shard.num_tokens() << " tokens, " << shard.bytes_per_token()
+                << " bytes/token, xxh64 " << std::hex << shard.checksum() << std::dec << std::endl;
+    }
   });
 }
 

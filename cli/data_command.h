@@ -8,7 +8,7 @@ class App;
 namespace loopmoe {
 
 // Adds `data prepare` (text -> tokenizer + token shards) and `data info` (validate and describe a
-// shard) to `app`. Failures print one line to stderr and exit with status 1.
+// shard) to `app`. Errors end the command as every other one's do (cli/run_cli.h).
 void register_data_command(CLI::App& app);
 
 }  // namespace loopmoe

@@ -66,13 +66,13 @@ void register_eval_command(CLI::App& app) {
                   "(default 0.02 0.05 0.1 0.2 0.5)");
   cmd->add_option("--batches", args->options.batches, "validation batches")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveNumber);
   cmd->add_option("--max-items", args->options.max_items, "items per task")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegativeNumber);
   cmd->add_option("--threads", args->options.threads, "OpenMP threads")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveNumber);
   cmd->add_option("--data", args->options.data_dir,
                   "dataset directory (default: the run's data.dir, see docs/EVAL.md)");
   cmd->add_option("--task-seed", args->options.task_seed, "seed of the task item selection")

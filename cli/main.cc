@@ -1,7 +1,7 @@
 // `loopmoe`: train and compare looped and vanilla Mixture-of-Experts language models.
 #include "cli/commands.h"
 #include "cli/data_command.h"
-#include "common/run_main.h"
+#include "cli/run_cli.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE: train looped and vanilla Mixture-of-Experts language models"};
@@ -18,14 +18,5 @@ int main(int argc, char** argv) {
   loopmoe::register_cluster_command(app);
   // A command's error may interrupt its progress line ("training ..."), so it gets a line of its
   // own.
-  return loopmoe::common::run_main(
-      [&] {
-        try {
-          app.parse(argc, argv);
-        } catch (const CLI::ParseError& e) {
-          return app.exit(e);
-        }
-        return 0;
-      },
-      loopmoe::common::ErrorLine::kOwnLine);
+  return loopmoe::run_cli(app, argc, argv, loopmoe::common::ErrorLine::kOwnLine);
 }

@@ -1,3 +1,4 @@
+#include <cmath>
 #include <cstdio>
 
 #include "cli/commands.h"
@@ -41,6 +42,14 @@ void register_train_command(CLI::App& app) {
     if (!args->data_dir.empty()) cfg.data.dir = args->data_dir;
     validate(cfg);
     TrainResult r = train(cfg, args->options);
+    if (r.already_complete) {
+      std::printf("run already complete at step %d", r.first_step);
+      if (!std::isnan(r.final_val_loss)) {
+        std::printf("; last validation loss %.4f", r.final_val_loss);
+      }
+      std::printf("\n");
+      return;
+    }
     std::printf("final validation loss %.4f, %.0f tokens/s\n", r.final_val_loss, r.tokens_per_s);
   });
 }

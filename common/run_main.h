@@ -10,6 +10,9 @@ namespace loopmoe::common {
 
 // The exit code of a command that failed with an exception.
 inline constexpr int kErrorExitCode = 1;
+// The exit code of a command line that could not be used (unknown option, bad value, missing
+// argument); cli/run_cli.h prints its "error: <what>" line.
+inline constexpr int kUsageExitCode = 2;
 
 enum class ErrorLine {
   kAsIs,     // "error: <what>\n"

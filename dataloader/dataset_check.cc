@@ -20,17 +20,26 @@ ShardHeader check_shard(const std::filesystem::path& path, const DatasetNeeds& n
   return h;
 }
 
-}  // namespace
-
-DatasetHeaders check_dataset(const std::filesystem::path& dir, const DatasetNeeds& needs) {
+void check_needs(const std::filesystem::path& dir, const DatasetNeeds& needs) {
   if (needs.seq_len <= 0) {
     throw DataError(dir.string() + ": dataset check needs seq_len > 0 (got " +
                     std::to_string(needs.seq_len) + ")");
   }
+}
+
+}  // namespace
+
+DatasetHeaders check_dataset(const std::filesystem::path& dir, const DatasetNeeds& needs) {
+  check_needs(dir, needs);
   DatasetHeaders out;
   out.train = check_shard(dir / "train.bin", needs, "");
   if (needs.val) out.val = check_shard(dir / "val.bin", needs, needs.val_why);
   return out;
+}
+
+ShardHeader check_validation_shard(const std::filesystem::path& dir, const DatasetNeeds& needs) {
+  check_needs(dir, needs);
+  return check_shard(dir / "val.bin", needs, needs.val_why);
 }
 
 }  // namespace loopmoe::data

@@ -32,4 +32,8 @@ struct DatasetHeaders {
 // and the tokens are left to TokenShard::open.
 DatasetHeaders check_dataset(const std::filesystem::path& dir, const DatasetNeeds& needs);
 
+// The same check of DIR/val.bin alone (needs.val is ignored; needs.val_why is added as above), for
+// a reader of validation data only (`loopmoe eval`), which does not need train.bin.
+ShardHeader check_validation_shard(const std::filesystem::path& dir, const DatasetNeeds& needs);
+
 }  // namespace loopmoe::data

@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <set>
 #include <vector>
 
+#include "common/atomic_file.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/budget.h"
@@ -130,7 +130,8 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   }
   j["distinct_experts"] = distinct;
   const std::string text = j.dump(2);
-  std::ofstream(dir / "audit.json", std::ios::trunc) << text << "\n";
+  // Written whole and renamed, so a reader never sees half a file.
+  common::write_file_atomically(dir / "audit.json", text + "\n");
   return text;
 }
 

@@ -7,12 +7,13 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <stdexcept>
 #include <tuple>
 
+#include "common/atomic_file.h"
 #include "dataloader/data_error.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
@@ -475,11 +476,18 @@ std::pair<size_t, size_t> dump_eval_tasks(const std::string& run_dir, const Task
   TaskOptions o = options;
   o.seq_len = config.model.seq_len;
   const EvalTasks tasks = build_eval_tasks(held_out_texts(val, tokenizer), tokenizer, o);
-  std::ofstream out(out_file, std::ios::trunc);
-  if (!out) throw std::runtime_error(out_file + ": cannot open for writing");
-  write_tasks_jsonl(tasks, tokenizer, out);
-  out.close();
-  if (!out) throw std::runtime_error(out_file + ": write failed");
+  std::ostringstream text;
+  write_tasks_jsonl(tasks, tokenizer, text);
+  // Written whole and renamed, so an interrupted dump never leaves half a file.
+  common::write_file_atomically(out_file, text.str(), [](const common::WriteFailure& f) {
+    if (f.step == common::WriteStep::kCreate) {
+      throw std::runtime_error(f.path.string() + ": cannot open for writing");
+    }
+    if (f.step == common::WriteStep::kWrite) {
+      throw std::runtime_error(f.path.string() + ": write failed");
+    }
+    throw std::runtime_error(f.message());
+  });
   return {tasks.cloze.size(), tasks.multiple_choice.size()};
 }
 

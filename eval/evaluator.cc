@@ -11,6 +11,7 @@
 
 #include "common/atomic_file.h"
 #include "common/clock.h"
+#include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
@@ -134,12 +135,13 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
 
   set_num_threads(options.threads);
   const fs::path data_dir = resolve_data_dir(cfg, run, options.data_dir);
+  // The trainer's check of the shard against the model (docs/DATA.md "Checking a dataset before
+  // a run"), of the validation shard only: eval reads no training data.
+  data::DatasetNeeds needs;
+  needs.max_vocab = static_cast<uint32_t>(cfg.model.vocab_size);
+  needs.seq_len = T;
+  data::check_validation_shard(data_dir, needs);
   const data::TokenShard val = data::TokenShard::open(data_dir / "val.bin");
-  if (val.vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size)) {
-    throw ConfigError(val.path().string() + ": shard vocabulary " +
-                      std::to_string(val.vocab_size()) + " exceeds model.vocab_size " +
-                      std::to_string(cfg.model.vocab_size));
-  }
   const data::Tokenizer tokenizer = data::Tokenizer::load(data_dir / "tokenizer.model");
   if (options.progress) {
     std::fprintf(stderr, "eval %s: %s, data %s (%lu validation tokens)\n", run_dir.c_str(),

@@ -137,7 +137,8 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
                                  const ExperimentHooks& hooks = default_experiment_hooks(),
                                  std::FILE* log = stderr);
 
-// Last {"step", "val_loss"} record of RUN/metrics.jsonl; NaN when there is none.
+// Last {"step", "val_loss"} record of RUN/metrics.jsonl; NaN when there is none
+// (recorded_validation_loss, train/trainer.h).
 double final_val_loss(const std::string& run_dir);
 // The learning rate as used in run names: "0.003", "0.0015".
 std::string format_lr(double lr);

@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -298,21 +297,7 @@ void write_experiment_json(const ExperimentPlan& plan, const ExperimentOptions& 
 
 }  // namespace
 
-double final_val_loss(const std::string& run_dir) {
-  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
-  std::string line;
-  double last = std::nan("");
-  while (std::getline(in, line)) {
-    if (line.find("\"val_loss\"") == std::string::npos) continue;
-    try {
-      const auto j = nlohmann::json::parse(line);
-      if (j.contains("val_loss") && j["val_loss"].is_number()) last = j["val_loss"].get<double>();
-    } catch (const nlohmann::json::exception&) {
-      // A torn last line of an interrupted run: ignore it, the resumed run rewrites it.
-    }
-  }
-  return last;
-}
+double final_val_loss(const std::string& run_dir) { return recorded_validation_loss(run_dir); }
 
 std::string source_revision() {
   const std::string head = git_output("git rev-parse HEAD 2>/dev/null");

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -89,11 +88,13 @@ ReportResult write_report(const ReportOptions& opt) {
   result.report_path = out_file.string();
   const fs::path data_path = out_dir / "report_data.json";
   result.data_path = data_path.string();
-  {
-    std::ofstream out(data_path, std::ios::trunc);
-    out << plot_data(g).dump(1) << "\n";
-    if (!out) throw std::runtime_error(data_path.string() + ": cannot write");
-  }
+  common::write_file_atomically(
+      data_path, plot_data(g).dump(1) + "\n", [](const common::WriteFailure& f) {
+        if (f.step == common::WriteStep::kCreate || f.step == common::WriteStep::kWrite) {
+          throw std::runtime_error(f.path.string() + ": cannot write");
+        }
+        throw std::runtime_error(f.message());
+      });
 
   if (opt.plots) {
     fs::create_directories(plots_dir);

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CLI behaviour: help, and one clear error line (exit 1) for bad input. Usage: cli_test.sh LOOPMOE
+# CLI behaviour: help, and one clear "error: ..." line for bad input: exit 2 for a command line that
+# cannot be used (CLI11 finds it), exit 1 for a command that fails. Usage: cli_test.sh LOOPMOE
 set -uo pipefail
 bin=$1
 tmp=$(mktemp -d)
@@ -23,12 +24,16 @@ printf '[model]\nn_experts = 2\ntop_k = 4\n' > "$tmp/topk.toml"
 printf '[data]\ndir = "%s/nodata"\n' "$tmp" > "$tmp/nodata.toml"
 expect help 0 "train" -- "$bin" --help
 expect train_help 0 "--resume" -- "$bin" train --help
-expect no_subcommand 106 "subcommand" -- "$bin"
+expect no_subcommand 2 "^error: A subcommand is required$" -- "$bin"
 expect typo 1 "^error: .*typo.toml: unknown key model.d_modle$" -- "$bin" train --config "$tmp/typo.toml" --out "$tmp/r1"
 expect topk 1 "top_k = 4 exceeds model.n_experts = 2" -- "$bin" train --config "$tmp/topk.toml" --out "$tmp/r2"
-expect missing_config 105 "File does not exist" -- "$bin" train --config "$tmp/none.toml"
+expect missing_config 2 "^error: --config: File does not exist: .*none.toml$" -- "$bin" train --config "$tmp/none.toml"
+expect train_bad_threads 2 "^error: Could not convert: --threads = many$" -- "$bin" train --config "$tmp/topk.toml" --threads many
 expect missing_data 1 "nodata/train.bin" -- "$bin" train --config "$tmp/nodata.toml" --out "$tmp/r3"
-expect prepare_missing_input 105 "nothing_here" -- "$bin" data prepare --input "$tmp/nothing_here" --vocab 300 --out "$tmp/d"
+expect prepare_missing_input 2 "^error: --input: Path does not exist: .*nothing_here$" -- "$bin" data prepare --input "$tmp/nothing_here" --vocab 300 --out "$tmp/d"
+expect prepare_no_vocab 2 "^error: --vocab N is required unless --tokenizer MODEL is given$" -- "$bin" data prepare --input "$tmp/topk.toml" --out "$tmp/d"
+expect info_no_shard 2 "^error: shards is required$" -- "$bin" data info
+if [ -e "$tmp/d" ]; then echo "FAIL prepare usage errors created $tmp/d"; fails=$((fails + 1)); fi
 # One big text file (nanoGPT's input.txt): cut into chunks, so validation is never empty; the same
 # input gives byte-identical output; a file too small for any split is one clear error.
 cat "$(dirname "$0")"/../docs/*.md > "$tmp/input.txt"
@@ -38,10 +43,17 @@ for f in tokenizer.model train.bin val.bin meta.json; do
   expect "prepare_same_$f" 0 "" -- cmp "$tmp/book/$f" "$tmp/book2/$f"
 done
 printf 'A few lines of text.\nFar too few to hold any of them out.\n' > "$tmp/small.txt"
-expect prepare_too_small 1 "^loopmoe data prepare: error: .*small.txt: too little text for a train/validation split" -- "$bin" data prepare --input "$tmp/small.txt" --vocab 512 --out "$tmp/small"
+expect prepare_too_small 1 "^error: .*small.txt: too little text for a train/validation split" -- "$bin" data prepare --input "$tmp/small.txt" --vocab 512 --out "$tmp/small"
 if [ -e "$tmp/small" ]; then echo "FAIL prepare_too_small left $tmp/small behind"; fails=$((fails + 1)); fi
 printf '[model]\nvocab_size = 512\nseq_len = 64\nd_model = 32\nn_heads = 2\nhead_dim = 16\nn_layers = 1\nn_experts = 4\nexpert_hidden = 32\n[train]\nbatch_size = 2\nsteps = 4\nwarmup_steps = 1\neval_interval = 2\neval_batches = 1\nlog_interval = 2\n[data]\ndir = "%s"\n' "$tmp/book" > "$tmp/book.toml"
 expect train_one_file 0 "^final validation loss [0-9.]+" -- "$bin" train --config "$tmp/book.toml" --out "$tmp/ok_book" --no-progress
+# Resuming a finished run: it says so (with the last recorded validation loss) and writes nothing.
+cp -p "$tmp/ok_book/metrics.jsonl" "$tmp/ok_book.metrics"
+ls -l --time-style=full-iso "$tmp/ok_book" > "$tmp/ok_book.ls"
+expect train_already_complete 0 "^run already complete at step 4; last validation loss [0-9]+\.[0-9]{4}$" -- "$bin" train --config "$tmp/book.toml" --out "$tmp/ok_book" --resume
+if ! cmp -s "$tmp/ok_book/metrics.jsonl" "$tmp/ok_book.metrics" || ! ls -l --time-style=full-iso "$tmp/ok_book" | cmp -s - "$tmp/ok_book.ls"; then
+  echo "FAIL train_already_complete changed the run directory"; fails=$((fails + 1))
+fi
 # A dataset from before: val.bin holds no tokens. train fails at once, naming it, not after 60 steps.
 mkdir -p "$tmp/oldval"
 cp "$tmp/book/train.bin" "$tmp/oldval/"
@@ -55,11 +67,16 @@ expect budget_table 0 "flops_per_token_train" -- "$bin" budget --config "$cfg_di
 expect budget_json 0 '"relative_diff"' -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --json
 expect budget_bad_loops 1 "not a multiple of loops = 3" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 3
 expect budget_bad_balance 1 "balance" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --balance more
+expect budget_zero_loops 2 "^error: --loops: 0 is not positive$" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 0
 mkdir -p "$tmp/empty_run"
 expect eval_help 0 "--halt-thresholds" -- "$bin" eval --help
 expect eval_no_checkpoint 1 "^error: .*empty_run/checkpoint.bin: cannot open checkpoint" -- "$bin" eval --checkpoint "$tmp/empty_run"
 expect audit_no_checkpoint 1 "^error: .*empty_run/checkpoint.bin: cannot open checkpoint" -- "$bin" audit --checkpoint "$tmp/empty_run"
-expect audit_missing 105 "nowhere" -- "$bin" audit --checkpoint "$tmp/nowhere"
+expect audit_missing 2 "^error: --checkpoint: Directory does not exist: .*nowhere$" -- "$bin" audit --checkpoint "$tmp/nowhere"
+expect eval_bad_batches 2 "^error: --batches: 0 is not positive$" -- "$bin" eval --checkpoint "$tmp/empty_run" --batches 0
+expect compare_missing 2 "^error: runs: Directory does not exist: .*nowhere$" -- "$bin" compare "$tmp/nowhere"
+expect experiment_missing 2 "^error: --spec: File does not exist: .*nowhere.toml$" -- "$bin" experiment --spec "$tmp/nowhere.toml"
+expect report_missing 2 "^error: --runs: Directory does not exist: .*nowhere$" -- "$bin" report --runs "$tmp/nowhere"
 # Training-service commands: help, and one clear line within seconds when no coordinator answers.
 nobody=127.0.0.1:1
 unreachable="^error: cannot reach the coordinator at $nobody \\(.*\\): is 'loopmoe cluster up' running\\?$"
@@ -72,6 +89,9 @@ expect status_unreachable 1 "$unreachable" -- "$bin" status 1 --coordinator $nob
 expect list_unreachable 1 "$unreachable" -- env LOOPMOE_COORDINATOR=$nobody "$bin" list
 expect cancel_unreachable 1 "$unreachable" -- "$bin" cancel 1 --coordinator $nobody
 expect logs_unreachable 1 "$unreachable" -- "$bin" logs 1 --follow --coordinator $nobody
+expect submit_missing 2 "^error: JOB.toml: File does not exist: .*nowhere.toml$" -- "$bin" submit "$tmp/nowhere.toml" --coordinator $nobody
+expect status_no_job 2 "^error: JOB_ID is required$" -- "$bin" status --coordinator $nobody
+expect cluster_up_bad_port 2 "^error: --port: Value 0 not in range 1 to 65535$" -- "$bin" cluster up --port 0 --dir "$tmp/no_cluster"
 printf '[model]\nn_experts = 2\n[job]\nshards = 3\n' > "$tmp/shards.toml"
 expect submit_bad_shards 1 "^error: .*shards.toml: shards = 3 must be in \\[1, 2\\] \\(model.n_experts\\)$" -- "$bin" submit "$tmp/shards.toml" --coordinator $nobody
 printf '[job]\nworkerz = 2\n' > "$tmp/jobtypo.toml"

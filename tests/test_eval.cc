@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "dataloader/data_error.h"
 #include "dataloader/prepare.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
@@ -243,6 +244,27 @@ TEST_F(EvalTest, RelativeDataDirResolvesAgainstTheRunsGrandparent) {
   EXPECT_EQ(resolve_data_dir(c, runs / "r", "elsewhere"), fs::path("elsewhere"));
   c.data.dir = "no_such_dir";
   EXPECT_THROW(resolve_data_dir(c, runs / "r"), std::exception);
+}
+
+// The trainer's dataset check (data::check_validation_shard): a shard whose vocabulary the model
+// cannot embed fails before any work, naming the file.
+TEST_F(EvalTest, ShardVocabularyAboveTheModelsIsADataError) {
+  const fs::path dir = *root_ / "big_vocab";
+  fs::create_directories(dir);
+  std::vector<int32_t> tokens(200);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 5 % 1000);
+  const std::vector<uint64_t> offsets = {0, tokens.size()};
+  data::write_token_shard(dir / "val.bin", 1000, tokens, offsets);
+  EvalOptions o = options();
+  o.data_dir = dir.string();
+  try {
+    run_eval((*root_ / "loop").string(), o);
+    ADD_FAILURE() << "no error";
+  } catch (const data::DataError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              (dir / "val.bin").string() + ": shard vocabulary 1000 exceeds model.vocab_size 400");
+  }
+  fs::remove_all(dir);
 }
 
 TEST_F(EvalTest, TasksAreDeterministic) {

@@ -3,9 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dataloader/data_error.h"
@@ -231,6 +234,44 @@ TEST_F(TrainerTest, TrainsOnOneTextFile) {
   EXPECT_EQ(result.steps_done, 6);
   EXPECT_GT(result.final_val_loss, 0.0);
   EXPECT_LT(result.final_val_loss, 10.0);
+}
+
+// Resuming a run whose checkpoint is at train.steps: nothing to do, so nothing is run, read or
+// written; the result says so and carries the last recorded validation loss.
+TEST_F(TrainerTest, ResumingAFinishedRunWritesNothing) {
+  config_.train.steps = 4;
+  config_.train.eval_interval = 2;
+  const TrainResult done = train(config_, options("run"));
+  const auto snapshot = [&] {
+    std::map<std::string, std::pair<std::string, fs::file_time_type>> files;
+    for (const auto& e : fs::directory_iterator(root_ / "run")) {
+      files[e.path().filename().string()] = {read_all(e.path()), e.last_write_time()};
+    }
+    return files;
+  };
+  const auto before = snapshot();
+  TrainOptions again = options("run");
+  again.resume = true;
+  const TrainResult r = train(config_, again);
+  EXPECT_TRUE(r.already_complete);
+  EXPECT_EQ(r.first_step, 4);
+  EXPECT_EQ(r.steps_done, 0);
+  EXPECT_TRUE(r.losses.empty());
+  EXPECT_EQ(r.final_val_loss, recorded_validation_loss((root_ / "run").string()));
+  EXPECT_NEAR(r.final_val_loss, done.final_val_loss, 1e-6);  // metrics.jsonl keeps 8 digits
+  EXPECT_EQ(snapshot(), before);
+  EXPECT_FALSE(done.already_complete);
+
+  // No validation record: no loss to report, and still nothing written.
+  fs::remove(root_ / "run" / "metrics.jsonl");
+  const TrainResult bare = train(config_, again);
+  EXPECT_TRUE(bare.already_complete);
+  EXPECT_TRUE(std::isnan(bare.final_val_loss));
+  EXPECT_FALSE(fs::exists(root_ / "run" / "metrics.jsonl"));
+
+  // A different config is still refused, as on any resume.
+  config_.train.lr *= 2;
+  EXPECT_THROW(train(config_, again), CheckpointError);
 }
 
 }  // namespace

@@ -7,9 +7,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 
+#include "common/atomic_file.h"
 #include "common/clock.h"
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
@@ -42,6 +44,22 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 }
 
 }  // namespace
+
+double recorded_validation_loss(const std::string& run_dir) {
+  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
+  std::string line;
+  double last = std::nan("");
+  while (std::getline(in, line)) {
+    if (line.find("\"val_loss\"") == std::string::npos) continue;
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("val_loss") && j["val_loss"].is_number()) last = j["val_loss"].get<double>();
+    } catch (const nlohmann::json::exception&) {
+      // A torn last line of an interrupted run: ignore it, the resumed run rewrites it.
+    }
+  }
+  return last;
+}
 
 double validation_loss(Model& model, const data::TokenShard& val, int batch, int seq_len,
                        int batches) {
@@ -83,6 +101,18 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   // here instead of at the first validation, after the training work. val.bin is read only when
   // the steps this invocation runs include a validation.
   const int64_t first_step = opt.resume ? read_checkpoint_step(ckpt.string()) : 0;
+  if (opt.resume && first_step >= tc.steps) {
+    // A finished run: nothing to train, validate or write, and no data to read. The checkpoint
+    // is still loaded, so a different config is refused as on any resume.
+    Model model(cfg.model);
+    AdamW adam(model.layout(), tc);
+    load_checkpoint(ckpt.string(), cfg, model, adam);
+    TrainResult result;
+    result.already_complete = true;
+    result.first_step = static_cast<int>(first_step);
+    result.final_val_loss = recorded_validation_loss(opt.out_dir);
+    return result;
+  }
   const int64_t first_eval = first_validation_step(tc, first_step, end);
   data::DatasetNeeds needs;
   needs.max_vocab = static_cast<uint32_t>(cfg.model.vocab_size);
@@ -127,7 +157,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
     }
     model.init_params(tc.seed);
     std::ofstream(metrics_path, std::ios::trunc);
-    std::ofstream(fs::path(opt.out_dir) / "config.toml", std::ios::trunc) << to_toml(cfg);
+    common::write_file_atomically(fs::path(opt.out_dir) / "config.toml", to_toml(cfg));
   }
   std::ofstream metrics(metrics_path, std::ios::app);
   metrics.precision(8);

@@ -21,15 +21,19 @@ struct TrainOptions {
 struct TrainResult {
   std::vector<double> losses;  // total loss of every step run in this invocation
   int first_step = 0;          // 0-based step of losses[0]
-  double final_val_loss = 0;
+  double final_val_loss = 0;   // when already_complete: the last recorded one (NaN if none)
   double tokens_per_s = 0;
   int steps_done = 0;
+  // Resumed from a checkpoint already at train.steps: nothing was run, read or written.
+  bool already_complete = false;
 };
 
 // Checks every input first (data.dir's shards against model.vocab_size and seq_len, val.bin only
 // when a validation falls in the steps to run; see first_validation_step), so bad data fails
 // before any output is written; then trains. Throws data::DataError, ConfigError or
-// CheckpointError with one clear message.
+// CheckpointError with one clear message (common::FileError when the run's config.toml cannot be
+// written). Resuming a run whose checkpoint is already at train.steps loads the checkpoint (so a
+// different config is still refused) and returns with already_complete set, writing nothing.
 TrainResult train(const Config& config, const TrainOptions& options);
 
 // The first step in (start, end] after which a run of this schedule validates, or 0 when none
@@ -38,6 +42,10 @@ TrainResult train(const Config& config, const TrainOptions& options);
 // `end` where this invocation stops (train.steps, or earlier with --stop-after). A run that
 // validates nowhere does not read val.bin.
 int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t end);
+
+// The last validation loss recorded in RUN/metrics.jsonl (its last `val_loss` record), or NaN when
+// there is none (or no file). A torn line is skipped.
+double recorded_validation_loss(const std::string& run_dir);
 
 // Mean cross-entropy over `batches` sequential validation batches from the start of the shard.
 class Model;
