@@ -1,6 +1,8 @@
+// Row bookkeeping every dispatcher shares: the expert-order layout of a plan's kept slots (host),
+// and the row movements, which are the dispatch kernels of ops.h.
 #include "model/dispatcher.h"
 
-#include <algorithm>
+#include "model/ops.h"
 
 namespace loopmoe {
 
@@ -18,41 +20,17 @@ void group_rows_by_expert(const RoutingPlan& plan, std::vector<int64_t>& offset,
 
 void gather_slot_rows(float* rows, const float* src, const std::vector<int64_t>& row_of_slot,
                       int per_row, int D) {
-  const size_t slots = row_of_slot.size();
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < slots; ++i) {
-    if (row_of_slot[i] >= 0) {
-      std::copy_n(src + (i / per_row) * D, D, rows + row_of_slot[i] * D);
-    }
-  }
+  ops::moe_permute_forward(rows, src, row_of_slot.data(), row_of_slot.size(), per_row, D);
 }
 
 void scatter_slot_rows(float* out, const float* rows, const std::vector<int64_t>& row_of_slot,
                        int D) {
-  const size_t slots = row_of_slot.size();
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < slots; ++i) {
-    float* o = out + i * D;
-    if (row_of_slot[i] >= 0) {
-      std::copy_n(rows + row_of_slot[i] * D, D, o);
-    } else {
-      std::fill_n(o, D, 0.f);
-    }
-  }
+  ops::moe_unpermute_forward(out, rows, row_of_slot.data(), row_of_slot.size(), D);
 }
 
 void add_slot_rows_to_tokens(float* dx, const float* rows, const std::vector<int64_t>& row_of_slot,
                              int S, int k, int D) {
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < S; ++t) {
-    float* d = dx + static_cast<size_t>(t) * D;
-    for (int j = 0; j < k; ++j) {
-      const int64_t r = row_of_slot[static_cast<size_t>(t) * k + j];
-      if (r < 0) continue;
-      const float* g = rows + r * D;
-      for (int i = 0; i < D; ++i) d[i] += g[i];
-    }
-  }
+  ops::moe_permute_backward(dx, rows, row_of_slot.data(), S, k, D);
 }
 
 }  // namespace loopmoe

@@ -33,18 +33,24 @@ class Dispatcher {
 
 // Row bookkeeping every dispatcher shares. A dispatcher lays the kept slots of a plan out as rows
 // grouped by expert (slot order within an expert, so an expert sees its tokens in batch order).
+// group_rows_by_expert is host bookkeeping on the plan; the row movements below are the dispatch
+// kernels of ops.h (moe_permute_*, moe_unpermute_*), kept here under their old names for the
+// distributed runtime.
 
 // offset[E+1]: expert e owns rows [offset[e], offset[e+1]); row_of_slot[S*k]: -1 when dropped.
 void group_rows_by_expert(const RoutingPlan& plan, std::vector<int64_t>& offset,
                           std::vector<int64_t>& row_of_slot);
 // rows[row_of_slot[i], :] = src[i / per_row, :] for kept slots i: per_row = k gathers each slot's
 // token (forward), per_row = 1 gathers per-slot rows (backward). D columns.
+// ops::moe_permute_forward (= moe_unpermute_backward when per_row = 1).
 void gather_slot_rows(float* rows, const float* src, const std::vector<int64_t>& row_of_slot,
                       int per_row, int D);
 // out[i, :] = rows[row_of_slot[i], :] for every slot i, zeros for dropped ones.
+// ops::moe_unpermute_forward.
 void scatter_slot_rows(float* out, const float* rows, const std::vector<int64_t>& row_of_slot,
                        int D);
 // dx[t, :] += Σ_j rows[row_of_slot[t*k + j], :], slots in order: deterministic for any threads.
+// ops::moe_permute_backward.
 void add_slot_rows_to_tokens(float* dx, const float* rows, const std::vector<int64_t>& row_of_slot,
                              int S, int k, int D);
 

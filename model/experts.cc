@@ -1,3 +1,5 @@
+// The experts of one MoE layer on a batch grouped by expert: buffers, then the grouped SwiGLU
+// kernels of ops.h.
 #include "model/experts.h"
 
 #include "model/ops.h"
@@ -11,33 +13,18 @@ void experts_forward(float* out, ExpertBatch& b, const ExpertWeights& w, const E
   b.h1.resize(rows * F);
   b.h3.resize(rows * F);
   b.act.resize(rows * F);
-  // Each expert runs on one thread from start to end, so results do not depend on scheduling.
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int e = 0; e < E; ++e) {
-    const int64_t r0 = b.offset[e];
-    const int n = static_cast<int>(b.offset[e + 1] - r0);
-    const size_t wf = static_cast<size_t>(e) * D * F;
-    ops::swiglu_forward(out + r0 * D, b.h1.data() + r0 * F, b.h3.data() + r0 * F,
-                        b.act.data() + r0 * F, b.x.data() + r0 * D, w.w1 + wf, w.w3 + wf, w.w2 + wf,
-                        n, D, F);
-  }
+  ops::experts_swiglu_forward(out, b.h1.data(), b.h3.data(), b.act.data(), b.x.data(),
+                              b.offset.data(), E, w.w1, w.w3, w.w2, D, F);
 }
 
 void experts_backward(float* dx, const float* dout, const ExpertBatch& b, const ExpertWeights& w,
                       const ExpertShape& s) {
   const int D = s.d_model, F = s.hidden;
   const int E = static_cast<int>(b.offset.size()) - 1;
-  std::vector<float> scratch(2 * static_cast<size_t>(b.offset[E]) * F);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int e = 0; e < E; ++e) {
-    const int64_t r0 = b.offset[e];
-    const int n = static_cast<int>(b.offset[e + 1] - r0);
-    const size_t wf = static_cast<size_t>(e) * D * F;
-    ops::swiglu_backward(dx + r0 * D, w.dw1 + wf, w.dw3 + wf, w.dw2 + wf,
-                         scratch.data() + 2 * r0 * F, dout + r0 * D, b.x.data() + r0 * D,
-                         b.h1.data() + r0 * F, b.h3.data() + r0 * F, b.act.data() + r0 * F,
-                         w.w1 + wf, w.w3 + wf, w.w2 + wf, n, D, F);
-  }
+  Buffer<float> scratch(2 * static_cast<size_t>(b.offset[E]) * F);
+  ops::experts_swiglu_backward(dx, w.dw1, w.dw3, w.dw2, scratch.data(), dout, b.x.data(),
+                               b.h1.data(), b.h3.data(), b.act.data(), b.offset.data(), E, w.w1,
+                               w.w3, w.w2, D, F);
 }
 
 }  // namespace loopmoe

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/buffer.h"
+
 namespace loopmoe {
 
 struct ExpertShape {
@@ -14,10 +16,11 @@ struct ExpertShape {
 };
 
 // Rows for `num_experts` experts, stored contiguously: expert e owns rows [offset[e], offset[e+1]).
+// offset is host bookkeeping; the rows are activations (Buffer: on the backend's device).
 struct ExpertBatch {
-  std::vector<int64_t> offset;     // [num_experts + 1]
-  std::vector<float> x;            // [rows, d]
-  std::vector<float> h1, h3, act;  // [rows, hidden] saved for backward
+  std::vector<int64_t> offset;  // [num_experts + 1], host
+  Buffer<float> x;              // [rows, d]
+  Buffer<float> h1, h3, act;    // [rows, hidden] saved for backward
 };
 
 // Weights of expert e: w1 = w1_base + e*D*F ([D,F]), w3 likewise, w2 = w2_base + e*F*D ([F,D]).

@@ -1,6 +1,5 @@
+// The norm block (RMSNorm or IterAdaLN) as calls of ops.h kernels on Buffer activations.
 #include "model/iter_adaln.h"
-
-#include <algorithm>
 
 #include "model/ops.h"
 
@@ -29,15 +28,12 @@ void NormBlockT<T>::forward(NormActivationsT<T>& a, const T* p, const T* x, int 
     a.pe.resize(dc);
     a.a1.resize(dc);
     a.e.resize(dc);
-    std::vector<T> s1(dc);
+    Buffer<T> s1(dc);
     ops::iteration_encoding(a.pe.data(), r, dc);
     ops::matmul_forward(a.a1.data(), a.pe.data(), p + o_.iter_w1, p + o_.iter_b1, 1, dc, dc);
     ops::silu_forward(s1.data(), a.a1.data(), dc);
     ops::matmul_forward(a.e.data(), s1.data(), p + o_.iter_w2, p + o_.iter_b2, 1, dc, dc);
-    for (int s = 0; s < S; ++s) {
-      T* cs = a.c.data() + static_cast<size_t>(s) * dc;
-      for (int i = 0; i < dc; ++i) cs[i] += a.e[i];
-    }
+    ops::add_row_vector(a.c.data(), a.e.data(), S, dc);
   }
   a.sc.resize(a.c.size());
   ops::silu_forward(a.sc.data(), a.c.data(), a.c.size());
@@ -67,9 +63,9 @@ void NormBlockT<T>::backward(T* dx, const ops::GradGroups<T>& g, const T* du, T*
     return;
   }
   ops::FlopKindScope kind(ops::FlopKind::kIterAdaLN);
-  std::vector<T> dn(static_cast<size_t>(S) * D, T(0));
+  Buffer<T> dn(static_cast<size_t>(S) * D);
   ops::adaln_modulate_backward(dn.data(), dm, du, a.n.data(), a.m.data(), S, D);
-  std::vector<T> dsc(static_cast<size_t>(S) * dc, T(0)), dcv(static_cast<size_t>(S) * dc, T(0));
+  Buffer<T> dsc(static_cast<size_t>(S) * dc), dcv(static_cast<size_t>(S) * dc);
   const ops::GradGroups<T> dmod_b = g.shifted(o_.mod_b);
   ops::matmul_backward(dsc.data(), g.shifted(o_.mod_w), &dmod_b, dm, a.sc.data(), p + o_.mod_w, dc,
                        3 * D);
@@ -82,14 +78,12 @@ void NormBlockT<T>::backward(T* dx, const ops::GradGroups<T>& g, const T* du, T*
   if (config_.adaln_iter_term()) {
     // MLP_iter's input is one vector for all tokens; its gradient is the sum over each group's
     // tokens, back-propagated per group.
-    std::vector<T> s1(dc);
+    Buffer<T> s1(dc);
     ops::silu_forward(s1.data(), a.a1.data(), dc);
     for (int grp = 0; grp < g.groups; ++grp) {
-      std::vector<T> de(dc, T(0)), ds1(dc, T(0)), da1(dc, T(0));
-      for (int s = g.row_begin(grp); s < g.row_end(grp); ++s) {
-        const T* cs = dcv.data() + static_cast<size_t>(s) * dc;
-        for (int i = 0; i < dc; ++i) de[i] += cs[i];
-      }
+      Buffer<T> de(dc), ds1(dc), da1(dc);
+      const int r0 = g.row_begin(grp);
+      ops::sum_rows(de.data(), dcv.data() + static_cast<size_t>(r0) * dc, g.row_end(grp) - r0, dc);
       T* gg = g.at(grp);
       ops::matmul_backward(ds1.data(), gg + o_.iter_w2, gg + o_.iter_b2, de.data(), s1.data(),
                            p + o_.iter_w2, 1, dc, dc);

@@ -3,8 +3,7 @@
 // file is the one place they are implemented, so a variant of IterAdaLN is one change here.
 #pragma once
 
-#include <vector>
-
+#include "model/buffer.h"
 #include "model/config.h"
 #include "model/ops.h"
 #include "model/param_layout.h"
@@ -13,13 +12,13 @@ namespace loopmoe {
 
 template <typename T>
 struct NormActivationsT {
-  std::vector<T> rstd;       // [S]
-  std::vector<T> n;          // [S,D] normalised input (IterAdaLN modes)
-  std::vector<T> u;          // [S,D] sublayer input
-  std::vector<T> c;          // [S,dc] conditioning before SiLU
-  std::vector<T> sc;         // [S,dc] SiLU(c)
-  std::vector<T> m;          // [S,3D] shift | scale | gate
-  std::vector<T> pe, a1, e;  // [dc] iteration encoding, MLP_iter hidden (pre-SiLU), output
+  Buffer<T> rstd;       // [S]
+  Buffer<T> n;          // [S,D] normalised input (IterAdaLN modes)
+  Buffer<T> u;          // [S,D] sublayer input
+  Buffer<T> c;          // [S,dc] conditioning before SiLU
+  Buffer<T> sc;         // [S,dc] SiLU(c)
+  Buffer<T> m;          // [S,3D] shift | scale | gate
+  Buffer<T> pe, a1, e;  // [dc] iteration encoding, MLP_iter hidden (pre-SiLU), output
 };
 
 template <typename T>

@@ -1,6 +1,6 @@
+// The dispatcher of one process: group the plan's rows by expert, run the experts on this
+// process's weights, and move the results back (ops.h dispatch kernels via dispatcher.h).
 #include "model/local_dispatcher.h"
-
-#include <algorithm>
 
 namespace loopmoe {
 
@@ -27,7 +27,7 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
   const int64_t rows = b.offset[E];
   b.x.resize(static_cast<size_t>(rows) * D);
   gather_slot_rows(b.x.data(), x, sv.row_of_slot, plan.top_k, D);
-  std::vector<float> y(static_cast<size_t>(rows) * D);
+  Buffer<float> y(static_cast<size_t>(rows) * D);
   experts_forward(y.data(), b, weights(layer), shape_);
   scatter_slot_rows(out, y.data(), sv.row_of_slot, D);
 }
@@ -37,7 +37,7 @@ void LocalDispatcher::backward(int application, int layer, const RoutingPlan& pl
   Saved& sv = saved_.at(application);
   const int D = shape_.d_model;
   const int64_t rows = sv.batch.offset.back();
-  std::vector<float> dy(static_cast<size_t>(rows) * D), dxr(static_cast<size_t>(rows) * D);
+  Buffer<float> dy(static_cast<size_t>(rows) * D), dxr(static_cast<size_t>(rows) * D);
   gather_slot_rows(dy.data(), dout, sv.row_of_slot, 1, D);
   experts_backward(dxr.data(), dy.data(), sv.batch, weights(layer), shape_);
   add_slot_rows_to_tokens(dx, dxr.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);

@@ -1,3 +1,5 @@
+// The model: parameters, the forward and backward passes over layer applications, as calls of
+// ops.h kernels on Buffer activations (buffer.h).
 #include "model/model.h"
 
 #include <cblas.h>
@@ -133,9 +135,9 @@ void Model::attention_backward(Application& a, int layer, const float* dy, float
   const int S = B * T, D = config_.d_model, H = config_.n_heads, hd = config_.head_dim;
   const int I = H * hd;
   const float* p = params_.data();
-  std::vector<float> d_o(static_cast<size_t>(S) * I, 0.f);
-  std::vector<float> dqkv(static_cast<size_t>(S) * 3 * I);
-  std::vector<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
+  Buffer<float> d_o(static_cast<size_t>(S) * I);
+  Buffer<float> dqkv(static_cast<size_t>(S) * 3 * I);
+  Buffer<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
     ops::matmul_backward(d_o.data(), gg.shifted(l.wo), kNoBias, dy, a.o.data(), p + l.wo, I, D);
@@ -166,8 +168,8 @@ const float* Model::iteration_state(int r) const {
 double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
   const int D = config_.d_model, V = config_.vocab_size;
   const float* p = params_.data();
-  std::vector<float> h(static_cast<size_t>(S) * D), rstd(S);
-  std::vector<float> logits(static_cast<size_t>(S) * V), probs(logits.size());
+  Buffer<float> h(static_cast<size_t>(S) * D), rstd(S);
+  Buffer<float> logits(static_cast<size_t>(S) * V), probs(logits.size());
   ops::rmsnorm_forward(h.data(), rstd.data(), x, p + layout_.final_norm, S, D);
   if (config_.tie_embeddings) {
     ops::gemm<float>(false, true, S, V, D, 1.f, h.data(), D, p + layout_.tok_emb, D, 0.f,
@@ -190,24 +192,20 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
   const bool halting = options.halt_threshold > 0;
   halted_forward_ = halting;
   iterations_used_.assign(S, R);
-  std::vector<uint8_t> halted(halting ? S : 0, 0);
+  // Per token: 0 while it runs, else the iterations it ran before halting; its frozen state.
+  Buffer<int32_t> halted_at(halting ? S : 0);
+  Buffer<float> frozen(halting ? static_cast<size_t>(S) * D : 0);
   // Frozen tokens get their state back after every sublayer of the remaining iterations.
-  auto hold_halted = [&](std::vector<float>& x, const std::vector<float>& frozen) {
-    if (!halting) return;
-    for (int t = 0; t < S; ++t) {
-      if (halted[t])
-        std::copy_n(frozen.data() + static_cast<size_t>(t) * D, D,
-                    x.data() + static_cast<size_t>(t) * D);
-    }
+  auto hold_halted = [&](Buffer<float>& x) {
+    if (halting) ops::copy_masked_rows(x.data(), frozen.data(), halted_at.data(), S, D);
   };
-  std::vector<float> frozen(halting ? static_cast<size_t>(S) * D : 0);
   const int A = N * R;
   B_ = B;
   T_ = T;
-  tokens_copy_.assign(tokens, tokens + S);
+  copy_from_host(tokens_copy_, tokens, S);
   tokens_ = tokens_copy_.data();
   if (targets != nullptr) {
-    targets_.assign(targets, targets + S);
+    copy_from_host(targets_, targets, S);
   } else {
     targets_.clear();
   }
@@ -234,7 +232,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
     resid_[2 * a + 1] = resid_[2 * a];
     ops::gated_residual_forward(resid_[2 * a + 1].data(), app.attn_y.data(),
                                 attn_norms_[n].gate_source(app.attn_norm), S, D);
-    hold_halted(resid_[2 * a + 1], frozen);
+    hold_halted(resid_[2 * a + 1]);
     // MoE sublayer: resid[2a+1] → resid[2a+2].
     ffn_norms_[n].forward(app.ffn_norm, p, resid_[2 * a + 1].data(), r, S);
     app.moe_y.resize(static_cast<size_t>(S) * D);
@@ -243,30 +241,20 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
     resid_[2 * a + 2] = resid_[2 * a + 1];
     ops::gated_residual_forward(resid_[2 * a + 2].data(), app.moe_y.data(),
                                 ffn_norms_[n].gate_source(app.ffn_norm), S, D);
-    hold_halted(resid_[2 * a + 2], frozen);
+    hold_halted(resid_[2 * a + 2]);
     if (halting && n == N - 1) {  // end of iteration r: which tokens have converged?
-      const float* prev = resid_[2 * a + 2 - 2 * N].data();
-      const float* cur = resid_[2 * a + 2].data();
-      for (int t = 0; t < S; ++t) {
-        if (halted[t]) continue;
-        double diff = 0, norm = 0;
-        for (int i = 0; i < D; ++i) {
-          const double x0 = prev[static_cast<size_t>(t) * D + i];
-          const double x1 = cur[static_cast<size_t>(t) * D + i];
-          diff += (x1 - x0) * (x1 - x0);
-          norm += x0 * x0;
-        }
-        if (std::sqrt(diff) < options.halt_threshold * std::sqrt(std::max(norm, 1e-30))) {
-          halted[t] = 1;
-          iterations_used_[t] = r + 1;
-          std::copy_n(cur + static_cast<size_t>(t) * D, D,
-                      frozen.data() + static_cast<size_t>(t) * D);
-        }
-      }
+      ops::halt_converged_rows(halted_at.data(), frozen.data(), resid_[2 * a + 2 - 2 * N].data(),
+                               resid_[2 * a + 2].data(), S, D, options.halt_threshold, r + 1);
     }
     loss.aux += app.moe.plan.aux_loss / A;
     loss.z += app.moe.plan.z_loss / A;
     loss.dropped += app.moe.plan.dropped;
+  }
+  if (halting) {
+    const std::vector<int32_t> ran = copy_to_host(halted_at);
+    for (int t = 0; t < S; ++t) {
+      if (ran[t] > 0) iterations_used_[t] = ran[t];
+    }
   }
   final_rstd_.resize(S);
   final_h_.resize(static_cast<size_t>(S) * D);
@@ -313,7 +301,7 @@ void Model::backward() {
   // Loss head: dlogits overwrite the saved softmax.
   const float ce_scale = 1.f / static_cast<float>(loss_tokens_ > 0 ? loss_tokens_ : S);
   ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), ce_scale, S, V);
-  std::vector<float> dh(static_cast<size_t>(S) * D, 0.f);
+  Buffer<float> dh(static_cast<size_t>(S) * D);
   {
     ops::FlopKindScope head_kind(ops::FlopKind::kHead);
     if (config_.tie_embeddings) {
@@ -330,22 +318,22 @@ void Model::backward() {
                            final_h_.data(), p + layout_.lm_head, D, V);
     }
   }
-  std::vector<float> dx(static_cast<size_t>(S) * D, 0.f);
+  Buffer<float> dx(static_cast<size_t>(S) * D);
   ops::rmsnorm_backward(dx.data(), static_cast<float*>(nullptr), dh.data(), resid_[2 * A].data(),
                         p + layout_.final_norm, final_rstd_.data(), S, D);
   ops::rmsnorm_weight_backward(gg.shifted(layout_.final_norm), dh.data(), resid_[2 * A].data(),
                                final_rstd_.data(), D);
 
   const double aux_scale = config_.aux_loss_coef / A, z_scale = config_.z_loss_coef / A;
-  std::vector<float> dy(static_cast<size_t>(S) * D), du(static_cast<size_t>(S) * D);
-  std::vector<float> dm(config_.adaln() ? static_cast<size_t>(S) * 3 * D : 0);
+  Buffer<float> dy(static_cast<size_t>(S) * D), du(static_cast<size_t>(S) * D);
+  Buffer<float> dm(config_.adaln() ? static_cast<size_t>(S) * 3 * D : 0);
   for (int a = A - 1; a >= 0; --a) {
     const int n = a % N;
     Application& app = apps_[a];
     // MoE sublayer.
     ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.moe_y.data(),
                                  ffn_norms_[n].gate_source(app.ffn_norm), S, D);
-    std::fill(du.begin(), du.end(), 0.f);
+    du.set_zero();
     moe_.backward(du.data(), gg.shifted(layout_.layers[n].router), *dispatcher_, a, n, app.moe,
                   p + layout_.layers[n].router, app.ffn_norm.u.data(), dy.data(), aux_scale,
                   z_scale);
@@ -354,7 +342,7 @@ void Model::backward() {
     // Attention sublayer.
     ops::gated_residual_backward(dy.data(), dm.data(), dx.data(), app.attn_y.data(),
                                  attn_norms_[n].gate_source(app.attn_norm), S, D);
-    std::fill(du.begin(), du.end(), 0.f);
+    du.set_zero();
     attention_backward(app, n, dy.data(), du.data(), gg, B, T);
     attn_norms_[n].backward(dx.data(), gg, du.data(), dm.data(), app.attn_norm, p,
                             resid_[2 * a].data());
@@ -363,9 +351,8 @@ void Model::backward() {
   if (G > 1) {
     ops::tree_sum_groups(gg.base, gg.stride, G, replica_ranges_);
     float* g = grads_.data();
-    for (const auto& [offset, n] : replica_ranges_) {
-      for (size_t i = offset; i < offset + n; ++i) g[i] += gg.base[i];
-    }
+    for (const auto& [offset, n] : replica_ranges_)
+      ops::add_inplace(g + offset, gg.base + offset, n);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "model/buffer.h"
 #include "model/config.h"
 #include "model/dispatcher.h"
 #include "model/iter_adaln.h"
@@ -81,14 +82,20 @@ class Model {
                     const ForwardOptions& options);
   // Per token of the last forward: iterations it ran (R unless it halted).
   const std::vector<int>& iterations_used() const { return iterations_used_; }
-  // Residual stream [B*T, D] after iteration r of the last forward (logit lens input).
+  // Residual stream [B*T, D] after iteration r of the last forward (logit lens input), in the
+  // activations' storage (host in this build).
   const float* iteration_state(int r) const;
   // Mean cross-entropy of decoding hidden states x[S, D] with the final norm and the LM head.
   double decode_loss(const float* x, const int32_t* targets, int S) const;
   // Accumulates the gradient of the last forward's total loss into grads().
   void backward();
 
-  const std::vector<float>& logits() const { return logits_; }  // [B*T, V]
+  // Logits [B*T, V] of the last forward, copied to the host (wherever the activations live).
+  std::vector<float> logits_to_host() const { return copy_to_host(logits_); }
+  // The same as a view of the activation buffer itself, no copy: host activations only (this
+  // CPU build's); throws std::logic_error when they are on a device, where callers must use
+  // logits_to_host().
+  const std::vector<float>& logits() const { return logits_.host_vector(); }
   int applications() const { return static_cast<int>(apps_.size()); }
   // Routing of MoE layer application a = r*N + n in the last forward.
   const RoutingPlan& routing(int application) const { return apps_.at(application).moe.plan; }
@@ -96,9 +103,9 @@ class Model {
  private:
   struct Application {
     NormActivations attn_norm, ffn_norm;
-    std::vector<float> qkv, att, o, attn_y;  // attention sublayer
+    Buffer<float> qkv, att, o, attn_y;  // attention sublayer
     MoeActivations moe;
-    std::vector<float> moe_y;
+    Buffer<float> moe_y;
   };
   void attention_forward(Application& a, int layer, int B, int T);
   void attention_backward(Application& a, int layer, const float* dy, float* du,
@@ -106,23 +113,25 @@ class Model {
 
   ModelConfig config_;
   ParamLayout layout_;
+  // Parameters and gradients: one contiguous host buffer each, in layout order (not Buffers; see
+  // buffer.h for how a device backend would mirror them at the same offsets).
   ZeroPageVector<float> params_, grads_;
   std::vector<NormBlock> attn_norms_, ffn_norms_;
   MoeLayer moe_;
   std::unique_ptr<Dispatcher> local_dispatcher_;
   Dispatcher* dispatcher_ = nullptr;
-  std::vector<float> rope_cos_, rope_sin_;
+  Buffer<float> rope_cos_, rope_sin_;
   int rope_len_ = 0;
 
-  // Activations of the last forward.
+  // Activations of the last forward (Buffers: on the backend's device; see buffer.h).
   int B_ = 0, T_ = 0;
-  const int32_t* tokens_ = nullptr;
-  std::vector<int32_t> targets_;
+  const int32_t* tokens_ = nullptr;  // tokens_copy_.data()
+  Buffer<int32_t> targets_;
   std::vector<Application> apps_;
-  std::vector<std::vector<float>> resid_;  // residual stream before each sublayer, and final
-  std::vector<float> final_rstd_, final_h_, logits_, probs_;
-  std::vector<int32_t> tokens_copy_;
-  std::vector<int> iterations_used_;
+  std::vector<Buffer<float>> resid_;  // residual stream before each sublayer, and final
+  Buffer<float> final_rstd_, final_h_, logits_, probs_;
+  Buffer<int32_t> tokens_copy_;
+  std::vector<int> iterations_used_;  // host
   bool halted_forward_ = false;
   int64_t loss_tokens_ = 0;
   int grad_groups_ = 1;

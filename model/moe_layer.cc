@@ -1,6 +1,5 @@
+// MoE sublayer orchestration: router, dispatcher, and the combine kernels of ops.h.
 #include "model/moe_layer.h"
-
-#include <algorithm>
 
 #include "model/ops.h"
 
@@ -23,43 +22,18 @@ void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int applicatio
     ops::FlopKindScope kind(ops::FlopKind::kExperts);
     dispatcher.forward(application, layer, a.plan, u, a.expert_out.data());
   }
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < S; ++t) {
-    float* ys = y + static_cast<size_t>(t) * D;
-    std::fill_n(ys, D, 0.f);
-    for (int j = 0; j < k; ++j) {
-      const size_t slot = static_cast<size_t>(t) * k + j;
-      if (!a.plan.kept[slot]) continue;
-      const float w = a.plan.weight[slot];
-      const float* o = a.expert_out.data() + slot * D;
-      for (int i = 0; i < D; ++i) ys[i] += w * o[i];
-    }
-  }
+  ops::moe_combine_forward(y, a.expert_out.data(), a.plan.weight.data(), a.plan.kept.data(), S, k,
+                           D);
 }
 
 void MoeLayer::backward(float* du, const ops::GradGroups<float>& drouter_w, Dispatcher& dispatcher,
                         int application, int layer, const MoeActivations& a, const float* router_w,
                         const float* u, const float* dy, double aux_scale, double z_scale) const {
   const int D = d_model_, k = options_.top_k, S = drouter_w.row_end(drouter_w.groups - 1);
-  std::vector<float> dweight(static_cast<size_t>(S) * k, 0.f);
-  std::vector<float> dout(static_cast<size_t>(S) * k * D, 0.f);
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < S; ++t) {
-    const float* g = dy + static_cast<size_t>(t) * D;
-    for (int j = 0; j < k; ++j) {
-      const size_t slot = static_cast<size_t>(t) * k + j;
-      if (!a.plan.kept[slot]) continue;
-      const float* o = a.expert_out.data() + slot * D;
-      float* d = dout.data() + slot * D;
-      const float w = a.plan.weight[slot];
-      float dot = 0;
-      for (int i = 0; i < D; ++i) {
-        dot += g[i] * o[i];
-        d[i] = w * g[i];
-      }
-      dweight[slot] = dot;
-    }
-  }
+  Buffer<float> dweight(static_cast<size_t>(S) * k);
+  Buffer<float> dout(static_cast<size_t>(S) * k * D);
+  ops::moe_combine_backward(dout.data(), dweight.data(), dy, a.expert_out.data(),
+                            a.plan.weight.data(), a.plan.kept.data(), S, k, D);
   {
     ops::FlopKindScope kind(ops::FlopKind::kExperts);
     dispatcher.backward(application, layer, a.plan, dout.data(), du);

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "model/buffer.h"
 #include "model/config.h"
 #include "model/dispatcher.h"
 #include "model/router.h"
@@ -12,7 +13,7 @@ namespace loopmoe {
 struct MoeActivations {
   RouterActivations router;
   RoutingPlan plan;
-  std::vector<float> expert_out;  // [S*k, D] unweighted expert outputs per slot
+  Buffer<float> expert_out;  // [S*k, D] unweighted expert outputs per slot
 };
 
 class MoeLayer {

@@ -1,4 +1,10 @@
-// CPU kernels as forward/backward pairs on flat row-major buffers (docs/MODEL.md has the maths).
+// The engine's kernels: forward/backward pairs on flat row-major buffers (docs/MODEL.md has the
+// maths). This header is the device seam: every arithmetic loop over activations, gradients or
+// parameters is one of these functions, and the model-level files (model.cc, iter_adaln, router,
+// moe_layer, experts, dispatchers, optimizer) only allocate buffers (buffer.h) and call them. The
+// CPU implementation is model/cpu/ (OpenMP, batch-invariant sgemm); a CUDA backend implements
+// this same list in model/cuda/. Pointers are to memory on the backend's device unless a comment
+// says "host".
 // Templates are instantiated for float (training) and double (gradient checks).
 // Backward kernels ACCUMULATE (+=) into parameter gradients and into input gradients unless the
 // comment says otherwise, so callers zero gradient buffers once per step.
@@ -203,5 +209,118 @@ template <typename T>
 void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
                      const T* h1, const T* h3, const T* act, const T* w1, const T* w3, const T* w2,
                      int n, int D, int F);
+
+// Grouped SwiGLU over E experts whose rows are contiguous: expert e owns rows
+// [offset[e], offset[e+1]) (offset: host, [E+1]) of x, out [rows,D] and h1, h3, act [rows,F], and
+// the weights w1 + e·D·F [D,F], w3 + e·D·F [D,F], w2 + e·F·D [F,D]. Each expert runs on one thread
+// from start to end, so results do not depend on scheduling.
+template <typename T>
+void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
+                            const T* w1, const T* w3, const T* w2, int D, int F);
+// dx [rows,D] (overwrites); dw1, dw3, dw2 (same layout as the weights) += ...; scratch holds
+// 2·rows·F values.
+template <typename T>
+void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                             const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
+                             const T* w1, const T* w3, const T* w2, int D, int F);
+
+// ---- MoE dispatch: moving rows between token order and expert order ----
+// A routing of S tokens to k slots each is laid out as rows grouped by expert; row_of_slot[i]
+// (slots = S·k entries, slot i = t·k + j) is the row of slot i in that order, -1 when dropped.
+//
+// Permute tokens into expert order: rows[row_of_slot[i], :] = x[i / k, :] for kept slots i
+// (rows [kept, D]). With k = 1 it moves one row per slot.
+template <typename T>
+void moe_permute_forward(T* rows, const T* x, const int64_t* row_of_slot, size_t slots, int k,
+                         int D);
+// Its backward, a row scatter-add: dx[t, :] += Σ_j drows[row_of_slot[t·k + j], :] over kept
+// slots j in order (dx [S,D]); each token's sum in a fixed order whatever the threads.
+template <typename T>
+void moe_permute_backward(T* dx, const T* drows, const int64_t* row_of_slot, int S, int k, int D);
+// Back to slot order: out[i, :] = rows[row_of_slot[i], :], zeros for dropped slots (out
+// [slots, D], overwritten).
+template <typename T>
+void moe_unpermute_forward(T* out, const T* rows, const int64_t* row_of_slot, size_t slots, int D);
+// Its backward: drows[row_of_slot[i], :] = dout[i, :] for kept slots (overwrites).
+template <typename T>
+void moe_unpermute_backward(T* drows, const T* dout, const int64_t* row_of_slot, size_t slots,
+                            int D);
+// Row permutations by an index (index: rows entries, each row of src/dst used once):
+// gather dst[r, :] = src[index[r], :]; scatter dst[index[r], :] = src[r, :].
+template <typename T>
+void gather_rows(T* dst, const T* src, const int64_t* index, int64_t rows, int D);
+template <typename T>
+void scatter_rows(T* dst, const T* src, const int64_t* index, int64_t rows, int D);
+
+// MoE combine: y[t, :] = Σ_{kept j} weight[t·k+j] · expert_out[t·k+j, :] (y [S,D], overwritten;
+// expert_out [S·k, D]; weight, kept [S·k]), slots in order.
+template <typename T>
+void moe_combine_forward(T* y, const T* expert_out, const T* weight, const uint8_t* kept, int S,
+                         int k, int D);
+// dexpert_out[slot, :] = weight[slot] · dy[t, :] and dweight[slot] = dy[t, :] · expert_out[slot, :]
+// for kept slots, zeros for dropped ones (both overwritten).
+template <typename T>
+void moe_combine_backward(T* dexpert_out, T* dweight, const T* dy, const T* expert_out,
+                          const T* weight, const uint8_t* kept, int S, int k, int D);
+
+// ---- Router ----
+// Top-k of each row of probs[S,E] by repeated arg-max (strict '>': ties to the lower index), in
+// descending order: expert[S·k] the indices, weight[S·k] the selected probabilities, divided by
+// their sum when renormalize (the combine weights; docs/MODEL.md "MoE sublayer" 2-3).
+template <typename T>
+void router_topk_forward(int32_t* expert, T* weight, const T* probs, int S, int E, int k,
+                         bool renormalize);
+// dprobs[S,E] (overwrites) = the combine weights' gradient dweight[S·k] taken back to the
+// probabilities (w = p / Σp when renormalize, else w = p), plus bias[E] on every row (the
+// load-balance loss's gradient, the same for every token).
+template <typename T>
+void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int32_t* expert,
+                          const T* weight, const T* bias, int S, int E, int k, bool renormalize);
+// Batch statistics of S routed tokens (host outputs, added to): assigned[e] += top-k slots
+// choosing e; prob_sum[e] += probs[t, e] and lse_sq_sum += lse_t², row by row in fixed point.
+template <typename T>
+void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
+                  const T* probs, const T* lse, int S, int E, int k);
+// z-loss gradient: dlogits[t, e] += c_t · probs[t, e] with c_t = T(z_scale · 2 · lse_t / tokens)
+// (d/dlogits of z_scale · Σ_t lse_t² / tokens).
+template <typename T>
+void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int E, double z_scale,
+                           double tokens);
+
+// ---- Elementwise and row utilities (compiled without -ffast-math: model/cpu/ops_strict.cc) ----
+// x[S,D] += v[D] on every row.
+template <typename T>
+void add_row_vector(T* x, const T* v, int S, int D);
+// out[D] += Σ_r x[r, :] over rows r = 0..rows-1 in order.
+template <typename T>
+void sum_rows(T* out, const T* x, int rows, int D);
+// dst[n] += src[n].
+template <typename T>
+void add_inplace(T* dst, const T* src, size_t n);
+// Rows with mask[t] != 0: x[t, :] = src[t, :].
+template <typename T>
+void copy_masked_rows(T* x, const T* src, const int32_t* mask, int S, int D);
+// Adaptive halting (inference): every row t still running (halted_at[t] == 0) whose change
+// ‖cur_t − prev_t‖ < threshold · ‖prev_t‖ (norms in double, ‖prev_t‖² at least 1e-30) halts:
+// halted_at[t] = iteration, frozen[t, :] = cur[t, :].
+template <typename T>
+void halt_converged_rows(int32_t* halted_at, T* frozen, const T* prev, const T* cur, int S, int D,
+                         double threshold, int iteration);
+
+// ---- Optimiser on the flat parameter buffer (float; compiled without -ffast-math) ----
+// Σ g[i]² in double: partial sums of 4096-element blocks (each in index order), then the blocks'
+// partial sums in block order. The order is fixed, so the result does not depend on threads.
+double sum_squares(const float* g, size_t n);
+// g[n] *= c.
+void scale_inplace(float* g, size_t n, float c);
+// One AdamW step's constants (docs/MODEL.md "Optimiser"): bias corrections c1 = 1/(1−β1^s),
+// c2 = 1/(1−β2^s).
+struct AdamWStep {
+  float beta1, beta2, c1, c2, lr, eps, weight_decay;
+};
+// For i < n: m = β1 m + (1−β1) g, v = β2 v + (1−β2) g², p −= lr (m c1 / (sqrt(v c2) + eps)
+// + (decay[i] ? weight_decay · p : 0)).
+void adamw_update(float* p, float* m, float* v, const float* g, const uint8_t* decay, size_t n,
+                  const AdamWStep& step);
 
 }  // namespace loopmoe::ops

@@ -1,8 +1,12 @@
+// AdamW, the learning-rate schedule and gradient clipping: scalar host code around the
+// optimiser kernels of ops.h (sum_squares, scale_inplace, adamw_update).
 #include "model/optimizer.h"
 
 #include <algorithm>
 #include <cmath>
 #include <utility>
+
+#include "model/ops.h"
 
 namespace loopmoe {
 
@@ -14,33 +18,13 @@ double learning_rate(const TrainConfig& t, int step) {
   return lr_min + 0.5 * (t.lr - lr_min) * (1.0 + std::cos(M_PI * q));
 }
 
-double global_norm(const float* g, size_t n) {
-  // Blocked partial sums in a fixed order: reproducible, and accurate for millions of terms.
-  constexpr size_t kBlock = 4096;
-  const size_t blocks = (n + kBlock - 1) / kBlock;
-  std::vector<double> partial(blocks, 0.0);
-#pragma omp parallel for schedule(static)
-  for (size_t b = 0; b < blocks; ++b) {
-    double s = 0;
-    for (size_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) {
-      s += static_cast<double>(g[i]) * g[i];
-    }
-    partial[b] = s;
-  }
-  double total = 0;
-  for (double s : partial) total += s;
-  return std::sqrt(total);
-}
+double global_norm(const float* g, size_t n) { return std::sqrt(ops::sum_squares(g, n)); }
 
 double clip_grad_norm(float* g, size_t n, double max_norm) {
   const double norm = global_norm(g, n);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-      const float c = static_cast<float>(coef);
-#pragma omp parallel for schedule(static)
-      for (size_t i = 0; i < n; ++i) g[i] *= c;
-    }
+    if (coef < 1.0) ops::scale_inplace(g, n, static_cast<float>(coef));
   }
   return norm;
 }
@@ -68,17 +52,16 @@ void AdamW::step(float* p, const float* g, double lr,
   const float b1 = static_cast<float>(train_.beta1), b2 = static_cast<float>(train_.beta2);
   const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(train_.beta1, t_)));
   const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(train_.beta2, t_)));
-  const float lrf = static_cast<float>(lr), eps = static_cast<float>(train_.eps);
-  const float wd = static_cast<float>(train_.weight_decay);
+  const ops::AdamWStep st{b1,
+                          b2,
+                          c1,
+                          c2,
+                          static_cast<float>(lr),
+                          static_cast<float>(train_.eps),
+                          static_cast<float>(train_.weight_decay)};
   for (const auto& [offset, n] : ranges) {
-#pragma omp parallel for schedule(static)
-    for (size_t i = offset; i < offset + n; ++i) {
-      const float gi = g[i];
-      m_[i] = b1 * m_[i] + (1.f - b1) * gi;
-      v_[i] = b2 * v_[i] + (1.f - b2) * gi * gi;
-      const float mh = m_[i] * c1, vh = v_[i] * c2;
-      p[i] -= lrf * (mh / (std::sqrt(vh) + eps) + (decay_[i] ? wd * p[i] : 0.f));
-    }
+    ops::adamw_update(p + offset, m_.data() + offset, v_.data() + offset, g + offset,
+                      decay_.data() + offset, n, st);
   }
 }
 

@@ -1,15 +1,22 @@
 // MoE router: logits, softmax, top-k, combine weights, capacity drops, load-balance and z losses.
+// The arithmetic over tokens is ops.h kernels (matmul, softmax, router_*); router.cc keeps the
+// host bookkeeping over the E experts' counts (capacity walk, load-balance loss and its
+// per-expert gradient), which consumes the batch statistics after they are reduced.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <vector>
 
+#include "model/buffer.h"
 #include "model/ops.h"
 
 namespace loopmoe {
 
-// Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j.
+// Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j. Host memory: the
+// capacity walk, the dispatch bookkeeping and the distributed runtime's headers read it on the
+// host (a device backend copies expert and weight back after the top-k kernel, and kept and
+// weight to the device for the combine).
 struct RoutingPlan {
   int num_tokens = 0, num_experts = 0, top_k = 0;
   std::vector<int32_t> expert;      // [S*k]
@@ -41,7 +48,7 @@ struct RouterBatchStats {
 using RouterStatsReducer = std::function<void(RouterBatchStats&)>;
 
 struct RouterActivations {
-  std::vector<float> logits, probs, lse;  // [S,E], [S,E], [S]
+  Buffer<float> logits, probs, lse;  // [S,E], [S,E], [S]
 };
 
 struct RouterOptions {

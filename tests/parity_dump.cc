@@ -70,7 +70,8 @@ int main(int argc, char** argv) {
     model.zero_grad();
     loopmoe::LossParts loss = model.forward(in.data(), tg.data(), batch, seq_len);
     model.backward();
-    write_raw(d + "logits.bin", model.logits().data(), model.logits().size() * sizeof(float));
+    const std::vector<float> logits = model.logits_to_host();
+    write_raw(d + "logits.bin", logits.data(), logits.size() * sizeof(float));
     write_raw(d + "grads.bin", model.grads(), model.num_params() * sizeof(float));
 
     std::vector<double> train_losses;

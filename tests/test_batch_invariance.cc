@@ -245,6 +245,55 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
                              w2.data(), rows, D, F);
       },
       "swiglu_backward (dx)");
+  // The MoE combine and the router's top-k (device seam kernels) are row kernels too.
+  const int k = 2;
+  std::vector<uint8_t> kept(static_cast<size_t>(S) * k, 1);
+  for (size_t i = 0; i < kept.size(); i += 5) kept[i] = 0;
+  // in = [k expert outputs | k weights] per token; out = y.
+  expect_row_invariant(
+      S, k * D + k, D,
+      [&](float* out, const float* in, int rows) {
+        std::vector<float> o(static_cast<size_t>(rows) * k * D), w(static_cast<size_t>(rows) * k);
+        for (int r = 0; r < rows; ++r) {
+          std::memcpy(&o[static_cast<size_t>(r) * k * D], in + static_cast<size_t>(r) * (k * D + k),
+                      k * D * 4);
+          std::memcpy(&w[static_cast<size_t>(r) * k],
+                      in + static_cast<size_t>(r) * (k * D + k) + k * D, k * 4);
+        }
+        ops::moe_combine_forward(out, o.data(), w.data(), kept.data() + (S - rows) * k, rows, k, D);
+      },
+      "moe_combine_forward");
+  // in = [k expert outputs | dy] per token; out = [k slot gradients | k weight gradients].
+  expect_row_invariant(
+      S, k * D + D, k * D + k,
+      [&](float* out, const float* in, int rows) {
+        std::vector<float> o(static_cast<size_t>(rows) * k * D), g(static_cast<size_t>(rows) * D);
+        std::vector<float> w(static_cast<size_t>(rows) * k, 0.75f), d(o.size()), dw(w.size());
+        for (int r = 0; r < rows; ++r) {
+          std::memcpy(&o[static_cast<size_t>(r) * k * D], in + static_cast<size_t>(r) * (k + 1) * D,
+                      k * D * 4);
+          std::memcpy(&g[static_cast<size_t>(r) * D],
+                      in + static_cast<size_t>(r) * (k + 1) * D + k * D, D * 4);
+        }
+        ops::moe_combine_backward(d.data(), dw.data(), g.data(), o.data(), w.data(),
+                                  kept.data() + (S - rows) * k, rows, k, D);
+        for (int r = 0; r < rows; ++r) {
+          std::memcpy(out + static_cast<size_t>(r) * (k * D + k),
+                      &d[static_cast<size_t>(r) * k * D], k * D * 4);
+          std::memcpy(out + static_cast<size_t>(r) * (k * D + k) + k * D,
+                      &dw[static_cast<size_t>(r) * k], k * 4);
+        }
+      },
+      "moe_combine_backward");
+  expect_row_invariant(
+      S, E, k,
+      [&](float* out, const float* in, int rows) {
+        std::vector<float> probs(static_cast<size_t>(rows) * E), lse(rows);
+        std::vector<int32_t> expert(static_cast<size_t>(rows) * k);
+        ops::softmax_forward(probs.data(), lse.data(), in, rows, E);
+        ops::router_topk_forward(expert.data(), out, probs.data(), rows, E, k, true);
+      },
+      "router_topk_forward (weights)");
 }
 
 TEST(BatchInvariance, AttentionOfASequenceDoesNotDependOnTheBatch) {

@@ -167,6 +167,19 @@ TEST(Model, LogitLensAndAdaptiveHalting) {
   for (int used : m.iterations_used()) EXPECT_EQ(used, 3);
 }
 
+// The logits leave the activation buffer through an explicit host copy; on the CPU the host view
+// logits() is that buffer itself and holds the same numbers.
+TEST(Model, LogitsToHostEqualsTheHostView) {
+  ModelConfig c = small(IterAdaLNMode::kJoint);
+  Model m(c);
+  m.init_params(7);
+  auto in = random_tokens(16, 64, 5);
+  m.forward(in.data(), nullptr, 2, 8);
+  const std::vector<float> host = m.logits_to_host();
+  ASSERT_EQ(host.size(), static_cast<size_t>(16) * c.vocab_size);
+  EXPECT_EQ(host, m.logits());
+}
+
 // The MoE layer through the LocalDispatcher equals a token-by-token evaluation of the experts.
 TEST(MoeLayer, MatchesNaivePerTokenReference) {
   ModelConfig c = small(IterAdaLNMode::kOff);
