@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "comm/in_process_store.h"
+#include "common/clock.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "model/config.h"
@@ -57,7 +58,7 @@ double single_process_ms(const loopmoe::Config& cfg, int threads, int steps, int
     model.backward();
     loopmoe::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
     adam.step(model.params(), model.grads(), loopmoe::learning_rate(cfg.train, s));
-    if (s >= warmup) total += std::chrono::duration<double>(Clock::now() - t0).count();
+    if (s >= warmup) total += loopmoe::common::seconds_since(t0);
   }
   return 1e3 * total / steps;
 }

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/clock.h"
 #include "model/config.h"
 #include "model/cpu/sgemm.h"
 #include "model/model.h"
@@ -20,10 +21,6 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
 // Best-of-10 rate of a 2048^3 product with `threads` threads, by the engine's sgemm (ops::gemm,
 // model/cpu/sgemm) and by OpenBLAS's cblas_sgemm (whatever kernel it picked on this machine).
@@ -41,11 +38,11 @@ Peak sgemm_gflops(int threads) {
     auto t0 = Clock::now();
     loopmoe::ops::gemm<float>(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(),
                               n);
-    p.engine = std::max(p.engine, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    p.engine = std::max(p.engine, 2.0 * n * n * n / loopmoe::common::seconds_since(t0) / 1e9);
     t0 = Clock::now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n,
                 0.f, c.data(), n);
-    p.openblas = std::max(p.openblas, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    p.openblas = std::max(p.openblas, 2.0 * n * n * n / loopmoe::common::seconds_since(t0) / 1e9);
   }
   openblas_set_num_threads(1);
   loopmoe::set_num_threads(1);
@@ -79,7 +76,7 @@ Measured measure(const loopmoe::Config& cfg, int threads, int steps, int warmup)
     model.backward();
     loopmoe::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
     adam.step(model.params(), model.grads(), 1e-3);
-    const double dt = seconds_since(t0);
+    const double dt = loopmoe::common::seconds_since(t0);
     if (s >= warmup) total += dt;
     m.flops_per_token = static_cast<double>(loopmoe::ops::gemm_flops()) / (B * T);
   }

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdint>
 
+#include "common/clock.h"
+
 namespace loopmoe::runtime {
 
 struct AllToAllStats {
@@ -15,7 +17,7 @@ struct AllToAllStats {
   void timed(int64_t bytes, Op&& op) {
     const auto t0 = std::chrono::steady_clock::now();
     op();
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    seconds += common::seconds_since(t0);
     bytes_sent += bytes;
   }
 };

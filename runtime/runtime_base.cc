@@ -93,7 +93,7 @@ StepReport RuntimeBase::report(int loops, double lr, double grad_norm, const All
   r.tokens = static_cast<int64_t>(config_.train.batch_size) * config_.model.seq_len;
   r.alltoall_bytes = a2a.bytes_sent;
   r.alltoall_seconds = a2a.seconds;
-  r.seconds = seconds_since(t0);
+  r.seconds = common::seconds_since(t0);
   return r;
 }
 

@@ -20,6 +20,7 @@
 
 #include "comm/communicator.h"
 #include "comm/gloo_communicator.h"
+#include "common/clock.h"
 #include "model/config.h"
 #include "runtime/comm_stats.h"
 #include "runtime/expert_partition.h"
@@ -28,10 +29,6 @@
 namespace loopmoe::runtime {
 
 using Clock = std::chrono::steady_clock;
-
-inline double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
 // Checks the setup (store, counts, rank within the role) and parses its config; throws
 // ConfigError naming what is wrong. `role` is the runtime being built: a worker runtime refuses a

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "comm/gloo_communicator.h"
+#include "common/clock.h"
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
@@ -36,7 +37,6 @@ using runtime::read_worker_checkpoint;
 using runtime::ResumePoint;
 using runtime::Role;
 using runtime::RuntimeBase;
-using runtime::seconds_since;
 using runtime::StepReport;
 using runtime::sum_of_squares;
 using runtime::WorkerCheckpoint;
@@ -135,7 +135,7 @@ class WorkerRuntime final : public RuntimeBase {
         r.expert_tokens.insert(r.expert_tokens.end(), kept.begin(), kept.end());
       }
     }
-    r.seconds = seconds_since(t0);  // the loss reduction included
+    r.seconds = common::seconds_since(t0);  // the loss reduction included
     return r;
   }
 
