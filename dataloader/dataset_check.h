@@ -26,10 +26,10 @@ struct DatasetHeaders {
 };
 
 // Checks DIR/train.bin and, when needs.val, DIR/val.bin from their headers only
-// (read_shard_header: 48 bytes each, so it answers at once for any size): that each exists and
-// is a well-formed shard, that its vocabulary is at most needs.max_vocab, and that it holds at
-// least one window. Throws DataError whose message starts with the offending file. The checksum
-// and the tokens are left to TokenShard::open.
+// (read_shard_header: one header of at most 56 bytes each, so it answers at once for any size):
+// that each exists and is a well-formed shard, that its vocabulary is at most needs.max_vocab, and
+// that it holds at least one window. Throws DataError whose message starts with the offending file.
+// The checksum and the tokens are left to TokenShard::open.
 DatasetHeaders check_dataset(const std::filesystem::path& dir, const DatasetNeeds& needs);
 
 // The same check of DIR/val.bin alone (needs.val is ignored; needs.val_why is added as above), for

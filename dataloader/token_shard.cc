@@ -43,13 +43,24 @@ void store(unsigned char* p, T v) {
   throw DataError(path.string() + ": " + what);
 }
 
-// Layout offsets inside the 48-byte header.
+// Layout offsets inside the header. Version 2 is version 1's 48 bytes plus the header checksum.
 constexpr size_t kOffVersion = 8, kOffVocab = 12, kOffBytesPerToken = 16, kOffReserved = 20,
-                 kOffNumTokens = 24, kOffNumDocs = 32, kOffChecksum = 40;
+                 kOffNumTokens = 24, kOffNumDocs = 32, kOffChecksum = 40, kOffHeaderChecksum = 48;
+static_assert(kOffHeaderChecksum == kShardHeaderBytesV1);
+static_assert(kOffHeaderChecksum + sizeof(uint64_t) == kShardHeaderBytes);
+
+// Version 2's header checksum: XXH64 (seed 0) of the header bytes before it.
+uint64_t header_checksum(const unsigned char* header) {
+  return XXH64(header, kOffHeaderChecksum, 0);
+}
 
 }  // namespace
 
 uint32_t bytes_per_token_for_vocab(uint32_t vocab_size) { return vocab_size < 65536 ? 2 : 4; }
+
+size_t shard_header_bytes(uint32_t version) {
+  return version == 1 ? kShardHeaderBytesV1 : kShardHeaderBytes;
+}
 
 void write_token_shard(const std::filesystem::path& path, uint32_t vocab_size,
                        std::span<const int32_t> tokens, std::span<const uint64_t> doc_offsets) {
@@ -118,6 +129,7 @@ void write_token_shard(const std::filesystem::path& path, uint32_t vocab_size,
   store<uint64_t>(header + kOffNumTokens, tokens.size());
   store<uint64_t>(header + kOffNumDocs, num_docs);
   store<uint64_t>(header + kOffChecksum, checksum);
+  store<uint64_t>(header + kOffHeaderChecksum, header_checksum(header));
   out.pwrite(header, sizeof header, 0);
   out.commit();
 }
@@ -144,29 +156,44 @@ int open_regular_file(const std::filesystem::path& path, uint64_t* file_bytes) {
 }
 
 // The header checks TokenShard::open and read_shard_header share. `head` holds the file's first
-// `head_len` bytes: all 48 header bytes, or fewer only when the file itself is shorter.
+// `head_len` bytes: all kShardHeaderBytes, or fewer only when the file itself is shorter.
 ShardHeader check_header(const std::filesystem::path& path, const unsigned char* head,
                          size_t head_len, uint64_t file_bytes) {
-  if (file_bytes < kShardHeaderBytes) {
-    // A short file that does not even start like a shard is some other file, not a cut shard;
-    // saying "truncated" there would send the user looking for the wrong problem.
-    const size_t n = std::min(head_len, sizeof kShardMagic);
-    if (n == 0 || std::memcmp(head, kShardMagic, n) != 0) {
-      fail(path, "bad magic (not a LoopMoE token shard; expected \"LMOETOK\\0\")");
-    }
-    fail(path, "truncated: file holds " + std::to_string(file_bytes) + " bytes, less than the " +
-                   std::to_string(kShardHeaderBytes) + "-byte header");
-  }
-  const unsigned char* h = head;
-  if (std::memcmp(h, kShardMagic, sizeof kShardMagic) != 0) {
+  // A short file that does not even start like a shard is some other file, not a cut shard;
+  // saying "truncated" there would send the user looking for the wrong problem.
+  const size_t magic_len = std::min(head_len, sizeof kShardMagic);
+  if (magic_len == 0 || std::memcmp(head, kShardMagic, magic_len) != 0) {
     fail(path, "bad magic (not a LoopMoE token shard; expected \"LMOETOK\\0\")");
   }
+  const auto truncated_header = [&](size_t header_bytes) {
+    fail(path, "truncated: file holds " + std::to_string(file_bytes) + " bytes, less than the " +
+                   std::to_string(header_bytes) + "-byte header");
+  };
+  if (file_bytes < kOffVersion + sizeof(uint32_t)) truncated_header(kShardHeaderBytesV1);
+  const unsigned char* h = head;
   const uint32_t version = load<uint32_t>(h + kOffVersion);
-  if (version != kShardVersion) {
-    fail(path, "unsupported version " + std::to_string(version) + " (this build reads " +
-                   std::to_string(kShardVersion) + ")");
+  if (version != 1 && version != kShardVersion) {
+    fail(path, "unsupported version " + std::to_string(version) +
+                   " (this build reads versions 1 and " + std::to_string(kShardVersion) +
+                   "; a shard from a newer LoopMoE, or a corrupt one)");
+  }
+  const size_t header_bytes = shard_header_bytes(version);
+  if (file_bytes < header_bytes) truncated_header(header_bytes);
+  // Version 2: no header field is trusted before the header checksum matches, so a flipped bit
+  // is reported as corruption, not as whatever oddity the flipped field happens to show.
+  if (version >= 2) {
+    const uint64_t stored = load<uint64_t>(h + kOffHeaderChecksum);
+    const uint64_t actual = header_checksum(h);
+    if (stored != actual) {
+      char buf[112];
+      std::snprintf(buf, sizeof buf, "header checksum mismatch (stored %016llx, header %016llx)",
+                    static_cast<unsigned long long>(stored),
+                    static_cast<unsigned long long>(actual));
+      fail(path, buf);
+    }
   }
   ShardHeader hdr;
+  hdr.version = version;
   hdr.vocab_size = load<uint32_t>(h + kOffVocab);
   hdr.bytes_per_token = load<uint32_t>(h + kOffBytesPerToken);
   hdr.num_tokens = load<uint64_t>(h + kOffNumTokens);
@@ -185,7 +212,7 @@ ShardHeader check_header(const std::filesystem::path& path, const unsigned char*
   if (load<uint32_t>(h + kOffReserved) != 0) fail(path, "reserved header field is not 0");
 
   // Sizes are checked by division first: a corrupt header must not overflow the arithmetic.
-  const uint64_t after_header = file_bytes - kShardHeaderBytes;
+  const uint64_t after_header = file_bytes - header_bytes;
   if (hdr.num_docs >= after_header / sizeof(uint64_t)) {
     fail(path, "truncated: header says " + std::to_string(hdr.num_docs) +
                    " documents, file is too short for their offset table (" +
@@ -226,10 +253,13 @@ TokenShard TokenShard::open(const std::filesystem::path& path) {
   uint64_t file_bytes = 0;
   const int fd = open_regular_file(path, &file_bytes);
   if (file_bytes < kShardHeaderBytes) {
+    // Too short for any valid shard (a version 1 one holds at least its header and one offset):
+    // check_header says what is wrong.
     unsigned char head[kShardHeaderBytes] = {};
     const ssize_t got = ::pread(fd, head, file_bytes, 0);
     ::close(fd);
-    check_header(path, head, got > 0 ? static_cast<size_t>(got) : 0, file_bytes);  // throws
+    check_header(path, head, got > 0 ? static_cast<size_t>(got) : 0, file_bytes);
+    fail(path, "truncated: file holds " + std::to_string(file_bytes) + " bytes");
   }
   void* map = ::mmap(nullptr, file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_err = errno;
@@ -240,6 +270,7 @@ TokenShard TokenShard::open(const std::filesystem::path& path) {
   // From here on `shard`'s destructor unmaps on every throw.
 
   const ShardHeader hdr = check_header(path, shard.map_, kShardHeaderBytes, file_bytes);
+  shard.version_ = hdr.version;
   shard.vocab_size_ = hdr.vocab_size;
   shard.bytes_per_token_ = hdr.bytes_per_token;
   shard.num_tokens_ = hdr.num_tokens;
@@ -247,7 +278,7 @@ TokenShard TokenShard::open(const std::filesystem::path& path) {
   shard.checksum_ = hdr.checksum;
   const uint64_t offsets_bytes = (shard.num_docs_ + 1) * sizeof(uint64_t);
   const uint64_t payload_bytes = shard.num_tokens_ * shard.bytes_per_token_;
-  shard.offsets_ = shard.map_ + kShardHeaderBytes;
+  shard.offsets_ = shard.map_ + shard_header_bytes(hdr.version);
   shard.tokens_ = shard.offsets_ + offsets_bytes;
 
   // Checksum before interpreting the table, so corruption is reported as such rather than as
@@ -296,6 +327,7 @@ TokenShard& TokenShard::operator=(TokenShard&& other) noexcept {
     path_ = std::move(other.path_);
     map_ = std::exchange(other.map_, nullptr);
     map_bytes_ = std::exchange(other.map_bytes_, 0);
+    version_ = std::exchange(other.version_, 0);
     offsets_ = std::exchange(other.offsets_, nullptr);
     tokens_ = std::exchange(other.tokens_, nullptr);
     vocab_size_ = std::exchange(other.vocab_size_, 0);

@@ -2,9 +2,11 @@
 
 #include <xxhash.h>
 
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "dataloader/file_util.h"
 #include "model/error.h"
@@ -12,7 +14,9 @@
 namespace loopmoe::runtime {
 namespace {
 
-constexpr uint32_t kVersion = 1;
+// Version 2 appends header_checksum to version 1's header. Version 1 files (a job committed
+// before the upgrade) are still read, with their header unchecked as it always was.
+constexpr uint32_t kVersion = 2;
 
 struct WorkerHeader {
   char magic[8];
@@ -22,7 +26,11 @@ struct WorkerHeader {
   uint64_t config_hash;
   uint64_t num_floats;  // per array (params, m, v)
   uint64_t checksum;    // XXH64 of the payload
+  // Version 2: XXH64 of the header bytes before it (which include the payload's checksum, so it
+  // stands for the whole file: write_*_checkpoint returns it).
+  uint64_t header_checksum;
 };
+static_assert(offsetof(WorkerHeader, header_checksum) == 80 && sizeof(WorkerHeader) == 88);
 constexpr char kWorkerMagic[8] = {'L', 'M', 'O', 'E', 'W', 'R', 'K', 'R'};
 
 struct ShardHeader {
@@ -32,9 +40,21 @@ struct ShardHeader {
   uint64_t config_hash;
   uint32_t num_layers, first_expert, num_experts, reserved;
   uint64_t floats_per_expert;
-  uint64_t checksum;
+  uint64_t checksum;         // XXH64 of the payload
+  uint64_t header_checksum;  // version 2, as in WorkerHeader
 };
+static_assert(offsetof(ShardHeader, header_checksum) == 72 && sizeof(ShardHeader) == 80);
 constexpr char kShardMagic[8] = {'L', 'M', 'O', 'E', 'S', 'H', 'R', 'D'};
+
+// Version 1's header: everything before header_checksum.
+template <typename Header>
+constexpr size_t v1_header_bytes() {
+  return offsetof(Header, header_checksum);
+}
+template <typename Header>
+uint64_t header_checksum(const Header& h) {
+  return XXH64(&h, v1_header_bytes<Header>(), 0);
+}
 
 uint64_t payload_checksum(const std::vector<float>& a, const std::vector<float>& b,
                           const std::vector<float>& c) {
@@ -51,6 +71,7 @@ uint64_t write_file(const std::string& path, Header h, const std::vector<float>&
                     const std::vector<float>& m, const std::vector<float>& v, int64_t* bytes) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());
   h.checksum = payload_checksum(params, m, v);
+  h.header_checksum = header_checksum(h);
   try {
     data::AtomicFileWriter out(path);
     out.write(&h, sizeof(h));
@@ -60,33 +81,55 @@ uint64_t write_file(const std::string& path, Header h, const std::vector<float>&
     throw CheckpointError(std::string("cannot write checkpoint: ") + e.what());
   }
   if (bytes) *bytes = static_cast<int64_t>(sizeof(h) + 3 * params.size() * sizeof(float));
-  return h.checksum;
+  return h.header_checksum;
 }
 
-// Reads header and the three arrays of `n(header)` floats, verifying size and checksum.
+// Reads header and the three arrays of `n(header)` floats, verifying the header checksum (version
+// 2) before using any field past the version, then the size and the payload checksum.
 template <typename Header, typename Count>
 Header read_file(const std::string& path, const char (&magic)[8], uint64_t expected_checksum,
                  Count n_of, std::vector<float>& params, std::vector<float>& m,
                  std::vector<float>& v) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw CheckpointError(path + ": cannot open checkpoint file");
-  Header h;
-  in.read(reinterpret_cast<char*>(&h), sizeof(h));
-  if (!in) throw CheckpointError(path + ": truncated checkpoint file (no complete header)");
-  if (std::memcmp(h.magic, magic, 8) != 0) {
+  Header h{};
+  in.read(reinterpret_cast<char*>(&h), v1_header_bytes<Header>());
+  const auto truncated = [&] {
+    throw CheckpointError(path + ": truncated checkpoint file (no complete header)");
+  };
+  if (in.gcount() >= 8 && std::memcmp(h.magic, magic, 8) != 0) {
     throw CheckpointError(path + ": not a LoopMoE " +
                           std::string(magic[4] == 'W' ? "worker" : "expert shard") +
                           " checkpoint file (bad magic)");
   }
-  if (h.version != kVersion) {
+  if (!in) truncated();
+  if (h.version != 1 && h.version != kVersion) {
     throw CheckpointError(path + ": checkpoint file version " + std::to_string(h.version) +
-                          " is not supported (expected " + std::to_string(kVersion) + ")");
+                          " is not supported (this build reads versions 1 and " +
+                          std::to_string(kVersion) +
+                          "; a corrupt file, or one from a newer LoopMoE)");
   }
+  const size_t header_bytes = h.version == 1 ? v1_header_bytes<Header>() : sizeof(Header);
+  if (h.version >= 2) {
+    in.read(reinterpret_cast<char*>(&h.header_checksum), sizeof h.header_checksum);
+    if (!in) truncated();
+    if (h.header_checksum != header_checksum(h)) {
+      throw CheckpointError(path + ": header checksum mismatch (file is corrupt)");
+    }
+  }
+  // The size the header implies, without overflow (a corrupt version 1 header can say anything).
   const uint64_t n = n_of(h);
-  const uint64_t want = sizeof(h) + 3 * n * sizeof(float);
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  const uint64_t want =
+      n > kMax / 4 / (3 * sizeof(float)) ? kMax : header_bytes + 3 * n * sizeof(float);
   const uint64_t have = std::filesystem::file_size(path);
-  if (have != want) {
-    throw CheckpointError(path + ": truncated or oversized checkpoint file: header implies " +
+  if (have < want) {
+    throw CheckpointError(path + ": truncated checkpoint file: header implies " +
+                          std::to_string(want) + " bytes, file has " + std::to_string(have));
+  }
+  if (have > want) {
+    throw CheckpointError(path +
+                          ": trailing bytes after the checkpoint file's data: header implies " +
                           std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   for (auto* a : {&params, &m, &v}) {
@@ -96,7 +139,10 @@ Header read_file(const std::string& path, const char (&magic)[8], uint64_t expec
   if (!in) throw CheckpointError(path + ": read error");
   const uint64_t sum = payload_checksum(params, m, v);
   if (sum != h.checksum) throw CheckpointError(path + ": checksum mismatch (file is corrupt)");
-  if (expected_checksum != 0 && sum != expected_checksum) {
+  // What the writer returned and the coordinator recorded: the header checksum (version 2) or
+  // the payload checksum (version 1).
+  const uint64_t file_checksum = h.version == 1 ? sum : h.header_checksum;
+  if (expected_checksum != 0 && file_checksum != expected_checksum) {
     throw CheckpointError(path +
                           ": checksum differs from the one recorded in the checkpoint "
                           "metadata (file replaced or rewritten)");

@@ -4,8 +4,10 @@
 //   Workers are replicas, so any worker's file restores any worker.
 // - shard-<rank>.bin: the experts [first, first + count) of every unique layer with their m and v,
 //   keyed by global expert id, so a checkpoint restores onto any number of shards.
-// Each is a fixed header then float32 payload, XXH64 of the payload in the header, written to a
-// temporary file, fsynced and renamed. Errors throw CheckpointError naming the file.
+// Each is a fixed header then float32 payload (format: docs/DATA.md "Checkpoint files"): XXH64 of
+// the payload in the header, and (version 2) an XXH64 of the header ending it, so any changed byte
+// is detected; written to a temporary file, fsynced and renamed. Errors throw CheckpointError
+// naming the file. Version 1 files are still read.
 #pragma once
 
 #include <cstdint>
@@ -34,11 +36,14 @@ struct ShardCheckpoint {
   std::vector<float> params, m, v;
 };
 
-// Both return the XXH64 checksum of what they wrote; *bytes gets the file size.
+// Both return the file's checksum (its header checksum, which covers the payload's checksum and
+// so the whole file) for the checkpoint metadata; *bytes gets the file size.
 uint64_t write_worker_checkpoint(const std::string& path, const WorkerCheckpoint& c,
                                  int64_t* bytes);
 uint64_t write_shard_checkpoint(const std::string& path, const ShardCheckpoint& c, int64_t* bytes);
-// Verify size and checksum (and `expected_checksum` when non-zero).
+// Verify header checksum, size and payload checksum whatever `expected_checksum` is, and that the
+// file's checksum equals `expected_checksum` when that is non-zero (0: nothing recorded). For a
+// version 1 file the file's checksum is the payload's, as version 1 writers returned.
 WorkerCheckpoint read_worker_checkpoint(const std::string& path, uint64_t expected_checksum);
 ShardCheckpoint read_shard_checkpoint(const std::string& path, uint64_t expected_checksum);
 

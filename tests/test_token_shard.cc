@@ -1,6 +1,8 @@
 // Tests for dataloader/token_shard: the shard format, its round trip, and every kind of
 // corrupt or truncated shard.
 #include <gtest/gtest.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cstring>
@@ -124,6 +126,11 @@ class CorruptShardTest : public ::testing::Test {
     bytes_ = slurp(path_);
   }
   void patch_u32(size_t at, uint32_t v) { std::memcpy(&bytes_[at], &v, 4); }
+  // Recomputes the header checksum after a patch, so that the checks behind it are reached.
+  void reseal() {
+    const uint64_t sum = XXH64(bytes_.data(), kShardHeaderBytesV1, 0);
+    std::memcpy(&bytes_[kShardHeaderBytesV1], &sum, 8);
+  }
   void save() { spit(path_, bytes_); }
   // TokenShard::open fails with `what`; so does read_shard_header for the errors its header and
   // sizes show, while it accepts what only the checksum or the tokens give away.
@@ -164,8 +171,13 @@ TEST_F(CorruptShardTest, EmptyFile) {
 }
 
 TEST_F(CorruptShardTest, UnsupportedVersion) {
-  patch_u32(8, 2);
-  expect_open_error("unsupported version 2");
+  patch_u32(8, 3);
+  expect_open_error("unsupported version 3 (this build reads versions 1 and 2");
+}
+
+TEST_F(CorruptShardTest, FlippedHeaderField) {
+  bytes_[12] ^= 0x01;  // vocab 1000 -> 1001: every token still fits; only the checksum can tell
+  expect_open_error("header checksum mismatch");
 }
 
 TEST_F(CorruptShardTest, TruncatedPayload) {
@@ -195,14 +207,16 @@ TEST_F(CorruptShardTest, FlippedOffsetByte) {
 }
 
 TEST_F(CorruptShardTest, TokenOutOfRange) {
-  // The checksum covers the payload, not the header, so shrinking the vocabulary in the header
-  // leaves a shard with a valid checksum whose ids exceed its vocabulary.
+  // A header whose checksums hold but whose vocabulary is smaller than its ids (a buggy writer;
+  // or a version 1 shard, whose header no checksum covers): every id is checked.
   patch_u32(12, 10);
+  reseal();
   expect_open_error("out of range for vocab 10", /*header_shows_it=*/false);
 }
 
 TEST_F(CorruptShardTest, WidthDisagreesWithVocab) {
   patch_u32(12, 70000);
+  reseal();
   expect_open_error("vocab 70000 needs uint32 tokens");
 }
 

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -122,6 +123,34 @@ TEST_F(TrainerTest, CorruptCheckpointIsRejected) {
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
   }
+}
+
+// Issue 11: a bit flip in the header's step (5 -> 4) used to be accepted; the resumed run redid
+// step 5 and overwrote the checkpoint. Now the header checksum refuses it, and nothing is written.
+TEST_F(TrainerTest, FlippedCheckpointHeaderIsRejected) {
+  TrainOptions o = options("run");
+  o.stop_after = 5;
+  train(config_, o);
+  const fs::path ckpt = root_ / "run" / "checkpoint.bin";
+  std::string bytes = read_all(ckpt);
+  int64_t step = 0;
+  std::memcpy(&step, bytes.data() + 32, 8);  // the header's step field
+  ASSERT_EQ(step, 5);
+  bytes[32] ^= 0x01;
+  std::ofstream(ckpt, std::ios::binary | std::ios::trunc) << bytes;
+  const std::string metrics = read_all(root_ / "run" / "metrics.jsonl");
+  o.resume = true;
+  o.stop_after = -1;
+  try {
+    train(config_, o);
+    FAIL() << "flipped step accepted";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find(ckpt.string() + ": header checksum mismatch"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(read_all(ckpt), bytes);
+  EXPECT_EQ(read_all(root_ / "run" / "metrics.jsonl"), metrics);
 }
 
 TEST_F(TrainerTest, MissingDataNamesTheFile) {

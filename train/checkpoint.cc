@@ -3,9 +3,11 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -16,7 +18,9 @@ namespace loopmoe {
 namespace {
 
 constexpr char kMagic[8] = {'L', 'M', 'O', 'E', 'C', 'K', 'P', 'T'};
-constexpr uint32_t kVersion = 1;
+// Version 2 appends header_checksum to version 1's header; version 1 files are still read (their
+// header is unchecked, as it always was).
+constexpr uint32_t kVersion = 2;
 
 // Fixed-size little-endian header; the payload follows: config text, params, m, v (float32).
 struct Header {
@@ -29,7 +33,15 @@ struct Header {
   int64_t adam_steps;
   uint64_t sampler_seed, sampler_epoch, sampler_index;
   uint64_t checksum;  // XXH64 of the payload
+  // Version 2 only: XXH64 of the header bytes before it. They include the payload's checksum, so
+  // together the two cover every byte of the file.
+  uint64_t header_checksum;
 };
+constexpr size_t kHeaderBytesV1 = offsetof(Header, header_checksum);
+static_assert(kHeaderBytesV1 == 80 && sizeof(Header) == 88, "the header layout is the format");
+
+uint64_t header_checksum(const Header& h) { return XXH64(&h, kHeaderBytesV1, 0); }
+size_t header_bytes(const Header& h) { return h.version == 1 ? kHeaderBytesV1 : sizeof(Header); }
 
 // A failed checkpoint write, worded as the checkpoint's errors always were.
 void throw_checkpoint_error(const common::WriteFailure& f) {
@@ -57,19 +69,41 @@ struct Loaded {
   std::vector<float> params, m, v;
 };
 
+// Reads and checks the header: magic, version and (version 2) the header checksum, so that no
+// field of a version 2 header is used unverified.
 Header read_header(std::ifstream& in, const std::string& path) {
   if (!in) throw CheckpointError(path + ": cannot open checkpoint");
-  Header h;
-  in.read(reinterpret_cast<char*>(&h), sizeof(Header));
-  if (!in) throw CheckpointError(path + ": truncated checkpoint (no complete header)");
-  if (std::memcmp(h.magic, kMagic, 8) != 0) {
+  Header h{};
+  in.read(reinterpret_cast<char*>(&h), kHeaderBytesV1);
+  const auto truncated = [&] {
+    throw CheckpointError(path + ": truncated checkpoint (no complete header)");
+  };
+  if (in.gcount() >= 8 && std::memcmp(h.magic, kMagic, 8) != 0) {
     throw CheckpointError(path + ": not a LoopMoE checkpoint (bad magic)");
   }
-  if (h.version != kVersion) {
+  if (!in) truncated();
+  if (h.version != 1 && h.version != kVersion) {
     throw CheckpointError(path + ": checkpoint version " + std::to_string(h.version) +
-                          " is not supported (expected " + std::to_string(kVersion) + ")");
+                          " is not supported (this build reads versions 1 and " +
+                          std::to_string(kVersion) +
+                          "; a corrupt file, or one from a newer LoopMoE)");
+  }
+  if (h.version >= 2) {
+    in.read(reinterpret_cast<char*>(&h.header_checksum), sizeof h.header_checksum);
+    if (!in) truncated();
+    if (h.header_checksum != header_checksum(h)) {
+      throw CheckpointError(path + ": header checksum mismatch (corrupt file)");
+    }
   }
   return h;
+}
+
+// The file size a header implies; the maximum uint64 where that overflows (only a corrupt
+// version 1 header can say so).
+uint64_t implied_size(const Header& h) {
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  if (h.num_params > kMax / 4 / (3 * sizeof(float)) || h.config_bytes > kMax / 4) return kMax;
+  return header_bytes(h) + h.config_bytes + 3 * h.num_params * sizeof(float);
 }
 
 Loaded read_file(const std::string& path) {
@@ -77,10 +111,14 @@ Loaded read_file(const std::string& path) {
   Loaded l;
   l.header = read_header(in, path);
   const uint64_t n = l.header.num_params;
-  const uint64_t want = sizeof(Header) + l.header.config_bytes + 3 * n * sizeof(float);
+  const uint64_t want = implied_size(l.header);
   const uint64_t have = std::filesystem::file_size(path);
-  if (have != want) {
-    throw CheckpointError(path + ": truncated or oversized checkpoint: header implies " +
+  if (have < want) {
+    throw CheckpointError(path + ": truncated checkpoint: header implies " + std::to_string(want) +
+                          " bytes, file has " + std::to_string(have));
+  }
+  if (have > want) {
+    throw CheckpointError(path + ": trailing bytes after the checkpoint: header implies " +
                           std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   l.config_text.resize(l.header.config_bytes);
@@ -127,6 +165,7 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
   XXH64_update(st, opt.v().data(), n * sizeof(float));
   h.checksum = XXH64_digest(st);
   XXH64_freeState(st);
+  h.header_checksum = header_checksum(h);
 
   common::AtomicFileWriter out(path, throw_checkpoint_error);
   out.write(&h, sizeof(h));

@@ -1,5 +1,6 @@
 // Local training checkpoints: one file holding config, parameters, AdamW moments, step and the
-// data position, checksummed and written atomically (docs/CHECKPOINT.md).
+// data position, checksummed (header and payload) and written atomically (format: docs/DATA.md
+// "Checkpoint files"). Every reader throws CheckpointError naming the file.
 #pragma once
 
 #include <cstdint>
@@ -24,8 +25,9 @@ struct TrainProgress {
 void save_checkpoint(const std::string& path, const Config& config, const Model& model,
                      AdamW& optimizer, const TrainProgress& progress);
 
-// The steps a checkpoint says are done, from its header alone (magic and version checked, not
-// the checksum): enough to plan a resumed run before loading it.
+// The steps a checkpoint says are done, from its header alone (magic, version and the header
+// checksum checked, not the payload's): enough to plan a resumed run before loading it. A
+// version 1 file has no header checksum; its step is verified only by the full load.
 int64_t read_checkpoint_step(const std::string& path);
 
 // Reads the config stored in a checkpoint (validated, checksum verified).
