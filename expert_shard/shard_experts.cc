@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "model/ops.h"
 #include "runtime/collective_dispatcher.h"
 
 namespace loopmoe::expert_shard {
@@ -106,17 +107,11 @@ void ShardExperts::serve_forward(int application, int layer) {
   recv_.resize(static_cast<size_t>(rows) * D);
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
   b.x.resize(recv_.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy_n(recv_.data() + sv.recv_row_of[r] * D, D, b.x.data() + r * D);
-  }
+  ops::gather_rows(b.x.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
   out_.resize(recv_.size());
   experts_forward(out_.data(), b, weights(layer), shape_);
   send_.resize(out_.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy_n(out_.data() + r * D, D, send_.data() + sv.recv_row_of[r] * D);
-  }
+  ops::scatter_rows(send_.data(), out_.data(), sv.recv_row_of.data(), rows, D);
   stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
 }
@@ -130,17 +125,12 @@ void ShardExperts::serve_backward(int application, int layer) {
   for (int w = 0; w < W; ++w) counts[w] = sv.worker_rows[w] * D;
   recv_.resize(static_cast<size_t>(rows) * D);
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
-  std::vector<float> dy(recv_.size()), dx(recv_.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy_n(recv_.data() + sv.recv_row_of[r] * D, D, dy.data() + r * D);
-  }
-  experts_backward(dx.data(), dy.data(), sv.batch, weights(layer), shape_);
-  send_.resize(dx.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy_n(dx.data() + r * D, D, send_.data() + sv.recv_row_of[r] * D);
-  }
+  dy_.resize(recv_.size());
+  dx_.resize(recv_.size());
+  ops::gather_rows(dy_.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
+  experts_backward(dx_.data(), dy_.data(), sv.batch, weights(layer), shape_);
+  send_.resize(dx_.size());
+  ops::scatter_rows(send_.data(), dx_.data(), sv.recv_row_of.data(), rows, D);
   stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/buffer.h"
 #include "model/config.h"
 #include "model/experts.h"
 #include "runtime/comm_stats.h"
@@ -62,7 +63,10 @@ class ShardExperts {
   int layers_, local_;
   std::vector<float> params_, grads_;
   std::vector<Saved> saved_;  // per application
-  std::vector<float> recv_, send_, out_;
+  // Rows as the workers sent them / will receive them (communication staging, host memory), and
+  // the experts' input is batch.x; their output and the backward's dy, dx in the batch's order.
+  std::vector<float> recv_, send_;
+  Buffer<float> out_, dy_, dx_;
   AllToAllStats stats_;
 };
 
