@@ -10,6 +10,7 @@
 #include "expert_shard/shard_experts.h"
 #include "model/error.h"
 #include "model/model.h"
+#include "model/ops.h"
 #include "model/optimizer.h"
 #include "model/param_layout.h"
 #include "runtime/process_checkpoint.h"
@@ -56,9 +57,7 @@ class ShardRuntime final : public RuntimeBase {
     float* g = experts_->grads();
     const size_t n = experts_->num_params();
     const auto [norm, coef] = global_clip(sum_of_squares(g, n));
-    if (coef != 1.f) {
-      for (size_t i = 0; i < n; ++i) g[i] *= coef;
-    }
+    if (coef != 1.f) ops::scale_inplace(g, n, coef);
     const double lr = learning_rate(config_.train, static_cast<int>(steps_done_));
     adam_->step(experts_->params(), g, lr);
     ++steps_done_;

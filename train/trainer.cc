@@ -19,6 +19,7 @@
 #include "model/error.h"
 #include "model/model.h"
 #include "model/optimizer.h"
+#include "model/train_step.h"
 #include "train/checkpoint.h"
 #include "train/format.h"
 
@@ -186,15 +187,14 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   const auto save = [&](int64_t steps_done) {
     save_checkpoint(ckpt.string(), cfg, model, adam, {steps_done, sampler.state(), opt.threads});
   };
+  const FinishGradients finish_gradients = clip_locally(model.num_params(), tc.grad_clip);
   for (int step = static_cast<int>(start); step < end; ++step) {
     const auto t0 = Clock::now();
     sampler.next(in.data(), tg.data());
-    model.zero_grad();
-    const LossParts loss = model.forward(in.data(), tg.data(), B, T);
-    model.backward();
-    const double norm = clip_grad_norm(model.grads(), model.num_params(), tc.grad_clip);
-    const double lr = learning_rate(tc, step);
-    adam.step(model.params(), model.grads(), lr);
+    const StepOutcome outcome =
+        train_step(model, adam, tc, step, {in.data(), tg.data(), B, T}, finish_gradients);
+    const LossParts& loss = outcome.loss;
+    const double norm = outcome.grad_norm, lr = outcome.lr;
     const double dt = common::seconds_since(t0);
     train_seconds += dt;
     window_seconds += dt;

@@ -17,6 +17,7 @@
 #include "model/model.h"
 #include "model/ops.h"
 #include "model/optimizer.h"
+#include "model/train_step.h"
 #include "runtime/collective_dispatcher.h"
 #include "runtime/process_checkpoint.h"
 #include "runtime/runtime_base.h"
@@ -100,26 +101,24 @@ class WorkerRuntime final : public RuntimeBase {
     sampler_.next(batch_in_.data(), batch_tg_.data());
     const size_t first = static_cast<size_t>(row_begin_) * T;
     dispatcher_->stats() = {};
-    model_.zero_grad();
-    const LossParts loss =
-        model_.forward(batch_in_.data() + first, batch_tg_.data() + first, Bw, T, loops);
-    model_.backward();
     // Replica gradients, packed once: each worker's covers its slice, scaled by the global token
     // count; combined over the workers, worker 0's share of the global norm, clipped, unpacked.
-    float* g = model_.grads();
-    pack(g, packed_);
-    if (workers_) combine_replica_grads();
-    const auto [norm, coef] =
-        global_clip(setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0);
-    if (coef != 1.f) {
-      for (float& x : packed_) x *= coef;
-    }
-    unpack(packed_, g);
-    const double lr = learning_rate(tc, static_cast<int>(steps_done_));
-    adam_.step(model_.params(), g, lr, ranges_);
+    const auto finish = [&](float* g) {
+      pack(g, packed_);
+      if (workers_) combine_replica_grads();
+      const auto [norm, coef] =
+          global_clip(setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0);
+      if (coef != 1.f) ops::scale_inplace(packed_.data(), packed_.size(), coef);
+      unpack(packed_, g);
+      return norm;
+    };
+    const StepOutcome outcome = train_step(
+        model_, adam_, tc, steps_done_,
+        {batch_in_.data() + first, batch_tg_.data() + first, Bw, T, loops}, finish, &ranges_);
+    const LossParts& loss = outcome.loss;
     ++steps_done_;
 
-    StepReport r = report(loops, lr, norm, dispatcher_->stats(), t0);
+    StepReport r = report(loops, outcome.lr, outcome.grad_norm, dispatcher_->stats(), t0);
     // The cross-entropy sums are integers (ops::LossSum), so adding the workers' gives the single
     // process's sum bit for bit.
     int64_t parts[3] = {loss.ce_sum.units, loss.ce_sum.invalid, loss.dropped};
