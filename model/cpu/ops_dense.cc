@@ -142,7 +142,9 @@ int tree_sum(T* base, size_t stride, int lo, int hi,
   const int mid = lo + (hi - lo) / 2;
   T* a = base + static_cast<size_t>(tree_sum(base, stride, lo, mid, ranges)) * stride;
   const T* b = base + static_cast<size_t>(tree_sum(base, stride, mid, hi, ranges)) * stride;
-  for (const auto& [offset, n] : ranges) {
+  for (const auto& range : ranges) {
+    // Plain locals, not a structured binding: clang < 16 cannot use bindings in an OpenMP region.
+    const size_t offset = range.first, n = range.second;
 #pragma omp parallel for schedule(static)
     for (size_t i = offset; i < offset + n; ++i) a[i] += b[i];
   }

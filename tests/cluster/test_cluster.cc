@@ -603,8 +603,12 @@ TEST_F(ClusterTest, CorruptProcessCheckpointTruncatedOrExtendedIsRefused) {
   const fs::path worker = dir_ / "worker-1.bin", shard = dir_ / "shard-2.bin";
   write_worker_checkpoint(worker.string(), small_worker_checkpoint(), nullptr);
   write_shard_checkpoint(shard.string(), small_shard_checkpoint(), nullptr);
-  for (const auto& [path, header] :
+  for (const auto& file :
        {std::pair{worker, kWorkerHeaderV1 + 8}, std::pair{shard, kShardHeaderV1 + 8}}) {
+    // Named copies, not a structured binding: the lambda below captures the path, which clang 14
+    // (the thread-safety check's compiler) refuses for a binding.
+    const fs::path& path = file.first;
+    const size_t header = file.second;
     SCOPED_TRACE(path.string());
     const std::string whole = read_bytes(path);
     const auto read = [&] {
