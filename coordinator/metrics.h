@@ -1,5 +1,7 @@
 // Prometheus metrics of the coordinator (names: docs/SERVICE.md), served by a pull Exposer when a
-// listen address is given. Thread-safe.
+// listen address is given, together with the standard process_* series of the Prometheus client
+// libraries (CPU, memory, threads, file descriptors; common/process_stats.h), read from /proc at
+// each scrape. Thread-safe.
 #pragma once
 
 #include <absl/base/thread_annotations.h>
@@ -14,6 +16,7 @@
 #include "proto/loopmoe.pb.h"
 
 namespace prometheus {
+class Collectable;
 class Exposer;
 class Registry;
 class Gauge;
@@ -41,6 +44,7 @@ class CoordinatorMetrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<prometheus::Collectable> process_resources_;  // stateless, served with registry_
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::string address_;
   // Set by the constructor. The families are thread-safe themselves; mu_ serialises the set_*

@@ -1,5 +1,6 @@
 // Prometheus metrics of one training process (worker or expert shard), served by a pull Exposer
-// on --metrics-listen. Every series carries `role`; training series also carry `job_id` and `rank`.
+// on --metrics-listen. Every loopmoe_* series carries `role`; training series also carry `job_id`
+// and `rank`.
 //
 // Families (docs: deploy/README.md):
 //   loopmoe_train_loss                    gauge      total loss of the last step (workers only)
@@ -18,6 +19,12 @@
 //   loopmoe_heartbeat_age_seconds         gauge      seconds since the coordinator last
 //                                                    acknowledged a heartbeat (or registration);
 //                                                    since process start before the first one
+//   process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+//   process_open_fds, process_max_fds, process_start_time_seconds, process_threads
+//                                                    the standard process series of the
+//                                                    Prometheus client libraries, without labels,
+//                                                    read from /proc at each scrape
+//                                                    (common/process_stats.h)
 //
 // The series of a job stay until the process joins the next job, so the final values of a job
 // can still be scraped after it ends; then they are removed so that a long-lived process does
@@ -72,6 +79,7 @@ class ProcessMetrics {
 
  private:
   class HeartbeatAge;
+  class ProcessResources;
   struct JobSeries;
 
   void drop_job_series_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
@@ -81,6 +89,7 @@ class ProcessMetrics {
   const runtime::Role role_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<HeartbeatAge> heartbeat_age_;
+  std::shared_ptr<ProcessResources> process_resources_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 
   prometheus::Family<prometheus::Gauge>& train_loss_;

@@ -1,18 +1,26 @@
-// Tests for common/: atomic file writes, whole-file reads, elapsed seconds, run_main.
+// Tests for common/: atomic file writes, whole-file reads, elapsed seconds, run_main, process
+// statistics from /proc.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
 
 #include "common/atomic_file.h"
 #include "common/clock.h"
+#include "common/process_stats.h"
 #include "common/run_main.h"
 #include "common/text_file.h"
 
@@ -209,6 +217,139 @@ TEST(RunMain, PrintsAnExceptionAsOneErrorLine) {
   testing::internal::CaptureStderr();
   EXPECT_EQ(run_main([] { throw std::logic_error("boom"); }, ErrorLine::kOwnLine), 1);
   EXPECT_EQ(testing::internal::GetCapturedStderr(), "\nerror: boom\n");
+}
+
+// ---- process statistics (suite names start with Common so that `ctest -R Common` runs them) ----
+
+TEST(CommonProcessStats, ParsesStatWhoseCommandHoldsSpacesAndParentheses) {
+  // Fields 1-24 of /proc/<pid>/stat, with a command name "a) (b c)" (up to 15 bytes, any bytes).
+  const std::string stat =
+      "4242 (a) (b c)) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 7 0 123456 "
+      "987654321 2048 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0\n";
+  const std::optional<ProcStat> parsed = parse_proc_stat(stat);
+  ASSERT_TRUE(parsed.has_value());
+  EXPECT_EQ(parsed->utime_ticks, 250);
+  EXPECT_EQ(parsed->stime_ticks, 75);
+  EXPECT_EQ(parsed->num_threads, 7);
+  EXPECT_EQ(parsed->start_ticks, 123456);
+  EXPECT_EQ(parsed->vsize_bytes, 987654321);
+  EXPECT_EQ(parsed->rss_pages, 2048);
+}
+
+TEST(CommonProcessStats, RejectsTruncatedOrMalformedStat) {
+  EXPECT_FALSE(parse_proc_stat("").has_value());
+  EXPECT_FALSE(parse_proc_stat("4242 (no closing parenthesis S 1 2 3").has_value());
+  EXPECT_FALSE(
+      parse_proc_stat("4242 (x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75").has_value());
+  EXPECT_FALSE(parse_proc_stat("4242 (x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 2x0 75 0 0 20 0 7 0 "
+                               "123456 987654321 2048")
+                   .has_value());
+}
+
+TEST(CommonProcessStats, ParsesBootTime) {
+  EXPECT_EQ(parse_boot_time("cpu  1 2 3\nintr 5 6\nbtime 1700000000\nprocesses 9\n"), 1700000000);
+  EXPECT_EQ(parse_boot_time("btime 42"), 42);
+  EXPECT_FALSE(parse_boot_time("cpu 1 2 3\nprocesses 9\n").has_value());
+  EXPECT_FALSE(parse_boot_time("btimex 5\n").has_value());
+}
+
+TEST(CommonProcessStats, ReadsPlausibleValuesOfThisProcess) {
+  const ProcessStats stats = read_process_stats();
+  ASSERT_TRUE(stats.resident_memory_bytes && stats.virtual_memory_bytes && stats.cpu_seconds &&
+              stats.threads && stats.start_time_seconds && stats.open_fds && stats.max_fds);
+  EXPECT_GT(*stats.resident_memory_bytes, 0);
+  EXPECT_GE(*stats.virtual_memory_bytes, *stats.resident_memory_bytes);
+  EXPECT_GE(*stats.cpu_seconds, 0);
+  EXPECT_GE(*stats.threads, 1);
+  EXPECT_GE(*stats.open_fds, 3);  // at least stdin, stdout, stderr (and the directory's own)
+  EXPECT_GE(*stats.max_fds, *stats.open_fds);
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  // Started within the last hour (this test binary), not in the future; ticks are 10 ms.
+  EXPECT_LE(*stats.start_time_seconds, now + 1);
+  EXPECT_GT(*stats.start_time_seconds, now - 3600);
+}
+
+TEST(CommonProcessStats, OpenFdsFollowOpenAndClose) {
+  TempDir dir;
+  put(dir / "f", "x");
+  const double before = *read_process_stats().open_fds;
+  const int fd = ::open((dir / "f").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  const double opened = *read_process_stats().open_fds;
+  ::close(fd);
+  const double closed = *read_process_stats().open_fds;
+  EXPECT_EQ(opened, before + 1);
+  EXPECT_EQ(closed, before);
+}
+
+TEST(CommonProcessStats, CpuSecondsGrowWithBusyWork) {
+  const double before = *read_process_stats().cpu_seconds;
+  // Burn 0.2 s of CPU (std::clock is this process's CPU time).
+  const std::clock_t start = std::clock();
+  volatile double sink = 0;
+  while (std::clock() - start < CLOCKS_PER_SEC / 5) sink = sink + 1.0;
+  const double after = *read_process_stats().cpu_seconds;
+  EXPECT_GE(after, before + 0.1);
+  EXPECT_LT(after, before + 60);
+}
+
+TEST(CommonProcessStats, ThreadsCountAnExtraThread) {
+  const double before = *read_process_stats().threads;
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool started = false, stop = false;
+  std::thread thread([&] {
+    std::unique_lock lock(mutex);
+    started = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return stop; });
+  });
+  {
+    std::unique_lock lock(mutex);
+    cv.wait(lock, [&] { return started; });
+  }
+  const double during = *read_process_stats().threads;
+  {
+    std::lock_guard lock(mutex);
+    stop = true;
+  }
+  cv.notify_all();
+  thread.join();
+  EXPECT_EQ(during, before + 1);
+}
+
+TEST(CommonProcessStats, SamplesHaveTheStandardNamesAndLeaveOutMissingValues) {
+  ProcessStats stats;
+  stats.cpu_seconds = 1.5;
+  stats.resident_memory_bytes = 4096;
+  stats.virtual_memory_bytes = 8192;
+  stats.open_fds = 5;
+  stats.max_fds = 1024;
+  stats.start_time_seconds = 1700000000;
+  stats.threads = 3;
+  std::map<std::string, std::pair<bool, double>> by_name;
+  for (const ProcessSample& s : process_samples(stats)) {
+    EXPECT_TRUE(by_name.emplace(s.name, std::pair(s.counter, s.value)).second) << s.name;
+    EXPECT_NE(std::string(s.help), "") << s.name;
+  }
+  const std::map<std::string, std::pair<bool, double>> expected = {
+      {"process_cpu_seconds_total", {true, 1.5}},
+      {"process_resident_memory_bytes", {false, 4096}},
+      {"process_virtual_memory_bytes", {false, 8192}},
+      {"process_open_fds", {false, 5}},
+      {"process_max_fds", {false, 1024}},
+      {"process_start_time_seconds", {false, 1700000000}},
+      {"process_threads", {false, 3}}};
+  EXPECT_EQ(by_name, expected);
+
+  stats.open_fds.reset();
+  stats.cpu_seconds.reset();
+  std::set<std::string> names;
+  for (const ProcessSample& s : process_samples(stats)) names.insert(s.name);
+  EXPECT_EQ(names.count("process_open_fds"), 0u);
+  EXPECT_EQ(names.count("process_cpu_seconds_total"), 0u);
+  EXPECT_EQ(names.size(), 5u);
 }
 
 }  // namespace

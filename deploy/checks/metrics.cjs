@@ -3,9 +3,9 @@
 //   node deploy/checks/metrics.cjs DEPLOY_DIR SOURCE_ROOT
 //
 // Every metric a Grafana query (panel targets, template variables) or an alert rule names must be
-// exported by the C++ code under SOURCE_ROOT (a "loopmoe_..." string literal in a .cc/.h file
-// that uses prometheus-cpp, outside build trees and tests/; histograms also give _bucket, _sum,
-// _count), or be `up`, which Prometheus writes for every target itself. Every label they match,
+// exported by the C++ code under SOURCE_ROOT (a "loopmoe_..." or "process_..." string literal in a
+// .cc/.h file that mentions Prometheus, outside build trees and tests/; histograms also give
+// _bucket, _sum, _count), or be `up`, which Prometheus writes for every target itself. Every label they match,
 // group by, or print (legendFormat {{x}}, $labels.x) must be exported by that code too (a
 // {"label", ...} pair there), or be a target label every scrape job of prometheus.yml sets (job,
 // instance, and the intersection of the jobs' relabelled / static labels: not `pod`, which only
@@ -34,8 +34,9 @@ function exportedByCode(root) {
   const where = {};
   for (const file of files) {
     const text = fs.readFileSync(file, "utf8");
-    if (!/prometheus/.test(text)) continue;
-    for (const m of text.matchAll(/"(loopmoe_[a-z0-9_]+)"/g)) {
+    if (!/prometheus/i.test(text)) continue;
+    // loopmoe_* and the standard process_* series (common/process_stats.cc)
+    for (const m of text.matchAll(/"((?:loopmoe|process)_[a-z0-9_]+)"/g)) {
       metrics.add(m[1]);
       where[m[1]] = path.relative(root, file);
     }

@@ -867,6 +867,13 @@ TEST_F(CoordinatorTest, MetricsExposed) {
             std::string::npos);
   EXPECT_NE(text.find("loopmoe_job_step{job_id=\"1\"} 10"), std::string::npos);
   EXPECT_NE(text.find("loopmoe_job_loss{job_id=\"1\"} 1"), std::string::npos);
+  // The standard process series of the Prometheus client libraries, without labels.
+  for (const char* name : {"process_cpu_seconds_total", "process_resident_memory_bytes",
+                           "process_virtual_memory_bytes", "process_open_fds", "process_max_fds",
+                           "process_start_time_seconds", "process_threads"}) {
+    EXPECT_NE(text.find(std::string("\n") + name + " "), std::string::npos) << name << "\n" << text;
+  }
+  EXPECT_NE(text.find("# TYPE process_cpu_seconds_total counter"), std::string::npos) << text;
 }
 
 }  // namespace

@@ -1,11 +1,15 @@
 // The real loopmoe-worker / loopmoe-expert-shard executables as child processes, against the fake
-// coordinator: --help, a clear failure without a coordinator, registration, and clean exits on
-// Shutdown(exit) and SIGTERM. Skipped when the executables are not built (not built).
+// coordinator: --help, a clear failure without a coordinator, registration, the process series of
+// /metrics, and clean exits on Shutdown(exit) and SIGTERM. Skipped when the executables are not
+// built (not built).
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -179,6 +183,52 @@ TEST_F(ExecutableWithCoordinatorTest, ExitsCleanlyOnSigtermAndReadsTheEnvironmen
   kill(child.pid(), SIGTERM);
   EXPECT_EQ(child.wait_exit(20s), 0) << child.err();
   EXPECT_NE(child.err().find("SIGTERM"), std::string::npos) << child.err();
+}
+
+// A plain HTTP GET of http://127.0.0.1:PORT/metrics, `address` being "127.0.0.1:PORT".
+std::string http_get_metrics(const std::string& address) {
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(port));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!write(fd, request.data(), request.size());
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+TEST_F(ExecutableWithCoordinatorTest, BothExecutablesServeTheProcessSeries) {
+  for (const char* name : {"loopmoe-worker", "loopmoe-expert-shard"}) {
+    const size_t registered_before = coordinator_.registrations().size();
+    Child child(
+        {executable(name), "--coordinator", server_->address, "--metrics-listen", "127.0.0.1:0"});
+    ASSERT_TRUE(eventually(
+        [&] { return coordinator_.registrations().size() == registered_before + 1; }, 20s))
+        << name << ": " << child.err();
+    const std::string address = coordinator_.registrations().back().metrics_address();
+    const std::string text = http_get_metrics(address);
+    EXPECT_NE(text.find("200 OK"), std::string::npos) << name << ": " << text;
+    for (const char* series :
+         {"process_cpu_seconds_total", "process_resident_memory_bytes",
+          "process_virtual_memory_bytes", "process_open_fds", "process_max_fds",
+          "process_start_time_seconds", "process_threads"}) {
+      EXPECT_NE(text.find(std::string("\n") + series + " "), std::string::npos)
+          << name << " lacks " << series << "\n"
+          << text;
+    }
+    kill(child.pid(), SIGTERM);
+    EXPECT_EQ(child.wait_exit(20s), 0) << name << ": " << child.err();
+  }
 }
 
 }  // namespace

@@ -217,6 +217,30 @@ TEST(ProcessMetrics, HeartbeatAgeGrowsUntilAcknowledged) {
   EXPECT_LT(after, 0.1);
 }
 
+const char* const kProcessSeries[] = {"process_cpu_seconds_total",
+                                      "process_resident_memory_bytes",
+                                      "process_virtual_memory_bytes",
+                                      "process_open_fds",
+                                      "process_max_fds",
+                                      "process_start_time_seconds",
+                                      "process_threads"};
+
+TEST(ProcessMetrics, TextHasTheStandardProcessSeries) {
+  for (runtime::Role role : {runtime::Role::kWorker, runtime::Role::kExpertShard}) {
+    ProcessMetrics metrics(role);
+    const std::string text = metrics.text();
+    for (const char* name : kProcessSeries) {
+      // One series each, without labels.
+      EXPECT_EQ(count_samples(text, name), 1) << name << "\n" << text;
+      EXPECT_NE(text.find(std::string("\n") + name + " "), std::string::npos) << name;
+    }
+    EXPECT_NE(text.find("# TYPE process_cpu_seconds_total counter"), std::string::npos) << text;
+    EXPECT_NE(text.find("# TYPE process_resident_memory_bytes gauge"), std::string::npos) << text;
+    EXPECT_GT(*value_of(text, "process_resident_memory_bytes"), 0);
+    EXPECT_GE(*value_of(text, "process_max_fds"), *value_of(text, "process_open_fds"));
+  }
+}
+
 std::string http_get(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
@@ -250,6 +274,10 @@ TEST(ProcessMetrics, ServesTheTextOverHttp) {
   EXPECT_NE(response.find("200 OK"), std::string::npos) << response;
   EXPECT_NE(response.find("loopmoe_steps_total{"), std::string::npos) << response;
   EXPECT_NE(response.find("loopmoe_heartbeat_age_seconds{"), std::string::npos) << response;
+  for (const char* name : kProcessSeries) {
+    EXPECT_NE(response.find(std::string("\n") + name + " "), std::string::npos) << name << "\n"
+                                                                                << response;
+  }
 }
 
 TEST(ProcessMetrics, ServeOnABusyPortFailsWithTheAddress) {
