@@ -13,7 +13,7 @@
 #include "coordinator/coordinator_impl.h"
 #include "coordinator/util.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 using internal::job_number;
 using internal::unix_ms;
@@ -106,4 +106,4 @@ void Coordinator::shutdown() {
   if (impl_) impl_->shutdown();
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

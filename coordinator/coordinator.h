@@ -8,7 +8,7 @@
 #include <memory>
 #include <string>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 struct CoordinatorOptions {
   std::string listen = "127.0.0.1:7070";           // port 0: any free port (see address())
@@ -52,4 +52,4 @@ class Coordinator {
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -23,7 +23,7 @@
 #include "coordinator/rendezvous_kv.h"
 #include "proto/loopmoe.grpc.pb.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 // A job being driven: its driver and the thread running it.
 struct RunningJob {
@@ -92,4 +92,4 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::thread scheduler_;  // started by the constructor, joined by shutdown()
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -7,7 +7,7 @@
 
 #include <vector>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 const char* status_name(uint64_t value) {
@@ -73,4 +73,4 @@ HealthResult check_health(const std::shared_ptr<grpc::Channel>& channel,
   return result;
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -8,7 +8,7 @@
 #include <memory>
 #include <string>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 struct HealthResult {
   bool ok = false;     // the call succeeded
@@ -21,4 +21,4 @@ struct HealthResult {
 HealthResult check_health(const std::shared_ptr<grpc::Channel>& channel,
                           std::chrono::milliseconds timeout, const std::string& service = "");
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

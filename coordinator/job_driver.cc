@@ -14,7 +14,7 @@
 #include "coordinator/util.h"
 #include "model/error.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 using internal::code_name;
@@ -508,4 +508,4 @@ void JobDriver::drive_run() {
   }
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

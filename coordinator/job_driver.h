@@ -25,7 +25,7 @@
 #include "coordinator/process_registry.h"
 #include "proto/loopmoe.grpc.pb.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 // One assigned process, as the driver talks to it.
 struct Member {
@@ -117,4 +117,4 @@ class JobDriver {
   std::set<grpc::ClientContext*> active_ ABSL_GUARDED_BY(mu_);  // the calls in flight
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -13,7 +13,7 @@
 #include "model/rng.h"
 #include "model/toml_util.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 [[noreturn]] void fail(const std::string& source, const std::string& what) {
@@ -244,4 +244,4 @@ bool is_terminal(v1::JobState state) {
   return state == v1::SUCCEEDED || state == v1::FAILED || state == v1::CANCELLED;
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

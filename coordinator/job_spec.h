@@ -9,7 +9,7 @@
 #include "model/config.h"
 #include "proto/loopmoe.pb.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 // Parses spec.config_toml (parse_config, source name `source`) and checks the spec's own fields:
 // workers >= 1, 1 <= shards <= model.n_experts, threads >= 0, and the loop schedule. Returns the
@@ -48,4 +48,4 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
 const char* job_state_name(v1::JobState state);  // "queued", "running", ...
 bool is_terminal(v1::JobState state);
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 // Keys (docs/SERVICE.md):
@@ -172,4 +172,4 @@ std::vector<v1::CheckpointMeta> JobStore::list_checkpoints(const std::string& jo
   return scan<v1::CheckpointMeta>("ckpt/" + padded_key_part(job_id) + "/");
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -19,7 +19,7 @@ namespace rocksdb {
 class DB;
 }
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 class StoreError : public std::runtime_error {
  public:
@@ -74,4 +74,4 @@ class JobStore {
 // Job ids are decimal integers; keys hold them zero-padded so RocksDB's order is numeric order.
 std::string padded_key_part(const std::string& decimal);
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -9,7 +9,7 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE coordinator: queues training jobs and drives workers and expert shards"};
-  loopmoe::service::CoordinatorOptions options;
+  loopmoe::coordinator::CoordinatorOptions options;
   int64_t heartbeat_timeout_ms = options.heartbeat_timeout.count();
   app.add_option("--listen", options.listen, "gRPC address HOST:PORT")->capture_default_str();
   app.add_option("--data-dir", options.data_dir, "job database (RocksDB) and job outputs")
@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   return loopmoe::common::run_main([&] {
-    loopmoe::service::Coordinator coordinator(options);
+    loopmoe::coordinator::Coordinator coordinator(options);
     std::printf("coordinator listening on %s\n", coordinator.address().c_str());
     if (!coordinator.metrics_address().empty()) {
       std::printf("metrics on http://%s/metrics\n", coordinator.metrics_address().c_str());

@@ -13,7 +13,7 @@
 #include "common/process_stats.h"
 #include "coordinator/job_spec.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 const char* role_label(v1::Role role) {
@@ -136,4 +136,4 @@ void CoordinatorMetrics::set_job_progress(const std::string& job_id, int64_t ste
   job_loss_->Add({{"job_id", job_id}}).Set(loss);
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

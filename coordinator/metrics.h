@@ -24,7 +24,7 @@ template <typename T>
 class Family;
 }  // namespace prometheus
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 class CoordinatorMetrics {
  public:
@@ -57,4 +57,4 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>* job_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -1,6 +1,6 @@
 #include "coordinator/process_registry.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 std::string ProcessRegistry::register_process(v1::Role role, const std::string& address,
                                               const std::string& metrics_address,
@@ -95,4 +95,4 @@ void ProcessRegistry::release(const std::vector<std::string>& ids, const std::st
   }
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -15,7 +15,7 @@
 
 #include "proto/loopmoe.pb.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 struct ProcessInfo {
   std::string id;
@@ -72,4 +72,4 @@ class ProcessRegistry {
   std::map<std::string, int64_t> order_of_ ABSL_GUARDED_BY(mu_);
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

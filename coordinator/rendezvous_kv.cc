@@ -2,7 +2,7 @@
 
 #include <absl/time/time.h>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 void RendezvousKv::set(const std::string& key, const std::string& value) {
   absl::MutexLock lock(&mu_);
@@ -49,4 +49,4 @@ size_t RendezvousKv::size() {
   return values_.size();
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 class RendezvousKv {
  public:
@@ -36,4 +36,4 @@ class RendezvousKv {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -12,7 +12,7 @@
 #include "dataloader/data_error.h"
 #include "model/error.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 using internal::format;
 using internal::job_number;
@@ -216,4 +216,4 @@ grpc::Status Coordinator::Impl::KvWait(grpc::ServerContext*, const v1::KvWaitReq
   return grpc::Status::OK;
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

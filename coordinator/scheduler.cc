@@ -9,7 +9,7 @@
 #include "coordinator/coordinator_impl.h"
 #include "coordinator/util.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 using internal::job_number;
 using internal::unix_ms;
@@ -115,4 +115,4 @@ void Coordinator::Impl::schedule_locked() {
   }
 }
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -16,7 +16,7 @@
 #include "coordinator/process_registry.h"
 #include "proto/loopmoe.pb.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 
 // The head of the queue with the processes now assigned to it in the registry.
 struct Assignment {
@@ -33,4 +33,4 @@ std::optional<Assignment> assign_next(std::set<int64_t>& queue, JobStore& store,
                                       ProcessRegistry& registry,
                                       const std::function<bool(const std::string&)>& still_running);
 
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

@@ -11,7 +11,7 @@
 
 #include "proto/loopmoe.grpc.pb.h"
 
-namespace loopmoe::service::internal {
+namespace loopmoe::coordinator::internal {
 
 // Milliseconds since the Unix epoch: the stamps of job records and log lines.
 inline int64_t unix_ms() {
@@ -60,4 +60,4 @@ inline std::string code_name(grpc::StatusCode code) {
   }
 }
 
-}  // namespace loopmoe::service::internal
+}  // namespace loopmoe::coordinator::internal

@@ -173,7 +173,7 @@ void cluster_up(const Options& o) {
         fail(gone->name + " (pid " + std::to_string(gone->pid) + ") " + how +
              " while starting; its log: " + gone->log.string());
       }
-      if (service::check_health(channel, std::chrono::milliseconds(200)).serving()) return;
+      if (coordinator::check_health(channel, std::chrono::milliseconds(200)).serving()) return;
       if (std::chrono::steady_clock::now() > deadline) {
         fail(c.name + " at " + c.address + " did not become healthy within " +
              std::to_string(timeout.count()) + " s; its log: " + c.log.string());

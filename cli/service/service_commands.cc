@@ -20,7 +20,7 @@ namespace loopmoe {
 namespace {
 
 namespace v1 = loopmoe::v1;
-using service::job_state_name;
+using coordinator::job_state_name;
 
 std::string default_coordinator() {
   const char* env = std::getenv("LOOPMOE_COORDINATOR");
@@ -158,8 +158,8 @@ void register_submit(CLI::App& app) {
     if (!in) throw std::runtime_error(args->file + ": cannot open job file");
     std::stringstream text;
     text << in.rdbuf();
-    v1::JobSpec spec =
-        service::parse_job_file(text.str(), args->file, std::filesystem::current_path().string());
+    v1::JobSpec spec = coordinator::parse_job_file(text.str(), args->file,
+                                                   std::filesystem::current_path().string());
     if (args->workers >= 0) spec.set_num_workers(args->workers);
     if (args->shards >= 0) spec.set_num_shards(args->shards);
     if (args->threads >= 0) spec.set_threads(args->threads);
@@ -178,7 +178,7 @@ void register_submit(CLI::App& app) {
     }
     // The coordinator checks again, and checks the dataset too (it sees data.dir at the workers'
     // paths, which this machine need not: a laptop submitting through a port-forward).
-    service::validate_job_spec(spec, args->file);
+    coordinator::validate_job_spec(spec, args->file);
 
     Client client(args->coordinator);
     auto c = client.context();

@@ -4,7 +4,7 @@
 
 #include <cstdlib>
 
-namespace loopmoe::service::testing {
+namespace loopmoe::coordinator::testing {
 
 bool eventually(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -238,4 +238,4 @@ std::unique_ptr<v1::Coordinator::Stub> coordinator_stub(const std::string& addre
   return v1::Coordinator::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
 }
 
-}  // namespace loopmoe::service::testing
+}  // namespace loopmoe::coordinator::testing

@@ -18,7 +18,7 @@
 #include "coordinator/coordinator.h"
 #include "proto/loopmoe.grpc.pb.h"
 
-namespace loopmoe::service::testing {
+namespace loopmoe::coordinator::testing {
 
 // Polls `done` every few ms until it holds or `timeout` passes.
 bool eventually(const std::function<bool()>& done,
@@ -105,4 +105,4 @@ CoordinatorOptions test_options(const std::filesystem::path& data_dir);
 
 std::unique_ptr<v1::Coordinator::Stub> coordinator_stub(const std::string& address);
 
-}  // namespace loopmoe::service::testing
+}  // namespace loopmoe::coordinator::testing

@@ -20,7 +20,7 @@
 #include "fake_process.h"
 #include "model/error.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 using testing::eventually;
@@ -877,4 +877,4 @@ TEST_F(CoordinatorTest, MetricsExposed) {
 }
 
 }  // namespace
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator

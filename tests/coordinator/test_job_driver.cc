@@ -20,7 +20,7 @@
 #include "coordinator/process_registry.h"
 #include "fake_process.h"
 
-namespace loopmoe::service {
+namespace loopmoe::coordinator {
 namespace {
 
 using testing::eventually;
@@ -380,4 +380,4 @@ TEST_F(JobDriverTest, StopLeavesTheJobAsItIs) {
 }
 
 }  // namespace
-}  // namespace loopmoe::service
+}  // namespace loopmoe::coordinator
