@@ -10,7 +10,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "common/process_stats.h"
+#include "common/process_collector.h"
 #include "coordinator/job_spec.h"
 
 namespace loopmoe::coordinator {
@@ -20,33 +20,11 @@ const char* role_label(v1::Role role) {
   return role == v1::EXPERT_SHARD ? "expert_shard" : role == v1::WORKER ? "worker" : "unknown";
 }
 
-// The standard process_* series of the Prometheus client libraries (common/process_stats.h),
-// read from /proc at each scrape. No state.
-class ProcessResources final : public prometheus::Collectable {
- public:
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    std::vector<prometheus::MetricFamily> families;
-    for (const common::ProcessSample& sample :
-         common::process_samples(common::read_process_stats())) {
-      prometheus::MetricFamily family;
-      family.name = sample.name;
-      family.help = sample.help;
-      family.type =
-          sample.counter ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge;
-      prometheus::ClientMetric metric;
-      (sample.counter ? metric.counter.value : metric.gauge.value) = sample.value;
-      family.metric.push_back(std::move(metric));
-      families.push_back(std::move(family));
-    }
-    return families;
-  }
-};
-
 }  // namespace
 
 CoordinatorMetrics::CoordinatorMetrics(const std::string& listen)
     : registry_(std::make_shared<prometheus::Registry>()),
-      process_resources_(std::make_shared<ProcessResources>()) {
+      process_resources_(common::make_process_collector()) {
   jobs_ = &prometheus::BuildGauge()
                .Name("loopmoe_coordinator_jobs")
                .Help("Jobs known to the coordinator, by state")

@@ -9,7 +9,7 @@
 #include <tuple>
 #include <vector>
 
-#include "common/process_stats.h"
+#include "common/process_collector.h"
 #include "process/roles.h"
 
 namespace loopmoe::process {
@@ -57,28 +57,6 @@ class ProcessMetrics::HeartbeatAge final : public prometheus::Collectable {
   Clock::time_point last_ack_ ABSL_GUARDED_BY(mutex_);
 };
 
-// The standard process_* series of the Prometheus client libraries (common/process_stats.h),
-// read from /proc at each scrape. No state.
-class ProcessMetrics::ProcessResources final : public prometheus::Collectable {
- public:
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    std::vector<prometheus::MetricFamily> families;
-    for (const common::ProcessSample& sample :
-         common::process_samples(common::read_process_stats())) {
-      prometheus::MetricFamily family;
-      family.name = sample.name;
-      family.help = sample.help;
-      family.type =
-          sample.counter ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge;
-      prometheus::ClientMetric metric;
-      (sample.counter ? metric.counter.value : metric.gauge.value) = sample.value;
-      family.metric.push_back(std::move(metric));
-      families.push_back(std::move(family));
-    }
-    return families;
-  }
-};
-
 struct ProcessMetrics::JobSeries {
   prometheus::Labels labels;  // role is a constant label of every family
   int n_layers = 1;
@@ -105,7 +83,7 @@ ProcessMetrics::ProcessMetrics(runtime::Role role)
     : role_(role),
       registry_(std::make_shared<prometheus::Registry>()),
       heartbeat_age_(std::make_shared<HeartbeatAge>(role_label(role))),
-      process_resources_(std::make_shared<ProcessResources>()),
+      process_resources_(common::make_process_collector()),
       train_loss_(prometheus::BuildGauge()
                       .Name("loopmoe_train_loss")
                       .Help("Total training loss (ce + aux + z) of the last step, global batch")

@@ -33,6 +33,7 @@
 
 #include <absl/base/thread_annotations.h>
 #include <absl/synchronization/mutex.h>
+#include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
@@ -79,7 +80,6 @@ class ProcessMetrics {
 
  private:
   class HeartbeatAge;
-  class ProcessResources;
   struct JobSeries;
 
   void drop_job_series_locked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
@@ -89,7 +89,7 @@ class ProcessMetrics {
   const runtime::Role role_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<HeartbeatAge> heartbeat_age_;
-  std::shared_ptr<ProcessResources> process_resources_;
+  std::shared_ptr<prometheus::Collectable> process_resources_;  // process_*, stateless
   std::unique_ptr<prometheus::Exposer> exposer_;
 
   prometheus::Family<prometheus::Gauge>& train_loss_;
