@@ -16,6 +16,7 @@
 #include "coordinator/job_spec.h"
 #include "coordinator_fixture.h"
 #include "dataloader/token_shard.h"
+#include "tests/http_get.h"
 
 namespace loopmoe::coordinator {
 namespace {
@@ -253,28 +254,6 @@ TEST_F(CoordinatorTest, UnknownJobIsNotFound) {
     EXPECT_FALSE(reader->Read(&line));
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
   }
-}
-
-// A plain HTTP GET of http://address/metrics.
-std::string http_get_metrics(const std::string& address) {
-  const int port = std::stoi(address.substr(address.rfind(':') + 1));
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(port));
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, request.data(), request.size());
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return out;
 }
 
 TEST_F(CoordinatorTest, MetricsExposed) {

@@ -18,6 +18,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "tests/http_get.h"
 #include "tests/process/fakes.h"
 
 extern char** environ;
@@ -183,28 +184,6 @@ TEST_F(ExecutableWithCoordinatorTest, ExitsCleanlyOnSigtermAndReadsTheEnvironmen
   kill(child.pid(), SIGTERM);
   EXPECT_EQ(child.wait_exit(20s), 0) << child.err();
   EXPECT_NE(child.err().find("SIGTERM"), std::string::npos) << child.err();
-}
-
-// A plain HTTP GET of http://127.0.0.1:PORT/metrics, `address` being "127.0.0.1:PORT".
-std::string http_get_metrics(const std::string& address) {
-  const int port = std::stoi(address.substr(address.rfind(':') + 1));
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(port));
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, request.data(), request.size());
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return out;
 }
 
 TEST_F(ExecutableWithCoordinatorTest, BothExecutablesServeTheProcessSeries) {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "process/process_metrics.h"
+#include "tests/http_get.h"
 
 namespace loopmoe::process {
 namespace {
@@ -239,29 +240,6 @@ TEST(ProcessMetrics, TextHasTheStandardProcessSeries) {
     EXPECT_GT(*value_of(text, "process_resident_memory_bytes"), 0);
     EXPECT_GE(*value_of(text, "process_max_fds"), *value_of(text, "process_open_fds"));
   }
-}
-
-std::string http_get(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return "";
-  }
-  std::string response;
-  char buffer[4096];
-  ssize_t n;
-  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
-  close(fd);
-  return response;
 }
 
 TEST(ProcessMetrics, ServesTheTextOverHttp) {
