@@ -29,25 +29,26 @@ using Clock = std::chrono::steady_clock;
 
 void write_random_corpus(const fs::path& dir, int vocab) {
   fs::create_directories(dir);
-  loopmoe::Rng rng(9);
+  loopmoe::model::Rng rng(9);
   std::vector<int32_t> tokens(1 << 20);
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng.next_u64() % vocab);
   const std::vector<uint64_t> docs = {0, tokens.size()};
   for (const char* split : {"train", "val"}) {
-    loopmoe::data::write_token_shard(dir / (std::string(split) + ".bin"), vocab, tokens, docs);
+    loopmoe::dataloader::write_token_shard(dir / (std::string(split) + ".bin"), vocab, tokens,
+                                           docs);
   }
 }
 
 // Mean step time of the single-process training step (sample, forward, backward, clip, AdamW).
-double single_process_ms(const loopmoe::Config& cfg, int threads, int steps, int warmup) {
-  loopmoe::set_num_threads(threads);
-  const auto shard = loopmoe::data::TokenShard::open(fs::path(cfg.data.dir) / "train.bin");
-  loopmoe::Model model(cfg.model);
+double single_process_ms(const loopmoe::model::Config& cfg, int threads, int steps, int warmup) {
+  loopmoe::model::set_num_threads(threads);
+  const auto shard = loopmoe::dataloader::TokenShard::open(fs::path(cfg.data.dir) / "train.bin");
+  loopmoe::model::Model model(cfg.model);
   model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(cfg.train.seed);
-  loopmoe::AdamW adam(model.layout(), cfg.train);
+  loopmoe::model::AdamW adam(model.layout(), cfg.train);
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
-  loopmoe::data::BatchSampler sampler(shard, B, T, cfg.train.seed, true);
+  loopmoe::dataloader::BatchSampler sampler(shard, B, T, cfg.train.seed, true);
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   double total = 0;
   for (int s = 0; s < warmup + steps; ++s) {
@@ -56,8 +57,8 @@ double single_process_ms(const loopmoe::Config& cfg, int threads, int steps, int
     model.zero_grad();
     model.forward(in.data(), tg.data(), B, T);
     model.backward();
-    loopmoe::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
-    adam.step(model.params(), model.grads(), loopmoe::learning_rate(cfg.train, s));
+    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
+    adam.step(model.params(), model.grads(), loopmoe::model::learning_rate(cfg.train, s));
     if (s >= warmup) total += loopmoe::common::seconds_since(t0);
   }
   return 1e3 * total / steps;
@@ -68,7 +69,7 @@ struct ClusterResult {
   double worker_a2a_mb = 0, worker_a2a_ms = 0, shard_a2a_mb = 0, shard_a2a_ms = 0;
 };
 
-ClusterResult cluster(const loopmoe::Config& cfg, int W, int S, int steps, int warmup) {
+ClusterResult cluster(const loopmoe::model::Config& cfg, int W, int S, int steps, int warmup) {
   loopmoe::comm::InProcessStore store;
   loopmoe::comm::NamespacedStore ns(store, "bench", 0);
   std::vector<std::vector<loopmoe::runtime::StepReport>> reports(W + S);
@@ -83,7 +84,7 @@ ClusterResult cluster(const loopmoe::Config& cfg, int W, int S, int steps, int w
         s.rank = i < W ? i : i - W;
         s.num_workers = W;
         s.num_shards = S;
-        s.config_toml = loopmoe::to_toml(cfg);
+        s.config_toml = loopmoe::model::to_toml(cfg);
         s.store = &ns;
         auto rt = loopmoe::runtime::create_runtime(s);
         for (int k = 0; k < warmup + steps; ++k) {
@@ -129,7 +130,7 @@ int main(int argc, char** argv) {
   std::printf("%-20s %-22s %9s %10s %8s %14s %14s\n", "config", "run", "step ms", "tokens/s",
               "vs 1p", "a2a MB/step", "a2a ms/step");
   for (const std::string& path : configs) {
-    loopmoe::Config cfg = loopmoe::load_config(path);
+    loopmoe::model::Config cfg = loopmoe::model::load_config(path);
     write_random_corpus(data, cfg.model.vocab_size);
     cfg.data.dir = data.string();
     const std::string name = path.substr(path.find_last_of('/') + 1);

@@ -29,15 +29,15 @@ struct Peak {
   double best() const { return std::max(engine, openblas); }
 };
 Peak sgemm_gflops(int threads) {
-  loopmoe::set_num_threads(threads);
+  loopmoe::model::set_num_threads(threads);
   openblas_set_num_threads(threads);
   const int n = 2048;
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
   Peak p;
   for (int rep = 0; rep < 10; ++rep) {
     auto t0 = Clock::now();
-    loopmoe::ops::gemm<float>(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(),
-                              n);
+    loopmoe::model::ops::gemm<float>(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f,
+                                     c.data(), n);
     p.engine = std::max(p.engine, 2.0 * n * n * n / loopmoe::common::seconds_since(t0) / 1e9);
     t0 = Clock::now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n,
@@ -45,7 +45,7 @@ Peak sgemm_gflops(int threads) {
     p.openblas = std::max(p.openblas, 2.0 * n * n * n / loopmoe::common::seconds_since(t0) / 1e9);
   }
   openblas_set_num_threads(1);
-  loopmoe::set_num_threads(1);
+  loopmoe::model::set_num_threads(1);
   return p;
 }
 
@@ -53,15 +53,15 @@ struct Measured {
   double tokens_per_s = 0, step_ms = 0, flops_per_token = 0;
 };
 
-Measured measure(const loopmoe::Config& cfg, int threads, int steps, int warmup) {
-  loopmoe::set_num_threads(threads);
-  loopmoe::Model model(cfg.model);
+Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int warmup) {
+  loopmoe::model::set_num_threads(threads);
+  loopmoe::model::Model model(cfg.model);
   model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(cfg.train.seed);
-  loopmoe::AdamW adam(model.layout(), cfg.train);
+  loopmoe::model::AdamW adam(model.layout(), cfg.train);
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
-  loopmoe::Rng rng(1);
+  loopmoe::model::Rng rng(1);
   Measured m;
   double total = 0;
   for (int s = 0; s < warmup + steps; ++s) {
@@ -69,16 +69,16 @@ Measured measure(const loopmoe::Config& cfg, int threads, int steps, int warmup)
       in[i] = static_cast<int32_t>(rng.next_u64() % cfg.model.vocab_size);
       tg[i] = static_cast<int32_t>(rng.next_u64() % cfg.model.vocab_size);
     }
-    loopmoe::ops::reset_gemm_flops();
+    loopmoe::model::ops::reset_gemm_flops();
     auto t0 = Clock::now();
     model.zero_grad();
     model.forward(in.data(), tg.data(), B, T);
     model.backward();
-    loopmoe::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
+    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
     adam.step(model.params(), model.grads(), 1e-3);
     const double dt = loopmoe::common::seconds_since(t0);
     if (s >= warmup) total += dt;
-    m.flops_per_token = static_cast<double>(loopmoe::ops::gemm_flops()) / (B * T);
+    m.flops_per_token = static_cast<double>(loopmoe::model::ops::gemm_flops()) / (B * T);
   }
   m.step_ms = 1e3 * total / steps;
   m.tokens_per_s = static_cast<double>(B) * T * steps / total;
@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
       "sgemm 2048^3, GFLOP/s: engine (model/cpu/sgemm, %s) %.1f with 1 thread, %.1f with 2;\n"
       "OpenBLAS (%s) %.1f with 1 thread, %.1f with 2. MFU denominators for 1 and 2 threads: the\n"
       "better of the two at the same thread count (%.1f, %.1f)\n\n",
-      loopmoe::ops::cpu::sgemm_kernel_name(), p1.engine, p2.engine, openblas_get_corename(),
+      loopmoe::model::ops::cpu::sgemm_kernel_name(), p1.engine, p2.engine, openblas_get_corename(),
       p1.openblas, p2.openblas, peak1, peak);
   std::printf("%-22s %7s %11s %9s %12s %7s\n", "config", "threads", "tokens/s", "step ms",
               "GFLOP/token", "MFU");
@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
   };
   std::vector<Row> rows;
   for (const std::string& path : configs) {
-    loopmoe::Config cfg = loopmoe::load_config(path);
+    loopmoe::model::Config cfg = loopmoe::model::load_config(path);
     Row row{path.substr(path.find_last_of('/') + 1)};
     for (int threads : thread_counts) {
       Measured m = measure(cfg, threads, steps, warmup);

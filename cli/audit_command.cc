@@ -4,14 +4,14 @@
 #include "cli/commands.h"
 #include "eval/audit.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_audit_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "audit", "Measured FLOPs per token and routing statistics of a trained run");
   struct Args {
     std::string dir;
-    AuditOptions options;
+    eval::AuditOptions options;
     bool json = false;
   };
   auto args = std::make_shared<Args>();
@@ -22,7 +22,7 @@ void register_audit_command(CLI::App& app) {
   cmd->add_option("--threads", args->options.threads, "OpenMP threads")->capture_default_str();
   cmd->add_flag("--json", args->json, "print the JSON written to RUN/audit.json");
   cmd->callback([args] {
-    const std::string text = run_audit(args->dir, args->options);
+    const std::string text = eval::run_audit(args->dir, args->options);
     if (args->json) {
       std::printf("%s\n", text.c_str());
       return;
@@ -58,4 +58,4 @@ void register_audit_command(CLI::App& app) {
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

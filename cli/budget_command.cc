@@ -12,7 +12,7 @@
 #include "model/budget.h"
 #include "model/config.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_budget_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
@@ -42,32 +42,32 @@ void register_budget_command(CLI::App& app) {
   cmd->add_option("--write", args->write,
                   "write the solved LoopMoE config (the reference's [train] and [data]) as TOML");
   cmd->callback([args] {
-    const Config vanilla = load_config(args->config);
+    const model::Config vanilla = model::load_config(args->config);
     const int batch_tokens = vanilla.train.batch_size * vanilla.model.seq_len;
-    const SolvedBudget solved =
-        solve_budget(vanilla.model, args->loops, parse_balance(args->balance),
-                     parse_iter_adaln_mode(args->iter_adaln), args->expert_scale, batch_tokens);
+    const model::SolvedBudget solved = model::solve_budget(
+        vanilla.model, args->loops, model::parse_balance(args->balance),
+        model::parse_iter_adaln_mode(args->iter_adaln), args->expert_scale, batch_tokens);
     if (args->json) {
-      std::printf("%s\n", budget_json(solved).c_str());
+      std::printf("%s\n", model::budget_json(solved).c_str());
     } else {
-      std::printf("%s", budget_table(solved).c_str());
+      std::printf("%s", model::budget_table(solved).c_str());
     }
     // The rule is reported, not enforced, beyond `experts` (other rules and scaled expert counts
     // differ by design); warn when the matching rule itself misses the acceptance bound.
-    if (solved.balance == Balance::kExperts && solved.expert_scale == 1.0 &&
-        max_matched_diff(solved) > kBudgetTolerance) {
+    if (solved.balance == model::Balance::kExperts && solved.expert_scale == 1.0 &&
+        model::max_matched_diff(solved) > model::kBudgetTolerance) {
       std::fprintf(stderr, "warning: matched figures differ by %.3f%% (> %.1f%%)\n",
-                   100 * max_matched_diff(solved), 100 * kBudgetTolerance);
+                   100 * model::max_matched_diff(solved), 100 * model::kBudgetTolerance);
     }
     if (!args->write.empty()) {
-      Config out = vanilla;
+      model::Config out = vanilla;
       out.model = solved.loopmoe_config;
-      validate(out);
+      model::validate(out);
       std::ostringstream f;
       f << "# LoopMoE config solved by `loopmoe budget` from " << args->config << "\n"
         << "# (loops " << args->loops << ", balance " << to_string(solved.balance)
         << ", expert_scale " << solved.expert_scale << "; docs/BUDGET.md).\n\n"
-        << to_toml(out);
+        << model::to_toml(out);
       // Written whole and renamed: an existing config is replaced only by a complete one.
       common::write_file_atomically(args->write, f.str(), [](const common::WriteFailure& e) {
         if (e.step == common::WriteStep::kCreate) {
@@ -83,4 +83,4 @@ void register_budget_command(CLI::App& app) {
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -4,7 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 // CLI::PositiveNumber and CLI::NonNegativeNumber (same help text) with a short message
 // ("--loops: 0 is not positive"): CLI11 2.1's own spell out their range up to DBL_MAX.
@@ -34,4 +34,4 @@ void register_report_command(CLI::App& app);
 void register_service_commands(CLI::App& app);
 void register_cluster_command(CLI::App& app);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -9,7 +9,7 @@
 #include "model/config.h"
 #include "model/param_layout.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 namespace fs = std::filesystem;
@@ -33,8 +33,8 @@ RunSummary summarise(const fs::path& dir) {
   RunSummary r;
   r.name = dir.filename().string();
   if (r.name.empty()) r.name = dir.parent_path().filename().string();
-  const Config cfg = load_config((dir / "config.toml").string());
-  r.params = ParamLayout(cfg.model).size();
+  const model::Config cfg = model::load_config((dir / "config.toml").string());
+  r.params = model::ParamLayout(cfg.model).size();
   r.model = std::to_string(cfg.model.n_layers) + "x" + std::to_string(cfg.model.n_loops) + " E" +
             std::to_string(cfg.model.n_experts) + " " + to_string(cfg.model.iter_adaln);
   std::ifstream in(dir / "metrics.jsonl");
@@ -77,4 +77,4 @@ void register_compare_command(CLI::App& app) {
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -9,11 +9,11 @@
 #include "dataloader/prepare.h"
 #include "dataloader/token_shard.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 void register_prepare(CLI::App& data) {
-  auto options = std::make_shared<data::PrepareOptions>();
+  auto options = std::make_shared<dataloader::PrepareOptions>();
   CLI::App* cmd = data.add_subcommand(
       "prepare",
       "Tokenize text files into DIR/{tokenizer.model,train.bin,val.bin,meta.json} "
@@ -41,7 +41,7 @@ void register_prepare(CLI::App& data) {
       throw CLI::ValidationError("--vocab N is required unless --tokenizer MODEL is given");
     }
     options->log = &std::cout;
-    const data::PrepareResult r = data::prepare_dataset(*options);
+    const dataloader::PrepareResult r = dataloader::prepare_dataset(*options);
     std::cout << "data prepare: done: vocab " << r.vocab_size << ", train " << r.train_docs
               << " docs / " << r.train_tokens << " tokens, val " << r.val_docs << " docs / "
               << r.val_tokens << " tokens";
@@ -61,7 +61,7 @@ void register_info(CLI::App& data) {
   cmd->add_option("shards", *files, "Token shard files (.bin)")->required();
   cmd->callback([files] {
     for (const std::string& f : *files) {
-      const data::TokenShard shard = data::TokenShard::open(f);
+      const dataloader::TokenShard shard = dataloader::TokenShard::open(f);
       std::cout << f << ": ok, vocab " << shard.vocab_size() << ", " << shard.num_docs()
                 << " docs, " << shard.num_tokens() << " tokens, " << shard.bytes_per_token()
                 << " bytes/token, xxh64 " << std::hex << shard.checksum() << std::dec << std::endl;
@@ -78,4 +78,4 @@ void register_data_command(CLI::App& app) {
   register_info(*data);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -5,10 +5,10 @@ namespace CLI {
 class App;
 }
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 // Adds `data prepare` (text -> tokenizer + token shards) and `data info` (validate and describe a
 // shard) to `app`. Errors end the command as every other one's do (cli/run_cli.h).
 void register_data_command(CLI::App& app);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -7,7 +7,7 @@
 #include "eval/eval_tasks.h"
 #include "eval/evaluator.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 // The summary of an eval.json as a few small tables.
@@ -50,7 +50,7 @@ void register_eval_command(CLI::App& app) {
       "Evaluate a run: perplexity, cloze and multiple-choice tasks, logit lens, loop sweeps");
   struct Args {
     std::string run_dir;
-    EvalOptions options;
+    eval::EvalOptions options;
     bool json = false;
     std::string dump_tasks;
   };
@@ -82,17 +82,17 @@ void register_eval_command(CLI::App& app) {
                   "write the task items as JSON lines to FILE and exit (no evaluation)");
   cmd->callback([args] {
     if (!args->dump_tasks.empty()) {
-      TaskOptions o;
+      eval::TaskOptions o;
       o.max_items = args->options.max_items;
       o.seed = args->options.task_seed;
       const auto [cloze, mc] =
-          dump_eval_tasks(args->run_dir, o, args->options.data_dir, args->dump_tasks);
+          eval::dump_eval_tasks(args->run_dir, o, args->options.data_dir, args->dump_tasks);
       std::printf("wrote %zu cloze and %zu multiple-choice items to %s\n", cloze, mc,
                   args->dump_tasks.c_str());
       return;
     }
     args->options.progress = true;
-    const std::string text = run_eval(args->run_dir, args->options);
+    const std::string text = eval::run_eval(args->run_dir, args->options);
     const nlohmann::json j = nlohmann::json::parse(text);
     if (args->json) {
       print_summary(j, stderr);
@@ -103,4 +103,4 @@ void register_eval_command(CLI::App& app) {
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

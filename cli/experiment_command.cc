@@ -5,7 +5,7 @@
 #include "cli/commands.h"
 #include "experiment/experiment.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_experiment_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
@@ -15,7 +15,7 @@ void register_experiment_command(CLI::App& app) {
   struct Args {
     std::string spec;
     std::string out;
-    ExperimentOptions options;
+    experiment::ExperimentOptions options;
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("--spec", args->spec, "experiment spec (TOML; docs/EXPERIMENTS.md)")
@@ -26,12 +26,12 @@ void register_experiment_command(CLI::App& app) {
                 "print the plan (configs, parameters, FLOPs, measured time estimate) and exit");
   cmd->add_flag("--verbose", args->options.verbose, "show the trainer's progress lines");
   cmd->callback([args] {
-    const ExperimentSpec spec = load_experiment_spec(args->spec);
-    ExperimentOptions options = args->options;
+    const experiment::ExperimentSpec spec = experiment::load_experiment_spec(args->spec);
+    experiment::ExperimentOptions options = args->options;
     options.out_dir = args->out.empty() ? "experiments/" + spec.name : args->out;
     options.command = "loopmoe experiment --spec " + args->spec + " --out " + options.out_dir;
-    run_experiment(spec, options);
+    experiment::run_experiment(spec, options);
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -6,17 +6,17 @@
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE: train looped and vanilla Mixture-of-Experts language models"};
   app.require_subcommand(1);
-  loopmoe::register_data_command(app);
-  loopmoe::register_train_command(app);
-  loopmoe::register_compare_command(app);
-  loopmoe::register_budget_command(app);
-  loopmoe::register_audit_command(app);
-  loopmoe::register_eval_command(app);
-  loopmoe::register_experiment_command(app);
-  loopmoe::register_report_command(app);
-  loopmoe::register_service_commands(app);
-  loopmoe::register_cluster_command(app);
+  loopmoe::cli::register_data_command(app);
+  loopmoe::cli::register_train_command(app);
+  loopmoe::cli::register_compare_command(app);
+  loopmoe::cli::register_budget_command(app);
+  loopmoe::cli::register_audit_command(app);
+  loopmoe::cli::register_eval_command(app);
+  loopmoe::cli::register_experiment_command(app);
+  loopmoe::cli::register_report_command(app);
+  loopmoe::cli::register_service_commands(app);
+  loopmoe::cli::register_cluster_command(app);
   // A command's error may interrupt its progress line ("training ..."), so it gets a line of its
   // own.
-  return loopmoe::run_cli(app, argc, argv, loopmoe::common::ErrorLine::kOwnLine);
+  return loopmoe::cli::run_cli(app, argc, argv, loopmoe::common::ErrorLine::kOwnLine);
 }

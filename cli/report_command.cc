@@ -6,14 +6,14 @@
 #include "cli/commands.h"
 #include "experiment/report.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_report_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "report",
       "Write the Markdown report (budget, LR sweep, results, routing, plots) of an "
       "experiment directory");
-  auto opt = std::make_shared<ReportOptions>();
+  auto opt = std::make_shared<experiment::ReportOptions>();
   cmd->add_option("--runs", opt->runs_dir,
                   "experiment output directory (written by loopmoe experiment), or a directory "
                   "of run directories named VARIANT_sSEED")
@@ -27,10 +27,10 @@ void register_report_command(CLI::App& app) {
                   "else in the source tree of this binary)");
   cmd->add_flag("!--no-plots", opt->plots, "tables only");
   cmd->callback([opt] {
-    const ReportResult r = write_report(*opt);
+    const experiment::ReportResult r = experiment::write_report(*opt);
     std::printf("report: %s (%zu plots)\n", r.report_path.c_str(), r.plots.size());
     if (!r.plot_note.empty()) std::fprintf(stderr, "warning: %s\n", r.plot_note.c_str());
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

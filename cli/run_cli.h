@@ -11,7 +11,7 @@
 
 #include "common/run_main.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 // Parses argv into `app`, which runs the chosen command's callback, and returns the exit code.
 // `line` is how a command's error is printed (common::ErrorLine; a usage error is always printed
@@ -34,4 +34,4 @@ inline int run_cli(CLI::App& app, int argc, char** argv,
       line);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

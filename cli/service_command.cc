@@ -14,7 +14,7 @@
 
 #include "cli/commands.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 [[noreturn]] void exec_service(const std::string& command, const std::vector<std::string>& args) {
@@ -55,4 +55,4 @@ void register_cluster_command(CLI::App& app) {
   add_passthrough(app, "cluster", "Run the training service on this machine (cluster up)");
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -5,14 +5,14 @@
 #include "model/config.h"
 #include "train/trainer.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_train_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "Train a model on one machine");
   struct Args {
     std::string config;
     int steps = -1;
-    TrainOptions options;
+    train::TrainOptions options;
     std::string data_dir;
   };
   auto args = std::make_shared<Args>();
@@ -29,7 +29,7 @@ void register_train_command(CLI::App& app) {
                   "stop after this many steps (checkpointed), keeping the schedule of --steps");
   cmd->add_flag("!--no-progress", args->options.progress, "no progress output");
   cmd->callback([args] {
-    Config cfg = load_config(args->config);
+    model::Config cfg = model::load_config(args->config);
     if (args->steps > 0) {
       cfg.train.steps = args->steps;
       if (cfg.train.warmup_steps > cfg.train.steps) {
@@ -40,8 +40,8 @@ void register_train_command(CLI::App& app) {
       }
     }
     if (!args->data_dir.empty()) cfg.data.dir = args->data_dir;
-    validate(cfg);
-    TrainResult r = train(cfg, args->options);
+    model::validate(cfg);
+    train::TrainResult r = train::run_training(cfg, args->options);
     if (r.already_complete) {
       std::printf("run already complete at step %d", r.first_step);
       if (!std::isnan(r.final_val_loss)) {
@@ -54,4 +54,4 @@ void register_train_command(CLI::App& app) {
   });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -16,7 +16,8 @@ std::string read_text(const std::filesystem::path& path);
 // As read_text, but nullopt when the file cannot be opened.
 std::optional<std::string> read_text_if_present(const std::filesystem::path& path);
 
-// read_text with the caller's exception type (same message), e.g. read_text_as<data::DataError>.
+// read_text with the caller's exception type (same message), e.g.
+// read_text_as<dataloader::DataError>.
 template <class Error>
 std::string read_text_as(const std::filesystem::path& path) {
   try {

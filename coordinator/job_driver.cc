@@ -227,8 +227,8 @@ v1::CheckpointMeta JobDriver::checkpoint(const v1::JobStatus& job, const std::st
     return m.stub->Checkpoint(c, request, &responses[&m - members_.data()]);
   });
   // Every process has fsynced its file: the checkpoint counts once this record is committed.
-  const Config config = parse_config(job.spec().config_toml(), "job " + job.job_id());
-  const std::string canonical = to_toml(config);
+  const model::Config config = model::parse_config(job.spec().config_toml(), "job " + job.job_id());
+  const std::string canonical = model::to_toml(config);
   v1::CheckpointMeta meta;
   meta.set_job_id(job_id_);
   meta.set_step(step);
@@ -336,13 +336,13 @@ void JobDriver::drive_run() {
   std::optional<v1::JobStatus> job = store_.get_job(id);
   if (!job) throw PermanentFailure("job record disappeared");
   const v1::JobSpec& spec = job->spec();
-  Config config;
+  model::Config config;
   try {
-    config = parse_config(spec.config_toml(), "job " + id);
-  } catch (const ConfigError& e) {
+    config = model::parse_config(spec.config_toml(), "job " + id);
+  } catch (const model::ConfigError& e) {
     throw PermanentFailure(e.what());
   }
-  const TrainConfig& train = config.train;
+  const model::TrainConfig& train = config.train;
   const std::string output_dir =
       spec.output_dir().empty() ? data_dir_ + "/jobs/" + id : spec.output_dir();
   const int64_t epoch = job->epoch();

@@ -17,7 +17,7 @@ namespace loopmoe::coordinator {
 namespace {
 
 [[noreturn]] void fail(const std::string& source, const std::string& what) {
-  throw ConfigError(source + ": " + what);
+  throw model::ConfigError(source + ": " + what);
 }
 
 int64_t next_multiple(int64_t done, int64_t interval) { return (done / interval + 1) * interval; }
@@ -30,8 +30,8 @@ std::string absolute_from(const std::string& path, const std::string& base_dir) 
 
 }  // namespace
 
-Config validate_job_spec(const v1::JobSpec& spec, const std::string& source) {
-  Config config = parse_config(spec.config_toml(), source);
+model::Config validate_job_spec(const v1::JobSpec& spec, const std::string& source) {
+  model::Config config = model::parse_config(spec.config_toml(), source);
   if (spec.num_workers() < 1) {
     fail(source, "workers = " + std::to_string(spec.num_workers()) + " must be at least 1");
   }
@@ -71,14 +71,14 @@ Config validate_job_spec(const v1::JobSpec& spec, const std::string& source) {
   return config;
 }
 
-void check_job_data(const Config& config) {
-  data::DatasetNeeds needs;
+void check_job_data(const model::Config& config) {
+  dataloader::DatasetNeeds needs;
   needs.max_vocab = static_cast<uint32_t>(config.model.vocab_size);
   needs.seq_len = config.model.seq_len;
   needs.val = true;
   needs.val_why = "every job validates after its last step (train.steps = " +
                   std::to_string(config.train.steps) + ")";
-  data::check_dataset(config.data.dir, needs);
+  dataloader::check_dataset(config.data.dir, needs);
 }
 
 int loops_for_step(const v1::LoopSchedule& schedule, int n_loops, int64_t step) {
@@ -90,7 +90,8 @@ int loops_for_step(const v1::LoopSchedule& schedule, int n_loops, int64_t step) 
       // The splitmix64 stream of model/rng.h entered at draw `step`: the state after `step` draws
       // from `seed` is seed + step·0x9E3779B97F4A7C15, and its next output is the documented z.
       const uint64_t z =
-          Rng(schedule.seed() + static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull).next_u64();
+          model::Rng(schedule.seed() + static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull)
+              .next_u64();
       return schedule.min_loops() + static_cast<int>(z % span);
     }
     default:
@@ -98,7 +99,7 @@ int loops_for_step(const v1::LoopSchedule& schedule, int n_loops, int64_t step) 
   }
 }
 
-int64_t next_chunk_end(const TrainConfig& train, int64_t done, int64_t max_chunk) {
+int64_t next_chunk_end(const model::TrainConfig& train, int64_t done, int64_t max_chunk) {
   int64_t end = std::min<int64_t>(train.steps, done + max_chunk);
   end = std::min(end, next_multiple(done, train.log_interval));
   if (train.eval_interval > 0) end = std::min(end, next_multiple(done, train.eval_interval));
@@ -108,22 +109,22 @@ int64_t next_chunk_end(const TrainConfig& train, int64_t done, int64_t max_chunk
   return end;
 }
 
-bool eval_due(const TrainConfig& train, int64_t done) {
+bool eval_due(const model::TrainConfig& train, int64_t done) {
   return done == train.steps || (train.eval_interval > 0 && done % train.eval_interval == 0);
 }
 
-bool checkpoint_due(const TrainConfig& train, int64_t done) {
+bool checkpoint_due(const model::TrainConfig& train, int64_t done) {
   return done == train.steps ||
          (train.checkpoint_interval > 0 && done % train.checkpoint_interval == 0);
 }
 
-bool log_due(const TrainConfig& train, int64_t done) {
+bool log_due(const model::TrainConfig& train, int64_t done) {
   return done == train.steps || done % train.log_interval == 0;
 }
 
 v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& source,
                            const std::string& base_dir) {
-  toml::table root = parse_toml(toml_text, source);
+  toml::table root = model::parse_toml(toml_text, source);
   v1::JobSpec spec;
   spec.set_num_workers(1);
   spec.set_num_shards(1);
@@ -212,7 +213,7 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
   // default) becomes absolute.
   std::ostringstream os;
   os << root;
-  const Config config = parse_config(os.str(), source);
+  const model::Config config = model::parse_config(os.str(), source);
   if (root.get("data") == nullptr) root.insert("data", toml::table{});
   root["data"].as_table()->insert_or_assign("dir", absolute_from(config.data.dir, base_dir));
   std::ostringstream out;

@@ -20,10 +20,10 @@ using internal::unix_ms;
 
 grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::SubmitJobRequest* request,
                                           v1::SubmitJobResponse* response) {
-  Config config;
+  model::Config config;
   try {
     config = validate_job_spec(request->spec(), "job spec");
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, e.what());
   }
   if (options_.check_data) {
@@ -31,7 +31,7 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
     // refused now, not after the workers have trained up to the first validation.
     try {
       check_job_data(config);
-    } catch (const data::DataError& e) {
+    } catch (const dataloader::DataError& e) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           std::string("job spec: data.dir: ") + e.what());
     }
@@ -59,7 +59,7 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
                                    : std::string()) +
                               " (committed steps: " + (have.empty() ? "none" : have) + ")");
     }
-    const std::string canonical = to_toml(config);
+    const std::string canonical = model::to_toml(config);
     if (XXH64(canonical.data(), canonical.size(), 0) != pick->config_hash()) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "job spec: the config differs from job " + from +

@@ -3,7 +3,7 @@
 
 #include <stdexcept>
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 // Thrown for bad input data, corrupt shards and failed I/O. The message always names the offending
 // file (or option) first and then what is wrong, so the CLI can print it as-is.
@@ -12,4 +12,4 @@ class DataError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -1,6 +1,6 @@
 #include "dataloader/dataset_check.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 ShardHeader check_shard(const std::filesystem::path& path, const DatasetNeeds& needs,
@@ -42,4 +42,4 @@ ShardHeader check_validation_shard(const std::filesystem::path& dir, const Datas
   return check_shard(dir / "val.bin", needs, needs.val_why);
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -9,7 +9,7 @@
 
 #include "dataloader/token_shard.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 // What a run will read from a dataset directory.
 struct DatasetNeeds {
@@ -36,4 +36,4 @@ DatasetHeaders check_dataset(const std::filesystem::path& dir, const DatasetNeed
 // a reader of validation data only (`loopmoe eval`), which does not need train.bin.
 ShardHeader check_validation_shard(const std::filesystem::path& dir, const DatasetNeeds& needs);
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -3,8 +3,8 @@
 
 #include "dataloader/data_error.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 void throw_data_error(const common::WriteFailure& failure) { throw DataError(failure.message()); }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

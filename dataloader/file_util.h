@@ -7,7 +7,7 @@
 
 #include "common/atomic_file.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 // Throws DataError(failure.message()): the file first, then what failed and why.
 [[noreturn]] void throw_data_error(const common::WriteFailure& failure);
@@ -20,4 +20,4 @@ class AtomicFileWriter : public common::AtomicFileWriter {
       : common::AtomicFileWriter(std::move(path), throw_data_error) {}
 };
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -22,7 +22,7 @@
 #include "dataloader/split.h"
 #include "dataloader/tokenizer.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -362,4 +362,4 @@ Dataset open_dataset(const fs::path& dir) {
   return Dataset{TokenShard::open(dir / "train.bin"), TokenShard::open(dir / "val.bin")};
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -10,7 +10,7 @@
 
 #include "dataloader/token_shard.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 struct PrepareOptions {
   // Files, or directories whose *.txt files are taken (not recursive). The union is sorted by
@@ -80,4 +80,4 @@ struct Dataset {
 };
 Dataset open_dataset(const std::filesystem::path& dir);
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -3,7 +3,7 @@
 #include <string>
 #include <utility>
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 // splitmix64 (Steele, Lea, Flood 2014): tiny, well mixed, and trivially reproducible elsewhere.
@@ -99,4 +99,4 @@ void BatchSampler::restore(const SamplerState& state) {
   if (reshuffle) start_epoch();
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

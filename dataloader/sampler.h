@@ -6,7 +6,7 @@
 
 #include "dataloader/token_shard.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 // Everything needed to continue a sampler bit-exactly; this is what a checkpoint stores.
 struct SamplerState {
@@ -59,4 +59,4 @@ class BatchSampler {
 // docs/DATA.md, so it does not depend on the standard library.
 std::vector<uint64_t> epoch_permutation(uint64_t n, uint64_t seed, uint64_t epoch);
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

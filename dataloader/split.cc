@@ -12,7 +12,7 @@
 
 #include "dataloader/prepare.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 // "<file_name>#<doc_index>" for a whole document, "<file_name>#<doc_index>.<chunk>" for a chunk.
@@ -150,4 +150,4 @@ std::vector<std::string_view> cut_document(std::string_view text, size_t chunk_b
   return pieces;
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

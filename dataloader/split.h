@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-namespace loopmoe::data::split_internal {
+namespace loopmoe::dataloader::split_internal {
 
 // One input file of `data prepare`; documents are views into `text`.
 struct Source {
@@ -44,4 +44,4 @@ uint64_t val_bytes(const std::vector<Doc>& docs);
 // validation. Returns how many moved.
 size_t top_up_validation(std::vector<Doc>& docs);
 
-}  // namespace loopmoe::data::split_internal
+}  // namespace loopmoe::dataloader::split_internal

@@ -18,7 +18,7 @@
 
 #include "dataloader/file_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 // The format is little-endian; we copy integers byte-for-byte, which is only right on a
@@ -371,4 +371,4 @@ void TokenShard::read(uint64_t begin, uint64_t count, int32_t* out) const {
   }
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

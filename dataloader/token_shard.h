@@ -8,7 +8,7 @@
 
 #include "dataloader/data_error.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 inline constexpr char kShardMagic[8] = {'L', 'M', 'O', 'E', 'T', 'O', 'K', '\0'};
 // Version 2 ends the header with an XXH64 of the header bytes before it, so no header field goes
@@ -97,4 +97,4 @@ class TokenShard {
   uint64_t checksum_ = 0;
 };
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

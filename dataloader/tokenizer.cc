@@ -11,7 +11,7 @@
 #include "common/text_file.h"
 #include "dataloader/file_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 // Sentencepiece trains on "sentences" and drops any longer than max_sentence_length, but a
@@ -172,4 +172,4 @@ void Tokenizer::save(const std::filesystem::path& path) const {
   common::write_file_atomically(path, serialized_, throw_data_error);
 }
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -15,7 +15,7 @@ namespace sentencepiece {
 class SentencePieceProcessor;
 }
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 
 // SentencePiece's default special ids, which our training keeps; eos terminates every document.
 inline constexpr int32_t kUnkId = 0;
@@ -65,4 +65,4 @@ class Tokenizer {
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
 };
 
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

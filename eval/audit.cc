@@ -16,26 +16,27 @@
 #include "model/ops.h"
 #include "train/checkpoint.h"
 
-namespace loopmoe {
+namespace loopmoe::eval {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr int kKinds = static_cast<int>(ops::FlopKind::kCount);
+constexpr int kKinds = static_cast<int>(model::ops::FlopKind::kCount);
 
 }  // namespace
 
 std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   const fs::path dir(run_dir);
   const std::string ckpt = (dir / "checkpoint.bin").string();
-  set_num_threads(options.threads);
-  Config cfg;
-  const std::unique_ptr<Model> loaded = load_model(ckpt, &cfg);
-  Model& model = *loaded;
-  const data::TokenShard val = data::TokenShard::open(fs::path(cfg.data.dir) / "val.bin");
+  model::set_num_threads(options.threads);
+  model::Config cfg;
+  const std::unique_ptr<model::Model> loaded = train::load_model(ckpt, &cfg);
+  model::Model& model = *loaded;
+  const dataloader::TokenShard val =
+      dataloader::TokenShard::open(fs::path(cfg.data.dir) / "val.bin");
   const int B = cfg.train.batch_size, T = cfg.model.seq_len, S = B * T;
   const int N = cfg.model.n_layers, R = cfg.model.n_loops, E = cfg.model.n_experts;
   const int k = cfg.model.top_k;
-  data::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
+  dataloader::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
   std::vector<int32_t> in(S), tg(S);
 
   std::vector<double> fwd_by_kind(kKinds, 0.0);
@@ -46,19 +47,20 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   int64_t tokens = 0;
   for (int b = 0; b < options.batches; ++b) {
     sampler.next(in.data(), tg.data());
-    ops::reset_gemm_flops();
+    model::ops::reset_gemm_flops();
     model.forward(in.data(), tg.data(), B, T);
     for (int kind = 0; kind < kKinds; ++kind) {
-      fwd_by_kind[kind] += static_cast<double>(ops::gemm_flops(static_cast<ops::FlopKind>(kind)));
+      fwd_by_kind[kind] +=
+          static_cast<double>(model::ops::gemm_flops(static_cast<model::ops::FlopKind>(kind)));
     }
     if (b == 0) {  // one backward measures the training FLOPs (forward + backward)
       model.zero_grad();
       model.backward();
-      train_flops = static_cast<double>(ops::gemm_flops()) / S;
+      train_flops = static_cast<double>(model::ops::gemm_flops()) / S;
     }
     tokens += S;
     for (int a = 0; a < N * R; ++a) {
-      const RoutingPlan& plan = model.routing(a);
+      const model::RoutingPlan& plan = model.routing(a);
       for (int e = 0; e < E; ++e) assigned[a][e] += plan.assigned[e];
       dropped[a] += plan.dropped;
     }
@@ -67,7 +69,7 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
       for (int t = 0; t < S; ++t) {
         std::set<int32_t> seen;
         for (int r = 0; r < R; ++r) {
-          const RoutingPlan& plan = model.routing(r * N + n);
+          const model::RoutingPlan& plan = model.routing(r * N + n);
           for (int j = 0; j < k; ++j) seen.insert(plan.expert[static_cast<size_t>(t) * k + j]);
         }
         distinct_sum[n] += static_cast<double>(seen.size());
@@ -79,12 +81,12 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   j["run"] = dir.filename().string().empty() ? dir.parent_path().filename().string()
                                              : dir.filename().string();
   j["tokens"] = tokens;
-  const auto analytic_kind = forward_flops_by_kind(cfg.model, S);
-  const BudgetFigures fig = budget_figures(cfg.model, S);
+  const auto analytic_kind = model::forward_flops_by_kind(cfg.model, S);
+  const model::BudgetFigures fig = model::budget_figures(cfg.model, S);
   double measured = 0;
   nlohmann::json by_kind, analytic_by_kind;
   for (int kind = 0; kind < kKinds; ++kind) {
-    const char* name = ops::to_string(static_cast<ops::FlopKind>(kind));
+    const char* name = model::ops::to_string(static_cast<model::ops::FlopKind>(kind));
     by_kind[name] = fwd_by_kind[kind] / tokens;
     analytic_by_kind[name] = analytic_kind[kind] / S;
     measured += fwd_by_kind[kind] / tokens;
@@ -97,10 +99,12 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   j["flops_per_token_train"] = {{"measured", train_flops},
                                 {"analytic", fig.flops_per_token_train},
                                 {"relative_diff", train_flops / fig.flops_per_token_train - 1.0}};
-  const auto kind_flops = [&](ops::FlopKind kind) { return fwd_by_kind[static_cast<int>(kind)]; };
-  const double attn =
-      kind_flops(ops::FlopKind::kAttentionProj) + kind_flops(ops::FlopKind::kAttentionScores);
-  j["attn_ffn_flop_ratio"] = attn / std::max(1.0, kind_flops(ops::FlopKind::kExperts));
+  const auto kind_flops = [&](model::ops::FlopKind kind) {
+    return fwd_by_kind[static_cast<int>(kind)];
+  };
+  const double attn = kind_flops(model::ops::FlopKind::kAttentionProj) +
+                      kind_flops(model::ops::FlopKind::kAttentionScores);
+  j["attn_ffn_flop_ratio"] = attn / std::max(1.0, kind_flops(model::ops::FlopKind::kExperts));
   int64_t total_dropped = 0;
   nlohmann::json routing = nlohmann::json::array();
   for (int a = 0; a < N * R; ++a) {
@@ -135,4 +139,4 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   return text;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

@@ -4,7 +4,7 @@
 
 #include <string>
 
-namespace loopmoe {
+namespace loopmoe::eval {
 
 struct AuditOptions {
   int batches = 4;  // validation batches (train.batch_size × seq_len tokens each)
@@ -15,4 +15,4 @@ struct AuditOptions {
 // returns its text. Schema: docs/AUDIT.md.
 std::string run_audit(const std::string& run_dir, const AuditOptions& options);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

@@ -21,7 +21,7 @@
 #include "model/model.h"
 #include "train/checkpoint.h"
 
-namespace loopmoe {
+namespace loopmoe::eval {
 namespace {
 
 namespace fs = std::filesystem;
@@ -89,7 +89,7 @@ std::string cloze_target(std::string_view word) {
 // at a word boundary, and pieces never span whitespace, so its ids equal the tail of the whole
 // prefix's ids. The window doubles until it holds enough tokens.
 std::vector<int32_t> context_before(const std::string& text, size_t end, int budget,
-                                    const data::Tokenizer& tokenizer) {
+                                    const dataloader::Tokenizer& tokenizer) {
   size_t window = 8 * static_cast<size_t>(std::max(budget, 1));
   std::vector<int32_t> ids;
   while (true) {
@@ -173,12 +173,12 @@ int count_words(std::string_view text) {
   return words;
 }
 
-std::vector<std::string> held_out_texts(const data::TokenShard& val,
-                                        const data::Tokenizer& tokenizer) {
+std::vector<std::string> held_out_texts(const dataloader::TokenShard& val,
+                                        const dataloader::Tokenizer& tokenizer) {
   std::vector<std::string> texts;
   std::vector<int32_t> ids;
   for (uint64_t d = 0; d < val.num_docs(); ++d) {
-    const data::DocRange range = val.doc_range(d);
+    const dataloader::DocRange range = val.doc_range(d);
     ids.resize(range.end - range.begin);
     val.read(range.begin, ids.size(), ids.data());
     if (!ids.empty() && ids.back() == tokenizer.eos_id()) ids.pop_back();
@@ -187,8 +187,8 @@ std::vector<std::string> held_out_texts(const data::TokenShard& val,
   return texts;
 }
 
-EvalTasks build_eval_tasks(const std::vector<std::string>& docs, const data::Tokenizer& tokenizer,
-                           const TaskOptions& options) {
+EvalTasks build_eval_tasks(const std::vector<std::string>& docs,
+                           const dataloader::Tokenizer& tokenizer, const TaskOptions& options) {
   if (options.seq_len < 4) throw std::invalid_argument("eval tasks: seq_len must be at least 4");
   const int max_piece = options.seq_len / 2;  // a target or choice takes at most half the context
   EvalTasks tasks;
@@ -300,7 +300,7 @@ EvalTasks build_eval_tasks(const std::vector<std::string>& docs, const data::Tok
   return tasks;
 }
 
-void write_tasks_jsonl(const EvalTasks& tasks, const data::Tokenizer& tokenizer,
+void write_tasks_jsonl(const EvalTasks& tasks, const dataloader::Tokenizer& tokenizer,
                        std::ostream& out) {
   using Json = nlohmann::ordered_json;
   auto line = [&](const Json& j) {
@@ -338,7 +338,7 @@ void write_tasks_jsonl(const EvalTasks& tasks, const data::Tokenizer& tokenizer,
   }
 }
 
-std::vector<RequestScore> score_requests(Model& model, const std::vector<Request>& requests,
+std::vector<RequestScore> score_requests(model::Model& model, const std::vector<Request>& requests,
                                          int batch, int seq_len, int32_t pad_id,
                                          const std::function<void(size_t, size_t)>& progress) {
   const int T = seq_len, V = model.config().vocab_size;
@@ -396,12 +396,13 @@ std::function<void(size_t, size_t)> progress_printer(const std::string& what, bo
   };
 }
 
-ClozeResult score_cloze(Model& model, const std::vector<ClozeItem>& items, int batch, int seq_len,
-                        bool progress) {
+ClozeResult score_cloze(model::Model& model, const std::vector<ClozeItem>& items, int batch,
+                        int seq_len, bool progress) {
   std::vector<Request> requests;
   for (const ClozeItem& item : items) requests.push_back({&item.context, &item.target_ids});
-  const std::vector<RequestScore> scores = score_requests(
-      model, requests, batch, seq_len, data::kEosId, progress_printer("cloze requests", progress));
+  const std::vector<RequestScore> scores =
+      score_requests(model, requests, batch, seq_len, dataloader::kEosId,
+                     progress_printer("cloze requests", progress));
   ClozeResult result;
   result.items = static_cast<int>(items.size());
   double nll = 0;
@@ -418,14 +419,14 @@ ClozeResult score_cloze(Model& model, const std::vector<ClozeItem>& items, int b
   return result;
 }
 
-ChoiceResult score_multiple_choice(Model& model, const std::vector<ChoiceItem>& items, int batch,
-                                   int seq_len, bool progress) {
+ChoiceResult score_multiple_choice(model::Model& model, const std::vector<ChoiceItem>& items,
+                                   int batch, int seq_len, bool progress) {
   std::vector<Request> requests;
   for (const ChoiceItem& item : items) {
     for (const auto& ids : item.choice_ids) requests.push_back({&item.context, &ids});
   }
   const std::vector<RequestScore> scores =
-      score_requests(model, requests, batch, seq_len, data::kEosId,
+      score_requests(model, requests, batch, seq_len, dataloader::kEosId,
                      progress_printer("multiple-choice requests", progress));
   ChoiceResult result;
   result.items = static_cast<int>(items.size());
@@ -449,7 +450,7 @@ ChoiceResult score_multiple_choice(Model& model, const std::vector<ChoiceItem>& 
   return result;
 }
 
-fs::path resolve_data_dir(const Config& config, const fs::path& run_dir,
+fs::path resolve_data_dir(const model::Config& config, const fs::path& run_dir,
                           const std::string& override_dir) {
   if (!override_dir.empty()) return override_dir;
   const fs::path dir(config.data.dir);
@@ -461,18 +462,19 @@ fs::path resolve_data_dir(const Config& config, const fs::path& run_dir,
   if (run.filename().empty()) run = run.parent_path();
   const fs::path beside = run.parent_path().parent_path() / dir;
   if (fs::exists(beside / "val.bin")) return beside;
-  throw ConfigError("data.dir \"" + config.data.dir + "\" of " + run_dir.string() +
-                    " not found (no val.bin in " + fs::absolute(dir).string() + " or " +
-                    beside.string() + "); pass --data DIR");
+  throw model::ConfigError("data.dir \"" + config.data.dir + "\" of " + run_dir.string() +
+                           " not found (no val.bin in " + fs::absolute(dir).string() + " or " +
+                           beside.string() + "); pass --data DIR");
 }
 
 std::pair<size_t, size_t> dump_eval_tasks(const std::string& run_dir, const TaskOptions& options,
                                           const std::string& data_dir_override,
                                           const std::string& out_file) {
-  const Config config = read_checkpoint_config((fs::path(run_dir) / "checkpoint.bin").string());
+  const model::Config config =
+      train::read_checkpoint_config((fs::path(run_dir) / "checkpoint.bin").string());
   const fs::path data_dir = resolve_data_dir(config, run_dir, data_dir_override);
-  const data::Tokenizer tokenizer = data::Tokenizer::load(data_dir / "tokenizer.model");
-  const data::TokenShard val = data::TokenShard::open(data_dir / "val.bin");
+  const dataloader::Tokenizer tokenizer = dataloader::Tokenizer::load(data_dir / "tokenizer.model");
+  const dataloader::TokenShard val = dataloader::TokenShard::open(data_dir / "val.bin");
   TaskOptions o = options;
   o.seq_len = config.model.seq_len;
   const EvalTasks tasks = build_eval_tasks(held_out_texts(val, tokenizer), tokenizer, o);
@@ -491,4 +493,4 @@ std::pair<size_t, size_t> dump_eval_tasks(const std::string& run_dir, const Task
   return {tasks.cloze.size(), tasks.multiple_choice.size()};
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

@@ -14,13 +14,15 @@
 
 #include "model/config.h"
 
-namespace loopmoe {
-
+namespace loopmoe::model {
 class Model;
-namespace data {
+}  // namespace loopmoe::model
+namespace loopmoe::dataloader {
 class TokenShard;
 class Tokenizer;
-}  // namespace data
+}  // namespace loopmoe::dataloader
+
+namespace loopmoe::eval {
 
 // A sentence of a document's text: bytes [begin, end), without the separating space.
 struct Sentence {
@@ -37,8 +39,8 @@ std::vector<Sentence> split_sentences(std::string_view text);
 int count_words(std::string_view text);
 
 // Texts of the held-out documents: each document of `val` without its eos, decoded.
-std::vector<std::string> held_out_texts(const data::TokenShard& val,
-                                        const data::Tokenizer& tokenizer);
+std::vector<std::string> held_out_texts(const dataloader::TokenShard& val,
+                                        const dataloader::Tokenizer& tokenizer);
 
 struct TaskOptions {
   int seq_len = 128;     // model context: context + continuation fit seq_len + 1 tokens
@@ -69,12 +71,13 @@ struct EvalTasks {
   std::vector<ChoiceItem> multiple_choice;
 };
 
-EvalTasks build_eval_tasks(const std::vector<std::string>& docs, const data::Tokenizer& tokenizer,
-                           const TaskOptions& options);
+EvalTasks build_eval_tasks(const std::vector<std::string>& docs,
+                           const dataloader::Tokenizer& tokenizer, const TaskOptions& options);
 
 // One JSON object per line, cloze items first: what the model sees (decoded context) and what it
 // is scored on. Identical inputs give identical bytes.
-void write_tasks_jsonl(const EvalTasks& tasks, const data::Tokenizer& tokenizer, std::ostream& out);
+void write_tasks_jsonl(const EvalTasks& tasks, const dataloader::Tokenizer& tokenizer,
+                       std::ostream& out);
 
 // A completion request: log P(continuation | context) under the model.
 struct Request {
@@ -92,8 +95,8 @@ struct RequestScore {
 // same shape, which keeps the scores independent of how many requests there are.
 // `progress`, if set, is called after every forward with (requests done, total).
 std::vector<RequestScore> score_requests(
-    Model& model, const std::vector<Request>& requests, int batch, int seq_len, int32_t pad_id,
-    const std::function<void(size_t, size_t)>& progress = nullptr);
+    model::Model& model, const std::vector<Request>& requests, int batch, int seq_len,
+    int32_t pad_id, const std::function<void(size_t, size_t)>& progress = nullptr);
 
 struct ClozeResult {
   int items = 0;
@@ -106,10 +109,10 @@ struct ChoiceResult {
   double accuracy_norm = 0;  // argmax of log-likelihood per byte of the choice text is the answer
 };
 
-ClozeResult score_cloze(Model& model, const std::vector<ClozeItem>& items, int batch, int seq_len,
-                        bool progress = false);
-ChoiceResult score_multiple_choice(Model& model, const std::vector<ChoiceItem>& items, int batch,
-                                   int seq_len, bool progress = false);
+ClozeResult score_cloze(model::Model& model, const std::vector<ClozeItem>& items, int batch,
+                        int seq_len, bool progress = false);
+ChoiceResult score_multiple_choice(model::Model& model, const std::vector<ChoiceItem>& items,
+                                   int batch, int seq_len, bool progress = false);
 
 // Progress on stderr for score_requests and the evaluator; nullptr when disabled.
 std::function<void(size_t, size_t)> progress_printer(const std::string& what, bool enabled);
@@ -117,7 +120,8 @@ std::function<void(size_t, size_t)> progress_printer(const std::string& what, bo
 // The dataset directory of a run: `override_dir` if set, else config.data.dir; a relative path is
 // tried against the current directory first, then against the run directory's grandparent (runs
 // live in ROOT/runs/NAME and configs name data relative to ROOT).
-std::filesystem::path resolve_data_dir(const Config& config, const std::filesystem::path& run_dir,
+std::filesystem::path resolve_data_dir(const model::Config& config,
+                                       const std::filesystem::path& run_dir,
                                        const std::string& override_dir = "");
 
 // Builds the tasks of a run (its checkpoint's seq_len, its dataset's val.bin and tokenizer) and
@@ -126,4 +130,4 @@ std::pair<size_t, size_t> dump_eval_tasks(const std::string& run_dir, const Task
                                           const std::string& data_dir_override,
                                           const std::string& out_file);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

@@ -20,7 +20,7 @@
 #include "model/model.h"
 #include "train/checkpoint.h"
 
-namespace loopmoe {
+namespace loopmoe::eval {
 namespace {
 
 namespace fs = std::filesystem;
@@ -49,11 +49,12 @@ struct LossFigures {
   std::vector<double> adaptive_loss, adaptive_iters;  // per threshold
 };
 
-LossFigures loss_figures(Model& model, const data::TokenShard& val, int B, int T, int batches,
-                         const std::vector<int>& sweep, const std::vector<double>& thresholds,
+LossFigures loss_figures(model::Model& model, const dataloader::TokenShard& val, int B, int T,
+                         int batches, const std::vector<int>& sweep,
+                         const std::vector<double>& thresholds,
                          const std::function<void(size_t, size_t)>& progress) {
   const int R = model.config().n_loops, S = B * T;
-  data::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
+  dataloader::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
   LossFigures f;
   f.lens.assign(R, 0);
   std::vector<double> sweep_total(sweep.size(), 0);
@@ -74,7 +75,7 @@ LossFigures loss_figures(Model& model, const data::TokenShard& val, int B, int T
       sweep_total[k] += model.forward(in.data(), tg.data(), B, T, sweep[k]).ce;
     }
     for (size_t k = 0; k < thresholds.size(); ++k) {
-      ForwardOptions fo;
+      model::ForwardOptions fo;
       fo.halt_threshold = thresholds[k];
       f.adaptive_loss[k] += model.forward(in.data(), tg.data(), B, T, fo).ce;
       int64_t iterations = 0;
@@ -105,9 +106,9 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   const auto t0 = std::chrono::steady_clock::now();
   const fs::path run(run_dir);
   const fs::path ckpt = run / "checkpoint.bin";
-  Config cfg;
-  const std::unique_ptr<Model> loaded = load_model(ckpt.string(), &cfg);
-  Model& model = *loaded;
+  model::Config cfg;
+  const std::unique_ptr<model::Model> loaded = train::load_model(ckpt.string(), &cfg);
+  model::Model& model = *loaded;
   const int B = cfg.train.batch_size, T = cfg.model.seq_len, R = cfg.model.n_loops;
   const bool looped = R > 1;
 
@@ -116,7 +117,8 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
     for (int k = 1; k <= 2 * R; ++k) loops.insert(k);
   }
   for (int k : options.loops) {
-    if (k < 1) throw ConfigError("eval: --loops " + std::to_string(k) + " must be at least 1");
+    if (k < 1)
+      throw model::ConfigError("eval: --loops " + std::to_string(k) + " must be at least 1");
     loops.insert(k);
   }
   std::vector<double> thresholds;
@@ -124,25 +126,26 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
     thresholds = options.halt_thresholds.empty() ? kDefaultThresholds : options.halt_thresholds;
   }
   for (double t : thresholds) {
-    if (!(t > 0)) throw ConfigError("eval: halt threshold " + std::to_string(t) + " must be > 0");
+    if (!(t > 0))
+      throw model::ConfigError("eval: halt threshold " + std::to_string(t) + " must be > 0");
   }
   if (!looped && !options.halt_thresholds.empty() && options.progress) {
     std::fprintf(stderr, "note: %s has n_loops = 1; adaptive halting does not apply\n",
                  run_dir.c_str());
   }
-  if (options.batches < 1) throw ConfigError("eval: --batches must be at least 1");
-  if (options.max_items < 0) throw ConfigError("eval: --max-items must not be negative");
+  if (options.batches < 1) throw model::ConfigError("eval: --batches must be at least 1");
+  if (options.max_items < 0) throw model::ConfigError("eval: --max-items must not be negative");
 
-  set_num_threads(options.threads);
+  model::set_num_threads(options.threads);
   const fs::path data_dir = resolve_data_dir(cfg, run, options.data_dir);
   // The trainer's check of the shard against the model (docs/DATA.md "Checking a dataset before
   // a run"), of the validation shard only: eval reads no training data.
-  data::DatasetNeeds needs;
+  dataloader::DatasetNeeds needs;
   needs.max_vocab = static_cast<uint32_t>(cfg.model.vocab_size);
   needs.seq_len = T;
-  data::check_validation_shard(data_dir, needs);
-  const data::TokenShard val = data::TokenShard::open(data_dir / "val.bin");
-  const data::Tokenizer tokenizer = data::Tokenizer::load(data_dir / "tokenizer.model");
+  dataloader::check_validation_shard(data_dir, needs);
+  const dataloader::TokenShard val = dataloader::TokenShard::open(data_dir / "val.bin");
+  const dataloader::Tokenizer tokenizer = dataloader::Tokenizer::load(data_dir / "tokenizer.model");
   if (options.progress) {
     std::fprintf(stderr, "eval %s: %s, data %s (%lu validation tokens)\n", run_dir.c_str(),
                  looped ? "looped" : "not looped", data_dir.c_str(),
@@ -151,7 +154,7 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
 
   // Sequential validation windows; never more batches than the shard holds, so no window counts
   // twice.
-  data::BatchSampler probe(val, B, T, 0, false);
+  dataloader::BatchSampler probe(val, B, T, 0, false);
   const int available = static_cast<int>(std::max<uint64_t>(1, probe.windows_per_epoch() / B));
   const int batches = std::min(options.batches, available);
   const LossFigures f =
@@ -206,4 +209,4 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   return text;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

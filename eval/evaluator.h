@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace loopmoe {
+namespace loopmoe::eval {
 
 struct EvalOptions {
   std::vector<int> loops;               // loop counts to evaluate besides the trained one
@@ -23,4 +23,4 @@ struct EvalOptions {
 // returns its text. Schema: docs/EVAL.md.
 std::string run_eval(const std::string& run_dir, const EvalOptions& options);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::eval

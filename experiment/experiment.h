@@ -17,7 +17,7 @@
 #include "model/config.h"
 #include "train/trainer.h"
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 
 // The two model families; each gets its own learning rate from the same sweep.
 inline constexpr const char* kVanillaFamily = "vanilla";
@@ -26,8 +26,8 @@ inline constexpr const char* kLoopMoEFamily = "loopmoe";
 struct VariantSpec {
   std::string name;
   std::string model = kLoopMoEFamily;  // "vanilla" | "loopmoe" (also the LR family)
-  IterAdaLNMode iter_adaln = IterAdaLNMode::kJoint;
-  Balance balance = Balance::kExperts;
+  model::IterAdaLNMode iter_adaln = model::IterAdaLNMode::kJoint;
+  model::Balance balance = model::Balance::kExperts;
   double expert_scale = 1.0;
 
   bool vanilla() const { return model == kVanillaFamily; }
@@ -71,17 +71,18 @@ struct StepTiming {
 
 // Replaceable steps of the runner, so tests can count calls without training anything.
 struct ExperimentHooks {
-  std::function<SolvedBudget(const ModelConfig& vanilla, int loops, Balance balance,
-                             IterAdaLNMode mode, double expert_scale)>
+  std::function<model::SolvedBudget(const model::ModelConfig& vanilla, int loops,
+                                    model::Balance balance, model::IterAdaLNMode mode,
+                                    double expert_scale)>
       solve;
-  std::function<void(const Config& config, const TrainOptions& options)> train;
-  std::function<void(const std::string& run_dir, const AuditOptions& options)> audit;
-  std::function<void(const std::string& run_dir, const EvalOptions& options)> eval;
+  std::function<void(const model::Config& config, const train::TrainOptions& options)> train;
+  std::function<void(const std::string& run_dir, const eval::AuditOptions& options)> audit;
+  std::function<void(const std::string& run_dir, const eval::EvalOptions& options)> eval;
   // Seconds per training step and per forward-only batch of a config (dry-run time estimate);
   // measured by default.
-  std::function<StepTiming(const Config& config, int threads)> step_seconds;
+  std::function<StepTiming(const model::Config& config, int threads)> step_seconds;
   // Analytic figures for the plan printout; may throw (then shown as n/a).
-  std::function<BudgetFigures(const ModelConfig& config, int batch_tokens)> figures;
+  std::function<model::BudgetFigures(const model::ModelConfig& config, int batch_tokens)> figures;
 };
 ExperimentHooks default_experiment_hooks();
 
@@ -92,15 +93,15 @@ struct PlannedRun {
   std::string family;   // kVanillaFamily | kLoopMoEFamily
   bool sweep = false;
   uint64_t seed = 0;
-  Config config;  // complete, except train.lr of main runs before the sweep has chosen
+  model::Config config;  // complete, except train.lr of main runs before the sweep has chosen
 };
 
 struct ExperimentPlan {
   ExperimentSpec spec;
-  Config base;                                          // base config with the spec's data_dir
-  std::map<std::string, ModelConfig> models;            // per variant
-  std::map<std::string, ModelConfig> family_reference;  // model the sweep trains per family
-  std::string budget_json;                              // solver output for the LoopMoE reference
+  model::Config base;                                // base config with the spec's data_dir
+  std::map<std::string, model::ModelConfig> models;  // per variant
+  std::map<std::string, model::ModelConfig> family_reference;  // model the sweep trains per family
+  std::string budget_json;  // solver output for the LoopMoE reference
   std::vector<PlannedRun> sweep_runs, runs;
 };
 
@@ -146,4 +147,4 @@ std::string format_lr(double lr);
 // dirty; empty outside a git checkout.
 std::string source_revision();
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

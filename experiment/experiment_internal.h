@@ -7,14 +7,14 @@
 
 #include "experiment/experiment.h"
 
-namespace loopmoe::experiment_internal {
+namespace loopmoe::experiment::internal {
 
 // "2x4 E8 k2 f64 inner64 joint dc16": the plan's and sweep.json's short description of a model.
-std::string describe_model(const ModelConfig& m);
+std::string describe_model(const model::ModelConfig& m);
 
 // Prints the plan: variants with their analytic figures, the sweep, the grid, the total; with
 // `measure`, also measured step times and the estimated wall time (the dry run).
 void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool measure,
                 std::FILE* out);
 
-}  // namespace loopmoe::experiment_internal
+}  // namespace loopmoe::experiment::internal

@@ -14,7 +14,7 @@
 #include "model/model.h"
 #include "train/format.h"
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 namespace {
 
 namespace fs = std::filesystem;
@@ -22,10 +22,10 @@ using Clock = std::chrono::steady_clock;
 
 // Wall time of one optimizer-free training step (forward + backward) and of one forward pass on
 // random tokens: enough for a plan's time estimate without touching the dataset.
-StepTiming measure_step_seconds(const Config& cfg, int threads) {
-  set_num_threads(threads);
+StepTiming measure_step_seconds(const model::Config& cfg, int threads) {
+  model::set_num_threads(threads);
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
-  Model model(cfg.model);
+  model::Model model(cfg.model);
   model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(1);
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
@@ -54,10 +54,10 @@ StepTiming measure_step_seconds(const Config& cfg, int threads) {
   return t;
 }
 
-Config run_config(const ExperimentPlan& plan, const ModelConfig& model, int steps, uint64_t seed,
-                  double lr, bool sweep) {
+model::Config run_config(const ExperimentPlan& plan, const model::ModelConfig& model, int steps,
+                         uint64_t seed, double lr, bool sweep) {
   const ExperimentSpec& spec = plan.spec;
-  Config c = plan.base;
+  model::Config c = plan.base;
   c.model = model;
   c.train.steps = steps;
   c.train.seed = seed;
@@ -74,9 +74,9 @@ Config run_config(const ExperimentPlan& plan, const ModelConfig& model, int step
 
 }  // namespace
 
-namespace experiment_internal {
+namespace internal {
 
-std::string describe_model(const ModelConfig& m) {
+std::string describe_model(const model::ModelConfig& m) {
   std::ostringstream os;
   os << m.n_layers << "x" << m.n_loops << " E" << m.n_experts << " k" << m.top_k << " f"
      << m.expert_hidden << " inner" << m.attn_inner() << " " << to_string(m.iter_adaln);
@@ -94,10 +94,10 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
   std::fprintf(out, "\n%-18s %-8s %-40s %9s %10s %9s\n", "variant", "family", "model", "params",
                "FLOPs/tok", "attn:ffn");
   std::map<std::string, double> step_s;  // per variant / family
-  auto row = [&](const std::string& name, const std::string& family, const ModelConfig& m) {
+  auto row = [&](const std::string& name, const std::string& family, const model::ModelConfig& m) {
     double params = NAN, flops = NAN, ratio = NAN;
     try {
-      const BudgetFigures f = hooks.figures(m, batch_tokens);
+      const model::BudgetFigures f = hooks.figures(m, batch_tokens);
       params = f.total_params;
       flops = f.flops_per_token_forward;
       ratio = f.attn_ffn_active_ratio;
@@ -105,8 +105,8 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
       // Budget figures unavailable: the plan is still worth printing.
     }
     std::fprintf(out, "%-18s %-8s %-40s %9s %10s %9s\n", name.c_str(), family.c_str(),
-                 describe_model(m).c_str(), format_si(params, 3).c_str(),
-                 format_si(flops, 3).c_str(), format_fixed(ratio, 3).c_str());
+                 describe_model(m).c_str(), train::format_si(params, 3).c_str(),
+                 train::format_si(flops, 3).c_str(), train::format_fixed(ratio, 3).c_str());
   };
   for (const VariantSpec& v : s.variants) row(v.name, v.model, plan.models.at(v.name));
   if (s.lr_sweep.size() > 1) {
@@ -141,7 +141,7 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
   // evaluation (validation batches at every loop count and threshold, plus task requests: one
   // per cloze item and four per multiple-choice item, batch_size to a forward pass).
   std::map<std::string, StepTiming> per_model;
-  auto timing = [&](const Config& c) {
+  auto timing = [&](const model::Config& c) {
     const std::string key = describe_model(c.model);
     auto it = per_model.find(key);
     if (it == per_model.end()) it = per_model.emplace(key, hooks.step_seconds(c, s.threads)).first;
@@ -151,8 +151,8 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
   for (const auto* list : {&plan.sweep_runs, &plan.runs}) {
     for (const PlannedRun& r : *list) {
       const StepTiming t = timing(r.config);
-      const TrainConfig& tc = r.config.train;
-      const ModelConfig& m = r.config.model;
+      const model::TrainConfig& tc = r.config.train;
+      const model::ModelConfig& m = r.config.model;
       const int evals = (tc.eval_interval > 0 ? tc.steps / tc.eval_interval : 0) + 1;
       double forwards = static_cast<double>(evals) * tc.eval_batches;
       double steps = tc.steps;
@@ -177,10 +177,10 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
   std::fprintf(out,
                "estimated time: %s (training, validation, audit and evaluation; the machine's "
                "current load included)\n",
-               format_seconds(total).c_str());
+               train::format_seconds(total).c_str());
 }
 
-}  // namespace experiment_internal
+}  // namespace internal
 
 std::string format_lr(double lr) {
   char buf[32];
@@ -190,13 +190,14 @@ std::string format_lr(double lr) {
 
 ExperimentHooks default_experiment_hooks() {
   ExperimentHooks h;
-  h.solve = [](const ModelConfig& vanilla, int loops, Balance balance, IterAdaLNMode mode,
-               double scale) { return solve_budget(vanilla, loops, balance, mode, scale); };
-  h.train = [](const Config& c, const TrainOptions& o) { train(c, o); };
-  h.audit = [](const std::string& dir, const AuditOptions& o) { run_audit(dir, o); };
-  h.eval = [](const std::string& dir, const EvalOptions& o) { run_eval(dir, o); };
+  h.solve = [](const model::ModelConfig& vanilla, int loops, model::Balance balance,
+               model::IterAdaLNMode mode,
+               double scale) { return model::solve_budget(vanilla, loops, balance, mode, scale); };
+  h.train = [](const model::Config& c, const train::TrainOptions& o) { train::run_training(c, o); };
+  h.audit = [](const std::string& dir, const eval::AuditOptions& o) { eval::run_audit(dir, o); };
+  h.eval = [](const std::string& dir, const eval::EvalOptions& o) { eval::run_eval(dir, o); };
   h.step_seconds = measure_step_seconds;
-  h.figures = budget_figures;
+  h.figures = model::budget_figures;
   return h;
 }
 
@@ -204,24 +205,25 @@ ExperimentPlan plan_experiment(const ExperimentSpec& spec, const ExperimentHooks
   ExperimentPlan plan;
   plan.spec = spec;
   try {
-    plan.base = load_config(spec.base_config);
-  } catch (const ConfigError& e) {
-    throw ConfigError(spec.source + ": experiment.base_config: " + e.what());
+    plan.base = model::load_config(spec.base_config);
+  } catch (const model::ConfigError& e) {
+    throw model::ConfigError(spec.source + ": experiment.base_config: " + e.what());
   }
   if (!spec.data_dir.empty()) plan.base.data.dir = spec.data_dir;
   // As the trainer records it (absolute), so a finished run's config.toml compares equal.
   plan.base.data.dir = fs::absolute(plan.base.data.dir).lexically_normal().string();
-  const ModelConfig& vm = plan.base.model;
+  const model::ModelConfig& vm = plan.base.model;
   if (vm.n_loops != 1 || vm.adaln()) {
-    throw ConfigError(spec.source + ": experiment.base_config " + spec.base_config +
-                      " must be a Vanilla MoE config (n_loops = 1, iter_adaln = \"off\")");
+    throw model::ConfigError(spec.source + ": experiment.base_config " + spec.base_config +
+                             " must be a Vanilla MoE config (n_loops = 1, iter_adaln = \"off\")");
   }
-  auto solve = [&](const std::string& what, Balance b, IterAdaLNMode mode, double scale) {
+  auto solve = [&](const std::string& what, model::Balance b, model::IterAdaLNMode mode,
+                   double scale) {
     try {
       return hooks.solve(vm, spec.loops, b, mode, scale);
     } catch (const std::exception& e) {
-      throw ConfigError(spec.source + ": cannot solve the LoopMoE budget for " + what + ": " +
-                        e.what());
+      throw model::ConfigError(spec.source + ": cannot solve the LoopMoE budget for " + what +
+                               ": " + e.what());
     }
   };
   bool any_vanilla = false, any_loop = false;
@@ -239,11 +241,12 @@ ExperimentPlan plan_experiment(const ExperimentSpec& spec, const ExperimentHooks
   // the paper proposes (joint IterAdaLN, experts balancing, solved expert count).
   if (any_vanilla) plan.family_reference[kVanillaFamily] = vm;
   if (any_loop) {
-    const SolvedBudget ref =
-        solve("the reference (joint, experts, 1.0)", Balance::kExperts, IterAdaLNMode::kJoint, 1.0);
+    const model::SolvedBudget ref =
+        solve("the reference (joint, experts, 1.0)", model::Balance::kExperts,
+              model::IterAdaLNMode::kJoint, 1.0);
     plan.family_reference[kLoopMoEFamily] = ref.loopmoe_config;
     try {
-      plan.budget_json = budget_json(ref);
+      plan.budget_json = model::budget_json(ref);
     } catch (const std::exception&) {
       plan.budget_json.clear();  // the report then shows only per-variant figures
     }
@@ -279,12 +282,12 @@ ExperimentPlan plan_experiment(const ExperimentSpec& spec, const ExperimentHooks
   }
   for (auto* list : {&plan.sweep_runs, &plan.runs}) {
     for (PlannedRun& r : *list) {
-      Config check = r.config;
+      model::Config check = r.config;
       if (std::isnan(check.train.lr)) check.train.lr = plan.base.train.lr;
       try {
-        validate(check);
-      } catch (const ConfigError& e) {
-        throw ConfigError(spec.source + ": run " + r.name + ": " + e.what());
+        model::validate(check);
+      } catch (const model::ConfigError& e) {
+        throw model::ConfigError(spec.source + ": run " + r.name + ": " + e.what());
       }
     }
   }
@@ -318,4 +321,4 @@ void apply_learning_rates(ExperimentPlan& plan, const std::map<std::string, doub
   }
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

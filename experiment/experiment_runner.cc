@@ -20,14 +20,14 @@
 #include "model/error.h"
 #include "train/format.h"
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using ojson = nlohmann::ordered_json;
-using experiment_internal::describe_model;
-using experiment_internal::print_plan;
+using internal::describe_model;
+using internal::print_plan;
 
 // Whole-file replacement (common::write_file_atomically), so an interrupted write never leaves a
 // half marker behind.
@@ -84,7 +84,7 @@ std::string differing_keys(const std::string& a, const std::string& b) {
   return out.empty() ? "(formatting only)" : out;
 }
 
-ojson variant_json(const VariantSpec& v, const ModelConfig& m) {
+ojson variant_json(const VariantSpec& v, const model::ModelConfig& m) {
   ojson j;
   j["name"] = v.name;
   j["model"] = v.model;
@@ -119,19 +119,19 @@ class Runner {
     const fs::path dir = fs::path(opt_.out_dir) / run.dir;
     const std::string tag = "[run " + std::to_string(index_) + "/" + std::to_string(total_runs_) +
                             "] " + (run.sweep ? "sweep " : "") + run.name + ": ";
-    const std::string want = to_toml(run.config);
+    const std::string want = model::to_toml(run.config);
     remaining_steps_ -= run.config.train.steps;
     if (fs::exists(dir / "done")) {
       const std::string have = common::read_text_if_present(dir / "config.toml").value_or("");
       if (have != want) {
-        throw ConfigError(dir.string() + " was finished with a different config (" +
-                          differing_keys(have, want) +
-                          "): the spec changed; remove that run directory or use another --out");
+        throw model::ConfigError(
+            dir.string() + " was finished with a different config (" + differing_keys(have, want) +
+            "): the spec changed; remove that run directory or use another --out");
       }
       ++summary_.skipped;
       const double v = done_val_loss(dir);
       std::fprintf(log_, "%sfinished earlier, skipped (val %s)\n", tag.c_str(),
-                   format_fixed(v, 4).c_str());
+                   train::format_fixed(v, 4).c_str());
       std::fflush(log_);
       return v;
     }
@@ -141,7 +141,7 @@ class Runner {
                  run.config.train.steps, format_lr(run.config.train.lr).c_str());
     std::fflush(log_);
     if (opt_.verbose) std::fprintf(log_, "\n");
-    TrainOptions to;
+    train::TrainOptions to;
     to.out_dir = dir.string();
     to.resume = resume;
     to.threads = plan_.spec.threads;
@@ -163,7 +163,7 @@ class Runner {
     if (!run.sweep) {
       std::fprintf(log_, " audit ...");
       std::fflush(log_);
-      AuditOptions ao;
+      eval::AuditOptions ao;
       ao.batches = plan_.spec.audit_batches;
       ao.threads = plan_.spec.threads;
       try {
@@ -173,8 +173,8 @@ class Runner {
       }
       std::fprintf(log_, " eval ...");
       std::fflush(log_);
-      EvalOptions eo;
-      const ModelConfig& m = run.config.model;
+      eval::EvalOptions eo;
+      const model::ModelConfig& m = run.config.model;
       if (m.n_loops > 1) {
         // Inference at other loop counts and adaptive halting only mean something for a looped
         // model; the vanilla model appears in those plots as its plain validation loss.
@@ -208,8 +208,8 @@ class Runner {
     const double elapsed = common::seconds_since(start_);
     const double eta = elapsed / std::max(1, steps_trained_) * remaining_steps_;
     std::fprintf(log_, " %s (%s, ETA %s)\n",
-                 diverged ? "diverged" : ("val " + format_fixed(val, 4)).c_str(),
-                 format_seconds(seconds).c_str(), format_seconds(eta).c_str());
+                 diverged ? "diverged" : ("val " + train::format_fixed(val, 4)).c_str(),
+                 train::format_seconds(seconds).c_str(), train::format_seconds(eta).c_str());
     std::fflush(log_);
     return val;
   }
@@ -297,7 +297,9 @@ void write_experiment_json(const ExperimentPlan& plan, const ExperimentOptions& 
 
 }  // namespace
 
-double final_val_loss(const std::string& run_dir) { return recorded_validation_loss(run_dir); }
+double final_val_loss(const std::string& run_dir) {
+  return train::recorded_validation_loss(run_dir);
+}
 
 std::string source_revision() {
   const std::string head = git_output("git rev-parse HEAD 2>/dev/null");
@@ -318,8 +320,8 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
   const fs::path train_bin = fs::path(plan.base.data.dir) / "train.bin";
   if (!fs::exists(train_bin)) {
     // Fail before the first run rather than after the sweep.
-    throw ConfigError(train_bin.string() + ": no dataset (prepare it with `loopmoe data " +
-                      "prepare`, or set experiment.data_dir)");
+    throw model::ConfigError(train_bin.string() + ": no dataset (prepare it with `loopmoe data " +
+                             "prepare`, or set experiment.data_dir)");
   }
   const fs::path out(opt.out_dir);
   fs::create_directories(out);
@@ -372,4 +374,4 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
   return summary;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

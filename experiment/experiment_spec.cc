@@ -14,7 +14,7 @@
 #include "model/error.h"
 #include "model/toml_util.h"
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 namespace {
 
 namespace fs = std::filesystem;
@@ -29,11 +29,11 @@ const std::vector<std::string> kVariantKeys = {"name", "model", "iter_adaln", "b
                                                "expert_scale"};
 
 // The budget's parser, with the spec file and key in the message.
-Balance parse_balance_name(const std::string& name, const std::string& where) {
+model::Balance parse_balance_name(const std::string& name, const std::string& where) {
   try {
-    return parse_balance(name);
-  } catch (const ConfigError& e) {
-    throw ConfigError(where + ": " + e.what());
+    return model::parse_balance(name);
+  } catch (const model::ConfigError& e) {
+    throw model::ConfigError(where + ": " + e.what());
   }
 }
 
@@ -44,13 +44,13 @@ struct TableReader {
   std::string prefix;  // "experiment", "variant[2]"
 
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
-    throw ConfigError(source + ": " + prefix + "." + key + " " + what);
+    throw model::ConfigError(source + ": " + prefix + "." + key + " " + what);
   }
   void check_keys(const std::vector<std::string>& known) const {
     for (auto&& [key, node] : table) {
       const std::string k(key.str());
       if (std::find(known.begin(), known.end(), k) == known.end()) {
-        throw ConfigError(source + ": unknown key " + prefix + "." + k);
+        throw model::ConfigError(source + ": unknown key " + prefix + "." + k);
       }
       (void)node;
     }
@@ -145,20 +145,20 @@ std::vector<std::string> experiment_spec_keys() {
 }
 
 ExperimentSpec parse_experiment_spec(const std::string& text, const std::string& source) {
-  const toml::table root = parse_toml(text, source);
+  const toml::table root = model::parse_toml(text, source);
   ExperimentSpec spec;
   spec.source = source;
   spec.text = text;
   for (auto&& [key, node] : root) {
     const std::string k(key.str());
     if (k != "experiment" && k != "variant") {
-      throw ConfigError(source + ": unknown section [" + k + "] (expected [experiment] and " +
-                        "[[variant]])");
+      throw model::ConfigError(source + ": unknown section [" + k +
+                               "] (expected [experiment] and " + "[[variant]])");
     }
     (void)node;
   }
   const toml::table* exp = root["experiment"].as_table();
-  if (exp == nullptr) throw ConfigError(source + ": missing [experiment] table");
+  if (exp == nullptr) throw model::ConfigError(source + ": missing [experiment] table");
   TableReader r{*exp, source, "experiment"};
   r.check_keys(kExperimentKeys);
   spec.name = r.string("name", spec.name);
@@ -186,10 +186,11 @@ ExperimentSpec parse_experiment_spec(const std::string& text, const std::string&
   spec.data_dir = r.string("data_dir", "");
 
   const toml::node* vnode = root.get("variant");
-  if (vnode == nullptr) throw ConfigError(source + ": no [[variant]] tables: nothing to run");
+  if (vnode == nullptr)
+    throw model::ConfigError(source + ": no [[variant]] tables: nothing to run");
   const toml::array* variants = vnode->as_array();
   if (variants == nullptr || !variants->is_array_of_tables()) {
-    throw ConfigError(source + ": variant must be an array of tables ([[variant]])");
+    throw model::ConfigError(source + ": variant must be an array of tables ([[variant]])");
   }
   std::set<std::string> names;
   for (size_t i = 0; i < variants->size(); ++i) {
@@ -212,12 +213,12 @@ ExperimentSpec parse_experiment_spec(const std::string& text, const std::string&
       for (const char* k : {"iter_adaln", "balance", "expert_scale"}) {
         if (v.has(k)) v.fail(k, "applies to loopmoe variants only (vanilla is the base config)");
       }
-      var.iter_adaln = IterAdaLNMode::kOff;
+      var.iter_adaln = model::IterAdaLNMode::kOff;
     } else {
       const std::string mode = v.string("iter_adaln", "joint");
       try {
-        var.iter_adaln = parse_iter_adaln_mode(mode);
-      } catch (const ConfigError& e) {
+        var.iter_adaln = model::parse_iter_adaln_mode(mode);
+      } catch (const model::ConfigError& e) {
         v.fail("iter_adaln", std::string(": ") + e.what());
       }
       var.balance =
@@ -226,14 +227,15 @@ ExperimentSpec parse_experiment_spec(const std::string& text, const std::string&
     }
     spec.variants.push_back(var);
   }
-  if (spec.variants.empty()) throw ConfigError(source + ": no [[variant]] tables: nothing to run");
+  if (spec.variants.empty())
+    throw model::ConfigError(source + ": no [[variant]] tables: nothing to run");
   return spec;
 }
 
 ExperimentSpec load_experiment_spec(const std::string& path) {
   const std::optional<std::string> text = common::read_text_if_present(path);
-  if (!text) throw ConfigError(path + ": cannot open experiment spec");
+  if (!text) throw model::ConfigError(path + ": cannot open experiment spec");
   return parse_experiment_spec(*text, path);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

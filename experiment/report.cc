@@ -15,7 +15,7 @@
 #include "model/error.h"
 #include "train/format.h"
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 namespace {
 
 namespace fs = std::filesystem;
@@ -65,20 +65,21 @@ MeanStd mean_std(const std::vector<double>& values) {
 
 std::string format_mean_std(const MeanStd& m, int precision, double scale) {
   if (m.n == 0) return "n/a";
-  std::string s = format_fixed(m.mean * scale, precision);
-  if (m.n >= 2) s += " ± " + format_fixed(m.std * scale, precision);
+  std::string s = train::format_fixed(m.mean * scale, precision);
+  if (m.n >= 2) s += " ± " + train::format_fixed(m.std * scale, precision);
   return s;
 }
 
 ReportResult write_report(const ReportOptions& opt) {
   const fs::path root(opt.runs_dir);
-  if (!fs::is_directory(root)) throw ConfigError(opt.runs_dir + ": no such directory");
+  if (!fs::is_directory(root)) throw model::ConfigError(opt.runs_dir + ": no such directory");
   Gathered g = gather(root);
   int finished = 0;
   for (const VariantData& v : g.variants) finished += static_cast<int>(v.runs.size());
   if (finished == 0) {
-    throw ConfigError(opt.runs_dir + ": no finished runs (run directories with a `done` marker, " +
-                      "under runs/ or directly inside)");
+    throw model::ConfigError(opt.runs_dir +
+                             ": no finished runs (run directories with a `done` marker, " +
+                             "under runs/ or directly inside)");
   }
   ReportResult result;
   const fs::path out_file = opt.out_file.empty() ? root / "report.md" : fs::path(opt.out_file);
@@ -162,4 +163,4 @@ ReportResult write_report(const ReportOptions& opt) {
   return result;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 
 struct ReportOptions {
   std::string runs_dir;   // experiment output (holds runs/), or a directory of run directories
@@ -42,4 +42,4 @@ MeanStd mean_std(const std::vector<double>& values);
 // "4.1234 ± 0.0123"; n = 1: "4.1234"; n = 0: "n/a". Values are multiplied by `scale` first.
 std::string format_mean_std(const MeanStd& m, int precision, double scale = 1.0);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

@@ -13,7 +13,7 @@
 #include "experiment/report_internal.h"
 #include "model/config.h"
 
-namespace loopmoe::report_internal {
+namespace loopmoe::experiment::report_internal {
 namespace {
 
 json read_json(const fs::path& p, std::vector<std::string>& notes) {
@@ -113,7 +113,7 @@ Gathered gather(const fs::path& root) {
       continue;
     }
     try {
-      r.config = load_config((dir / "config.toml").string());
+      r.config = model::load_config((dir / "config.toml").string());
     } catch (const std::exception& e) {
       g.notes.push_back(std::string("run ") + r.name + " skipped: " + e.what());
       continue;
@@ -128,7 +128,7 @@ Gathered gather(const fs::path& root) {
       // No experiment.json (a hand-made directory of runs): describe the variant from its config.
       VariantData d;
       d.name = r.variant;
-      const ModelConfig& m = r.config.model;
+      const model::ModelConfig& m = r.config.model;
       d.model = (m.n_loops > 1 || m.adaln()) ? kLoopMoEFamily : kVanillaFamily;
       d.iter_adaln = to_string(m.iter_adaln);
       d.lr = r.config.train.lr;
@@ -251,4 +251,4 @@ ojson plot_data(const Gathered& g) {
   return d;
 }
 
-}  // namespace loopmoe::report_internal
+}  // namespace loopmoe::experiment::report_internal

@@ -16,7 +16,7 @@
 #include "experiment/report.h"
 #include "model/config.h"
 
-namespace loopmoe::report_internal {
+namespace loopmoe::experiment::report_internal {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -43,7 +43,7 @@ struct RunData {
   fs::path dir;
   uint64_t seed = 0;
   bool done = false;
-  Config config;
+  model::Config config;
   std::vector<std::pair<int, double>> val_curve, train_curve;
   json audit, eval;  // null when missing
   double seconds = NAN;
@@ -120,4 +120,4 @@ void section_results(Markdown& md, const Gathered& g);
 void section_routing(Markdown& md, const Gathered& g);
 void section_loops(Markdown& md, const Gathered& g);
 
-}  // namespace loopmoe::report_internal
+}  // namespace loopmoe::experiment::report_internal

@@ -15,7 +15,7 @@
 
 extern char** environ;
 
-namespace loopmoe {
+namespace loopmoe::experiment {
 namespace report_internal {
 
 std::string run_plot_script(const std::string& python, const std::string& script,
@@ -68,4 +68,4 @@ std::string find_plot_script() {
   return "";
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::experiment

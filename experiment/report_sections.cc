@@ -13,7 +13,7 @@
 #include "model/config.h"
 #include "train/format.h"
 
-namespace loopmoe::report_internal {
+namespace loopmoe::experiment::report_internal {
 namespace {
 
 std::string percent_diff(double x, double ref) {
@@ -93,7 +93,7 @@ void section_what(Markdown& md, const Gathered& g, const ReportOptions& opt) {
   }
   md.line("- Finished runs: " + std::to_string(done) +
           (g.incomplete.empty() ? "" : ", incomplete: " + std::to_string(g.incomplete.size())) +
-          "; wall time of the finished runs " + format_seconds(seconds));
+          "; wall time of the finished runs " + train::format_seconds(seconds));
   md.line("- Report: `loopmoe report --runs " + opt.runs_dir + "`");
   if (!g.incomplete.empty()) {
     std::string list;
@@ -124,14 +124,14 @@ void section_budget(Markdown& md, const Gathered& g) {
       "to the vanilla model.");
   md.line();
   const VariantData* van = first_vanilla(g);
-  BudgetFigures ref;
+  model::BudgetFigures ref;
   bool have_ref = false;
   std::vector<std::vector<std::string>> rows;
-  std::vector<std::pair<const VariantData*, BudgetFigures>> figs;
+  std::vector<std::pair<const VariantData*, model::BudgetFigures>> figs;
   for (const VariantData& v : g.variants) {
     if (v.runs.empty()) continue;
-    const Config& c = v.runs.front().config;
-    BudgetFigures f;
+    const model::Config& c = v.runs.front().config;
+    model::BudgetFigures f;
     f.total_params = NAN;
     f.active_params_per_token = NAN;
     f.param_uses_per_token = NAN;
@@ -139,7 +139,7 @@ void section_budget(Markdown& md, const Gathered& g) {
     f.flops_per_token_train = NAN;
     f.attn_ffn_active_ratio = NAN;
     try {
-      f = budget_figures(c.model, c.train.batch_size * c.model.seq_len);
+      f = model::budget_figures(c.model, c.train.batch_size * c.model.seq_len);
     } catch (const std::exception&) {
       // Solver not available in this build: the measured table still stands.
     }
@@ -151,15 +151,16 @@ void section_budget(Markdown& md, const Gathered& g) {
   }
   auto d = [&](double x, double r) { return have_ref ? percent_diff(x, r) : std::string("n/a"); };
   for (const auto& [v, f] : figs) {
-    const ModelConfig& m = v->runs.front().config.model;
+    const model::ModelConfig& m = v->runs.front().config.model;
     rows.push_back({v->name,
                     std::to_string(m.n_layers) + "×" + std::to_string(m.n_loops) + ", E " +
                         std::to_string(m.n_experts) + ", f " + std::to_string(m.expert_hidden),
-                    format_si(f.total_params, 4), d(f.total_params, ref.total_params),
-                    format_si(f.active_params_per_token, 4),
-                    format_si(f.flops_per_token_forward, 4),
+                    train::format_si(f.total_params, 4), d(f.total_params, ref.total_params),
+                    train::format_si(f.active_params_per_token, 4),
+                    train::format_si(f.flops_per_token_forward, 4),
                     d(f.flops_per_token_forward, ref.flops_per_token_forward),
-                    format_si(f.flops_per_token_train, 4), format_fixed(f.attn_ffn_active_ratio, 4),
+                    train::format_si(f.flops_per_token_train, 4),
+                    train::format_fixed(f.attn_ffn_active_ratio, 4),
                     d(f.attn_ffn_active_ratio, ref.attn_ffn_active_ratio)});
   }
   md.line("### Analytic");
@@ -201,9 +202,10 @@ void section_budget(Markdown& md, const Gathered& g) {
     const double rel = num(f, "relative_diff");
     char rel_s[32] = "n/a";
     if (std::isfinite(rel)) std::snprintf(rel_s, sizeof rel_s, "%+.4f%%", 100.0 * rel);
-    mrows.push_back({v.name, format_si(num(f, "measured"), 4), format_si(num(f, "analytic"), 4),
-                     rel_s, format_fixed(num(a, "attn_ffn_flop_ratio"), 4),
-                     format_si(num(a, "tokens"), 4)});
+    mrows.push_back({v.name, train::format_si(num(f, "measured"), 4),
+                     train::format_si(num(f, "analytic"), 4), rel_s,
+                     train::format_fixed(num(a, "attn_ffn_flop_ratio"), 4),
+                     train::format_si(num(a, "tokens"), 4)});
     const json& by = sub(f, "by_kind");
     double total = 0;
     for (const std::string& k : kinds)
@@ -212,7 +214,8 @@ void section_budget(Markdown& md, const Gathered& g) {
     for (const std::string& k : kinds) {
       const double x = num(by, k.c_str());
       kr.push_back(std::isfinite(x) && total > 0
-                       ? format_si(x, 4) + " (" + format_fixed(100 * x / total, 1) + "%)"
+                       ? train::format_si(x, 4) + " (" + train::format_fixed(100 * x / total, 1) +
+                             "%)"
                        : "n/a");
     }
     krows.push_back(kr);
@@ -262,7 +265,7 @@ void section_sweep(Markdown& md, const Gathered& g) {
       std::string cell = "n/a";
       for (const json& p : sub(s, "points")) {
         if (p.value("family", "") != f || num(p, "lr") != lr) continue;
-        cell = p.value("diverged", false) ? "diverged" : format_fixed(num(p, "val_loss"), 4);
+        cell = p.value("diverged", false) ? "diverged" : train::format_fixed(num(p, "val_loss"), 4);
         if (num(sub(s, "chosen"), f.c_str()) == lr) cell = "**" + cell + "**";
       }
       r.push_back(cell);
@@ -351,9 +354,9 @@ void section_routing(Markdown& md, const Gathered& g) {
       }
       distinct.push_back(dm.empty() ? NAN : mean_std(dm).mean);
     }
-    rows.push_back({v.name, format_mean_std(mean_std(overload), 3), format_fixed(worst, 3),
+    rows.push_back({v.name, format_mean_std(mean_std(overload), 3), train::format_fixed(worst, 3),
                     format_mean_std(mean_std(dropped), 0), format_mean_std(mean_std(distinct), 2),
-                    format_fixed(possible, 0)});
+                    train::format_fixed(possible, 0)});
   }
   md.table({"variant", "overload (max/mean)", "worst", "dropped tokens", "distinct experts",
             "max possible"},
@@ -391,4 +394,4 @@ void section_loops(Markdown& md, const Gathered& g) {
   }
 }
 
-}  // namespace loopmoe::report_internal
+}  // namespace loopmoe::experiment::report_internal

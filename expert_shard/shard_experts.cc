@@ -11,7 +11,7 @@
 namespace loopmoe::expert_shard {
 
 ShardExperts::ShardExperts(comm::Communicator& world, int num_workers, int shard,
-                           ExpertPartition partition, const ModelConfig& config)
+                           ExpertPartition partition, const model::ModelConfig& config)
     : world_(world),
       num_workers_(num_workers),
       shard_(shard),
@@ -39,10 +39,10 @@ size_t ShardExperts::w2_offset(int layer, int i) const {
   return w1_offset(layer, 0) + 2 * static_cast<size_t>(local_) * DF + static_cast<size_t>(i) * DF;
 }
 
-ExpertWeights ShardExperts::weights(int layer) {
+model::ExpertWeights ShardExperts::weights(int layer) {
   const size_t a = w1_offset(layer, 0), b = w3_offset(layer, 0), c = w2_offset(layer, 0);
-  return ExpertWeights{params_.data() + a, params_.data() + b, params_.data() + c,
-                       grads_.data() + a,  grads_.data() + b,  grads_.data() + c};
+  return model::ExpertWeights{params_.data() + a, params_.data() + b, params_.data() + c,
+                              grads_.data() + a,  grads_.data() + b,  grads_.data() + c};
 }
 
 std::vector<int64_t> ShardExperts::receive_header(int64_t tag, int application, int layer) {
@@ -78,7 +78,7 @@ void ShardExperts::serve_forward(int application, int layer) {
   // first: the order a single process would see them in (worker w holds the w-th slice of the
   // batch), which keeps expert weight gradients summed in the same order.
   sv.worker_rows.assign(W, 0);
-  ExpertBatch& b = sv.batch;
+  model::ExpertBatch& b = sv.batch;
   b.offset.assign(local_ + 1, 0);
   for (int e = 0; e < local_; ++e) {
     int64_t n = 0;
@@ -107,11 +107,11 @@ void ShardExperts::serve_forward(int application, int layer) {
   recv_.resize(static_cast<size_t>(rows) * D);
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
   b.x.resize(recv_.size());
-  ops::gather_rows(b.x.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
+  model::ops::gather_rows(b.x.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
   out_.resize(recv_.size());
-  experts_forward(out_.data(), b, weights(layer), shape_);
+  model::experts_forward(out_.data(), b, weights(layer), shape_);
   send_.resize(out_.size());
-  ops::scatter_rows(send_.data(), out_.data(), sv.recv_row_of.data(), rows, D);
+  model::ops::scatter_rows(send_.data(), out_.data(), sv.recv_row_of.data(), rows, D);
   stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
 }
@@ -127,10 +127,10 @@ void ShardExperts::serve_backward(int application, int layer) {
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
   dy_.resize(recv_.size());
   dx_.resize(recv_.size());
-  ops::gather_rows(dy_.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
-  experts_backward(dx_.data(), dy_.data(), sv.batch, weights(layer), shape_);
+  model::ops::gather_rows(dy_.data(), recv_.data(), sv.recv_row_of.data(), rows, D);
+  model::experts_backward(dx_.data(), dy_.data(), sv.batch, weights(layer), shape_);
   send_.resize(dx_.size());
-  ops::scatter_rows(send_.data(), dx_.data(), sv.recv_row_of.data(), rows, D);
+  model::ops::scatter_rows(send_.data(), dx_.data(), sv.recv_row_of.data(), rows, D);
   stats_.timed(static_cast<int64_t>(send_.size() * sizeof(float)),
                [&] { world_.alltoallv(send_.data(), counts, nullptr, none); });
 }

@@ -23,7 +23,7 @@ using runtime::ExpertPartition;
 class ShardExperts {
  public:
   ShardExperts(comm::Communicator& world, int num_workers, int shard, ExpertPartition partition,
-               const ModelConfig& config);
+               const model::ModelConfig& config);
 
   int num_layers() const { return layers_; }
   int num_local_experts() const { return local_; }
@@ -49,24 +49,24 @@ class ShardExperts {
 
  private:
   struct Saved {
-    ExpertBatch batch;
+    model::ExpertBatch batch;
     std::vector<int64_t> worker_rows;  // [W] rows from each worker
     std::vector<int64_t> recv_row_of;  // [rows] batch row → row in the workers' order
   };
   std::vector<int64_t> receive_header(int64_t tag, int application, int layer);
-  ExpertWeights weights(int layer);
+  model::ExpertWeights weights(int layer);
 
   comm::Communicator& world_;
   int num_workers_, shard_;
   ExpertPartition partition_;
-  ExpertShape shape_;
+  model::ExpertShape shape_;
   int layers_, local_;
   std::vector<float> params_, grads_;
   std::vector<Saved> saved_;  // per application
   // Rows as the workers sent them / will receive them (communication staging, host memory), and
   // the experts' input is batch.x; their output and the backward's dy, dx in the batch's order.
   std::vector<float> recv_, send_;
-  Buffer<float> out_, dy_, dx_;
+  model::Buffer<float> out_, dy_, dx_;
   AllToAllStats stats_;
 };
 

@@ -37,11 +37,13 @@ using runtime::write_shard_checkpoint;
 
 class ShardRuntime final : public RuntimeBase {
  public:
-  ShardRuntime(const ProcessSetup& setup, Config config) : RuntimeBase(setup, std::move(config)) {
+  ShardRuntime(const ProcessSetup& setup, model::Config config)
+      : RuntimeBase(setup, std::move(config)) {
     connect_world();
     experts_ = std::make_unique<ShardExperts>(*world_, setup.num_workers, setup.rank, partition_,
                                               config_.model);
-    adam_ = std::make_unique<AdamW>(std::vector<uint8_t>(experts_->num_params(), 1), config_.train);
+    adam_ = std::make_unique<model::AdamW>(std::vector<uint8_t>(experts_->num_params(), 1),
+                                           config_.train);
     init_from_model();
     if (setup.resume) load(*setup.resume);
   }
@@ -57,8 +59,8 @@ class ShardRuntime final : public RuntimeBase {
     float* g = experts_->grads();
     const size_t n = experts_->num_params();
     const auto [norm, coef] = global_clip(sum_of_squares(g, n));
-    if (coef != 1.f) ops::scale_inplace(g, n, coef);
-    const double lr = learning_rate(config_.train, static_cast<int>(steps_done_));
+    if (coef != 1.f) model::ops::scale_inplace(g, n, coef);
+    const double lr = model::learning_rate(config_.train, static_cast<int>(steps_done_));
     adam_->step(experts_->params(), g, lr);
     ++steps_done_;
     return report(loops, lr, norm, experts_->stats(), t0);
@@ -94,7 +96,7 @@ class ShardRuntime final : public RuntimeBase {
     return ref;
   }
 
-  data::SamplerState sampler_state() const override { return {}; }
+  dataloader::SamplerState sampler_state() const override { return {}; }
 
  private:
   // Per-expert blocks [w1, w3, w2] of (layer, local expert i) ↔ the shard's buffer.
@@ -117,25 +119,26 @@ class ShardRuntime final : public RuntimeBase {
   // The same initial values as a single process (the one random stream of init_params), without
   // materialising the model: keep our experts of each w1 / w3 / w2 tensor as it goes by.
   void init_from_model() {
-    const ParamLayout layout(config_.model);
+    const model::ParamLayout layout(config_.model);
     const size_t DF = static_cast<size_t>(config_.model.d_model) * config_.model.expert_hidden;
     const size_t first = static_cast<size_t>(experts_->first_expert());
     float* p = experts_->params();
-    visit_initial_params(config_.model, layout, config_.train.seed, is_expert_tensor,
-                         [&](const ParamTensor& t, const float* values) {
-                           for (int n = 0; n < experts_->num_layers(); ++n) {
-                             const LayerOffsets& l = layout.layers[n];
-                             for (int i = 0; i < experts_->num_local_experts(); ++i) {
-                               const float* src = values + (first + static_cast<size_t>(i)) * DF;
-                               if (t.offset == l.w1)
-                                 std::copy_n(src, DF, p + experts_->w1_offset(n, i));
-                               if (t.offset == l.w3)
-                                 std::copy_n(src, DF, p + experts_->w3_offset(n, i));
-                               if (t.offset == l.w2)
-                                 std::copy_n(src, DF, p + experts_->w2_offset(n, i));
-                             }
-                           }
-                         });
+    model::visit_initial_params(config_.model, layout, config_.train.seed, model::is_expert_tensor,
+                                [&](const model::ParamTensor& t, const float* values) {
+                                  for (int n = 0; n < experts_->num_layers(); ++n) {
+                                    const model::LayerOffsets& l = layout.layers[n];
+                                    for (int i = 0; i < experts_->num_local_experts(); ++i) {
+                                      const float* src =
+                                          values + (first + static_cast<size_t>(i)) * DF;
+                                      if (t.offset == l.w1)
+                                        std::copy_n(src, DF, p + experts_->w1_offset(n, i));
+                                      if (t.offset == l.w3)
+                                        std::copy_n(src, DF, p + experts_->w3_offset(n, i));
+                                      if (t.offset == l.w2)
+                                        std::copy_n(src, DF, p + experts_->w2_offset(n, i));
+                                    }
+                                  }
+                                });
   }
   // Any number of shard files may hold our experts (the checkpoint may come from a different
   // shard count): take each owned (layer, expert) from the file whose range holds it.
@@ -157,7 +160,7 @@ class ShardRuntime final : public RuntimeBase {
       check_resume_file(c.config_hash, c.step, resume.step, f.path);
       if (c.num_layers != experts_->num_layers() ||
           c.floats_per_expert != experts_->params_per_expert()) {
-        throw CheckpointError(f.path + ": expert shapes differ from this job's model");
+        throw model::CheckpointError(f.path + ": expert shapes differ from this job's model");
       }
       adam_steps = c.adam_steps;
       for_each_block([&](int n, int i, size_t a, size_t b, size_t cc, size_t DF) {
@@ -180,9 +183,9 @@ class ShardRuntime final : public RuntimeBase {
         const int n = static_cast<int>(j / experts_->num_local_experts());
         const int e =
             experts_->first_expert() + static_cast<int>(j % experts_->num_local_experts());
-        throw CheckpointError("checkpoint at step " + std::to_string(resume.step) +
-                              " has no file holding expert " + std::to_string(e) + " of layer " +
-                              std::to_string(n));
+        throw model::CheckpointError("checkpoint at step " + std::to_string(resume.step) +
+                                     " has no file holding expert " + std::to_string(e) +
+                                     " of layer " + std::to_string(n));
       }
     }
     adam_->set_steps_taken(adam_steps);
@@ -190,13 +193,13 @@ class ShardRuntime final : public RuntimeBase {
   }
 
   std::unique_ptr<ShardExperts> experts_;
-  std::unique_ptr<AdamW> adam_;
+  std::unique_ptr<model::AdamW> adam_;
 };
 
 }  // namespace
 
 std::unique_ptr<ProcessRuntime> create_shard_runtime(const ProcessSetup& setup) {
-  Config config = checked_config(setup, Role::kExpertShard);
+  model::Config config = checked_config(setup, Role::kExpertShard);
   return std::make_unique<ShardRuntime>(setup, std::move(config));
 }
 

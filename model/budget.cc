@@ -17,7 +17,7 @@
 #include "model/error.h"
 #include "model/param_layout.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 namespace {
 
 constexpr int kKinds = static_cast<int>(ops::FlopKind::kCount);
@@ -407,4 +407,4 @@ std::string budget_table(const SolvedBudget& s) {
   return os.str();
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

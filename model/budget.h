@@ -10,7 +10,7 @@
 #include "model/config.h"
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 enum class Balance { kExperts, kWidth, kNone };
 const char* to_string(Balance balance);
@@ -68,4 +68,4 @@ double max_matched_diff(const SolvedBudget& solved);
 // The side-by-side table `loopmoe budget` prints (figures, relative diffs, both shapes).
 std::string budget_table(const SolvedBudget& solved);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

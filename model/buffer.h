@@ -26,7 +26,7 @@
 #include <utility>
 #include <vector>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 enum class Device { kCpu, kCuda };
 
@@ -222,4 +222,4 @@ void copy_from_host(Buffer<T>& dst, const T* src, size_t n) {
   if (n > 0) detail::device_copy_from_host(dst.data(), src, n * sizeof(T));
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

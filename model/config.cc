@@ -11,7 +11,7 @@
 #include "model/error.h"
 #include "model/toml_util.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 namespace {
 
 // The one list of config fields: parsing, printing and documentation checks all walk it.
@@ -298,4 +298,4 @@ std::string train_to_json(const TrainConfig& train) {
   return os.str();
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 enum class IterAdaLNMode { kOff, kJoint, kIter, kToken };
 
@@ -89,4 +89,4 @@ std::string to_toml(const Config& config);
 std::string model_to_json(const ModelConfig& model);
 std::string train_to_json(const TrainConfig& train);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

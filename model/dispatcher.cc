@@ -4,7 +4,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 void group_rows_by_expert(const RoutingPlan& plan, std::vector<int64_t>& offset,
                           std::vector<int64_t>& row_of_slot) {
@@ -33,4 +33,4 @@ void add_slot_rows_to_tokens(float* dx, const float* rows, const std::vector<int
   ops::moe_permute_backward(dx, rows, row_of_slot.data(), S, k, D);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -9,7 +9,7 @@
 
 #include "model/router.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 class Dispatcher {
  public:
@@ -54,4 +54,4 @@ void scatter_slot_rows(float* out, const float* rows, const std::vector<int64_t>
 void add_slot_rows_to_tokens(float* dx, const float* rows, const std::vector<int64_t>& row_of_slot,
                              int S, int k, int D);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

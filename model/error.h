@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 class ConfigError : public std::runtime_error {
  public:
@@ -16,4 +16,4 @@ class CheckpointError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

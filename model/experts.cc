@@ -4,7 +4,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 void experts_forward(float* out, ExpertBatch& b, const ExpertWeights& w, const ExpertShape& s) {
   const int D = s.d_model, F = s.hidden;
@@ -27,4 +27,4 @@ void experts_backward(float* dx, const float* dout, const ExpertBatch& b, const 
                                w.w3, w.w2, D, F);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

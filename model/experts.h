@@ -8,7 +8,7 @@
 
 #include "model/buffer.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 struct ExpertShape {
   int d_model = 0, hidden = 0;
@@ -39,4 +39,4 @@ void experts_forward(float* out, ExpertBatch& batch, const ExpertWeights& w, con
 void experts_backward(float* dx, const float* dout, const ExpertBatch& batch,
                       const ExpertWeights& w, const ExpertShape& s);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

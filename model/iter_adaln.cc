@@ -3,7 +3,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 template <typename T>
 void NormBlockT<T>::forward(NormActivationsT<T>& a, const T* p, const T* x, int r, int S) const {
@@ -99,4 +99,4 @@ void NormBlockT<T>::backward(T* dx, const ops::GradGroups<T>& g, const T* du, T*
 template class NormBlockT<float>;
 template class NormBlockT<double>;
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

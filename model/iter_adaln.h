@@ -8,7 +8,7 @@
 #include "model/ops.h"
 #include "model/param_layout.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 template <typename T>
 struct NormActivationsT {
@@ -49,4 +49,4 @@ class NormBlockT {
 using NormActivations = NormActivationsT<float>;
 using NormBlock = NormBlockT<float>;
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

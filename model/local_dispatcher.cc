@@ -2,7 +2,7 @@
 // process's weights, and move the results back (ops.h dispatch kernels via dispatcher.h).
 #include "model/local_dispatcher.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 LocalDispatcher::LocalDispatcher(const ModelConfig& config, const ParamLayout& layout,
                                  const float* params, float* grads)
@@ -43,4 +43,4 @@ void LocalDispatcher::backward(int application, int layer, const RoutingPlan& pl
   add_slot_rows_to_tokens(dx, dxr.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -7,7 +7,7 @@
 #include "model/experts.h"
 #include "model/param_layout.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 class LocalDispatcher : public Dispatcher {
  public:
@@ -33,4 +33,4 @@ class LocalDispatcher : public Dispatcher {
   std::vector<Saved> saved_;  // per application
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -15,7 +15,7 @@
 #include "model/ops.h"
 #include "model/rng.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 namespace {
 constexpr const ops::GradGroups<float>* kNoBias = nullptr;
 }  // namespace
@@ -356,4 +356,4 @@ void Model::backward() {
   }
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

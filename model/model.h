@@ -18,7 +18,7 @@
 #include "model/param_layout.h"
 #include "model/zero_page_allocator.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 struct LossParts {
   double total = 0;     // ce + aux_coef·aux + z_coef·z
@@ -153,4 +153,4 @@ bool is_expert_tensor(const ParamTensor& tensor);
 // Sets the OpenMP thread count and keeps OpenBLAS single-threaded inside our parallel regions.
 void set_num_threads(int threads);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

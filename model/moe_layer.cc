@@ -3,7 +3,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 MoeLayer::MoeLayer(const ModelConfig& c)
     : options_{c.n_experts, c.top_k, c.renormalize, c.capacity_factor}, d_model_(c.d_model) {}
@@ -43,4 +43,4 @@ void MoeLayer::backward(float* du, const ops::GradGroups<float>& drouter_w, Disp
                   aux_scale, z_scale);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

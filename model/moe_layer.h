@@ -8,7 +8,7 @@
 #include "model/dispatcher.h"
 #include "model/router.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 struct MoeActivations {
   RouterActivations router;
@@ -34,4 +34,4 @@ class MoeLayer {
   int d_model_;
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

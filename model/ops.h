@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 
 // Where the gradient of one parameter tensor accumulates when the batch's rows are split into
 // `groups` groups of whole sequences (docs/MODEL.md "Gradient reduction"): group g owns rows
@@ -323,4 +323,4 @@ struct AdamWStep {
 void adamw_update(float* p, float* m, float* v, const float* g, const uint8_t* decay, size_t n,
                   const AdamWStep& step);
 
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

@@ -8,7 +8,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 double learning_rate(const TrainConfig& t, int step) {
   if (step < t.warmup_steps) return t.lr * (step + 1) / t.warmup_steps;
@@ -65,4 +65,4 @@ void AdamW::step(float* p, const float* g, double lr,
   }
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

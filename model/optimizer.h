@@ -9,7 +9,7 @@
 #include "model/param_layout.h"
 #include "model/zero_page_allocator.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 // Learning rate for 0-based step `step` (docs/MODEL.md "Optimiser").
 double learning_rate(const TrainConfig& train, int step);
@@ -46,4 +46,4 @@ class AdamW {
   int64_t t_ = 0;
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

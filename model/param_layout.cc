@@ -2,7 +2,7 @@
 
 #include <stdexcept>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 size_t ParamTensor::numel() const {
   size_t n = 1;
@@ -68,4 +68,4 @@ size_t ParamLayout::expert_params_per_layer() const {
   return 3 * static_cast<size_t>(config_.n_experts) * config_.d_model * config_.expert_hidden;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

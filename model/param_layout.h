@@ -7,7 +7,7 @@
 
 #include "model/config.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 struct ParamTensor {
   std::string name;
@@ -57,4 +57,4 @@ class ParamLayout {
   size_t total_ = 0;
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 class Rng {
  public:
@@ -29,4 +29,4 @@ class Rng {
   uint64_t state_;
 };
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

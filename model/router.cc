@@ -6,7 +6,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
                     const float* router_w, int S, int D, const RouterOptions& opt,
@@ -105,4 +105,4 @@ void router_backward(float* du, const ops::GradGroups<float>& drouter_w, const f
                        dlogits.data(), u, router_w, D, E);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

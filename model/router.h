@@ -11,7 +11,7 @@
 #include "model/buffer.h"
 #include "model/ops.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 // Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j. Host memory: the
 // capacity walk, the dispatch bookkeeping and the distributed runtime's headers read it on the
@@ -74,4 +74,4 @@ void router_backward(float* du, const ops::GradGroups<float>& drouter_w, const f
                      const float* router_w, int D, const RouterOptions& opt, double aux_scale,
                      double z_scale);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -9,7 +9,7 @@
 
 #include "model/error.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 inline toml::table parse_toml(const std::string& text, const std::string& source) {
   try {
@@ -22,4 +22,4 @@ inline toml::table parse_toml(const std::string& text, const std::string& source
   }
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -1,6 +1,6 @@
 #include "model/train_step.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 FinishGradients clip_locally(size_t num_params, double max_norm) {
   return
@@ -24,4 +24,4 @@ StepOutcome train_step(Model& model, AdamW& adam, const TrainConfig& train, int6
   return out;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

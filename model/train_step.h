@@ -14,7 +14,7 @@
 #include "model/model.h"
 #include "model/optimizer.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 // The batch of one step: tokens and targets [batch * seq_len].
 struct StepBatch {
@@ -46,4 +46,4 @@ StepOutcome train_step(Model& model, AdamW& adam, const TrainConfig& train, int6
                        const StepBatch& batch, const FinishGradients& finish,
                        const std::vector<std::pair<size_t, size_t>>* ranges = nullptr);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-namespace loopmoe {
+namespace loopmoe::model {
 
 template <typename T>
 struct ZeroPageAllocator {
@@ -47,4 +47,4 @@ struct ZeroPageAllocator {
 template <typename T>
 using ZeroPageVector = std::vector<T, ZeroPageAllocator<T>>;
 
-}  // namespace loopmoe
+}  // namespace loopmoe::model

@@ -135,11 +135,11 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
   bool broken = false;
   try {
     std::rethrow_exception(std::move(error));
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     status = invalid(prefix + e.what());
-  } catch (const data::DataError& e) {  // the data or a checkpoint is not what the job needs:
+  } catch (const dataloader::DataError& e) {  // the data or a checkpoint is not what the job needs:
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};  // not our fault
-  } catch (const CheckpointError& e) {
+  } catch (const model::CheckpointError& e) {
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};
   } catch (const comm::TimeoutError& e) {
     status = {grpc::StatusCode::DEADLINE_EXCEEDED, prefix + e.what()};
@@ -196,10 +196,10 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
   }
   if (request->threads() < 0) return invalid("Configure: threads must be >= 0");
   if (request->config_toml().empty()) return invalid("Configure: config_toml is empty");
-  Config config;
+  model::Config config;
   try {
-    config = parse_config(request->config_toml(), "job " + job_id + " config");
-  } catch (const ConfigError& e) {
+    config = model::parse_config(request->config_toml(), "job " + job_id + " config");
+  } catch (const model::ConfigError& e) {
     return invalid(std::string("Configure: ") + e.what());
   }
   std::string resume_error;
@@ -322,7 +322,7 @@ grpc::Status TrainingProcessServer::Checkpoint(grpc::ServerContext*,
                         " but the process is at step " + std::to_string(done));
   }
   runtime::CheckpointFileRef file;
-  data::SamplerState sampler;
+  dataloader::SamplerState sampler;
   try {
     file = job_->runtime->checkpoint(request->dir());
     sampler = job_->runtime->sampler_state();

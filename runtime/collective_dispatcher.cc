@@ -54,39 +54,39 @@ void CollectiveDispatcher::round_trip(const Saved& sv) {
   stats_.timed(0, [&] { world_.alltoallv(nullptr, none, recv_.data(), counts); });
 }
 
-void CollectiveDispatcher::forward(int application, int layer, const RoutingPlan& plan,
+void CollectiveDispatcher::forward(int application, int layer, const model::RoutingPlan& plan,
                                    const float* x, float* out) {
   if (static_cast<int>(saved_.size()) <= application) saved_.resize(application + 1);
   Saved& sv = saved_[application];
   const int E = plan.num_experts, D = d_model_, W = num_workers_;
   // Grouped by expert is grouped by shard: shards own contiguous ranges.
   std::vector<int64_t> offset;
-  group_rows_by_expert(plan, offset, sv.row_of_slot);
+  model::group_rows_by_expert(plan, offset, sv.row_of_slot);
   sv.row_counts.assign(world_.size(), 0);
   for (int s = 0; s < partition_.num_shards(); ++s) {
     sv.row_counts[W + s] = offset[partition_.end(s)] - offset[partition_.begin(s)];
   }
   send_.resize(static_cast<size_t>(offset[E]) * D);
-  gather_slot_rows(send_.data(), x, sv.row_of_slot, plan.top_k, D);
+  model::gather_slot_rows(send_.data(), x, sv.row_of_slot, plan.top_k, D);
   send_header(kForwardHeader, application, layer, plan.received);
   round_trip(sv);
-  scatter_slot_rows(out, recv_.data(), sv.row_of_slot, D);
+  model::scatter_slot_rows(out, recv_.data(), sv.row_of_slot, D);
 }
 
-void CollectiveDispatcher::backward(int application, int layer, const RoutingPlan& plan,
+void CollectiveDispatcher::backward(int application, int layer, const model::RoutingPlan& plan,
                                     const float* dout, float* dx) {
   const Saved& sv = saved_.at(application);
   const int D = d_model_;
   int64_t rows = 0;
   for (int64_t r : sv.row_counts) rows += r;
   send_.resize(static_cast<size_t>(rows) * D);
-  gather_slot_rows(send_.data(), dout, sv.row_of_slot, 1, D);
+  model::gather_slot_rows(send_.data(), dout, sv.row_of_slot, 1, D);
   send_header(kBackwardHeader, application, layer, {});
   round_trip(sv);
-  add_slot_rows_to_tokens(dx, recv_.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);
+  model::add_slot_rows_to_tokens(dx, recv_.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);
 }
 
-void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
+void CollectiveDispatcher::reduce_batch_stats(model::RouterBatchStats& stats) {
   const int W = num_workers_;
   if (W == 1) return;
   const int E = static_cast<int>(stats.assigned.size());
@@ -100,7 +100,7 @@ void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
   // Fixed-point sums (units, invalid) of the E probabilities and of lse^2: integers, so the
   // reduction gives the single process's sums bit for bit.
   std::vector<int64_t> sums;
-  for (const ops::LossSum& s : stats.prob_sum) sums.insert(sums.end(), {s.units, s.invalid});
+  for (const model::ops::LossSum& s : stats.prob_sum) sums.insert(sums.end(), {s.units, s.invalid});
   sums.insert(sums.end(), {stats.lse_sq_sum.units, stats.lse_sq_sum.invalid});
   workers_->allreduce_sum(sums.data(), sums.size());
 
@@ -116,7 +116,7 @@ void CollectiveDispatcher::reduce_batch_stats(RouterBatchStats& stats) {
     }
   }
   for (int e = 0; e <= E; ++e) {
-    ops::LossSum& s = e < E ? stats.prob_sum[e] : stats.lse_sq_sum;
+    model::ops::LossSum& s = e < E ? stats.prob_sum[e] : stats.lse_sq_sum;
     s.units = sums[2 * static_cast<size_t>(e)];
     s.invalid = sums[2 * static_cast<size_t>(e) + 1];
   }

@@ -22,17 +22,17 @@ namespace loopmoe::runtime {
 // Tag of a header: forward and backward headers differ so a shard cannot confuse them.
 constexpr int64_t kForwardHeader = 1, kBackwardHeader = 2;
 
-class CollectiveDispatcher final : public Dispatcher {
+class CollectiveDispatcher final : public model::Dispatcher {
  public:
   // `workers` spans the W workers (may be null when W == 1). Neither is owned.
   CollectiveDispatcher(comm::Communicator& world, comm::Communicator* workers, int num_workers,
                        ExpertPartition partition, int d_model);
 
-  void forward(int application, int layer, const RoutingPlan& plan, const float* x,
+  void forward(int application, int layer, const model::RoutingPlan& plan, const float* x,
                float* out) override;
-  void backward(int application, int layer, const RoutingPlan& plan, const float* dout,
+  void backward(int application, int layer, const model::RoutingPlan& plan, const float* dout,
                 float* dx) override;
-  void reduce_batch_stats(RouterBatchStats& stats) override;
+  void reduce_batch_stats(model::RouterBatchStats& stats) override;
 
   AllToAllStats& stats() { return stats_; }
 

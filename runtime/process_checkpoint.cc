@@ -73,12 +73,12 @@ uint64_t write_file(const std::string& path, Header h, const std::vector<float>&
   h.checksum = payload_checksum(params, m, v);
   h.header_checksum = header_checksum(h);
   try {
-    data::AtomicFileWriter out(path);
+    dataloader::AtomicFileWriter out(path);
     out.write(&h, sizeof(h));
     for (const auto* a : {&params, &m, &v}) out.write(a->data(), a->size() * sizeof(float));
     out.commit();
   } catch (const std::exception& e) {
-    throw CheckpointError(std::string("cannot write checkpoint: ") + e.what());
+    throw model::CheckpointError(std::string("cannot write checkpoint: ") + e.what());
   }
   if (bytes) *bytes = static_cast<int64_t>(sizeof(h) + 3 * params.size() * sizeof(float));
   return h.header_checksum;
@@ -91,30 +91,30 @@ Header read_file(const std::string& path, const char (&magic)[8], uint64_t expec
                  Count n_of, std::vector<float>& params, std::vector<float>& m,
                  std::vector<float>& v) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw CheckpointError(path + ": cannot open checkpoint file");
+  if (!in) throw model::CheckpointError(path + ": cannot open checkpoint file");
   Header h{};
   in.read(reinterpret_cast<char*>(&h), v1_header_bytes<Header>());
   const auto truncated = [&] {
-    throw CheckpointError(path + ": truncated checkpoint file (no complete header)");
+    throw model::CheckpointError(path + ": truncated checkpoint file (no complete header)");
   };
   if (in.gcount() >= 8 && std::memcmp(h.magic, magic, 8) != 0) {
-    throw CheckpointError(path + ": not a LoopMoE " +
-                          std::string(magic[4] == 'W' ? "worker" : "expert shard") +
-                          " checkpoint file (bad magic)");
+    throw model::CheckpointError(path + ": not a LoopMoE " +
+                                 std::string(magic[4] == 'W' ? "worker" : "expert shard") +
+                                 " checkpoint file (bad magic)");
   }
   if (!in) truncated();
   if (h.version != 1 && h.version != kVersion) {
-    throw CheckpointError(path + ": checkpoint file version " + std::to_string(h.version) +
-                          " is not supported (this build reads versions 1 and " +
-                          std::to_string(kVersion) +
-                          "; a corrupt file, or one from a newer LoopMoE)");
+    throw model::CheckpointError(path + ": checkpoint file version " + std::to_string(h.version) +
+                                 " is not supported (this build reads versions 1 and " +
+                                 std::to_string(kVersion) +
+                                 "; a corrupt file, or one from a newer LoopMoE)");
   }
   const size_t header_bytes = h.version == 1 ? v1_header_bytes<Header>() : sizeof(Header);
   if (h.version >= 2) {
     in.read(reinterpret_cast<char*>(&h.header_checksum), sizeof h.header_checksum);
     if (!in) truncated();
     if (h.header_checksum != header_checksum(h)) {
-      throw CheckpointError(path + ": header checksum mismatch (file is corrupt)");
+      throw model::CheckpointError(path + ": header checksum mismatch (file is corrupt)");
     }
   }
   // The size the header implies, without overflow (a corrupt version 1 header can say anything).
@@ -124,28 +124,29 @@ Header read_file(const std::string& path, const char (&magic)[8], uint64_t expec
       n > kMax / 4 / (3 * sizeof(float)) ? kMax : header_bytes + 3 * n * sizeof(float);
   const uint64_t have = std::filesystem::file_size(path);
   if (have < want) {
-    throw CheckpointError(path + ": truncated checkpoint file: header implies " +
-                          std::to_string(want) + " bytes, file has " + std::to_string(have));
+    throw model::CheckpointError(path + ": truncated checkpoint file: header implies " +
+                                 std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   if (have > want) {
-    throw CheckpointError(path +
-                          ": trailing bytes after the checkpoint file's data: header implies " +
-                          std::to_string(want) + " bytes, file has " + std::to_string(have));
+    throw model::CheckpointError(
+        path + ": trailing bytes after the checkpoint file's data: header implies " +
+        std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   for (auto* a : {&params, &m, &v}) {
     a->resize(n);
     in.read(reinterpret_cast<char*>(a->data()), static_cast<std::streamsize>(n * sizeof(float)));
   }
-  if (!in) throw CheckpointError(path + ": read error");
+  if (!in) throw model::CheckpointError(path + ": read error");
   const uint64_t sum = payload_checksum(params, m, v);
-  if (sum != h.checksum) throw CheckpointError(path + ": checksum mismatch (file is corrupt)");
+  if (sum != h.checksum)
+    throw model::CheckpointError(path + ": checksum mismatch (file is corrupt)");
   // What the writer returned and the coordinator recorded: the header checksum (version 2) or
   // the payload checksum (version 1).
   const uint64_t file_checksum = h.version == 1 ? sum : h.header_checksum;
   if (expected_checksum != 0 && file_checksum != expected_checksum) {
-    throw CheckpointError(path +
-                          ": checksum differs from the one recorded in the checkpoint "
-                          "metadata (file replaced or rewritten)");
+    throw model::CheckpointError(path +
+                                 ": checksum differs from the one recorded in the checkpoint "
+                                 "metadata (file replaced or rewritten)");
   }
   return h;
 }

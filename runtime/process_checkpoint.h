@@ -21,7 +21,7 @@ namespace loopmoe::runtime {
 struct WorkerCheckpoint {
   int rank = 0;
   int64_t step = 0, adam_steps = 0;
-  data::SamplerState sampler;
+  dataloader::SamplerState sampler;
   uint64_t config_hash = 0;
   std::vector<float> params, m, v;  // the replica ranges, packed
 };

@@ -40,7 +40,7 @@ struct CheckpointFileRef {
 struct ResumePoint {
   int64_t step = 0;                      // steps completed
   std::vector<CheckpointFileRef> files;  // all files of the checkpoint, any shard count
-  data::SamplerState sampler;
+  dataloader::SamplerState sampler;
 };
 
 struct ProcessSetup {
@@ -92,7 +92,7 @@ class ProcessRuntime {
   // fsyncs it and returns where it is and its checksum.
   virtual CheckpointFileRef checkpoint(const std::string& dir) = 0;
   // Data-loader position (workers; shards return a default state).
-  virtual data::SamplerState sampler_state() const = 0;
+  virtual dataloader::SamplerState sampler_state() const = 0;
 };
 
 // Built by create_runtime (runtime/create_runtime.h) or, in the role's executable, by

@@ -13,24 +13,26 @@ namespace loopmoe::runtime {
 
 namespace fs = std::filesystem;
 
-Config checked_config(const ProcessSetup& setup, Role role) {
+model::Config checked_config(const ProcessSetup& setup, Role role) {
   if (setup.store == nullptr) throw std::invalid_argument("create_runtime: no rendezvous store");
   if (setup.role != role) {
     throw std::invalid_argument(std::string("create_runtime: a ") + to_string(role) +
                                 " runtime cannot host a " + to_string(setup.role));
   }
   if (setup.num_workers < 1 || setup.num_shards < 1) {
-    throw ConfigError("a job needs at least one worker and one expert shard");
+    throw model::ConfigError("a job needs at least one worker and one expert shard");
   }
   const int role_size = setup.role == Role::kWorker ? setup.num_workers : setup.num_shards;
   if (setup.rank < 0 || setup.rank >= role_size) {
-    throw ConfigError(std::string(to_string(setup.role)) + " rank " + std::to_string(setup.rank) +
-                      " is outside 0.." + std::to_string(role_size - 1));
+    throw model::ConfigError(std::string(to_string(setup.role)) + " rank " +
+                             std::to_string(setup.rank) + " is outside 0.." +
+                             std::to_string(role_size - 1));
   }
-  Config config = parse_config(setup.config_toml, "job " + setup.job_id);
+  model::Config config = model::parse_config(setup.config_toml, "job " + setup.job_id);
   if (setup.num_shards > config.model.n_experts) {
-    throw ConfigError("job has " + std::to_string(setup.num_shards) + " expert shards but only " +
-                      std::to_string(config.model.n_experts) + " experts per layer");
+    throw model::ConfigError("job has " + std::to_string(setup.num_shards) +
+                             " expert shards but only " + std::to_string(config.model.n_experts) +
+                             " experts per layer");
   }
   return config;
 }
@@ -49,19 +51,19 @@ comm::GlooOptions gloo_options(const ProcessSetup& s, const char* group) {
 }
 
 double sum_of_squares(const float* g, size_t n) {
-  const double norm = global_norm(g, n);
+  const double norm = model::global_norm(g, n);
   return norm * norm;
 }
 
-RuntimeBase::RuntimeBase(const ProcessSetup& setup, Config config)
+RuntimeBase::RuntimeBase(const ProcessSetup& setup, model::Config config)
     : setup_(setup),
       config_(std::move(config)),
-      config_hash_(config_hash(to_toml(config_))),
+      config_hash_(config_hash(model::to_toml(config_))),
       partition_(config_.model.n_experts, setup.num_shards) {
   set_threads();
 }
 
-void RuntimeBase::set_threads() const { set_num_threads(setup_.threads); }
+void RuntimeBase::set_threads() const { model::set_num_threads(setup_.threads); }
 
 void RuntimeBase::connect_world() {
   world_ = comm::make_gloo_communicator(*setup_.store, world_rank(),
@@ -100,11 +102,11 @@ StepReport RuntimeBase::report(int loops, double lr, double grad_norm, const All
 void RuntimeBase::check_resume_file(uint64_t hash, int64_t step, int64_t want_step,
                                     const std::string& path) const {
   if (hash != config_hash_) {
-    throw CheckpointError(path + ": written for a different config than this job's");
+    throw model::CheckpointError(path + ": written for a different config than this job's");
   }
   if (step != want_step) {
-    throw CheckpointError(path + ": is step " + std::to_string(step) +
-                          ", the checkpoint metadata says " + std::to_string(want_step));
+    throw model::CheckpointError(path + ": is step " + std::to_string(step) +
+                                 ", the checkpoint metadata says " + std::to_string(want_step));
   }
 }
 

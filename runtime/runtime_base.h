@@ -33,7 +33,7 @@ using Clock = std::chrono::steady_clock;
 // Checks the setup (store, counts, rank within the role) and parses its config; throws
 // ConfigError naming what is wrong. `role` is the runtime being built: a worker runtime refuses a
 // shard's setup and the other way round.
-Config checked_config(const ProcessSetup& setup, Role role);
+model::Config checked_config(const ProcessSetup& setup, Role role);
 
 // The checkpoint file name of a process: worker-<rank>.bin / shard-<rank>.bin.
 std::string checkpoint_file_name(Role role, int rank);
@@ -45,7 +45,7 @@ double sum_of_squares(const float* g, size_t n);
 
 class RuntimeBase : public ProcessRuntime {
  public:
-  RuntimeBase(const ProcessSetup& setup, Config config);
+  RuntimeBase(const ProcessSetup& setup, model::Config config);
   Role role() const override { return setup_.role; }
   int rank() const override { return setup_.rank; }
   int64_t steps_done() const override { return steps_done_; }
@@ -69,7 +69,7 @@ class RuntimeBase : public ProcessRuntime {
   std::string checkpoint_path(const std::string& dir) const;
 
   ProcessSetup setup_;
-  Config config_;
+  model::Config config_;
   uint64_t config_hash_;
   ExpertPartition partition_;
   std::unique_ptr<comm::Communicator> world_;

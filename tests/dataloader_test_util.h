@@ -17,7 +17,7 @@
 #include "dataloader/data_error.h"
 #include "dataloader/prepare.h"
 
-namespace loopmoe::data::test_util {
+namespace loopmoe::dataloader::test_util {
 
 namespace fs = std::filesystem;
 
@@ -122,4 +122,4 @@ inline std::string normalize_ws(const std::string& s) {
   return out;
 }
 
-}  // namespace loopmoe::data::test_util
+}  // namespace loopmoe::dataloader::test_util

@@ -37,8 +37,8 @@ inline bool contains(const std::string& haystack, const std::string& needle) {
 }
 
 // A small Vanilla MoE that trains in milliseconds.
-inline Config tiny_vanilla(const std::string& data_dir) {
-  Config c;
+inline model::Config tiny_vanilla(const std::string& data_dir) {
+  model::Config c;
   c.model.vocab_size = 64;
   c.model.seq_len = 16;
   c.model.d_model = 16;
@@ -56,9 +56,10 @@ inline Config tiny_vanilla(const std::string& data_dir) {
 }
 
 // Stands in for the budget solver: the planner only needs a valid looped config back.
-inline SolvedBudget fake_solve(const ModelConfig& v, int loops, Balance balance, IterAdaLNMode mode,
-                               double scale) {
-  SolvedBudget s;
+inline model::SolvedBudget fake_solve(const model::ModelConfig& v, int loops,
+                                      model::Balance balance, model::IterAdaLNMode mode,
+                                      double scale) {
+  model::SolvedBudget s;
   s.vanilla_config = v;
   s.loopmoe_config = v;
   s.loopmoe_config.n_layers = v.n_layers / loops;
@@ -80,7 +81,8 @@ class ExperimentTest : public ::testing::Test {
              ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(root_);
     fs::create_directories(root_ / "data");
-    write_file(root_ / "configs" / "base.toml", to_toml(tiny_vanilla((root_ / "data").string())));
+    write_file(root_ / "configs" / "base.toml",
+               model::to_toml(tiny_vanilla((root_ / "data").string())));
   }
   void TearDown() override { fs::remove_all(root_); }
 
@@ -102,9 +104,10 @@ class ExperimentTest : public ::testing::Test {
                                "iter_adaln = \"off\"\nbalance = \"none\"\nexpert_scale = 2.0\n"
                              : variants);
   }
-  ExperimentSpec spec(const std::string& extra = "", const std::string& variants = "") const {
-    return parse_experiment_spec(spec_text(extra, variants),
-                                 (root_ / "configs" / "experiments" / "spec.toml").string());
+  experiment::ExperimentSpec spec(const std::string& extra = "",
+                                  const std::string& variants = "") const {
+    return experiment::parse_experiment_spec(
+        spec_text(extra, variants), (root_ / "configs" / "experiments" / "spec.toml").string());
   }
 
   fs::path root_;

@@ -28,7 +28,7 @@ inline std::vector<float> random_probs(int S, int E, uint64_t seed,
                                        std::vector<float>* lse = nullptr) {
   const std::vector<float> logits = random_floats(static_cast<size_t>(S) * E, seed, 3.0);
   std::vector<float> probs(logits.size()), l(S);
-  ops::softmax_forward(probs.data(), l.data(), logits.data(), S, E);
+  model::ops::softmax_forward(probs.data(), l.data(), logits.data(), S, E);
   if (lse) *lse = l;
   return probs;
 }

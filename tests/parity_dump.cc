@@ -37,20 +37,20 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "OpenMP threads");
   CLI11_PARSE(app, argc, argv);
   try {
-    loopmoe::Config cfg = loopmoe::load_config(config_path);
-    if (!mode.empty()) cfg.model.iter_adaln = loopmoe::parse_iter_adaln_mode(mode);
+    loopmoe::model::Config cfg = loopmoe::model::load_config(config_path);
+    if (!mode.empty()) cfg.model.iter_adaln = loopmoe::model::parse_iter_adaln_mode(mode);
     if (capacity >= 0) cfg.model.capacity_factor = capacity;
     cfg.model.seq_len = seq_len;
     cfg.train.batch_size = batch;
     cfg.train.steps = steps;
     cfg.train.warmup_steps = std::min(cfg.train.warmup_steps, 3);
-    loopmoe::validate(cfg);
-    loopmoe::set_num_threads(threads);
-    loopmoe::Model model(cfg.model);
+    loopmoe::model::validate(cfg);
+    loopmoe::model::set_num_threads(threads);
+    loopmoe::model::Model model(cfg.model);
     model.set_grad_groups(cfg.train.grad_groups);  // the oracle checks the grouped reduction too
     model.init_params(seed);
     // Perturb every tensor so every path (IterAdaLN modulation included) carries gradient.
-    loopmoe::Rng rng(seed ^ 0xA5A5A5A5ull);
+    loopmoe::model::Rng rng(seed ^ 0xA5A5A5A5ull);
     for (size_t i = 0; i < model.num_params(); ++i) {
       model.params()[i] += static_cast<float>(0.05 * rng.normal());
     }
@@ -68,25 +68,25 @@ int main(int argc, char** argv) {
     write_raw(d + "params.bin", model.params(), model.num_params() * sizeof(float));
     write_raw(d + "tokens.bin", tokens.data(), tokens.size() * sizeof(int32_t));
     model.zero_grad();
-    loopmoe::LossParts loss = model.forward(in.data(), tg.data(), batch, seq_len);
+    loopmoe::model::LossParts loss = model.forward(in.data(), tg.data(), batch, seq_len);
     model.backward();
     const std::vector<float> logits = model.logits_to_host();
     write_raw(d + "logits.bin", logits.data(), logits.size() * sizeof(float));
     write_raw(d + "grads.bin", model.grads(), model.num_params() * sizeof(float));
 
     std::vector<double> train_losses;
-    loopmoe::AdamW opt(model.layout(), cfg.train);
+    loopmoe::model::AdamW opt(model.layout(), cfg.train);
     for (int s = 0; s < steps; ++s) {
       model.zero_grad();
       train_losses.push_back(model.forward(in.data(), tg.data(), batch, seq_len).total);
       model.backward();
-      loopmoe::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
-      opt.step(model.params(), model.grads(), loopmoe::learning_rate(cfg.train, s));
+      loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
+      opt.step(model.params(), model.grads(), loopmoe::model::learning_rate(cfg.train, s));
     }
 
     std::ofstream m(d + "manifest.json");
-    m << "{\"model\": " << loopmoe::model_to_json(cfg.model)
-      << ", \"train\": " << loopmoe::train_to_json(cfg.train) << ", \"batch\": " << batch
+    m << "{\"model\": " << loopmoe::model::model_to_json(cfg.model)
+      << ", \"train\": " << loopmoe::model::train_to_json(cfg.train) << ", \"batch\": " << batch
       << ", \"seq_len\": " << seq_len << ", \"adam_steps\": " << steps
       << ", \"num_params\": " << model.num_params() << ", \"params\": [";
     bool first = true;

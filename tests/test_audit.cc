@@ -17,16 +17,16 @@ namespace fs = std::filesystem;
 TEST(Audit, MeasuredFlopsMatchTheBudgetAndRoutingAddsUp) {
   const fs::path root = testing::fresh_test_dir("loopmoe_audit", "run");
   testing::write_pattern_corpus(root / "data");
-  Config cfg = testing::tiny_loopmoe_config(root / "data");
+  model::Config cfg = testing::tiny_loopmoe_config(root / "data");
   cfg.model.capacity_factor = 0;  // dropless: the analytic count assumes every token reaches k
   cfg.model.n_loops = 3;
-  TrainOptions opt;
+  train::TrainOptions opt;
   opt.out_dir = (root / "run").string();
   opt.progress = false;
-  train(cfg, opt);
-  AuditOptions audit;
+  train::run_training(cfg, opt);
+  eval::AuditOptions audit;
   audit.batches = 3;
-  const auto j = nlohmann::json::parse(run_audit(opt.out_dir, audit));
+  const auto j = nlohmann::json::parse(eval::run_audit(opt.out_dir, audit));
   ASSERT_TRUE(fs::exists(root / "run" / "audit.json"));
   const int S = cfg.train.batch_size * cfg.model.seq_len;
   EXPECT_EQ(j["tokens"].get<int64_t>(), 3 * S);

@@ -36,12 +36,12 @@ bool same_bits(const float* a, const float* b, size_t n) {
 class SgemmKernel : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    best_ = ops::cpu::sgemm_kernel_name();
-    if (!ops::cpu::sgemm_force_kernel(GetParam())) {
+    best_ = model::ops::cpu::sgemm_kernel_name();
+    if (!model::ops::cpu::sgemm_force_kernel(GetParam())) {
       GTEST_SKIP() << "this CPU cannot run the " << GetParam() << " sgemm kernel";
     }
   }
-  void TearDown() override { ASSERT_TRUE(ops::cpu::sgemm_force_kernel(best_.c_str())); }
+  void TearDown() override { ASSERT_TRUE(model::ops::cpu::sgemm_force_kernel(best_.c_str())); }
   std::string best_;
 };
 
@@ -69,10 +69,10 @@ TEST_P(SgemmKernel, EqualsTheFmaChainForEveryShapeTranspositionAndEpilogue) {
           const std::vector<float> c0 = random_floats(static_cast<size_t>(m) * ldc, 3);
           const float alpha = alphas[cases % 2], beta = betas[cases % 3];
           std::vector<float> got = c0, want = c0;
-          ops::cpu::sgemm(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta, got.data(),
-                          ldc);
-          ops::cpu::sgemm_reference(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta,
-                                    want.data(), ldc);
+          model::ops::cpu::sgemm(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta,
+                                 got.data(), ldc);
+          model::ops::cpu::sgemm_reference(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb,
+                                           beta, want.data(), ldc);
           ASSERT_TRUE(same_bits(got.data(), want.data(), got.size()))
               << GetParam() << ": m " << m << " n " << n << " k " << k << " ta " << ta << " tb "
               << tb << " alpha " << alpha << " beta " << beta;
@@ -87,7 +87,7 @@ TEST_P(SgemmKernel, EqualsTheFmaChainForEveryShapeTranspositionAndEpilogue) {
 TEST_P(SgemmKernel, BetaZeroNeverReadsC) {
   std::vector<float> a = random_floats(12, 4), b = random_floats(12, 5);
   std::vector<float> c(9, std::numeric_limits<float>::quiet_NaN());
-  ops::cpu::sgemm(false, false, 3, 3, 4, 1.f, a.data(), 4, b.data(), 3, 0.f, c.data(), 3);
+  model::ops::cpu::sgemm(false, false, 3, 3, 4, 1.f, a.data(), 4, b.data(), 3, 0.f, c.data(), 3);
   for (float x : c) EXPECT_FALSE(std::isnan(x));
 }
 
@@ -99,13 +99,13 @@ TEST(SgemmKernel, EveryKernelGivesTheSameBits) {
   const int m = 50, n = 70, k = 270;
   const std::vector<float> a = random_floats(static_cast<size_t>(m) * k, 6);
   const std::vector<float> b = random_floats(static_cast<size_t>(k) * n, 7);
-  const std::string best = ops::cpu::sgemm_kernel_name();
+  const std::string best = model::ops::cpu::sgemm_kernel_name();
   std::vector<float> first;
   int ran = 0;
   for (const char* kernel : {"avx512", "avx2", "portable"}) {
-    if (!ops::cpu::sgemm_force_kernel(kernel)) continue;
+    if (!model::ops::cpu::sgemm_force_kernel(kernel)) continue;
     std::vector<float> c(static_cast<size_t>(m) * n);
-    ops::cpu::sgemm(false, false, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c.data(), n);
+    model::ops::cpu::sgemm(false, false, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c.data(), n);
     if (first.empty()) {
       first = c;
     } else {
@@ -113,7 +113,7 @@ TEST(SgemmKernel, EveryKernelGivesTheSameBits) {
     }
     ++ran;
   }
-  ASSERT_TRUE(ops::cpu::sgemm_force_kernel(best.c_str()));
+  ASSERT_TRUE(model::ops::cpu::sgemm_force_kernel(best.c_str()));
   EXPECT_GE(ran, 1);
 }
 
@@ -130,16 +130,18 @@ TEST(BatchInvariance, GemmRowsDoNotDependOnTheCall) {
       const std::vector<float> a = random_floats(static_cast<size_t>(M) * k, 10 + t);
       const std::vector<float> b = random_floats(static_cast<size_t>(k) * N, 20 + t);
       std::vector<float> full(static_cast<size_t>(M) * N);
-      set_num_threads(1);
-      ops::gemm<float>(ta, tb, M, N, k, 1.f, a.data(), lda, b.data(), ldb, 0.f, full.data(), N);
+      model::set_num_threads(1);
+      model::ops::gemm<float>(ta, tb, M, N, k, 1.f, a.data(), lda, b.data(), ldb, 0.f, full.data(),
+                              N);
       for (int threads : {1, 2}) {
-        set_num_threads(threads);
+        model::set_num_threads(threads);
         for (int rows : {1, 7, T, 3 * T + 5, M}) {
           for (int offset : {0, 3, T + 1}) {
             if (offset + rows > M) continue;
             std::vector<float> part(static_cast<size_t>(rows) * N);
             const float* as = ta ? a.data() + offset : a.data() + static_cast<size_t>(offset) * lda;
-            ops::gemm<float>(ta, tb, rows, N, k, 1.f, as, lda, b.data(), ldb, 0.f, part.data(), N);
+            model::ops::gemm<float>(ta, tb, rows, N, k, 1.f, as, lda, b.data(), ldb, 0.f,
+                                    part.data(), N);
             EXPECT_TRUE(
                 same_bits(part.data(), full.data() + static_cast<size_t>(offset) * N, part.size()))
                 << "rows " << rows << " at " << offset << ", k " << k << ", ta " << ta << " tb "
@@ -147,7 +149,7 @@ TEST(BatchInvariance, GemmRowsDoNotDependOnTheCall) {
           }
         }
       }
-      set_num_threads(1);
+      model::set_num_threads(1);
     }
   }
 }
@@ -180,7 +182,7 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
       S, D, D,
       [&](float* out, const float* in, int rows) {
         std::vector<float> rstd(rows);
-        ops::rmsnorm_forward(out, rstd.data(), in, weight.data(), rows, D);
+        model::ops::rmsnorm_forward(out, rstd.data(), in, weight.data(), rows, D);
       },
       "rmsnorm_forward");
   // in = [x | dout] per row; out = dinp.
@@ -193,17 +195,17 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
           std::memcpy(&g[static_cast<size_t>(r) * D], in + static_cast<size_t>(r) * 2 * D + D,
                       D * 4);
         }
-        ops::rmsnorm_forward(y.data(), rstd.data(), x.data(), weight.data(), rows, D);
+        model::ops::rmsnorm_forward(y.data(), rstd.data(), x.data(), weight.data(), rows, D);
         std::fill(out, out + static_cast<size_t>(rows) * D, 0.f);
-        ops::rmsnorm_backward(out, static_cast<float*>(nullptr), g.data(), x.data(), weight.data(),
-                              rstd.data(), rows, D);
+        model::ops::rmsnorm_backward(out, static_cast<float*>(nullptr), g.data(), x.data(),
+                                     weight.data(), rstd.data(), rows, D);
       },
       "rmsnorm_backward");
   expect_row_invariant(
       S, E, E,
       [&](float* out, const float* in, int rows) {
         std::vector<float> lse(rows);
-        ops::softmax_forward(out, lse.data(), in, rows, E);
+        model::ops::softmax_forward(out, lse.data(), in, rows, E);
       },
       "softmax_forward");
   expect_row_invariant(
@@ -211,7 +213,7 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
       [&](float* out, const float* in, int rows) {
         std::vector<int32_t> targets(rows);
         for (int r = 0; r < rows; ++r) targets[r] = (r * 977) % V;
-        ops::crossentropy_forward(out, in, targets.data(), rows, V);
+        model::ops::crossentropy_forward(out, in, targets.data(), rows, V);
       },
       "crossentropy_forward (probabilities)");
   const int F = 112;
@@ -222,8 +224,8 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
       S, D, D,
       [&](float* out, const float* in, int rows) {
         std::vector<float> h1(static_cast<size_t>(rows) * F), h3(h1.size()), act(h1.size());
-        ops::swiglu_forward(out, h1.data(), h3.data(), act.data(), in, w1.data(), w3.data(),
-                            w2.data(), rows, D, F);
+        model::ops::swiglu_forward(out, h1.data(), h3.data(), act.data(), in, w1.data(), w3.data(),
+                                   w2.data(), rows, D, F);
       },
       "swiglu_forward");
   // in = [x | dout]; out = dx (the expert's input gradient; weight gradients sum over rows).
@@ -238,11 +240,11 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
         }
         std::vector<float> h1(static_cast<size_t>(rows) * F), h3(h1.size()), act(h1.size());
         std::vector<float> dw1(w1.size()), dw3(w3.size()), dw2(w2.size()), scratch(2 * h1.size());
-        ops::swiglu_forward(y.data(), h1.data(), h3.data(), act.data(), x.data(), w1.data(),
-                            w3.data(), w2.data(), rows, D, F);
-        ops::swiglu_backward(out, dw1.data(), dw3.data(), dw2.data(), scratch.data(), g.data(),
-                             x.data(), h1.data(), h3.data(), act.data(), w1.data(), w3.data(),
-                             w2.data(), rows, D, F);
+        model::ops::swiglu_forward(y.data(), h1.data(), h3.data(), act.data(), x.data(), w1.data(),
+                                   w3.data(), w2.data(), rows, D, F);
+        model::ops::swiglu_backward(out, dw1.data(), dw3.data(), dw2.data(), scratch.data(),
+                                    g.data(), x.data(), h1.data(), h3.data(), act.data(), w1.data(),
+                                    w3.data(), w2.data(), rows, D, F);
       },
       "swiglu_backward (dx)");
   // The MoE combine and the router's top-k (device seam kernels) are row kernels too.
@@ -260,7 +262,8 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
           std::memcpy(&w[static_cast<size_t>(r) * k],
                       in + static_cast<size_t>(r) * (k * D + k) + k * D, k * 4);
         }
-        ops::moe_combine_forward(out, o.data(), w.data(), kept.data() + (S - rows) * k, rows, k, D);
+        model::ops::moe_combine_forward(out, o.data(), w.data(), kept.data() + (S - rows) * k, rows,
+                                        k, D);
       },
       "moe_combine_forward");
   // in = [k expert outputs | dy] per token; out = [k slot gradients | k weight gradients].
@@ -275,8 +278,8 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
           std::memcpy(&g[static_cast<size_t>(r) * D],
                       in + static_cast<size_t>(r) * (k + 1) * D + k * D, D * 4);
         }
-        ops::moe_combine_backward(d.data(), dw.data(), g.data(), o.data(), w.data(),
-                                  kept.data() + (S - rows) * k, rows, k, D);
+        model::ops::moe_combine_backward(d.data(), dw.data(), g.data(), o.data(), w.data(),
+                                         kept.data() + (S - rows) * k, rows, k, D);
         for (int r = 0; r < rows; ++r) {
           std::memcpy(out + static_cast<size_t>(r) * (k * D + k),
                       &d[static_cast<size_t>(r) * k * D], k * D * 4);
@@ -290,8 +293,8 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
       [&](float* out, const float* in, int rows) {
         std::vector<float> probs(static_cast<size_t>(rows) * E), lse(rows);
         std::vector<int32_t> expert(static_cast<size_t>(rows) * k);
-        ops::softmax_forward(probs.data(), lse.data(), in, rows, E);
-        ops::router_topk_forward(expert.data(), out, probs.data(), rows, E, k, true);
+        model::ops::softmax_forward(probs.data(), lse.data(), in, rows, E);
+        model::ops::router_topk_forward(expert.data(), out, probs.data(), rows, E, k, true);
       },
       "router_topk_forward (weights)");
 }
@@ -301,13 +304,13 @@ TEST(BatchInvariance, AttentionOfASequenceDoesNotDependOnTheBatch) {
   const std::vector<float> qkv = random_floats(static_cast<size_t>(B) * T * 3 * inner, 50);
   std::vector<float> out(static_cast<size_t>(B) * T * inner),
       att(static_cast<size_t>(B) * H * T * T);
-  ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
+  model::ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
   for (int b : {0, 3}) {  // one sequence alone, from a buffer one float off
     std::vector<float> in(static_cast<size_t>(T) * 3 * inner + 1);
     std::memcpy(in.data() + 1, qkv.data() + static_cast<size_t>(b) * T * 3 * inner,
                 static_cast<size_t>(T) * 3 * inner * sizeof(float));
     std::vector<float> o(static_cast<size_t>(T) * inner), a(static_cast<size_t>(H) * T * T);
-    ops::attention_forward(o.data(), a.data(), in.data() + 1, 1, T, H, hd);
+    model::ops::attention_forward(o.data(), a.data(), in.data() + 1, 1, T, H, hd);
     EXPECT_TRUE(same_bits(o.data(), out.data() + static_cast<size_t>(b) * T * inner, o.size()))
         << "sequence " << b;
   }
@@ -315,24 +318,24 @@ TEST(BatchInvariance, AttentionOfASequenceDoesNotDependOnTheBatch) {
 
 TEST(BatchInvariance, LossSumsDoNotDependOnTheSplit) {
   const std::vector<float> rows = random_floats(1000, 60, 8.f);
-  ops::LossSum whole;
+  model::ops::LossSum whole;
   for (float x : rows) whole.add_row(std::abs(x));
   for (int parts : {2, 3, 7}) {
-    std::vector<ops::LossSum> sums(parts);
+    std::vector<model::ops::LossSum> sums(parts);
     for (size_t i = 0; i < rows.size(); ++i)
       sums[i * parts / rows.size()].add_row(std::abs(rows[i]));
-    ops::LossSum total;
+    model::ops::LossSum total;
     for (int p = parts - 1; p >= 0; --p) total.add(sums[p]);  // any order
     EXPECT_EQ(total.units, whole.units) << parts << " parts";
     EXPECT_EQ(total.value(), whole.value());
   }
   double plain = 0;
   for (float x : rows) plain += std::abs(x);
-  EXPECT_NEAR(whole.value(), plain, rows.size() * ops::LossSum::kUnit);
-  ops::LossSum bad = whole;
+  EXPECT_NEAR(whole.value(), plain, rows.size() * model::ops::LossSum::kUnit);
+  model::ops::LossSum bad = whole;
   bad.add_row(std::numeric_limits<double>::infinity());
   EXPECT_TRUE(std::isnan(bad.value())) << "a diverged row must show as NaN, not vanish";
-  ops::LossSum nan;
+  model::ops::LossSum nan;
   nan.add_row(std::nan(""));
   whole.add(nan);
   EXPECT_TRUE(std::isnan(whole.value()));

@@ -17,16 +17,16 @@
 namespace loopmoe {
 namespace {
 
-constexpr int kKinds = static_cast<int>(ops::FlopKind::kCount);
-const IterAdaLNMode kModes[] = {IterAdaLNMode::kOff, IterAdaLNMode::kJoint, IterAdaLNMode::kIter,
-                                IterAdaLNMode::kToken};
+constexpr int kKinds = static_cast<int>(model::ops::FlopKind::kCount);
+const model::IterAdaLNMode kModes[] = {model::IterAdaLNMode::kOff, model::IterAdaLNMode::kJoint,
+                                       model::IterAdaLNMode::kIter, model::IterAdaLNMode::kToken};
 
-ModelConfig shipped(const std::string& name) {
-  return load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/" + name).model;
+model::ModelConfig shipped(const std::string& name) {
+  return model::load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/" + name).model;
 }
 
-ModelConfig small(IterAdaLNMode mode, bool tied) {
-  ModelConfig c;
+model::ModelConfig small(model::IterAdaLNMode mode, bool tied) {
+  model::ModelConfig c;
   c.vocab_size = 96;
   c.seq_len = 12;
   c.d_model = 16;
@@ -44,7 +44,7 @@ ModelConfig small(IterAdaLNMode mode, bool tied) {
 }
 
 std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
-  Rng rng(seed);
+  model::Rng rng(seed);
   std::vector<int32_t> t(n);
   for (auto& x : t) x = static_cast<int32_t>(rng.next_u64() % vocab);
   return t;
@@ -56,10 +56,10 @@ struct Counted {
   double total = 0, outer = 0, attention = 0, router = 0, norms = 0, one_expert = 0;
 };
 
-Counted count_model_params(const Model& m) {
-  const ModelConfig& c = m.config();
+Counted count_model_params(const model::Model& m) {
+  const model::ModelConfig& c = m.config();
   Counted n;
-  for (const ParamTensor& t : m.layout().tensors()) {
+  for (const model::ParamTensor& t : m.layout().tensors()) {
     const double size = static_cast<double>(t.numel());
     n.total += size;
     const std::string& name = t.name;
@@ -84,10 +84,10 @@ Counted count_model_params(const Model& m) {
   return n;
 }
 
-void expect_params_match(const ModelConfig& c, const std::string& what) {
-  Model m(c);
+void expect_params_match(const model::ModelConfig& c, const std::string& what) {
+  model::Model m(c);
   const Counted n = count_model_params(m);
-  const BudgetFigures b = budget_figures(c, 4 * c.seq_len);
+  const model::BudgetFigures b = model::budget_figures(c, 4 * c.seq_len);
   EXPECT_EQ(b.total_params, static_cast<double>(m.num_params())) << what;
   EXPECT_EQ(b.total_params, n.total) << what;
   const double layer = n.attention + n.router + n.norms + c.top_k * n.one_expert;
@@ -99,7 +99,7 @@ void expect_params_match(const ModelConfig& c, const std::string& what) {
 TEST(Budget, ParamsEqualTheModelBuffers) {
   expect_params_match(shipped("vanilla_tiny.toml"), "vanilla_tiny");
   expect_params_match(shipped("loopmoe_tiny.toml"), "loopmoe_tiny");
-  for (IterAdaLNMode mode : kModes) {
+  for (model::IterAdaLNMode mode : kModes) {
     for (bool tied : {true, false}) {
       expect_params_match(small(mode, tied),
                           std::string(to_string(mode)) + (tied ? " tied" : " untied"));
@@ -108,41 +108,41 @@ TEST(Budget, ParamsEqualTheModelBuffers) {
 }
 
 // Runs forward and backward on a random batch and holds every counted kind to the analytic one.
-void expect_flops_match(const ModelConfig& c, int B, const std::string& what) {
+void expect_flops_match(const model::ModelConfig& c, int B, const std::string& what) {
   const int T = c.seq_len, S = B * T;
-  Model m(c);
+  model::Model m(c);
   m.init_params(7);
   // Perturb everything (IterAdaLN's zero-initialised modulation included) so routing is not
   // degenerate; the counts must not depend on the values anyway.
-  Rng rng(11);
+  model::Rng rng(11);
   for (size_t i = 0; i < m.num_params(); ++i) m.params()[i] += 0.02f * rng.normal();
   const auto tokens = random_tokens(S, c.vocab_size, 1),
              targets = random_tokens(S, c.vocab_size, 2);
-  const auto fwd = forward_flops_by_kind(c, S);
-  const auto bwd = backward_flops_by_kind(c, S);
-  ops::reset_gemm_flops();
+  const auto fwd = model::forward_flops_by_kind(c, S);
+  const auto bwd = model::backward_flops_by_kind(c, S);
+  model::ops::reset_gemm_flops();
   m.forward(tokens.data(), targets.data(), B, T);
   for (int k = 0; k < kKinds; ++k) {
-    const auto kind = static_cast<ops::FlopKind>(k);
-    EXPECT_NEAR(static_cast<double>(ops::gemm_flops(kind)), fwd[k], 1e-9 * fwd[k])
-        << what << " forward " << ops::to_string(kind);
+    const auto kind = static_cast<model::ops::FlopKind>(k);
+    EXPECT_NEAR(static_cast<double>(model::ops::gemm_flops(kind)), fwd[k], 1e-9 * fwd[k])
+        << what << " forward " << model::ops::to_string(kind);
   }
-  const BudgetFigures b = budget_figures(c, S);
-  EXPECT_NEAR(static_cast<double>(ops::gemm_flops()), b.flops_per_token_forward * S,
+  const model::BudgetFigures b = model::budget_figures(c, S);
+  EXPECT_NEAR(static_cast<double>(model::ops::gemm_flops()), b.flops_per_token_forward * S,
               1e-9 * b.flops_per_token_forward * S)
       << what;
-  ops::reset_gemm_flops();
+  model::ops::reset_gemm_flops();
   m.zero_grad();
   m.backward();
   for (int k = 0; k < kKinds; ++k) {
-    const auto kind = static_cast<ops::FlopKind>(k);
-    EXPECT_NEAR(static_cast<double>(ops::gemm_flops(kind)), bwd[k], 1e-9 * bwd[k])
-        << what << " backward " << ops::to_string(kind);
+    const auto kind = static_cast<model::ops::FlopKind>(k);
+    EXPECT_NEAR(static_cast<double>(model::ops::gemm_flops(kind)), bwd[k], 1e-9 * bwd[k])
+        << what << " backward " << model::ops::to_string(kind);
   }
   double fwd_total = 0;
   for (double x : fwd) fwd_total += x;
-  EXPECT_NEAR(fwd_total + static_cast<double>(ops::gemm_flops()), b.flops_per_token_train * S,
-              1e-9 * b.flops_per_token_train * S)
+  EXPECT_NEAR(fwd_total + static_cast<double>(model::ops::gemm_flops()),
+              b.flops_per_token_train * S, 1e-9 * b.flops_per_token_train * S)
       << what;
 }
 
@@ -150,7 +150,7 @@ TEST(Budget, AnalyticFlopsEqualCountedFlops) {
   // The shipped pair at their real width and sequence length (B = 2 keeps it quick).
   expect_flops_match(shipped("vanilla_tiny.toml"), 2, "vanilla_tiny");
   expect_flops_match(shipped("loopmoe_tiny.toml"), 2, "loopmoe_tiny");
-  for (IterAdaLNMode mode : kModes) {
+  for (model::IterAdaLNMode mode : kModes) {
     for (bool tied : {true, false}) {
       expect_flops_match(small(mode, tied), 3,
                          std::string(to_string(mode)) + (tied ? " tied" : " untied"));
@@ -159,62 +159,65 @@ TEST(Budget, AnalyticFlopsEqualCountedFlops) {
 }
 
 TEST(Budget, SolvedTinyPairMatchesWithinOnePercent) {
-  const Config vanilla =
-      load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/vanilla_tiny.toml");
+  const model::Config vanilla =
+      model::load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/vanilla_tiny.toml");
   const int batch_tokens = vanilla.train.batch_size * vanilla.model.seq_len;
-  const SolvedBudget s =
-      solve_budget(vanilla.model, 4, Balance::kExperts, IterAdaLNMode::kJoint, 1.0, batch_tokens);
-  const ModelConfig& c = s.loopmoe_config;
+  const model::SolvedBudget s = model::solve_budget(
+      vanilla.model, 4, model::Balance::kExperts, model::IterAdaLNMode::kJoint, 1.0, batch_tokens);
+  const model::ModelConfig& c = s.loopmoe_config;
   EXPECT_EQ(c.n_layers, 2);
   EXPECT_EQ(c.n_loops, 4);
-  EXPECT_EQ(c.iter_adaln, IterAdaLNMode::kJoint);
+  EXPECT_EQ(c.iter_adaln, model::IterAdaLNMode::kJoint);
   EXPECT_EQ(c.d_model, vanilla.model.d_model);
   EXPECT_EQ(c.n_heads, vanilla.model.n_heads);
   EXPECT_EQ(c.top_k, vanilla.model.top_k);
   EXPECT_EQ(c.head_dim % 2, 0);
   EXPECT_EQ(c.cond_dim % 2, 0);
   EXPECT_GT(c.n_experts, 4 * vanilla.model.n_experts);  // freed parameters became experts
-  const BudgetFigures d = relative_diff(s.vanilla, s.loopmoe);
+  const model::BudgetFigures d = model::relative_diff(s.vanilla, s.loopmoe);
   EXPECT_LE(std::abs(d.total_params), 0.01);
   EXPECT_LE(std::abs(d.flops_per_token_train), 0.01);
   EXPECT_LE(std::abs(d.attn_ffn_active_ratio), 0.01);
-  EXPECT_LE(max_matched_diff(s), 0.005);  // the search's own target
+  EXPECT_LE(model::max_matched_diff(s), 0.005);  // the search's own target
   // The figures it reports are the figures of the config it returns.
-  const BudgetFigures again = budget_figures(c, batch_tokens);
+  const model::BudgetFigures again = model::budget_figures(c, batch_tokens);
   EXPECT_EQ(again.total_params, s.loopmoe.total_params);
   EXPECT_EQ(again.flops_per_token_train, s.loopmoe.flops_per_token_train);
-  Config out = vanilla;
+  model::Config out = vanilla;
   out.model = c;
-  EXPECT_NO_THROW(validate(out));
+  EXPECT_NO_THROW(model::validate(out));
   // It improves on the hand-balanced point of DESIGN.md §4 (inner 120, f 120, d_c 8, E 38).
-  ModelConfig hand_config = c;
+  model::ModelConfig hand_config = c;
   hand_config.head_dim = 30;
   hand_config.expert_hidden = 120;
   hand_config.cond_dim = 8;
   hand_config.n_experts = 38;
-  SolvedBudget hand_pair = s;
-  hand_pair.loopmoe = budget_figures(hand_config, batch_tokens);
-  EXPECT_LT(max_matched_diff(s), max_matched_diff(hand_pair));
+  model::SolvedBudget hand_pair = s;
+  hand_pair.loopmoe = model::budget_figures(hand_config, batch_tokens);
+  EXPECT_LT(model::max_matched_diff(s), model::max_matched_diff(hand_pair));
   // The shipped LoopMoE config is the solver's output.
-  const ModelConfig shipped_loop = shipped("loopmoe_tiny.toml");
-  EXPECT_EQ(model_to_json(shipped_loop), model_to_json(c));
+  const model::ModelConfig shipped_loop = shipped("loopmoe_tiny.toml");
+  EXPECT_EQ(model::model_to_json(shipped_loop), model::model_to_json(c));
 }
 
 TEST(Budget, EveryModeAndLoopCountIsSolvedWithinTolerance) {
-  const ModelConfig vanilla = shipped("vanilla_tiny.toml");
-  for (IterAdaLNMode mode : {IterAdaLNMode::kJoint, IterAdaLNMode::kIter, IterAdaLNMode::kToken}) {
+  const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
+  for (model::IterAdaLNMode mode :
+       {model::IterAdaLNMode::kJoint, model::IterAdaLNMode::kIter, model::IterAdaLNMode::kToken}) {
     for (int loops : {2, 4, 8}) {
-      const SolvedBudget s = solve_budget(vanilla, loops, Balance::kExperts, mode);
-      EXPECT_LE(max_matched_diff(s), kBudgetTolerance) << to_string(mode) << " R=" << loops;
+      const model::SolvedBudget s =
+          model::solve_budget(vanilla, loops, model::Balance::kExperts, mode);
+      EXPECT_LE(model::max_matched_diff(s), model::kBudgetTolerance)
+          << to_string(mode) << " R=" << loops;
       EXPECT_EQ(s.loopmoe_config.depth(), vanilla.depth());
     }
   }
 }
 
 TEST(Budget, NoneKeepsTheShapeButFewerParameters) {
-  const ModelConfig vanilla = shipped("vanilla_tiny.toml");
-  const SolvedBudget experts = solve_budget(vanilla, 4, Balance::kExperts);
-  const SolvedBudget none = solve_budget(vanilla, 4, Balance::kNone);
+  const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
+  const model::SolvedBudget experts = model::solve_budget(vanilla, 4, model::Balance::kExperts);
+  const model::SolvedBudget none = model::solve_budget(vanilla, 4, model::Balance::kNone);
   EXPECT_EQ(none.loopmoe_config.n_experts, vanilla.n_experts);
   EXPECT_EQ(none.loopmoe_config.head_dim, experts.loopmoe_config.head_dim);
   EXPECT_EQ(none.loopmoe_config.expert_hidden, experts.loopmoe_config.expert_hidden);
@@ -227,49 +230,52 @@ TEST(Budget, NoneKeepsTheShapeButFewerParameters) {
 }
 
 TEST(Budget, WidthKeepsTheExpertCountAndMatchesParameters) {
-  const ModelConfig vanilla = shipped("vanilla_tiny.toml");
-  const SolvedBudget experts = solve_budget(vanilla, 4, Balance::kExperts);
-  const SolvedBudget width = solve_budget(vanilla, 4, Balance::kWidth);
+  const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
+  const model::SolvedBudget experts = model::solve_budget(vanilla, 4, model::Balance::kExperts);
+  const model::SolvedBudget width = model::solve_budget(vanilla, 4, model::Balance::kWidth);
   EXPECT_EQ(width.loopmoe_config.n_experts, vanilla.n_experts);
   EXPECT_EQ(width.loopmoe_config.head_dim, experts.loopmoe_config.head_dim);
   EXPECT_GT(width.loopmoe_config.expert_hidden, 4 * experts.loopmoe_config.expert_hidden);
-  EXPECT_LE(std::abs(relative_diff(width.vanilla, width.loopmoe).total_params), 0.01);
+  EXPECT_LE(std::abs(model::relative_diff(width.vanilla, width.loopmoe).total_params), 0.01);
   // Wider experts cost FLOPs and shift the ratio: that is what this ablation measures.
   EXPECT_GT(width.loopmoe.flops_per_token_train, 2 * width.vanilla.flops_per_token_train);
   EXPECT_LT(width.loopmoe.attn_ffn_active_ratio, width.vanilla.attn_ffn_active_ratio);
 }
 
 TEST(Budget, ExpertScaleMultipliesTheSolvedCount) {
-  const ModelConfig vanilla = shipped("vanilla_tiny.toml");
-  const int e = solve_budget(vanilla, 4, Balance::kExperts).loopmoe_config.n_experts;
+  const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
+  const int e = model::solve_budget(vanilla, 4, model::Balance::kExperts).loopmoe_config.n_experts;
   for (double scale : {0.5, 1.5}) {
-    const SolvedBudget s =
-        solve_budget(vanilla, 4, Balance::kExperts, IterAdaLNMode::kJoint, scale);
+    const model::SolvedBudget s = model::solve_budget(vanilla, 4, model::Balance::kExperts,
+                                                      model::IterAdaLNMode::kJoint, scale);
     EXPECT_EQ(s.loopmoe_config.n_experts, static_cast<int>(std::lround(e * scale))) << scale;
     EXPECT_EQ(s.expert_scale, scale);
   }
   // Never below top_k.
-  EXPECT_EQ(solve_budget(vanilla, 4, Balance::kNone, IterAdaLNMode::kJoint, 0.01)
-                .loopmoe_config.n_experts,
-            vanilla.top_k);
+  EXPECT_EQ(
+      model::solve_budget(vanilla, 4, model::Balance::kNone, model::IterAdaLNMode::kJoint, 0.01)
+          .loopmoe_config.n_experts,
+      vanilla.top_k);
 }
 
 TEST(Budget, BadInputIsAConfigError) {
-  const ModelConfig vanilla = shipped("vanilla_tiny.toml");
-  EXPECT_THROW(solve_budget(vanilla, 3, Balance::kExperts), ConfigError);
-  EXPECT_THROW(solve_budget(vanilla, 0, Balance::kExperts), ConfigError);
-  EXPECT_THROW(solve_budget(vanilla, 4, Balance::kExperts, IterAdaLNMode::kJoint, 0.0),
-               ConfigError);
-  EXPECT_THROW(solve_budget(shipped("loopmoe_tiny.toml"), 2, Balance::kExperts), ConfigError);
-  EXPECT_THROW(parse_balance("experts "), ConfigError);
+  const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
+  EXPECT_THROW(model::solve_budget(vanilla, 3, model::Balance::kExperts), model::ConfigError);
+  EXPECT_THROW(model::solve_budget(vanilla, 0, model::Balance::kExperts), model::ConfigError);
+  EXPECT_THROW(
+      model::solve_budget(vanilla, 4, model::Balance::kExperts, model::IterAdaLNMode::kJoint, 0.0),
+      model::ConfigError);
+  EXPECT_THROW(model::solve_budget(shipped("loopmoe_tiny.toml"), 2, model::Balance::kExperts),
+               model::ConfigError);
+  EXPECT_THROW(model::parse_balance("experts "), model::ConfigError);
   try {
-    solve_budget(vanilla, 3, Balance::kExperts);
-  } catch (const ConfigError& e) {
+    model::solve_budget(vanilla, 3, model::Balance::kExperts);
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("not a multiple of loops"), std::string::npos) << e.what();
   }
   // No solution: with one loop nothing is freed, and IterAdaLN's smallest norm blocks
   // (cond_dim 2) outweigh the whole budget of these one-unit experts and 2-wide heads.
-  ModelConfig tiny = small(IterAdaLNMode::kOff, true);
+  model::ModelConfig tiny = small(model::IterAdaLNMode::kOff, true);
   tiny.n_loops = 1;
   tiny.d_model = 64;
   tiny.n_heads = 1;
@@ -277,22 +283,24 @@ TEST(Budget, BadInputIsAConfigError) {
   tiny.n_experts = 2;
   tiny.expert_hidden = 1;
   try {
-    solve_budget(tiny, 1, Balance::kExperts, IterAdaLNMode::kJoint);
+    model::solve_budget(tiny, 1, model::Balance::kExperts, model::IterAdaLNMode::kJoint);
     ADD_FAILURE() << "expected ConfigError";
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("no LoopMoE shape"), std::string::npos) << e.what();
   }
 }
 
 TEST(Budget, BalanceNamesRoundTrip) {
-  for (Balance b : {Balance::kExperts, Balance::kWidth, Balance::kNone}) {
-    EXPECT_EQ(parse_balance(to_string(b)), b);
+  for (model::Balance b :
+       {model::Balance::kExperts, model::Balance::kWidth, model::Balance::kNone}) {
+    EXPECT_EQ(model::parse_balance(to_string(b)), b);
   }
 }
 
 TEST(Budget, JsonHasTheDocumentedKeys) {
-  const SolvedBudget s = solve_budget(shipped("vanilla_tiny.toml"), 4, Balance::kExperts);
-  const auto j = nlohmann::json::parse(budget_json(s));
+  const model::SolvedBudget s =
+      model::solve_budget(shipped("vanilla_tiny.toml"), 4, model::Balance::kExperts);
+  const auto j = nlohmann::json::parse(model::budget_json(s));
   for (const char* group : {"vanilla", "loopmoe", "relative_diff"}) {
     ASSERT_TRUE(j.contains(group)) << group;
     for (const char* key :
@@ -309,11 +317,11 @@ TEST(Budget, JsonHasTheDocumentedKeys) {
   EXPECT_EQ(j["balance"].get<std::string>(), "experts");
   EXPECT_EQ(j["expert_scale"].get<double>(), 1.0);
   // The solved [model] section round-trips through the config parser.
-  Config cfg;
+  model::Config cfg;
   cfg.model = s.loopmoe_config;
-  const Config back = parse_config(to_toml(cfg), "solved");
-  EXPECT_EQ(model_to_json(back.model), model_to_json(s.loopmoe_config));
-  EXPECT_NE(budget_table(s).find("attn_ffn_active_ratio"), std::string::npos);
+  const model::Config back = model::parse_config(model::to_toml(cfg), "solved");
+  EXPECT_EQ(model::model_to_json(back.model), model::model_to_json(s.loopmoe_config));
+  EXPECT_NE(model::budget_table(s).find("attn_ffn_active_ratio"), std::string::npos);
 }
 
 }  // namespace

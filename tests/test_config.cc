@@ -11,29 +11,29 @@ namespace {
 const std::string kDir = std::string(LOOPMOE_SOURCE_DIR) + "/configs/";
 
 TEST(Config, ShippedConfigsLoad) {
-  Config v = load_config(kDir + "vanilla_tiny.toml");
+  model::Config v = model::load_config(kDir + "vanilla_tiny.toml");
   EXPECT_EQ(v.model.n_layers, 8);
   EXPECT_EQ(v.model.n_loops, 1);
-  EXPECT_EQ(v.model.iter_adaln, IterAdaLNMode::kOff);
-  Config l = load_config(kDir + "loopmoe_tiny.toml");
+  EXPECT_EQ(v.model.iter_adaln, model::IterAdaLNMode::kOff);
+  model::Config l = model::load_config(kDir + "loopmoe_tiny.toml");
   EXPECT_EQ(l.model.n_layers * l.model.n_loops, v.model.n_layers);
-  EXPECT_EQ(l.model.iter_adaln, IterAdaLNMode::kJoint);
+  EXPECT_EQ(l.model.iter_adaln, model::IterAdaLNMode::kJoint);
 }
 
 TEST(Config, RoundTripsThroughCanonicalToml) {
-  Config c = load_config(kDir + "loopmoe_tiny.toml");
-  const std::string text = to_toml(c);
-  Config d = parse_config(text, "roundtrip");
-  EXPECT_EQ(to_toml(d), text);
+  model::Config c = model::load_config(kDir + "loopmoe_tiny.toml");
+  const std::string text = model::to_toml(c);
+  model::Config d = model::parse_config(text, "roundtrip");
+  EXPECT_EQ(model::to_toml(d), text);
   EXPECT_EQ(d.model.capacity_factor, c.model.capacity_factor);
   EXPECT_EQ(d.train.eps, c.train.eps);
 }
 
 void expect_error(const std::string& toml, const std::string& needle) {
   try {
-    parse_config(toml, "test.toml");
+    model::parse_config(toml, "test.toml");
     ADD_FAILURE() << "accepted: " << toml;
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("test.toml"), std::string::npos) << e.what();
   }
@@ -55,10 +55,10 @@ TEST(Config, RejectsBadInputWithOneClearError) {
 // A job file (training config + [job] for `loopmoe submit`) also trains locally: [job] is left to
 // the service, and nothing of it reaches the canonical config.
 TEST(Config, JobTableIsLeftToTheService) {
-  const Config c =
-      parse_config("[model]\nn_layers = 3\n[job]\nworkers = 2\nshards = 9\n", "job.toml");
+  const model::Config c =
+      model::parse_config("[model]\nn_layers = 3\n[job]\nworkers = 2\nshards = 9\n", "job.toml");
   EXPECT_EQ(c.model.n_layers, 3);
-  EXPECT_EQ(to_toml(c).find("job"), std::string::npos);
+  EXPECT_EQ(model::to_toml(c).find("job"), std::string::npos);
 }
 
 // docs/CONFIG.md documents every key, each as a table row "| `section.key` |".
@@ -66,16 +66,16 @@ TEST(Config, EveryKeyIsDocumented) {
   std::ifstream in(std::string(LOOPMOE_SOURCE_DIR) + "/docs/CONFIG.md");
   ASSERT_TRUE(in) << "docs/CONFIG.md missing";
   const std::string doc((std::istreambuf_iterator<char>(in)), {});
-  for (const std::string& key : config_keys()) {
+  for (const std::string& key : model::config_keys()) {
     EXPECT_NE(doc.find("| `" + key + "` |"), std::string::npos) << key << " is not documented";
   }
 }
 
 TEST(Config, MissingFileNamesThePath) {
   try {
-    load_config("/nonexistent/x.toml");
+    model::load_config("/nonexistent/x.toml");
     FAIL();
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent/x.toml"), std::string::npos);
   }
 }

@@ -9,7 +9,7 @@
 #include "dataloader/token_shard.h"
 #include "tests/dataloader_test_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -89,4 +89,4 @@ TEST(DatasetCheckTest, NamesTheFileThatFails) {
 }
 
 }  // namespace
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

@@ -11,7 +11,7 @@ class SingleThreaded : public ::testing::Environment {
  public:
   void SetUp() override {
     if (auto why = loopmoe::testing::unsupported_openblas_coretype()) GTEST_SKIP() << *why;
-    loopmoe::set_num_threads(1);
+    loopmoe::model::set_num_threads(1);
   }
 };
 const auto* const kEnvironment = ::testing::AddGlobalTestEnvironment(new SingleThreaded);

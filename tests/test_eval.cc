@@ -78,16 +78,16 @@ class EvalTest : public ::testing::Test {
     for (int d = 0; d < 10; ++d) {
       std::ofstream(*root_ / "corpus" / ("doc" + std::to_string(d) + ".txt")) << make_document(d);
     }
-    data::PrepareOptions p;
+    dataloader::PrepareOptions p;
     p.inputs = {*root_ / "corpus"};
     p.out_dir = *root_ / "eval_test_data";
     p.vocab_size = 400;
     p.val_fraction = 0.3;
     p.seed = 7;
-    data::prepare_dataset(p);
+    dataloader::prepare_dataset(p);
 
-    config_ = new Config(testing::tiny_loopmoe_config(*root_ / "eval_test_data"));
-    Config& c = *config_;
+    config_ = new model::Config(testing::tiny_loopmoe_config(*root_ / "eval_test_data"));
+    model::Config& c = *config_;
     c.model.vocab_size = 400;
     c.model.seq_len = 64;
     c.model.capacity_factor = 0;
@@ -96,17 +96,17 @@ class EvalTest : public ::testing::Test {
     c.train.eval_interval = 0;
     c.train.checkpoint_interval = 0;
     c.train.log_interval = 10;
-    TrainOptions o;
+    train::TrainOptions o;
     o.out_dir = (*root_ / "loop").string();
     o.progress = false;
-    final_val_loss_ = train(c, o).final_val_loss;
+    final_val_loss_ = train::run_training(c, o).final_val_loss;
 
-    Config vanilla = c;
+    model::Config vanilla = c;
     vanilla.model.n_loops = 1;
-    vanilla.model.iter_adaln = IterAdaLNMode::kOff;
+    vanilla.model.iter_adaln = model::IterAdaLNMode::kOff;
     vanilla.train.steps = 5;
     o.out_dir = (*root_ / "vanilla").string();
-    train(vanilla, o);
+    train::run_training(vanilla, o);
   }
   static void TearDownTestSuite() {
     fs::remove_all(*root_);
@@ -114,38 +114,39 @@ class EvalTest : public ::testing::Test {
     delete config_;
   }
 
-  static EvalOptions options() {
-    EvalOptions o;
+  static eval::EvalOptions options() {
+    eval::EvalOptions o;
     o.batches = 2;  // = train.eval_batches, so val_loss must equal the trainer's figure
     o.max_items = 12;
     return o;
   }
-  static data::Tokenizer tokenizer() {
-    return data::Tokenizer::load(*root_ / "eval_test_data" / "tokenizer.model");
+  static dataloader::Tokenizer tokenizer() {
+    return dataloader::Tokenizer::load(*root_ / "eval_test_data" / "tokenizer.model");
   }
   static std::vector<std::string> docs() {
-    const data::TokenShard val = data::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
-    return held_out_texts(val, tokenizer());
+    const dataloader::TokenShard val =
+        dataloader::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
+    return eval::held_out_texts(val, tokenizer());
   }
-  static TaskOptions task_options() {
-    TaskOptions t;
+  static eval::TaskOptions task_options() {
+    eval::TaskOptions t;
     t.seq_len = config_->model.seq_len;
     t.max_items = 12;
     return t;
   }
 
   static fs::path* root_;
-  static Config* config_;
+  static model::Config* config_;
   static double final_val_loss_;
 };
 fs::path* EvalTest::root_ = nullptr;
-Config* EvalTest::config_ = nullptr;
+model::Config* EvalTest::config_ = nullptr;
 double EvalTest::final_val_loss_ = 0;
 
 TEST_F(EvalTest, RunTwiceGivesIdenticalJson) {
-  const std::string a = run_eval((*root_ / "loop").string(), options());
+  const std::string a = eval::run_eval((*root_ / "loop").string(), options());
   EXPECT_EQ(read_all(*root_ / "loop" / "eval.json"), a);
-  const std::string b = run_eval((*root_ / "loop").string(), options());
+  const std::string b = eval::run_eval((*root_ / "loop").string(), options());
   EXPECT_EQ(a, b);
   EXPECT_FALSE(fs::exists(*root_ / "loop" / "eval.json.tmp"));
 
@@ -173,10 +174,10 @@ TEST_F(EvalTest, RunTwiceGivesIdenticalJson) {
 }
 
 TEST_F(EvalTest, FiguresAgreeWithEachOther) {
-  EvalOptions o = options();
+  eval::EvalOptions o = options();
   o.loops = {1, 3};
   o.halt_thresholds = {1e9, 1e-30};
-  const json j = json::parse(run_eval((*root_ / "loop").string(), o));
+  const json j = json::parse(eval::run_eval((*root_ / "loop").string(), o));
   const double val = j["val_loss"];
   // The trainer computed its final validation loss over the same batches.
   EXPECT_DOUBLE_EQ(val, final_val_loss_);
@@ -196,11 +197,12 @@ TEST_F(EvalTest, FiguresAgreeWithEachOther) {
   EXPECT_EQ(j["logit_lens"][0]["loss"].get<double>(), loss1);
   {
     const std::string ckpt = (*root_ / "loop" / "checkpoint.bin").string();
-    Config c;
-    const std::unique_ptr<Model> loaded = load_model(ckpt, &c);
-    Model& model = *loaded;
-    const data::TokenShard shard = data::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
-    data::BatchSampler sampler(shard, c.train.batch_size, c.model.seq_len, 0, false);
+    model::Config c;
+    const std::unique_ptr<model::Model> loaded = train::load_model(ckpt, &c);
+    model::Model& model = *loaded;
+    const dataloader::TokenShard shard =
+        dataloader::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
+    dataloader::BatchSampler sampler(shard, c.train.batch_size, c.model.seq_len, 0, false);
     std::vector<int32_t> in(c.train.batch_size * c.model.seq_len), tg(in.size());
     double total = 0;
     for (int i = 0; i < o.batches; ++i) {
@@ -220,9 +222,9 @@ TEST_F(EvalTest, FiguresAgreeWithEachOther) {
 }
 
 TEST_F(EvalTest, VanillaHasNoLoopFigures) {
-  EvalOptions o = options();
+  eval::EvalOptions o = options();
   o.halt_thresholds = {0.1};  // ignored: nothing to halt
-  const json j = json::parse(run_eval((*root_ / "vanilla").string(), o));
+  const json j = json::parse(eval::run_eval((*root_ / "vanilla").string(), o));
   ASSERT_EQ(j["loop_sweep"].size(), 1u);
   EXPECT_EQ(j["loop_sweep"][0]["loops"], 1);
   EXPECT_DOUBLE_EQ(j["loop_sweep"][0]["loss"].get<double>(), j["val_loss"].get<double>());
@@ -237,30 +239,30 @@ TEST_F(EvalTest, RelativeDataDirResolvesAgainstTheRunsGrandparent) {
   const fs::path runs = *root_ / "runs";
   fs::create_directories(runs / "r");
   fs::copy_file(*root_ / "loop" / "checkpoint.bin", runs / "r" / "checkpoint.bin");
-  Config c = read_checkpoint_config((runs / "r" / "checkpoint.bin").string());
+  model::Config c = train::read_checkpoint_config((runs / "r" / "checkpoint.bin").string());
   c.data.dir = "eval_test_data";
-  EXPECT_EQ(resolve_data_dir(c, runs / "r"), *root_ / "eval_test_data");
-  EXPECT_EQ(resolve_data_dir(c, runs / "r/"), *root_ / "eval_test_data");
-  EXPECT_EQ(resolve_data_dir(c, runs / "r", "elsewhere"), fs::path("elsewhere"));
+  EXPECT_EQ(eval::resolve_data_dir(c, runs / "r"), *root_ / "eval_test_data");
+  EXPECT_EQ(eval::resolve_data_dir(c, runs / "r/"), *root_ / "eval_test_data");
+  EXPECT_EQ(eval::resolve_data_dir(c, runs / "r", "elsewhere"), fs::path("elsewhere"));
   c.data.dir = "no_such_dir";
-  EXPECT_THROW(resolve_data_dir(c, runs / "r"), std::exception);
+  EXPECT_THROW(eval::resolve_data_dir(c, runs / "r"), std::exception);
 }
 
-// The trainer's dataset check (data::check_validation_shard): a shard whose vocabulary the model
-// cannot embed fails before any work, naming the file.
+// The trainer's dataset check (dataloader::check_validation_shard): a shard whose vocabulary the
+// model cannot embed fails before any work, naming the file.
 TEST_F(EvalTest, ShardVocabularyAboveTheModelsIsADataError) {
   const fs::path dir = *root_ / "big_vocab";
   fs::create_directories(dir);
   std::vector<int32_t> tokens(200);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i * 5 % 1000);
   const std::vector<uint64_t> offsets = {0, tokens.size()};
-  data::write_token_shard(dir / "val.bin", 1000, tokens, offsets);
-  EvalOptions o = options();
+  dataloader::write_token_shard(dir / "val.bin", 1000, tokens, offsets);
+  eval::EvalOptions o = options();
   o.data_dir = dir.string();
   try {
-    run_eval((*root_ / "loop").string(), o);
+    eval::run_eval((*root_ / "loop").string(), o);
     ADD_FAILURE() << "no error";
-  } catch (const data::DataError& e) {
+  } catch (const dataloader::DataError& e) {
     EXPECT_EQ(std::string(e.what()),
               (dir / "val.bin").string() + ": shard vocabulary 1000 exceeds model.vocab_size 400");
   }
@@ -268,18 +270,18 @@ TEST_F(EvalTest, ShardVocabularyAboveTheModelsIsADataError) {
 }
 
 TEST_F(EvalTest, TasksAreDeterministic) {
-  const EvalTasks a = build_eval_tasks(docs(), tokenizer(), task_options());
-  const EvalTasks b = build_eval_tasks(docs(), tokenizer(), task_options());
+  const eval::EvalTasks a = eval::build_eval_tasks(docs(), tokenizer(), task_options());
+  const eval::EvalTasks b = eval::build_eval_tasks(docs(), tokenizer(), task_options());
   std::ostringstream da, db;
-  write_tasks_jsonl(a, tokenizer(), da);
-  write_tasks_jsonl(b, tokenizer(), db);
+  eval::write_tasks_jsonl(a, tokenizer(), da);
+  eval::write_tasks_jsonl(b, tokenizer(), db);
   EXPECT_EQ(da.str(), db.str());
   EXPECT_EQ(a.cloze.size(), 12u);
   EXPECT_EQ(a.multiple_choice.size(), 12u);
   // The dump through the CLI's path is the same bytes again.
   const fs::path file = *root_ / "tasks.jsonl";
-  TaskOptions t = task_options();
-  const auto counts = dump_eval_tasks((*root_ / "loop").string(), t, "", file.string());
+  eval::TaskOptions t = task_options();
+  const auto counts = eval::dump_eval_tasks((*root_ / "loop").string(), t, "", file.string());
   EXPECT_EQ(counts.first, 12u);
   EXPECT_EQ(counts.second, 12u);
   EXPECT_EQ(read_all(file), da.str());
@@ -294,24 +296,24 @@ TEST_F(EvalTest, TasksAreDeterministic) {
   EXPECT_EQ(n, 24);
   // Another seed picks other items.
   t.seed = 99;
-  const EvalTasks c = build_eval_tasks(docs(), tokenizer(), t);
+  const eval::EvalTasks c = eval::build_eval_tasks(docs(), tokenizer(), t);
   std::ostringstream dc;
-  write_tasks_jsonl(c, tokenizer(), dc);
+  eval::write_tasks_jsonl(c, tokenizer(), dc);
   EXPECT_NE(dc.str(), da.str());
 }
 
 TEST_F(EvalTest, TaskItemsAreWellFormed) {
   const std::vector<std::string> texts = docs();
-  const data::Tokenizer tok = tokenizer();
-  TaskOptions t = task_options();
+  const dataloader::Tokenizer tok = tokenizer();
+  eval::TaskOptions t = task_options();
   t.max_items = 1000;  // all of them
-  const EvalTasks tasks = build_eval_tasks(texts, tok, t);
+  const eval::EvalTasks tasks = eval::build_eval_tasks(texts, tok, t);
   ASSERT_GT(tasks.cloze.size(), 12u);
   ASSERT_GT(tasks.multiple_choice.size(), 12u);
   const int T = t.seq_len;
-  for (const ClozeItem& item : tasks.cloze) {
+  for (const eval::ClozeItem& item : tasks.cloze) {
     const std::string& text = texts.at(item.doc);
-    const Sentence s = split_sentences(text).at(item.sentence);
+    const eval::Sentence s = eval::split_sentences(text).at(item.sentence);
     const std::string sentence = text.substr(s.begin, s.end - s.begin);
     // The target is the sentence's real last word, its punctuation stripped.
     std::string last = sentence.substr(sentence.rfind(' ') + 1);
@@ -329,26 +331,26 @@ TEST_F(EvalTest, TaskItemsAreWellFormed) {
     EXPECT_TRUE(std::equal(all.begin(), all.end(), want.end() - all.size()))
         << "doc " << item.doc << " sentence " << item.sentence;
   }
-  for (const ChoiceItem& item : tasks.multiple_choice) {
+  for (const eval::ChoiceItem& item : tasks.multiple_choice) {
     ASSERT_EQ(item.choices.size(), 4u);
     ASSERT_EQ(item.choice_ids.size(), 4u);
     EXPECT_EQ(std::set<std::string>(item.choices.begin(), item.choices.end()).size(), 4u);
     ASSERT_GE(item.answer, 0);
     ASSERT_LT(item.answer, 4);
     const std::string& text = texts.at(item.doc);
-    const std::vector<Sentence> sentences = split_sentences(text);
-    const Sentence next = sentences.at(item.sentence + 1);
+    const std::vector<eval::Sentence> sentences = eval::split_sentences(text);
+    const eval::Sentence next = sentences.at(item.sentence + 1);
     int correct = 0;
     for (int c = 0; c < 4; ++c) {
       EXPECT_EQ(item.choice_ids[c], tok.encode(item.choices[c]));
       EXPECT_LE(item.context.size() + item.choice_ids[c].size(), static_cast<size_t>(T) + 1);
       EXPECT_EQ(item.choices[c][0], ' ');
-      EXPECT_GE(count_words(item.choices[c]), t.min_words);
+      EXPECT_GE(eval::count_words(item.choices[c]), t.min_words);
       correct += item.choices[c] == " " + text.substr(next.begin, next.end - next.begin);
     }
     EXPECT_EQ(correct, 1);  // distractors come from other documents and differ from the answer
     // The context ends with the item's sentence.
-    const Sentence own = sentences.at(item.sentence);
+    const eval::Sentence own = sentences.at(item.sentence);
     const std::string decoded = tok.decode(item.context);
     const std::string own_text = text.substr(own.begin, own.end - own.begin);
     ASSERT_GE(decoded.size(), 4u);
@@ -361,32 +363,33 @@ TEST(EvalTasksTest, SplitsSentences) {
       "Mr. Brown met Dr. Smith in the U.S. today. Did he? Yes! He said \"fine.\" Then  "
       "he left without a word";
   std::vector<std::string> got;
-  for (const Sentence& s : split_sentences(text)) {
+  for (const eval::Sentence& s : eval::split_sentences(text)) {
     got.push_back(text.substr(s.begin, s.end - s.begin));
   }
   const std::vector<std::string> want = {"Mr. Brown met Dr. Smith in the U.S. today.", "Did he?",
                                          "Yes!", "He said \"fine.\"",
                                          "Then  he left without a word"};
   EXPECT_EQ(got, want);
-  EXPECT_EQ(count_words(" a  b c "), 3);
-  EXPECT_TRUE(split_sentences("").empty());
+  EXPECT_EQ(eval::count_words(" a  b c "), 3);
+  EXPECT_TRUE(eval::split_sentences("").empty());
 }
 
 TEST_F(EvalTest, BatchedScoringIgnoresPaddingAndNeighbours) {
-  Config c;
-  const std::unique_ptr<Model> loaded =
-      load_model((*root_ / "loop" / "checkpoint.bin").string(), &c);
-  Model& model = *loaded;
-  const EvalTasks tasks = build_eval_tasks(docs(), tokenizer(), task_options());
-  std::vector<Request> requests;
-  for (const ChoiceItem& item : tasks.multiple_choice) {
+  model::Config c;
+  const std::unique_ptr<model::Model> loaded =
+      train::load_model((*root_ / "loop" / "checkpoint.bin").string(), &c);
+  model::Model& model = *loaded;
+  const eval::EvalTasks tasks = eval::build_eval_tasks(docs(), tokenizer(), task_options());
+  std::vector<eval::Request> requests;
+  for (const eval::ChoiceItem& item : tasks.multiple_choice) {
     for (const auto& ids : item.choice_ids) requests.push_back({&item.context, &ids});
   }
   const int B = c.train.batch_size, T = c.model.seq_len;
-  const std::vector<RequestScore> together = score_requests(model, requests, B, T, data::kEosId);
+  const std::vector<eval::RequestScore> together =
+      eval::score_requests(model, requests, B, T, dataloader::kEosId);
   for (size_t i = 0; i < requests.size(); i += 7) {
-    const std::vector<RequestScore> alone =
-        score_requests(model, {requests[i]}, B, T, data::kEosId);
+    const std::vector<eval::RequestScore> alone =
+        eval::score_requests(model, {requests[i]}, B, T, dataloader::kEosId);
     EXPECT_NEAR(alone[0].loglik, together[i].loglik, 1e-4 * std::abs(together[i].loglik));
     EXPECT_EQ(alone[0].greedy, together[i].greedy);
     EXPECT_LT(together[i].loglik, 0);

@@ -25,16 +25,16 @@ using experiment_test::write_file;
 
 void expect_spec_error(const std::string& text, const std::string& needle) {
   try {
-    parse_experiment_spec(text, "bad_spec.toml");
+    experiment::parse_experiment_spec(text, "bad_spec.toml");
     ADD_FAILURE() << "accepted: " << text;
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_TRUE(contains(e.what(), needle)) << e.what();
     EXPECT_TRUE(contains(e.what(), "bad_spec.toml")) << e.what();
   }
 }
 
 TEST_F(ExperimentTest, ParsesSpec) {
-  const ExperimentSpec s = spec();
+  const experiment::ExperimentSpec s = spec();
   EXPECT_EQ(s.name, "tiny");
   EXPECT_EQ(fs::path(s.base_config), (root_ / "configs" / "base.toml").lexically_normal());
   EXPECT_EQ(s.loops, 2);
@@ -44,12 +44,12 @@ TEST_F(ExperimentTest, ParsesSpec) {
   EXPECT_EQ(s.sweep_seed, 7u);
   ASSERT_EQ(s.variants.size(), 3u);
   EXPECT_TRUE(s.variants[0].vanilla());
-  EXPECT_EQ(s.variants[0].iter_adaln, IterAdaLNMode::kOff);
-  EXPECT_EQ(s.variants[1].iter_adaln, IterAdaLNMode::kJoint);
-  EXPECT_EQ(s.variants[1].balance, Balance::kExperts);  // default
+  EXPECT_EQ(s.variants[0].iter_adaln, model::IterAdaLNMode::kOff);
+  EXPECT_EQ(s.variants[1].iter_adaln, model::IterAdaLNMode::kJoint);
+  EXPECT_EQ(s.variants[1].balance, model::Balance::kExperts);  // default
   EXPECT_EQ(s.variants[1].expert_scale, 1.0);
-  EXPECT_EQ(s.variants[2].iter_adaln, IterAdaLNMode::kOff);
-  EXPECT_EQ(s.variants[2].balance, Balance::kNone);
+  EXPECT_EQ(s.variants[2].iter_adaln, model::IterAdaLNMode::kOff);
+  EXPECT_EQ(s.variants[2].balance, model::Balance::kNone);
   EXPECT_EQ(s.variants[2].expert_scale, 2.0);
 }
 
@@ -89,18 +89,18 @@ TEST(ExperimentSpec, RejectsBadInputWithOneClearError) {
 
 TEST(ExperimentSpec, ShippedSpecsParseAndPlan) {
   const std::string dir = std::string(LOOPMOE_SOURCE_DIR) + "/configs/experiments/";
-  const ExperimentSpec d = load_experiment_spec(dir + "default.toml");
+  const experiment::ExperimentSpec d = experiment::load_experiment_spec(dir + "default.toml");
   EXPECT_EQ(d.loops, 4);
   EXPECT_EQ(d.seeds.size(), 3u);
   EXPECT_EQ(d.variants.size(), 8u);
   EXPECT_EQ(d.lr_sweep.size(), 3u);
   EXPECT_TRUE(fs::exists(d.base_config)) << d.base_config;
-  ExperimentHooks hooks = default_experiment_hooks();
+  experiment::ExperimentHooks hooks = experiment::default_experiment_hooks();
   hooks.solve = fake_solve;
-  const ExperimentPlan plan = plan_experiment(d, hooks);
+  const experiment::ExperimentPlan plan = experiment::plan_experiment(d, hooks);
   EXPECT_EQ(plan.runs.size(), 24u);
   EXPECT_EQ(plan.sweep_runs.size(), 6u);
-  const ExperimentSpec s = load_experiment_spec(dir + "smoke.toml");
+  const experiment::ExperimentSpec s = experiment::load_experiment_spec(dir + "smoke.toml");
   EXPECT_EQ(s.variants.size(), 2u);
   EXPECT_EQ(s.seeds.size(), 1u);
   EXPECT_LE(s.steps, 20);
@@ -110,29 +110,29 @@ TEST(ExperimentSpec, ShippedSpecsParseAndPlan) {
 TEST(ExperimentSpec, EveryKeyIsDocumented) {
   const std::string doc = read_all(std::string(LOOPMOE_SOURCE_DIR) + "/docs/EXPERIMENTS.md");
   ASSERT_FALSE(doc.empty()) << "docs/EXPERIMENTS.md missing";
-  for (const std::string& key : experiment_spec_keys()) {
+  for (const std::string& key : experiment::experiment_spec_keys()) {
     EXPECT_TRUE(contains(doc, "| `" + key + "` |")) << key << " is not documented";
   }
 }
 
 TEST_F(ExperimentTest, PlansSweepAndGrid) {
-  ExperimentHooks hooks;
+  experiment::ExperimentHooks hooks;
   hooks.solve = fake_solve;
-  const ExperimentPlan plan = plan_experiment(spec(), hooks);
+  const experiment::ExperimentPlan plan = experiment::plan_experiment(spec(), hooks);
   // Same candidates for both families, on their reference models, at the sweep seed.
   ASSERT_EQ(plan.sweep_runs.size(), 6u);
   EXPECT_EQ(plan.sweep_runs[0].name, "loopmoe_lr0.001");
   EXPECT_EQ(plan.sweep_runs[0].dir, "sweep/loopmoe_lr0.001");
   EXPECT_EQ(plan.sweep_runs[5].name, "vanilla_lr0.01");
-  for (const PlannedRun& r : plan.sweep_runs) {
+  for (const experiment::PlannedRun& r : plan.sweep_runs) {
     EXPECT_TRUE(r.sweep);
     EXPECT_EQ(r.config.train.steps, 4);
     EXPECT_EQ(r.config.train.seed, 7u);
     EXPECT_EQ(r.config.train.eval_interval, 0);
-    const ModelConfig& m = r.config.model;
-    if (r.family == kLoopMoEFamily) {
+    const model::ModelConfig& m = r.config.model;
+    if (r.family == experiment::kLoopMoEFamily) {
       EXPECT_EQ(m.n_loops, 2);
-      EXPECT_EQ(m.iter_adaln, IterAdaLNMode::kJoint);  // the reference LoopMoE
+      EXPECT_EQ(m.iter_adaln, model::IterAdaLNMode::kJoint);  // the reference LoopMoE
       EXPECT_EQ(m.n_experts, 8);
     } else {
       EXPECT_EQ(m.n_loops, 1);
@@ -150,41 +150,42 @@ TEST_F(ExperimentTest, PlansSweepAndGrid) {
   }
   EXPECT_EQ(plan.runs[1].config.train.seed, 2u);
   EXPECT_EQ(plan.runs[0].config.model.n_layers, 4);
-  EXPECT_EQ(plan.runs[4].config.model.iter_adaln, IterAdaLNMode::kOff);
+  EXPECT_EQ(plan.runs[4].config.model.iter_adaln, model::IterAdaLNMode::kOff);
   EXPECT_EQ(plan.runs[4].config.model.n_experts, 16);  // expert_scale 2
-  EXPECT_EQ(plan.runs[4].family, kLoopMoEFamily);
+  EXPECT_EQ(plan.runs[4].family, experiment::kLoopMoEFamily);
   // Warmup is clamped so a short run still trains mostly at its peak.
   EXPECT_LE(plan.runs[0].config.train.warmup_steps, 6 / 5);
 
   // One candidate: no sweep, that lr for everyone.
-  ExperimentSpec one = spec();
+  experiment::ExperimentSpec one = spec();
   one.lr_sweep = {0.002};
-  EXPECT_TRUE(plan_experiment(one, hooks).sweep_runs.empty());
+  EXPECT_TRUE(experiment::plan_experiment(one, hooks).sweep_runs.empty());
 }
 
 TEST_F(ExperimentTest, RejectsNonVanillaBase) {
-  Config looped = tiny_vanilla((root_ / "data").string());
+  model::Config looped = tiny_vanilla((root_ / "data").string());
   looped.model.n_loops = 2;
-  write_file(root_ / "configs" / "base.toml", to_toml(looped));
-  ExperimentHooks hooks;
+  write_file(root_ / "configs" / "base.toml", model::to_toml(looped));
+  experiment::ExperimentHooks hooks;
   hooks.solve = fake_solve;
   try {
-    plan_experiment(spec(), hooks);
+    experiment::plan_experiment(spec(), hooks);
     ADD_FAILURE() << "accepted a looped base config";
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_TRUE(contains(e.what(), "must be a Vanilla MoE config")) << e.what();
   }
 }
 
 TEST(ExperimentPlan, ChoosesLearningRatePerFamily) {
-  const std::vector<SweepPoint> points = {
+  const std::vector<experiment::SweepPoint> points = {
       {"vanilla", 0.001, 4.5}, {"vanilla", 0.003, 4.2}, {"vanilla", 0.01, 4.2},
       {"loopmoe", 0.001, 4.4}, {"loopmoe", 0.003, NAN}, {"loopmoe", 0.01, INFINITY},
   };
-  const auto lrs = choose_learning_rates(points);
+  const auto lrs = experiment::choose_learning_rates(points);
   EXPECT_EQ(lrs.at("vanilla"), 0.003);  // tie: the earlier candidate
   EXPECT_EQ(lrs.at("loopmoe"), 0.001);  // diverged candidates never win
-  EXPECT_THROW(choose_learning_rates({{"loopmoe", 0.01, INFINITY}}), std::runtime_error);
+  EXPECT_THROW(experiment::choose_learning_rates({{"loopmoe", 0.01, INFINITY}}),
+               std::runtime_error);
 }
 
 }  // namespace

@@ -36,16 +36,16 @@ struct CountingHooks {
   std::map<std::string, double> lr_of;                // run dir name -> lr it trained with
   std::string interrupt;                              // run dir name whose training fails once
 
-  ExperimentHooks hooks() {
-    ExperimentHooks h;
+  experiment::ExperimentHooks hooks() {
+    experiment::ExperimentHooks h;
     h.solve = fake_solve;
-    h.train = [this](const Config& c, const TrainOptions& o) {
+    h.train = [this](const model::Config& c, const train::TrainOptions& o) {
       const std::string name = fs::path(o.out_dir).filename().string();
       ++train_calls[name];
       resumes.emplace_back(name, o.resume);
       lr_of[name] = c.train.lr;
       fs::create_directories(o.out_dir);
-      write_file(fs::path(o.out_dir) / "config.toml", to_toml(c));
+      write_file(fs::path(o.out_dir) / "config.toml", model::to_toml(c));
       write_file(fs::path(o.out_dir) / "checkpoint.bin", "ckpt");
       if (name == interrupt) {
         interrupt.clear();
@@ -58,17 +58,17 @@ struct CountingHooks {
       m << "{\"step\": " << c.train.steps << ", \"loss\": " << val + 0.1 << "}\n"
         << "{\"step\": " << c.train.steps << ", \"val_loss\": " << val << "}\n";
     };
-    h.audit = [this](const std::string& dir, const AuditOptions&) {
+    h.audit = [this](const std::string& dir, const eval::AuditOptions&) {
       ++audit_calls[fs::path(dir).filename().string()];
       write_file(fs::path(dir) / "audit.json", "{}");
     };
-    h.eval = [this](const std::string& dir, const EvalOptions& o) {
+    h.eval = [this](const std::string& dir, const eval::EvalOptions& o) {
       ++eval_calls[fs::path(dir).filename().string()];
       EXPECT_EQ(o.threads, 1);
       write_file(fs::path(dir) / "eval.json", "{}");
     };
-    h.step_seconds = [](const Config&, int) { return StepTiming{0.01, 0.004}; };
-    h.figures = [](const ModelConfig&, int) -> BudgetFigures {
+    h.step_seconds = [](const model::Config&, int) { return experiment::StepTiming{0.01, 0.004}; };
+    h.figures = [](const model::ModelConfig&, int) -> model::BudgetFigures {
       throw std::logic_error("not in this test");
     };
     return h;
@@ -77,14 +77,14 @@ struct CountingHooks {
 
 TEST_F(ExperimentTest, ResumesAndSkipsFinishedRuns) {
   write_file(root_ / "data" / "train.bin", "");  // the runner checks the dataset exists
-  const ExperimentSpec s = spec();
-  ExperimentOptions opt;
+  const experiment::ExperimentSpec s = spec();
+  experiment::ExperimentOptions opt;
   opt.out_dir = (root_ / "out").string();
   CountingHooks fake;
   fake.interrupt = "loop_joint_s1";
   std::FILE* log = std::tmpfile();
   try {
-    run_experiment(s, opt, fake.hooks(), log);
+    experiment::run_experiment(s, opt, fake.hooks(), log);
     ADD_FAILURE() << "the interrupted run did not stop the grid";
   } catch (const std::runtime_error& e) {
     EXPECT_TRUE(contains(e.what(), "run loop_joint_s1")) << e.what();
@@ -105,7 +105,7 @@ TEST_F(ExperimentTest, ResumesAndSkipsFinishedRuns) {
 
   // Second invocation: finished runs are skipped, the interrupted one resumes.
   CountingHooks again;
-  const ExperimentSummary sum = run_experiment(s, opt, again.hooks(), log);
+  const experiment::ExperimentSummary sum = experiment::run_experiment(s, opt, again.hooks(), log);
   EXPECT_EQ(sum.skipped, 8);
   EXPECT_EQ(sum.trained, 4);
   EXPECT_EQ(again.train_calls.size(), 4u);
@@ -121,15 +121,15 @@ TEST_F(ExperimentTest, ResumesAndSkipsFinishedRuns) {
 
   // Third: nothing left to do.
   CountingHooks idle;
-  EXPECT_EQ(run_experiment(s, opt, idle.hooks(), log).skipped, 12);
+  EXPECT_EQ(experiment::run_experiment(s, opt, idle.hooks(), log).skipped, 12);
   EXPECT_TRUE(idle.train_calls.empty());
   EXPECT_TRUE(idle.eval_calls.empty());
 
   // A changed spec never silently mixes configs in one grid.
   try {
-    run_experiment(spec("eval_interval = 3\n"), opt, idle.hooks(), log);
+    experiment::run_experiment(spec("eval_interval = 3\n"), opt, idle.hooks(), log);
     ADD_FAILURE() << "accepted finished runs of another config";
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_TRUE(contains(e.what(), "was finished with a different config")) << e.what();
     EXPECT_TRUE(contains(e.what(), "train.eval_interval")) << e.what();
   }
@@ -138,11 +138,11 @@ TEST_F(ExperimentTest, ResumesAndSkipsFinishedRuns) {
 
 TEST_F(ExperimentTest, DryRunPrintsPlanAndTouchesNothing) {
   CountingHooks fake;
-  ExperimentOptions opt;
+  experiment::ExperimentOptions opt;
   opt.out_dir = (root_ / "out").string();
   opt.dry_run = true;
   std::FILE* log = std::tmpfile();
-  run_experiment(spec(), opt, fake.hooks(), log);
+  experiment::run_experiment(spec(), opt, fake.hooks(), log);
   std::rewind(log);
   std::string text;
   for (int ch; (ch = std::fgetc(log)) != EOF;) text += static_cast<char>(ch);
@@ -157,16 +157,16 @@ TEST_F(ExperimentTest, DryRunPrintsPlanAndTouchesNothing) {
 TEST_F(ExperimentTest, DivergedSweepCandidateIsAResult) {
   write_file(root_ / "data" / "train.bin", "");
   CountingHooks fake;
-  ExperimentHooks h = fake.hooks();
+  experiment::ExperimentHooks h = fake.hooks();
   auto inner = h.train;
-  h.train = [inner](const Config& c, const TrainOptions& o) {
+  h.train = [inner](const model::Config& c, const train::TrainOptions& o) {
     if (c.train.lr == 0.01) throw std::runtime_error("loss became nan at step 3");
     inner(c, o);
   };
-  ExperimentOptions opt;
+  experiment::ExperimentOptions opt;
   opt.out_dir = (root_ / "out").string();
   std::FILE* log = std::tmpfile();
-  const ExperimentSummary sum = run_experiment(spec(), opt, h, log);
+  const experiment::ExperimentSummary sum = experiment::run_experiment(spec(), opt, h, log);
   std::fclose(log);
   EXPECT_EQ(sum.learning_rates.at("loopmoe"), 0.003);
   const json sweep = json::parse(read_all(root_ / "out" / "sweep.json"));
@@ -177,44 +177,46 @@ TEST_F(ExperimentTest, DivergedSweepCandidateIsAResult) {
 // checkpoint, then reported.
 TEST_F(ExperimentTest, RealTrainingResumesAndReports) {
   write_corpus();
-  const ExperimentSpec s = spec("",
-                                "[[variant]]\nname = \"vanilla\"\nmodel = \"vanilla\"\n\n"
-                                "[[variant]]\nname = \"loop\"\nmodel = \"loopmoe\"\n");
-  ExperimentHooks h = default_experiment_hooks();
+  const experiment::ExperimentSpec s =
+      spec("",
+           "[[variant]]\nname = \"vanilla\"\nmodel = \"vanilla\"\n\n"
+           "[[variant]]\nname = \"loop\"\nmodel = \"loopmoe\"\n");
+  experiment::ExperimentHooks h = experiment::default_experiment_hooks();
   h.solve = fake_solve;
-  h.audit = [](const std::string& dir, const AuditOptions&) {
+  h.audit = [](const std::string& dir, const eval::AuditOptions&) {
     write_file(fs::path(dir) / "audit.json", "{\"routing\": []}");
   };
-  h.eval = [](const std::string& dir, const EvalOptions&) {
+  h.eval = [](const std::string& dir, const eval::EvalOptions&) {
     write_file(fs::path(dir) / "eval.json", "{}");
   };
   bool interrupted = false;
-  ExperimentHooks first = h;
-  first.train = [&](const Config& c, const TrainOptions& o) {
+  experiment::ExperimentHooks first = h;
+  first.train = [&](const model::Config& c, const train::TrainOptions& o) {
     if (!interrupted && fs::path(o.out_dir).filename() == "loop_s1") {
       interrupted = true;
-      TrainOptions part = o;
+      train::TrainOptions part = o;
       part.stop_after = 3;  // checkpointed at step 2 and when it stops
-      train(c, part);
+      train::run_training(c, part);
       throw std::runtime_error("simulated interruption");
     }
-    train(c, o);
+    train::run_training(c, o);
   };
-  ExperimentOptions opt;
+  experiment::ExperimentOptions opt;
   opt.out_dir = (root_ / "out").string();
   std::FILE* log = std::tmpfile();
-  EXPECT_THROW(run_experiment(s, opt, first, log), std::runtime_error);
-  const ExperimentSummary sum = run_experiment(s, opt, h, log);
+  EXPECT_THROW(experiment::run_experiment(s, opt, first, log), std::runtime_error);
+  const experiment::ExperimentSummary sum = experiment::run_experiment(s, opt, h, log);
   std::fclose(log);
   EXPECT_EQ(sum.trained, 2);  // loop_s1 resumed, loop_s2
   const std::string metrics = read_all(root_ / "out" / "runs" / "loop_s1" / "metrics.jsonl");
   EXPECT_TRUE(contains(metrics, "{\"step\": 6, \"val_loss\""));
-  EXPECT_TRUE(std::isfinite(final_val_loss((root_ / "out" / "runs" / "loop_s1").string())));
+  EXPECT_TRUE(
+      std::isfinite(experiment::final_val_loss((root_ / "out" / "runs" / "loop_s1").string())));
 
-  ReportOptions ro;
+  experiment::ReportOptions ro;
   ro.runs_dir = opt.out_dir;
   ro.plots = false;
-  const ReportResult r = write_report(ro);
+  const experiment::ReportResult r = experiment::write_report(ro);
   const std::string report = read_all(r.report_path);
   EXPECT_TRUE(contains(report, "| vanilla | vanilla | 2 |")) << report;
   EXPECT_TRUE(contains(report, "| loop | loopmoe joint, experts | 2 |")) << report;

@@ -105,7 +105,7 @@ class CheckpointIntegrity : public ::testing::Test {
     path_ = dir_ / "checkpoint.bin";
     // A model of a few hundred parameters: the file is a few KB, so every byte can be flipped.
     config_ = testing::tiny_loopmoe_config(dir_ / "data");
-    ModelConfig& m = config_.model;
+    model::ModelConfig& m = config_.model;
     m.vocab_size = 8;
     m.seq_len = 4;
     m.d_model = 4;
@@ -116,9 +116,9 @@ class CheckpointIntegrity : public ::testing::Test {
     m.n_experts = 2;
     m.top_k = 1;
     m.expert_hidden = 2;
-    m.iter_adaln = IterAdaLNMode::kOff;
-    model_ = std::make_unique<Model>(m);
-    adam_ = std::make_unique<AdamW>(model_->layout(), config_.train);
+    m.iter_adaln = model::IterAdaLNMode::kOff;
+    model_ = std::make_unique<model::Model>(m);
+    adam_ = std::make_unique<model::AdamW>(model_->layout(), config_.train);
     for (size_t i = 0; i < model_->num_params(); ++i) {
       adam_->m()[i] = 0.001f * static_cast<float>(i);
       adam_->v()[i] = 0.002f * static_cast<float>(i);
@@ -127,16 +127,16 @@ class CheckpointIntegrity : public ::testing::Test {
     progress_.step = 5;
     progress_.sampler = {7, 1, 3};
     progress_.threads = 2;
-    save_checkpoint(path_.string(), config_, *model_, *adam_, progress_);
+    train::save_checkpoint(path_.string(), config_, *model_, *adam_, progress_);
     bytes_ = read_all(path_);
   }
   void TearDown() override { fs::remove_all(dir_); }
 
   // Loads the file into a fresh model and optimizer and checks it holds what was saved.
   void expect_loads_unchanged() {
-    Model model(config_.model);
-    AdamW adam(model.layout(), config_.train);
-    const TrainProgress p = load_checkpoint(path_.string(), config_, model, adam);
+    model::Model model(config_.model);
+    model::AdamW adam(model.layout(), config_.train);
+    const train::TrainProgress p = train::load_checkpoint(path_.string(), config_, model, adam);
     EXPECT_EQ(p.step, progress_.step);
     EXPECT_EQ(p.sampler.seed, progress_.sampler.seed);
     EXPECT_EQ(p.sampler.epoch, progress_.sampler.epoch);
@@ -148,20 +148,22 @@ class CheckpointIntegrity : public ::testing::Test {
               0);
     EXPECT_EQ(std::memcmp(adam.v().data(), adam_->v().data(), model.num_params() * sizeof(float)),
               0);
-    EXPECT_EQ(read_checkpoint_step(path_.string()), progress_.step);
-    EXPECT_EQ(to_toml(read_checkpoint_config(path_.string())), to_toml(config_));
+    EXPECT_EQ(train::read_checkpoint_step(path_.string()), progress_.step);
+    EXPECT_EQ(model::to_toml(train::read_checkpoint_config(path_.string())),
+              model::to_toml(config_));
   }
 
   fs::path dir_, path_;
-  Config config_;
-  std::unique_ptr<Model> model_;
-  std::unique_ptr<AdamW> adam_;
-  TrainProgress progress_;
+  model::Config config_;
+  std::unique_ptr<model::Model> model_;
+  std::unique_ptr<model::AdamW> adam_;
+  train::TrainProgress progress_;
   std::string bytes_;
 };
 
 TEST_F(CheckpointIntegrity, UnmodifiedFileLoads) {
-  ASSERT_EQ(bytes_.size(), kCkptHeader + to_toml(config_).size() + 12 * model_->num_params());
+  ASSERT_EQ(bytes_.size(),
+            kCkptHeader + model::to_toml(config_).size() + 12 * model_->num_params());
   uint32_t version = 0;
   std::memcpy(&version, bytes_.data() + kCkptVersionAt, 4);
   EXPECT_EQ(version, 2u);
@@ -171,31 +173,32 @@ TEST_F(CheckpointIntegrity, UnmodifiedFileLoads) {
 // The case: the header's step 5 → 4 was accepted, and the resumed run redid step 5.
 TEST_F(CheckpointIntegrity, FlippedStepIsRejected) {
   xor_byte(path_, kCkptStepAt, 0x01);
-  expect_error_with<CheckpointError>([&] { read_checkpoint_step(path_.string()); }, path_,
-                                     "header checksum mismatch");
-  Model model(config_.model);
-  AdamW adam(model.layout(), config_.train);
-  expect_error_with<CheckpointError>([&] { load_checkpoint(path_.string(), config_, model, adam); },
-                                     path_, "header checksum mismatch");
+  expect_error_with<model::CheckpointError>([&] { train::read_checkpoint_step(path_.string()); },
+                                            path_, "header checksum mismatch");
+  model::Model model(config_.model);
+  model::AdamW adam(model.layout(), config_.train);
+  expect_error_with<model::CheckpointError>(
+      [&] { train::load_checkpoint(path_.string(), config_, model, adam); }, path_,
+      "header checksum mismatch");
 }
 
 TEST_F(CheckpointIntegrity, EveryBitFlipAnywhereIsDetected) {
   const auto t0 = std::chrono::steady_clock::now();
-  Model model(config_.model);
-  AdamW adam(model.layout(), config_.train);
-  const int tried = expect_every_flip_detected<CheckpointError>(
-      path_, kAllBits, [&] { load_checkpoint(path_.string(), config_, model, adam); });
+  model::Model model(config_.model);
+  model::AdamW adam(model.layout(), config_.train);
+  const int tried = expect_every_flip_detected<model::CheckpointError>(
+      path_, kAllBits, [&] { train::load_checkpoint(path_.string(), config_, model, adam); });
   EXPECT_EQ(tried, static_cast<int>(8 * bytes_.size()));
   // The other readers check as much: read_checkpoint_step the header (all of it), the others
   // the whole file.
-  expect_every_flip_detected<CheckpointError>(
-      path_, kAllBits, [&] { read_checkpoint_step(path_.string()); }, 0, kCkptHeader);
-  expect_every_flip_detected<CheckpointError>(path_, {0x01, 0x80}, [&] {
-    Config c;
-    load_model(path_.string(), &c);
+  expect_every_flip_detected<model::CheckpointError>(
+      path_, kAllBits, [&] { train::read_checkpoint_step(path_.string()); }, 0, kCkptHeader);
+  expect_every_flip_detected<model::CheckpointError>(path_, {0x01, 0x80}, [&] {
+    model::Config c;
+    train::load_model(path_.string(), &c);
   });
-  expect_every_flip_detected<CheckpointError>(path_, {0x01, 0x80},
-                                              [&] { read_checkpoint_config(path_.string()); });
+  expect_every_flip_detected<model::CheckpointError>(
+      path_, {0x01, 0x80}, [&] { train::read_checkpoint_config(path_.string()); });
   EXPECT_EQ(read_all(path_), bytes_);  // every flip was undone
   expect_loads_unchanged();
   std::printf("%d corrupted %zu-byte checkpoints rejected in %.2f s\n", tried, bytes_.size(),
@@ -206,30 +209,31 @@ TEST_F(CheckpointIntegrity, TruncationAndTrailingBytesAreRefused) {
   for (size_t keep :
        {size_t{0}, size_t{5}, size_t{8}, kCkptHeaderV1 - 1, kCkptHeaderV1, kCkptHeader - 1}) {
     write_all(path_, bytes_.substr(0, keep));
-    expect_error_with<CheckpointError>([&] { read_checkpoint_step(path_.string()); }, path_,
-                                       "truncated checkpoint (no complete header)");
+    expect_error_with<model::CheckpointError>([&] { train::read_checkpoint_step(path_.string()); },
+                                              path_, "truncated checkpoint (no complete header)");
   }
   for (size_t keep : {kCkptHeader, kCkptHeader + 1, bytes_.size() / 2, bytes_.size() - 1}) {
     write_all(path_, bytes_.substr(0, keep));
-    expect_error_with<CheckpointError>([&] { read_checkpoint_config(path_.string()); }, path_,
-                                       "truncated checkpoint: header implies " +
-                                           std::to_string(bytes_.size()) + " bytes, file has " +
-                                           std::to_string(keep));
+    expect_error_with<model::CheckpointError>(
+        [&] { train::read_checkpoint_config(path_.string()); }, path_,
+        "truncated checkpoint: header implies " + std::to_string(bytes_.size()) +
+            " bytes, file has " + std::to_string(keep));
   }
   write_all(path_, bytes_ + '\0');
-  expect_error_with<CheckpointError>([&] { read_checkpoint_config(path_.string()); }, path_,
-                                     "trailing bytes after the checkpoint: header implies " +
-                                         std::to_string(bytes_.size()) + " bytes, file has " +
-                                         std::to_string(bytes_.size() + 1));
+  expect_error_with<model::CheckpointError>(
+      [&] { train::read_checkpoint_config(path_.string()); }, path_,
+      "trailing bytes after the checkpoint: header implies " + std::to_string(bytes_.size()) +
+          " bytes, file has " + std::to_string(bytes_.size() + 1));
   write_all(path_, "LMOECKPX" + bytes_.substr(8));
-  expect_error_with<CheckpointError>([&] { read_checkpoint_step(path_.string()); }, path_,
-                                     "not a LoopMoE checkpoint (bad magic)");
+  expect_error_with<model::CheckpointError>([&] { train::read_checkpoint_step(path_.string()); },
+                                            path_, "not a LoopMoE checkpoint (bad magic)");
   std::string v3 = bytes_;
   v3[kCkptVersionAt] = 3;
   write_all(path_, v3);
-  expect_error_with<CheckpointError>([&] { read_checkpoint_step(path_.string()); }, path_,
-                                     "checkpoint version 3 is not supported (this build reads "
-                                     "versions 1 and 2");
+  expect_error_with<model::CheckpointError>(
+      [&] { train::read_checkpoint_step(path_.string()); }, path_,
+      "checkpoint version 3 is not supported (this build reads "
+      "versions 1 and 2");
 }
 
 // A version 1 file is version 2's without the header checksum. It still loads (its header
@@ -240,12 +244,12 @@ TEST_F(CheckpointIntegrity, Version1StillLoads) {
   write_all(path_, v1);
   expect_loads_unchanged();
   write_all(path_, v1 + 'x');
-  expect_error_with<CheckpointError>([&] { read_checkpoint_config(path_.string()); }, path_,
-                                     "trailing bytes");
+  expect_error_with<model::CheckpointError>([&] { train::read_checkpoint_config(path_.string()); },
+                                            path_, "trailing bytes");
   v1[v1.size() - 3] ^= 0x10;  // in v
   write_all(path_, v1);
-  expect_error_with<CheckpointError>([&] { read_checkpoint_config(path_.string()); }, path_,
-                                     "checksum mismatch (corrupt file)");
+  expect_error_with<model::CheckpointError>([&] { train::read_checkpoint_config(path_.string()); },
+                                            path_, "checksum mismatch (corrupt file)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,20 +265,20 @@ class ShardIntegrity : public ::testing::Test {
     path_ = dir_ / "shard.bin";
     for (int i = 0; i < 40; ++i) tokens_.push_back((i * 37 + 5) % 700);
     offsets_ = {0, 3, 3, 17, 40};
-    data::write_token_shard(path_, 700, tokens_, offsets_);
+    dataloader::write_token_shard(path_, 700, tokens_, offsets_);
     bytes_ = read_all(path_);
   }
   void TearDown() override { fs::remove_all(dir_); }
 
   void expect_opens_unchanged() {
-    const data::TokenShard s = data::TokenShard::open(path_);
+    const dataloader::TokenShard s = dataloader::TokenShard::open(path_);
     EXPECT_EQ(s.vocab_size(), 700u);
     EXPECT_EQ(s.num_docs(), offsets_.size() - 1);
     std::vector<int32_t> got(tokens_.size());
     s.read(0, got.size(), got.data());
     EXPECT_EQ(got, tokens_);
     EXPECT_EQ(s.doc_range(2).begin, 3u);
-    EXPECT_EQ(data::read_shard_header(path_).num_tokens, tokens_.size());
+    EXPECT_EQ(dataloader::read_shard_header(path_).num_tokens, tokens_.size());
   }
 
   fs::path dir_, path_;
@@ -284,20 +288,22 @@ class ShardIntegrity : public ::testing::Test {
 };
 
 TEST_F(ShardIntegrity, UnmodifiedFileOpens) {
-  ASSERT_EQ(bytes_.size(), data::kShardHeaderBytes + 8 * offsets_.size() + 2 * tokens_.size());
-  EXPECT_EQ(data::TokenShard::open(path_).version(), 2u);
+  ASSERT_EQ(bytes_.size(),
+            dataloader::kShardHeaderBytes + 8 * offsets_.size() + 2 * tokens_.size());
+  EXPECT_EQ(dataloader::TokenShard::open(path_).version(), 2u);
   expect_opens_unchanged();
 }
 
 TEST_F(ShardIntegrity, EveryBitFlipAnywhereIsDetected) {
   const auto t0 = std::chrono::steady_clock::now();
-  const int tried = expect_every_flip_detected<data::DataError>(
-      path_, kAllBits, [&] { data::TokenShard::open(path_); });
+  const int tried = expect_every_flip_detected<dataloader::DataError>(
+      path_, kAllBits, [&] { dataloader::TokenShard::open(path_); });
   EXPECT_EQ(tried, static_cast<int>(8 * bytes_.size()));
   // The header alone (what the dataset check reads) shows every flip inside it: the header
   // checksum covers all of its fields.
-  expect_every_flip_detected<data::DataError>(
-      path_, kAllBits, [&] { data::read_shard_header(path_); }, 0, data::kShardHeaderBytes);
+  expect_every_flip_detected<dataloader::DataError>(
+      path_, kAllBits, [&] { dataloader::read_shard_header(path_); }, 0,
+      dataloader::kShardHeaderBytes);
   EXPECT_EQ(read_all(path_), bytes_);  // every flip was undone
   expect_opens_unchanged();
   std::printf("%d corrupted %zu-byte shards rejected in %.2f s\n", tried, bytes_.size(),
@@ -305,43 +311,47 @@ TEST_F(ShardIntegrity, EveryBitFlipAnywhereIsDetected) {
 }
 
 TEST_F(ShardIntegrity, TruncationAndTrailingBytesAreRefused) {
-  for (size_t keep : {size_t{0}, size_t{12}, data::kShardHeaderBytes - 1}) {
+  for (size_t keep : {size_t{0}, size_t{12}, dataloader::kShardHeaderBytes - 1}) {
     write_all(path_, bytes_.substr(0, keep));
     const std::string what = keep == 0 ? "bad magic" : "less than the 56-byte header";
-    expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_, what);
-    expect_error_with<data::DataError>([&] { data::read_shard_header(path_); }, path_, what);
+    expect_error_with<dataloader::DataError>([&] { dataloader::TokenShard::open(path_); }, path_,
+                                             what);
+    expect_error_with<dataloader::DataError>([&] { dataloader::read_shard_header(path_); }, path_,
+                                             what);
   }
-  for (size_t keep : {data::kShardHeaderBytes, data::kShardHeaderBytes + 20, bytes_.size() - 1}) {
+  for (size_t keep :
+       {dataloader::kShardHeaderBytes, dataloader::kShardHeaderBytes + 20, bytes_.size() - 1}) {
     write_all(path_, bytes_.substr(0, keep));
-    expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_,
-                                       "truncated: header says ");
+    expect_error_with<dataloader::DataError>([&] { dataloader::TokenShard::open(path_); }, path_,
+                                             "truncated: header says ");
   }
   write_all(path_, bytes_ + '\0');
-  expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_,
-                                     "trailing bytes");
+  expect_error_with<dataloader::DataError>([&] { dataloader::TokenShard::open(path_); }, path_,
+                                           "trailing bytes");
   std::string v3 = bytes_;
   v3[kShardVersionAt] = 3;
   write_all(path_, v3);
-  expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_,
-                                     "unsupported version 3 (this build reads versions 1 and 2");
+  expect_error_with<dataloader::DataError>(
+      [&] { dataloader::TokenShard::open(path_); }, path_,
+      "unsupported version 3 (this build reads versions 1 and 2");
 }
 
 // A version 1 shard is version 2's without the header checksum; it still opens, with its
 // payload checksum and every structural check.
 TEST_F(ShardIntegrity, Version1StillOpens) {
-  std::string v1 =
-      bytes_.substr(0, data::kShardHeaderBytesV1) + bytes_.substr(data::kShardHeaderBytes);
+  std::string v1 = bytes_.substr(0, dataloader::kShardHeaderBytesV1) +
+                   bytes_.substr(dataloader::kShardHeaderBytes);
   v1[kShardVersionAt] = 1;
   write_all(path_, v1);
-  EXPECT_EQ(data::TokenShard::open(path_).version(), 1u);
+  EXPECT_EQ(dataloader::TokenShard::open(path_).version(), 1u);
   expect_opens_unchanged();
   write_all(path_, v1 + "xy");
-  expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_,
-                                     "trailing bytes");
+  expect_error_with<dataloader::DataError>([&] { dataloader::TokenShard::open(path_); }, path_,
+                                           "trailing bytes");
   v1[v1.size() - 1] ^= 0x01;
   write_all(path_, v1);
-  expect_error_with<data::DataError>([&] { data::TokenShard::open(path_); }, path_,
-                                     "checksum mismatch");
+  expect_error_with<dataloader::DataError>([&] { dataloader::TokenShard::open(path_); }, path_,
+                                           "checksum mismatch");
 }
 
 }  // namespace

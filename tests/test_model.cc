@@ -16,8 +16,8 @@
 namespace loopmoe {
 namespace {
 
-ModelConfig small(IterAdaLNMode mode, int layers = 2, int loops = 2) {
-  ModelConfig c;
+model::ModelConfig small(model::IterAdaLNMode mode, int layers = 2, int loops = 2) {
+  model::ModelConfig c;
   c.vocab_size = 64;
   c.seq_len = 8;
   c.d_model = 16;
@@ -34,28 +34,28 @@ ModelConfig small(IterAdaLNMode mode, int layers = 2, int loops = 2) {
 }
 
 std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
-  Rng rng(seed);
+  model::Rng rng(seed);
   std::vector<int32_t> t(n);
   for (auto& x : t) x = static_cast<int32_t>(rng.next_u64() % vocab);
   return t;
 }
 
 TEST(ParamLayout, CountsMatchAnIndependentFormula) {
-  for (auto mode :
-       {IterAdaLNMode::kOff, IterAdaLNMode::kJoint, IterAdaLNMode::kIter, IterAdaLNMode::kToken}) {
-    ModelConfig c = small(mode);
-    c.tie_embeddings = mode != IterAdaLNMode::kIter;
+  for (auto mode : {model::IterAdaLNMode::kOff, model::IterAdaLNMode::kJoint,
+                    model::IterAdaLNMode::kIter, model::IterAdaLNMode::kToken}) {
+    model::ModelConfig c = small(mode);
+    c.tie_embeddings = mode != model::IterAdaLNMode::kIter;
     const size_t d = c.d_model, I = c.attn_inner(), E = c.n_experts, f = c.expert_hidden;
     const size_t dc = c.cond_dim, V = c.vocab_size;
     size_t norm = d;
-    if (mode != IterAdaLNMode::kOff) {
+    if (mode != model::IterAdaLNMode::kOff) {
       norm = dc * 3 * d + 3 * d;
       if (c.adaln_iter_term()) norm += 2 * dc * dc + 2 * dc;
       if (c.adaln_token_term()) norm += d * dc;
     }
     const size_t layer = 2 * norm + d * 3 * I + I * d + d * E + 3 * E * d * f;
     const size_t expect = V * d + c.n_layers * layer + d + (c.tie_embeddings ? 0 : d * V);
-    ParamLayout layout(c);
+    model::ParamLayout layout(c);
     EXPECT_EQ(layout.size(), expect) << to_string(mode);
     size_t sum = 0;
     for (const auto& t : layout.tensors()) {
@@ -71,11 +71,12 @@ TEST(ParamLayout, CountsMatchAnIndependentFormula) {
 TEST(IterAdaLN, AllModesStartAsTheSameFunction) {
   const int B = 2, T = 8;
   auto tokens = random_tokens(B * T, 64, 1), targets = random_tokens(B * T, 64, 2);
-  Model reference(small(IterAdaLNMode::kOff));
+  model::Model reference(small(model::IterAdaLNMode::kOff));
   reference.init_params(3);
   const double want = reference.forward(tokens.data(), targets.data(), B, T).total;
-  for (auto mode : {IterAdaLNMode::kJoint, IterAdaLNMode::kIter, IterAdaLNMode::kToken}) {
-    Model m(small(mode));
+  for (auto mode :
+       {model::IterAdaLNMode::kJoint, model::IterAdaLNMode::kIter, model::IterAdaLNMode::kToken}) {
+    model::Model m(small(mode));
     m.init_params(4);
     for (const auto& t : reference.layout().tensors()) {
       if (t.name.find("norm") != std::string::npos) continue;
@@ -90,19 +91,19 @@ TEST(IterAdaLN, AllModesStartAsTheSameFunction) {
 TEST(Model, SameSeedGivesBitIdenticalTraining) {
   auto run = [] {
     const auto in = random_tokens(16, 64, 100), tg = random_tokens(16, 64, 200);
-    Model m(small(IterAdaLNMode::kJoint));
+    model::Model m(small(model::IterAdaLNMode::kJoint));
     m.init_params(11);
-    TrainConfig tc;
+    model::TrainConfig tc;
     tc.steps = 5;
     tc.warmup_steps = 1;
-    AdamW opt(m.layout(), tc);
+    model::AdamW opt(m.layout(), tc);
     std::vector<double> losses;
     for (int s = 0; s < 5; ++s) {
       m.zero_grad();
       losses.push_back(m.forward(in.data(), tg.data(), 2, 8).total);
       m.backward();
-      clip_grad_norm(m.grads(), m.num_params(), 1.0);
-      opt.step(m.params(), m.grads(), learning_rate(tc, s));
+      model::clip_grad_norm(m.grads(), m.num_params(), 1.0);
+      opt.step(m.params(), m.grads(), model::learning_rate(tc, s));
     }
     return losses;
   };
@@ -114,14 +115,14 @@ TEST(Model, SameSeedGivesBitIdenticalTraining) {
 
 TEST(Model, TwoThreadsGiveTheSameLossAsOne) {
   auto loss_with = [](int threads) {
-    set_num_threads(threads);
-    Model m(small(IterAdaLNMode::kJoint));
+    model::set_num_threads(threads);
+    model::Model m(small(model::IterAdaLNMode::kJoint));
     m.init_params(17);
     auto in = random_tokens(16, 64, 1), tg = random_tokens(16, 64, 2);
     double l = m.forward(in.data(), tg.data(), 2, 8).total;
     m.backward();
-    set_num_threads(1);
-    return std::pair{l, global_norm(m.grads(), m.num_params())};
+    model::set_num_threads(1);
+    return std::pair{l, model::global_norm(m.grads(), m.num_params())};
   };
   auto one = loss_with(1), two = loss_with(2);
   // Every reduction runs in a fixed order, so the thread count does not change the numbers.
@@ -130,7 +131,7 @@ TEST(Model, TwoThreadsGiveTheSameLossAsOne) {
 }
 
 TEST(Model, LoopCountCanChangeAtRunTime) {
-  Model m(small(IterAdaLNMode::kJoint, 2, 3));
+  model::Model m(small(model::IterAdaLNMode::kJoint, 2, 3));
   m.init_params(5);
   auto in = random_tokens(16, 64, 1), tg = random_tokens(16, 64, 2);
   m.forward(in.data(), tg.data(), 2, 8, 1);
@@ -140,28 +141,28 @@ TEST(Model, LoopCountCanChangeAtRunTime) {
   EXPECT_EQ(m.applications(), 10);
   m.backward();
   EXPECT_TRUE(std::isfinite(l5));
-  EXPECT_GT(global_norm(m.grads(), m.num_params()), 0);
+  EXPECT_GT(model::global_norm(m.grads(), m.num_params()), 0);
 }
 
 TEST(Model, LogitLensAndAdaptiveHalting) {
-  Model m(small(IterAdaLNMode::kJoint, 2, 3));
+  model::Model m(small(model::IterAdaLNMode::kJoint, 2, 3));
   m.init_params(6);
   auto in = random_tokens(16, 64, 3), tg = random_tokens(16, 64, 4);
-  const LossParts full = m.forward(in.data(), tg.data(), 2, 8);
+  const model::LossParts full = m.forward(in.data(), tg.data(), 2, 8);
   // Decoding the last iteration's state is the model's own cross-entropy.
   EXPECT_NEAR(m.decode_loss(m.iteration_state(2), tg.data(), 16), full.ce, 1e-6);
   const double after_first = m.decode_loss(m.iteration_state(0), tg.data(), 16);
   // A threshold no change can beat halts every token after its first iteration, which is
   // exactly the one-iteration model.
-  ForwardOptions halt_all;
+  model::ForwardOptions halt_all;
   halt_all.halt_threshold = 1e9;
-  const LossParts halted = m.forward(in.data(), tg.data(), 2, 8, halt_all);
+  const model::LossParts halted = m.forward(in.data(), tg.data(), 2, 8, halt_all);
   for (int used : m.iterations_used()) EXPECT_EQ(used, 1);
   EXPECT_THROW(m.backward(), std::logic_error);
-  const LossParts one = m.forward(in.data(), tg.data(), 2, 8, 1);
+  const model::LossParts one = m.forward(in.data(), tg.data(), 2, 8, 1);
   EXPECT_EQ(halted.ce, one.ce);
   EXPECT_NEAR(after_first, one.ce, 1e-6);
-  ForwardOptions never;
+  model::ForwardOptions never;
   never.halt_threshold = 1e-30;
   EXPECT_EQ(m.forward(in.data(), tg.data(), 2, 8, never).ce, full.ce);
   for (int used : m.iterations_used()) EXPECT_EQ(used, 3);
@@ -170,8 +171,8 @@ TEST(Model, LogitLensAndAdaptiveHalting) {
 // The logits leave the activation buffer through an explicit host copy; on the CPU the host view
 // logits() is that buffer itself and holds the same numbers.
 TEST(Model, LogitsToHostEqualsTheHostView) {
-  ModelConfig c = small(IterAdaLNMode::kJoint);
-  Model m(c);
+  model::ModelConfig c = small(model::IterAdaLNMode::kJoint);
+  model::Model m(c);
   m.init_params(7);
   auto in = random_tokens(16, 64, 5);
   m.forward(in.data(), nullptr, 2, 8);
@@ -182,20 +183,20 @@ TEST(Model, LogitsToHostEqualsTheHostView) {
 
 // The MoE layer through the LocalDispatcher equals a token-by-token evaluation of the experts.
 TEST(MoeLayer, MatchesNaivePerTokenReference) {
-  ModelConfig c = small(IterAdaLNMode::kOff);
+  model::ModelConfig c = small(model::IterAdaLNMode::kOff);
   c.n_experts = 5;
   c.capacity_factor = 0.75;  // with drops
-  ParamLayout layout(c);
+  model::ParamLayout layout(c);
   std::vector<float> params(layout.size()), grads(layout.size(), 0.f);
-  Rng rng(9);
+  model::Rng rng(9);
   for (float& p : params) p = static_cast<float>(0.3 * rng.normal());
-  LocalDispatcher dispatcher(c, layout, params.data(), grads.data());
-  MoeLayer moe(c);
+  model::LocalDispatcher dispatcher(c, layout, params.data(), grads.data());
+  model::MoeLayer moe(c);
   const int S = 24, D = c.d_model, F = c.expert_hidden;
   std::vector<float> u(S * D), y(S * D);
   for (float& x : u) x = static_cast<float>(rng.normal());
-  MoeActivations acts;
-  const LayerOffsets& l = layout.layers[0];
+  model::MoeActivations acts;
+  const model::LayerOffsets& l = layout.layers[0];
   moe.forward(acts, dispatcher, 0, 0, params.data() + l.router, u.data(), y.data(), S);
   EXPECT_GT(acts.plan.dropped, 0);
   std::vector<float> h1(F), h3(F), act(F), out(D);
@@ -206,9 +207,9 @@ TEST(MoeLayer, MatchesNaivePerTokenReference) {
       if (!acts.plan.kept[slot]) continue;
       const int e = acts.plan.expert[slot];
       const size_t wf = static_cast<size_t>(e) * D * F;
-      ops::swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), u.data() + t * D,
-                          params.data() + l.w1 + wf, params.data() + l.w3 + wf,
-                          params.data() + l.w2 + wf, 1, D, F);
+      model::ops::swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), u.data() + t * D,
+                                 params.data() + l.w1 + wf, params.data() + l.w3 + wf,
+                                 params.data() + l.w2 + wf, 1, D, F);
       for (int i = 0; i < D; ++i) want[i] += acts.plan.weight[slot] * out[i];
     }
     for (int i = 0; i < D; ++i) EXPECT_NEAR(y[t * D + i], want[i], 1e-5) << t << "," << i;
@@ -222,9 +223,9 @@ TEST(Router, CapacityDropsAreCountedWhenEveryTokenPicksTheSameExperts) {
     w[i * E + 0] = 5.f;  // expert 0 first, expert 1 second, for every token
     w[i * E + 1] = 4.f;
   }
-  RoutingPlan plan;
-  RouterActivations acts;
-  router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 1.0});
+  model::RoutingPlan plan;
+  model::RouterActivations acts;
+  model::router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 1.0});
   const int capacity = S * k / E;  // ceil(1.0 * 32 * 2 / 8) = 8
   EXPECT_EQ(plan.assigned[0], S);
   EXPECT_EQ(plan.assigned[1], S);
@@ -236,7 +237,7 @@ TEST(Router, CapacityDropsAreCountedWhenEveryTokenPicksTheSameExperts) {
   EXPECT_FALSE(plan.kept[2 * capacity] || plan.kept[2 * capacity + 1]);
   // Maximal imbalance: aux = E * (1/2 * p0 + 1/2 * p1) with p0 + p1 close to 1.
   EXPECT_GT(plan.aux_loss, 0.9 * E / 2);
-  router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 0.0});
+  model::router_forward(plan, acts, u.data(), w.data(), S, D, {E, k, true, 0.0});
   EXPECT_EQ(plan.dropped, 0);
 }
 
@@ -246,30 +247,30 @@ TEST(Router, CapacityDropsAreCountedWhenEveryTokenPicksTheSameExperts) {
 TEST(GradCheck, RouterWithTopKHeldFixed) {
   for (bool renorm : {true, false}) {
     const int S = 6, D = 5, E = 4, k = 2;
-    Rng rng(21);
+    model::Rng rng(21);
     std::vector<float> u(S * D), w(D * E), dweight(S * k);
     for (float& x : u) x = static_cast<float>(rng.normal());
     for (float& x : w) x = static_cast<float>(rng.normal());
     for (float& x : dweight) x = static_cast<float>(rng.normal());
-    const RouterOptions opt{E, k, renorm, 0.0};
+    const model::RouterOptions opt{E, k, renorm, 0.0};
     const double aux_c = 0.3, z_c = 0.2;
-    RoutingPlan base;
-    RouterActivations acts;
-    router_forward(base, acts, u.data(), w.data(), S, D, opt);
-    auto loss = [&](RoutingPlan& p) {
-      router_forward(p, acts, u.data(), w.data(), S, D, opt);
+    model::RoutingPlan base;
+    model::RouterActivations acts;
+    model::router_forward(base, acts, u.data(), w.data(), S, D, opt);
+    auto loss = [&](model::RoutingPlan& p) {
+      model::router_forward(p, acts, u.data(), w.data(), S, D, opt);
       double l = aux_c * p.aux_loss + z_c * p.z_loss;
       for (int i = 0; i < S * k; ++i) l += static_cast<double>(dweight[i]) * p.weight[i];
       return l;
     };
     std::vector<float> du(S * D, 0.f), dw(D * E, 0.f);
-    router_forward(base, acts, u.data(), w.data(), S, D, opt);
-    router_backward(du.data(), dw.data(), dweight.data(), base, acts, u.data(), w.data(), S, D, opt,
-                    aux_c, z_c);
+    model::router_forward(base, acts, u.data(), w.data(), S, D, opt);
+    model::router_backward(du.data(), dw.data(), dweight.data(), base, acts, u.data(), w.data(), S,
+                           D, opt, aux_c, z_c);
     for (auto [x, g, name] : {std::tuple{&u, &du, "du"}, std::tuple{&w, &dw, "drouter"}}) {
       for (size_t i = 0; i < x->size(); ++i) {
         const float saved = (*x)[i], h = 1e-2f;
-        RoutingPlan p;
+        model::RoutingPlan p;
         (*x)[i] = saved + h;
         const double lp = loss(p);
         ASSERT_EQ(p.expert, base.expert) << "perturbation changed the top-k selection";

@@ -29,19 +29,20 @@ TEST(Gemm, MatchesReferenceForAllTranspositions) {
       std::copy(ad.begin(), ad.end(), a.begin());
       std::copy(bd.begin(), bd.end(), b.begin());
       const int lda = ta ? m : k, ldb = tb ? k : n;
-      ops::gemm<float>(ta, tb, m, n, k, 1.5f, a.data(), lda, b.data(), ldb, 0.25f, c1.data(), n);
-      ops::gemm_reference<float>(ta, tb, m, n, k, 1.5f, a.data(), lda, b.data(), ldb, 0.25f,
-                                 c2.data(), n);
+      model::ops::gemm<float>(ta, tb, m, n, k, 1.5f, a.data(), lda, b.data(), ldb, 0.25f, c1.data(),
+                              n);
+      model::ops::gemm_reference<float>(ta, tb, m, n, k, 1.5f, a.data(), lda, b.data(), ldb, 0.25f,
+                                        c2.data(), n);
       for (int i = 0; i < m * n; ++i) EXPECT_NEAR(c1[i], c2[i], 1e-5) << ta << tb << i;
     }
   }
 }
 
 TEST(Gemm, CountsFlops) {
-  ops::reset_gemm_flops();
+  model::ops::reset_gemm_flops();
   std::vector<float> a(6, 1.f), b(6, 1.f), c(4);
-  ops::gemm<float>(false, false, 2, 2, 3, 1.f, a.data(), 3, b.data(), 2, 0.f, c.data(), 2);
-  EXPECT_EQ(ops::gemm_flops(), 2u * 2 * 2 * 3);
+  model::ops::gemm<float>(false, false, 2, 2, 3, 1.f, a.data(), 3, b.data(), 2, 0.f, c.data(), 2);
+  EXPECT_EQ(model::ops::gemm_flops(), 2u * 2 * 2 * 3);
   EXPECT_FLOAT_EQ(c[0], 3.f);
 }
 
@@ -50,11 +51,11 @@ TEST(GradCheck, Embedding) {
   std::vector<int32_t> tok = {0, 3, 3, 1, 4, 0};
   V wte = random_vector(Vocab * D, 1), g = random_vector(S * D, 2), out(S * D);
   auto loss = [&] {
-    ops::embedding_forward(out.data(), tok.data(), wte.data(), S, D);
+    model::ops::embedding_forward(out.data(), tok.data(), wte.data(), S, D);
     return dot(out, g);
   };
   V dwte(wte.size(), 0.0);
-  ops::embedding_backward(dwte.data(), g.data(), tok.data(), S, D);
+  model::ops::embedding_backward(dwte.data(), g.data(), tok.data(), S, D);
   expect_gradient(wte, dwte, loss, "dwte");
 }
 
@@ -65,13 +66,14 @@ TEST_P(RmsNormTest, Gradients) {
   V x = random_vector(S * D, 3), w = random_vector(D, 4), g = random_vector(S * D, 5);
   V out(S * D), rstd(S);
   auto loss = [&] {
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), with_weight ? w.data() : nullptr, S, D);
+    model::ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), with_weight ? w.data() : nullptr,
+                                S, D);
     return dot(out, g);
   };
   loss();
   V dx(x.size(), 0.0), dw(D, 0.0);
-  ops::rmsnorm_backward(dx.data(), with_weight ? dw.data() : nullptr, g.data(), x.data(),
-                        with_weight ? w.data() : nullptr, rstd.data(), S, D);
+  model::ops::rmsnorm_backward(dx.data(), with_weight ? dw.data() : nullptr, g.data(), x.data(),
+                               with_weight ? w.data() : nullptr, rstd.data(), S, D);
   expect_gradient(x, dx, loss, "dx");
   if (with_weight) expect_gradient(w, dw, loss, "dweight");
 }
@@ -82,11 +84,12 @@ TEST(GradCheck, MatmulWithBias) {
   V x = random_vector(S * I, 6), w = random_vector(I * O, 7), b = random_vector(O, 8);
   V g = random_vector(S * O, 9), out(S * O);
   auto loss = [&] {
-    ops::matmul_forward(out.data(), x.data(), w.data(), b.data(), S, I, O);
+    model::ops::matmul_forward(out.data(), x.data(), w.data(), b.data(), S, I, O);
     return dot(out, g);
   };
   V dx(x.size(), 0.0), dw(w.size(), 0.0), db(O, 0.0);
-  ops::matmul_backward(dx.data(), dw.data(), db.data(), g.data(), x.data(), w.data(), S, I, O);
+  model::ops::matmul_backward(dx.data(), dw.data(), db.data(), g.data(), x.data(), w.data(), S, I,
+                              O);
   expect_gradient(x, dx, loss, "dx");
   expect_gradient(w, dw, loss, "dw");
   expect_gradient(b, db, loss, "dbias");
@@ -95,11 +98,11 @@ TEST(GradCheck, MatmulWithBias) {
 TEST(GradCheck, Silu) {
   V x = random_vector(20, 10, 4.0), g = random_vector(20, 11), out(20);
   auto loss = [&] {
-    ops::silu_forward(out.data(), x.data(), x.size());
+    model::ops::silu_forward(out.data(), x.data(), x.size());
     return dot(out, g);
   };
   V dx(20, 0.0);
-  ops::silu_backward(dx.data(), g.data(), x.data(), x.size());
+  model::ops::silu_backward(dx.data(), g.data(), x.data(), x.size());
   expect_gradient(x, dx, loss, "dx");
 }
 
@@ -110,14 +113,14 @@ TEST(GradCheck, AdaLNModulateAndGatedResidual) {
   // loss = <g, x0 + (1+gate)⊙y> + <y, u(n, m)>: exercises both kernels and every column of m.
   auto loss = [&] {
     x = x0;
-    ops::gated_residual_forward(x.data(), y.data(), m.data(), S, D);
-    ops::adaln_modulate_forward(u.data(), n.data(), m.data(), S, D);
+    model::ops::gated_residual_forward(x.data(), y.data(), m.data(), S, D);
+    model::ops::adaln_modulate_forward(u.data(), n.data(), m.data(), S, D);
     return dot(x, g) + dot(u, y);
   };
   loss();
   V dy(S * D), dm(S * 3 * D, 0.0), dn(S * D, 0.0), dm2(S * 3 * D, 0.0);
-  ops::gated_residual_backward(dy.data(), dm.data(), g.data(), y.data(), m.data(), S, D);
-  ops::adaln_modulate_backward(dn.data(), dm2.data(), y.data(), n.data(), m.data(), S, D);
+  model::ops::gated_residual_backward(dy.data(), dm.data(), g.data(), y.data(), m.data(), S, D);
+  model::ops::adaln_modulate_backward(dn.data(), dm2.data(), y.data(), n.data(), m.data(), S, D);
   for (int s = 0; s < S; ++s) {  // gate columns from the residual, shift/scale from modulate
     for (int i = 0; i < 2 * D; ++i) dm[s * 3 * D + i] = dm2[s * 3 * D + i];
   }
@@ -131,11 +134,11 @@ TEST(GradCheck, AdaLNModulateAndGatedResidual) {
 TEST(GradCheck, RopeIsOrthogonalAndDifferentiable) {
   const int B = 2, T = 5, H = 2, hd = 4, I = H * hd;
   V cos_t(T * hd / 2), sin_t(T * hd / 2);
-  ops::rope_tables(cos_t.data(), sin_t.data(), T, hd, 10000.0);
+  model::ops::rope_tables(cos_t.data(), sin_t.data(), T, hd, 10000.0);
   V qkv = random_vector(B * T * 3 * I, 17), g = random_vector(qkv.size(), 18), y;
   auto loss = [&] {
     y = qkv;
-    ops::rope_forward(y.data(), cos_t.data(), sin_t.data(), B, T, H, hd);
+    model::ops::rope_forward(y.data(), cos_t.data(), sin_t.data(), B, T, H, hd);
     return dot(y, g);
   };
   loss();
@@ -148,7 +151,7 @@ TEST(GradCheck, RopeIsOrthogonalAndDifferentiable) {
     }
   }
   V dq = g;
-  ops::rope_backward(dq.data(), cos_t.data(), sin_t.data(), B, T, H, hd);
+  model::ops::rope_backward(dq.data(), cos_t.data(), sin_t.data(), B, T, H, hd);
   expect_gradient(qkv, dq, loss, "dqkv");
 }
 
@@ -157,7 +160,7 @@ TEST(GradCheck, CausalAttention) {
   V qkv = random_vector(B * T * 3 * I, 19), g = random_vector(B * T * I, 20);
   V out(B * T * I), att(B * H * T * T);
   auto loss = [&] {
-    ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
+    model::ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
     return dot(out, g);
   };
   loss();
@@ -176,8 +179,8 @@ TEST(GradCheck, CausalAttention) {
     }
   }
   V dqkv(qkv.size()), scratch(64 * T * T);
-  ops::attention_backward(dqkv.data(), scratch.data(), g.data(), qkv.data(), att.data(), B, T, H,
-                          hd);
+  model::ops::attention_backward(dqkv.data(), scratch.data(), g.data(), qkv.data(), att.data(), B,
+                                 T, H, hd);
   expect_gradient(qkv, dqkv, loss, "dqkv");
 }
 
@@ -186,12 +189,12 @@ TEST(GradCheck, SoftmaxAndLogSumExp) {
   V logits = random_vector(S * E, 21, 3.0), g = random_vector(S * E, 22), gl = random_vector(S, 23);
   V probs(S * E), lse(S);
   auto loss = [&] {
-    ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
+    model::ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
     return dot(probs, g) + dot(lse, gl);
   };
   loss();
   V dl(S * E);
-  ops::softmax_backward(dl.data(), g.data(), probs.data(), S, E);
+  model::ops::softmax_backward(dl.data(), g.data(), probs.data(), S, E);
   for (int s = 0; s < S; ++s) {
     for (int e = 0; e < E; ++e) dl[s * E + e] += gl[s] * probs[s * E + e];  // d lse = softmax
   }
@@ -203,7 +206,7 @@ TEST(GradCheck, CrossEntropy) {
   V logits = random_vector(S * Vocab, 24, 2.0), probs(S * Vocab);
   std::vector<int32_t> tg = {1, 6, 0, 3};
   auto loss = [&] {
-    return ops::crossentropy_forward(probs.data(), logits.data(), tg.data(), S, Vocab);
+    return model::ops::crossentropy_forward(probs.data(), logits.data(), tg.data(), S, Vocab);
   };
   const double l = loss();
   double ref = 0;
@@ -215,7 +218,7 @@ TEST(GradCheck, CrossEntropy) {
   }
   EXPECT_NEAR(l, ref, 1e-12);
   V d(S * Vocab);
-  ops::crossentropy_backward(d.data(), probs.data(), tg.data(), 1.0 / S, S, Vocab);
+  model::ops::crossentropy_backward(d.data(), probs.data(), tg.data(), 1.0 / S, S, Vocab);
   expect_gradient(logits, d, loss, "dlogits");
 }
 
@@ -225,15 +228,15 @@ TEST(GradCheck, SwiGLUExpert) {
   V w2 = random_vector(F * D, 28), g = random_vector(n * D, 29);
   V out(n * D), h1(n * F), h3(n * F), act(n * F);
   auto loss = [&] {
-    ops::swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(), w1.data(),
-                        w3.data(), w2.data(), n, D, F);
+    model::ops::swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(), w1.data(),
+                               w3.data(), w2.data(), n, D, F);
     return dot(out, g);
   };
   loss();
   V dx(n * D), dw1(D * F, 0.0), dw3(D * F, 0.0), dw2(F * D, 0.0), scratch(2 * n * F);
-  ops::swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(), g.data(),
-                       x.data(), h1.data(), h3.data(), act.data(), w1.data(), w3.data(), w2.data(),
-                       n, D, F);
+  model::ops::swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
+                              g.data(), x.data(), h1.data(), h3.data(), act.data(), w1.data(),
+                              w3.data(), w2.data(), n, D, F);
   expect_gradient(x, dx, loss, "dx");
   expect_gradient(w1, dw1, loss, "dw1");
   expect_gradient(w3, dw3, loss, "dw3");
@@ -242,7 +245,7 @@ TEST(GradCheck, SwiGLUExpert) {
 
 TEST(IterationEncoding, SinCosPairs) {
   V pe(8);
-  ops::iteration_encoding(pe.data(), 3, 8);
+  model::ops::iteration_encoding(pe.data(), 3, 8);
   EXPECT_NEAR(pe[0], std::sin(3.0), 1e-15);
   EXPECT_NEAR(pe[1], std::cos(3.0), 1e-15);
   EXPECT_NEAR(pe[2], std::sin(3.0 * std::pow(10000.0, -2.0 / 8)), 1e-15);
@@ -253,11 +256,11 @@ TEST(IterationEncoding, SinCosPairs) {
 TEST(GradGroups, TreeSumIsPairwise) {
   // In float, 1e8 + 1 == 1e8: sequential ((a+b)+c)+d gives 1, the tree (a+b)+(c+d) gives 0.
   std::vector<float> buf = {1e8f, 1.f, -1e8f, 1.f};
-  ops::tree_sum_groups(buf.data(), 1, 4, {{0, 1}});
+  model::ops::tree_sum_groups(buf.data(), 1, 4, {{0, 1}});
   EXPECT_EQ(buf[0], 0.f);
   // Three groups: (g0) + (g1 + g2).
   std::vector<float> three = {1.f, 1e8f, -1e8f};
-  ops::tree_sum_groups(three.data(), 1, 3, {{0, 1}});
+  model::ops::tree_sum_groups(three.data(), 1, 3, {{0, 1}});
   EXPECT_EQ(three[0], 1.f);
 }
 
@@ -268,32 +271,34 @@ TEST(GradGroups, GroupedBackwardsEqualUngrouped) {
   for (int groups : {1, 2, 3}) {
     const size_t stride = I * O + O;
     V buf(groups * stride, 0.0), dx(S * I, 0.0), dx_ref(S * I, 0.0);
-    ops::GradGroups<double> dw{buf.data(), stride, groups, B, T};
-    const ops::GradGroups<double> db = dw.shifted(I * O);
-    ops::matmul_backward(dx.data(), dw, &db, dout.data(), x.data(), w.data(), I, O);
-    ops::tree_sum_groups(buf.data(), stride, groups, {{0, stride}});
+    model::ops::GradGroups<double> dw{buf.data(), stride, groups, B, T};
+    const model::ops::GradGroups<double> db = dw.shifted(I * O);
+    model::ops::matmul_backward(dx.data(), dw, &db, dout.data(), x.data(), w.data(), I, O);
+    model::ops::tree_sum_groups(buf.data(), stride, groups, {{0, stride}});
     V dw_ref(I * O, 0.0), db_ref(O, 0.0);
-    ops::matmul_backward(dx_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), x.data(),
-                         w.data(), S, I, O);
+    model::ops::matmul_backward(dx_ref.data(), dw_ref.data(), db_ref.data(), dout.data(), x.data(),
+                                w.data(), S, I, O);
     for (int i = 0; i < I * O; ++i) EXPECT_NEAR(buf[i], dw_ref[i], 1e-12) << groups;
     for (int o = 0; o < O; ++o) EXPECT_NEAR(buf[I * O + o], db_ref[o], 1e-12) << groups;
     EXPECT_EQ(dx, dx_ref);
 
     const V g = random_vector(S * D, 44), xin = random_vector(S * D, 45);
     V rstd(S, 0.7), nbuf(groups * D, 0.0), nref(D, 0.0), din(S * D, 0.0);
-    ops::rmsnorm_weight_backward(ops::GradGroups<double>{nbuf.data(), size_t(D), groups, B, T},
-                                 g.data(), xin.data(), rstd.data(), D);
-    ops::rmsnorm_backward(din.data(), nref.data(), g.data(), xin.data(), nref.data(), rstd.data(),
-                          S, D);
-    ops::tree_sum_groups(nbuf.data(), D, groups, {{0, size_t(D)}});
+    model::ops::rmsnorm_weight_backward(
+        model::ops::GradGroups<double>{nbuf.data(), size_t(D), groups, B, T}, g.data(), xin.data(),
+        rstd.data(), D);
+    model::ops::rmsnorm_backward(din.data(), nref.data(), g.data(), xin.data(), nref.data(),
+                                 rstd.data(), S, D);
+    model::ops::tree_sum_groups(nbuf.data(), D, groups, {{0, size_t(D)}});
     for (int i = 0; i < D; ++i) EXPECT_NEAR(nbuf[i], nref[i], 1e-12);
 
     const std::vector<int32_t> tok = {1, 3, 1, 0, 4, 1};
     V ebuf(groups * Vocab * D, 0.0), eref(Vocab * D, 0.0);
-    ops::embedding_backward(ops::GradGroups<double>{ebuf.data(), size_t(Vocab * D), groups, B, T},
-                            g.data(), tok.data(), D);
-    ops::embedding_backward(eref.data(), g.data(), tok.data(), S, D);
-    ops::tree_sum_groups(ebuf.data(), Vocab * D, groups, {{0, size_t(Vocab * D)}});
+    model::ops::embedding_backward(
+        model::ops::GradGroups<double>{ebuf.data(), size_t(Vocab * D), groups, B, T}, g.data(),
+        tok.data(), D);
+    model::ops::embedding_backward(eref.data(), g.data(), tok.data(), S, D);
+    model::ops::tree_sum_groups(ebuf.data(), Vocab * D, groups, {{0, size_t(Vocab * D)}});
     for (int i = 0; i < Vocab * D; ++i) EXPECT_NEAR(ebuf[i], eref[i], 1e-12);
   }
 }

@@ -131,7 +131,7 @@ void router_dlogits(std::vector<float>& dlogits, const float* dweight,
     }
     for (int e = 0; e < E; ++e) dp[e] += aux_grad[e];
   }
-  ops::softmax_backward(dlogits.data(), dprobs.data(), probs.data(), S, E);
+  model::ops::softmax_backward(dlogits.data(), dprobs.data(), probs.data(), S, E);
   if (z_scale != 0) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < S; ++t) {
@@ -143,8 +143,8 @@ void router_dlogits(std::vector<float>& dlogits, const float* dweight,
   }
 }
 
-void router_stats(std::vector<int64_t>& assigned, std::vector<ops::LossSum>& prob_sum,
-                  ops::LossSum& lse_sq_sum, const std::vector<int32_t>& expert,
+void router_stats(std::vector<int64_t>& assigned, std::vector<model::ops::LossSum>& prob_sum,
+                  model::ops::LossSum& lse_sq_sum, const std::vector<int32_t>& expert,
                   const std::vector<float>& probs, const std::vector<float>& lse, int S, int E) {
   for (size_t i = 0; i < expert.size(); ++i) assigned[expert[i]]++;
   for (int t = 0; t < S; ++t) {
@@ -221,7 +221,7 @@ void clip_scale(float* g, size_t n, float c) {
 }
 
 void adamw(float* p, const float* g, std::vector<float>& m_, std::vector<float>& v_,
-           const std::vector<uint8_t>& decay_, const ops::AdamWStep& s,
+           const std::vector<uint8_t>& decay_, const model::ops::AdamWStep& s,
            const std::vector<std::pair<size_t, size_t>>& ranges) {
   const float b1 = s.beta1, b2 = s.beta2, c1 = s.c1, c2 = s.c2, lrf = s.lr, eps = s.eps;
   const float wd = s.weight_decay;
@@ -269,12 +269,12 @@ TEST(SeamBitIdentity, MoeCombineEqualsTheOldMoeLayerLoops) {
     const std::vector<float> dy = random_floats(static_cast<size_t>(S) * D, 3);
     std::vector<float> y_old(static_cast<size_t>(S) * D), y_new(y_old.size(), 9.f);
     legacy::combine_forward(y_old.data(), out, w, kept, S, k, D);
-    ops::moe_combine_forward(y_new.data(), out.data(), w.data(), kept.data(), S, k, D);
+    model::ops::moe_combine_forward(y_new.data(), out.data(), w.data(), kept.data(), S, k, D);
     EXPECT_TRUE(same_bits(y_old, y_new)) << "forward D=" << D;
     std::vector<float> d_old, dw_old, d_new(out.size(), 9.f), dw_new(w.size(), 9.f);
     legacy::combine_backward(d_old, dw_old, dy.data(), out, w, kept, S, k, D);
-    ops::moe_combine_backward(d_new.data(), dw_new.data(), dy.data(), out.data(), w.data(),
-                              kept.data(), S, k, D);
+    model::ops::moe_combine_backward(d_new.data(), dw_new.data(), dy.data(), out.data(), w.data(),
+                                     kept.data(), S, k, D);
     EXPECT_TRUE(same_bits(d_old, d_new)) << "dexpert_out D=" << D;
     EXPECT_TRUE(same_bits(dw_old, dw_new)) << "dweight D=" << D;
   }
@@ -289,16 +289,16 @@ TEST(SeamBitIdentity, RouterKernelsEqualTheOldRouterLoops) {
       std::vector<int32_t> ex_old, ex_new(static_cast<size_t>(S) * k);
       std::vector<float> w_old, w_new(ex_new.size());
       legacy::topk_forward(ex_old, w_old, probs, S, E, k, renorm);
-      ops::router_topk_forward(ex_new.data(), w_new.data(), probs.data(), S, E, k, renorm);
+      model::ops::router_topk_forward(ex_new.data(), w_new.data(), probs.data(), S, E, k, renorm);
       EXPECT_EQ(ex_old, ex_new);
       EXPECT_TRUE(same_bits(w_old, w_new)) << "weights k=" << k << " renorm=" << renorm;
 
       std::vector<int64_t> as_old(E, 0), as_new(E, 0);
-      std::vector<ops::LossSum> ps_old(E), ps_new(E);
-      ops::LossSum lq_old, lq_new;
+      std::vector<model::ops::LossSum> ps_old(E), ps_new(E);
+      model::ops::LossSum lq_old, lq_new;
       legacy::router_stats(as_old, ps_old, lq_old, ex_old, probs, lse, S, E);
-      ops::router_stats(as_new.data(), ps_new.data(), &lq_new, ex_new.data(), probs.data(),
-                        lse.data(), S, E, k);
+      model::ops::router_stats(as_new.data(), ps_new.data(), &lq_new, ex_new.data(), probs.data(),
+                               lse.data(), S, E, k);
       EXPECT_EQ(as_old, as_new);
       for (int e = 0; e < E; ++e) EXPECT_EQ(ps_old[e].units, ps_new[e].units);
       EXPECT_EQ(lq_old.units, lq_new.units);
@@ -316,11 +316,11 @@ TEST(SeamBitIdentity, RouterKernelsEqualTheOldRouterLoops) {
                                      (static_cast<double>(as_new[e]) / (double(tokens) * k)) /
                                      double(tokens));
       }
-      ops::router_topk_backward(dprobs.data(), dweight.data(), probs.data(), ex_new.data(),
-                                w_new.data(), bias.data(), S, E, k, renorm);
-      ops::softmax_backward(dl_new.data(), dprobs.data(), probs.data(), S, E);
-      ops::router_zloss_backward(dl_new.data(), probs.data(), lse.data(), S, E, z_scale,
-                                 double(tokens));
+      model::ops::router_topk_backward(dprobs.data(), dweight.data(), probs.data(), ex_new.data(),
+                                       w_new.data(), bias.data(), S, E, k, renorm);
+      model::ops::softmax_backward(dl_new.data(), dprobs.data(), probs.data(), S, E);
+      model::ops::router_zloss_backward(dl_new.data(), probs.data(), lse.data(), S, E, z_scale,
+                                        double(tokens));
       EXPECT_TRUE(same_bits(dl_old, dl_new)) << "dlogits k=" << k << " renorm=" << renorm;
     }
   }
@@ -338,30 +338,30 @@ TEST(SeamBitIdentity, DispatchRowMovesEqualTheOldDispatcherLoops) {
     std::vector<float> a(static_cast<size_t>(rows) * D, 0.f), b = a;
     legacy::gather_slot_rows(a.data(), src, ros, per_row, D);
     if (per_row == k) {
-      ops::moe_permute_forward(b.data(), src, ros.data(), ros.size(), k, D);
+      model::ops::moe_permute_forward(b.data(), src, ros.data(), ros.size(), k, D);
     } else {
-      ops::moe_unpermute_backward(b.data(), src, ros.data(), ros.size(), D);
+      model::ops::moe_unpermute_backward(b.data(), src, ros.data(), ros.size(), D);
     }
     EXPECT_TRUE(same_bits(a, b)) << "permute per_row=" << per_row;
   }
   std::vector<float> a(ros.size() * D, 9.f), b(ros.size() * D, 7.f);
   legacy::scatter_slot_rows(a.data(), expert_rows.data(), ros, D);
-  ops::moe_unpermute_forward(b.data(), expert_rows.data(), ros.data(), ros.size(), D);
+  model::ops::moe_unpermute_forward(b.data(), expert_rows.data(), ros.data(), ros.size(), D);
   EXPECT_TRUE(same_bits(a, b)) << "unpermute";
   std::vector<float> dx_old = x, dx_new = x;
   legacy::add_slot_rows_to_tokens(dx_old.data(), expert_rows.data(), ros, S, k, D);
-  ops::moe_permute_backward(dx_new.data(), expert_rows.data(), ros.data(), S, k, D);
+  model::ops::moe_permute_backward(dx_new.data(), expert_rows.data(), ros.data(), S, k, D);
   EXPECT_TRUE(same_bits(dx_old, dx_new)) << "permute backward";
   // The index permutations of the expert shards: gather then scatter is the identity.
   std::vector<int64_t> index(rows);
   for (int64_t r = 0; r < rows; ++r) index[r] = r;
   std::shuffle(index.begin(), index.end(), std::mt19937_64(8));
   std::vector<float> g(expert_rows.size()), back(expert_rows.size());
-  ops::gather_rows(g.data(), expert_rows.data(), index.data(), rows, D);
+  model::ops::gather_rows(g.data(), expert_rows.data(), index.data(), rows, D);
   for (int64_t r = 0; r < rows; ++r) {
     EXPECT_EQ(0, std::memcmp(&g[r * D], &expert_rows[index[r] * D], D * sizeof(float)));
   }
-  ops::scatter_rows(back.data(), g.data(), index.data(), rows, D);
+  model::ops::scatter_rows(back.data(), g.data(), index.data(), rows, D);
   EXPECT_TRUE(same_bits(back, expert_rows));
 }
 
@@ -377,11 +377,11 @@ TEST(SeamBitIdentity, GroupedExpertsEqualOneSwigluPerExpert) {
   const size_t RF = static_cast<size_t>(rows) * F;
   std::vector<float> out(x.size()), h1(RF), h3(RF), act(RF), dx(x.size());
   std::vector<float> dw1(w1.size(), 0.f), dw3(dw1), dw2(dw1), scratch(2 * RF);
-  ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(), offset.data(),
-                              E, w1.data(), w3.data(), w2.data(), D, F);
-  ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
-                               dout.data(), x.data(), h1.data(), h3.data(), act.data(),
-                               offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+  model::ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
+                                     offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+  model::ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
+                                      dout.data(), x.data(), h1.data(), h3.data(), act.data(),
+                                      offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
   // The old experts.cc called swiglu_forward/backward once per expert on its rows.
   std::vector<float> o2(x.size()), a1(RF), a3(RF), aa(RF), dx2(x.size());
   std::vector<float> e1(w1.size(), 0.f), e3(e1), e2(e1), sc(2 * RF);
@@ -389,13 +389,13 @@ TEST(SeamBitIdentity, GroupedExpertsEqualOneSwigluPerExpert) {
     const int64_t r0 = offset[e];
     const int n = static_cast<int>(offset[e + 1] - r0);
     const size_t wf = static_cast<size_t>(e) * D * F;
-    ops::swiglu_forward(o2.data() + r0 * D, a1.data() + r0 * F, a3.data() + r0 * F,
-                        aa.data() + r0 * F, x.data() + r0 * D, w1.data() + wf, w3.data() + wf,
-                        w2.data() + wf, n, D, F);
-    ops::swiglu_backward(dx2.data() + r0 * D, e1.data() + wf, e3.data() + wf, e2.data() + wf,
-                         sc.data() + 2 * r0 * F, dout.data() + r0 * D, x.data() + r0 * D,
-                         a1.data() + r0 * F, a3.data() + r0 * F, aa.data() + r0 * F, w1.data() + wf,
-                         w3.data() + wf, w2.data() + wf, n, D, F);
+    model::ops::swiglu_forward(o2.data() + r0 * D, a1.data() + r0 * F, a3.data() + r0 * F,
+                               aa.data() + r0 * F, x.data() + r0 * D, w1.data() + wf,
+                               w3.data() + wf, w2.data() + wf, n, D, F);
+    model::ops::swiglu_backward(dx2.data() + r0 * D, e1.data() + wf, e3.data() + wf, e2.data() + wf,
+                                sc.data() + 2 * r0 * F, dout.data() + r0 * D, x.data() + r0 * D,
+                                a1.data() + r0 * F, a3.data() + r0 * F, aa.data() + r0 * F,
+                                w1.data() + wf, w3.data() + wf, w2.data() + wf, n, D, F);
   }
   EXPECT_TRUE(same_bits(out, o2));
   EXPECT_TRUE(same_bits(act, aa));
@@ -408,12 +408,13 @@ TEST(SeamBitIdentity, GroupedExpertsEqualOneSwigluPerExpert) {
 TEST(SeamBitIdentity, OptimiserKernelsEqualTheOldOptimizerLoops) {
   const size_t n = 3 * 4096 + 123;
   const std::vector<float> g0 = random_floats(n, 40, 0.1);
-  EXPECT_EQ(legacy_strict::global_norm(g0.data(), n), std::sqrt(ops::sum_squares(g0.data(), n)));
+  EXPECT_EQ(legacy_strict::global_norm(g0.data(), n),
+            std::sqrt(model::ops::sum_squares(g0.data(), n)));
   EXPECT_EQ(legacy_strict::global_norm(g0.data(), 1000),
-            std::sqrt(ops::sum_squares(g0.data(), 1000)));
+            std::sqrt(model::ops::sum_squares(g0.data(), 1000)));
   std::vector<float> a = g0, b = g0;
   legacy_strict::clip_scale(a.data(), n, 0.37f);
-  ops::scale_inplace(b.data(), n, 0.37f);
+  model::ops::scale_inplace(b.data(), n, 0.37f);
   EXPECT_TRUE(same_bits(a, b));
   std::vector<uint8_t> decay(n);
   for (size_t i = 0; i < n; ++i) decay[i] = (i / 1000) % 2;
@@ -422,17 +423,17 @@ TEST(SeamBitIdentity, OptimiserKernelsEqualTheOldOptimizerLoops) {
   std::vector<float> m_old(n, 0.f), v_old(n, 0.f), m_new(n, 0.f), v_new(n, 0.f);
   for (int t = 1; t <= 3; ++t) {
     const std::vector<float> g = random_floats(n, 42 + t, 0.1);
-    const ops::AdamWStep st{0.9f,
-                            0.95f,
-                            static_cast<float>(1.0 / (1.0 - std::pow(0.9, t))),
-                            static_cast<float>(1.0 / (1.0 - std::pow(0.95, t))),
-                            3e-3f,
-                            1e-8f,
-                            0.1f};
+    const model::ops::AdamWStep st{0.9f,
+                                   0.95f,
+                                   static_cast<float>(1.0 / (1.0 - std::pow(0.9, t))),
+                                   static_cast<float>(1.0 / (1.0 - std::pow(0.95, t))),
+                                   3e-3f,
+                                   1e-8f,
+                                   0.1f};
     legacy_strict::adamw(p_old.data(), g.data(), m_old, v_old, decay, st, ranges);
     for (const auto& [offset, len] : ranges) {
-      ops::adamw_update(p_new.data() + offset, m_new.data() + offset, v_new.data() + offset,
-                        g.data() + offset, decay.data() + offset, len, st);
+      model::ops::adamw_update(p_new.data() + offset, m_new.data() + offset, v_new.data() + offset,
+                               g.data() + offset, decay.data() + offset, len, st);
     }
   }
   EXPECT_TRUE(same_bits(p_old, p_new));
@@ -452,11 +453,11 @@ TEST(SeamBitIdentity, HaltingEqualsTheOldModelLoop) {
     const std::vector<float> step = random_floats(cur.size(), 51 + r);
     for (size_t i = 0; i < cur.size(); ++i) cur[i] += step[i] * 0.3f * float((i / D) % 5) / (r + 1);
     legacy_strict::halt(halted, iterations, frozen_old, prev.data(), cur.data(), S, D, 0.2, r);
-    ops::halt_converged_rows(halted_at.data(), frozen_new.data(), prev.data(), cur.data(), S, D,
-                             0.2, r + 1);
+    model::ops::halt_converged_rows(halted_at.data(), frozen_new.data(), prev.data(), cur.data(), S,
+                                    D, 0.2, r + 1);
     // The frozen rows go back into the stream (hold_halted).
     std::vector<float> held = cur;
-    ops::copy_masked_rows(held.data(), frozen_new.data(), halted_at.data(), S, D);
+    model::ops::copy_masked_rows(held.data(), frozen_new.data(), halted_at.data(), S, D);
     for (int t = 0; t < S; ++t) {
       if (halted[t]) std::copy_n(&frozen_old[t * D], D, &cur[t * D]);
     }

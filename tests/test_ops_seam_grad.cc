@@ -28,12 +28,12 @@ TEST(GradCheck, MoeCombine) {
   V out = random_vector(S * k * D, 60), w = random_vector(S * k, 61), g = random_vector(S * D, 62);
   V y(S * D);
   auto loss = [&] {
-    ops::moe_combine_forward(y.data(), out.data(), w.data(), kept.data(), S, k, D);
+    model::ops::moe_combine_forward(y.data(), out.data(), w.data(), kept.data(), S, k, D);
     return dot(y, g);
   };
   V dout(out.size(), 5.0), dw(w.size(), 5.0);
-  ops::moe_combine_backward(dout.data(), dw.data(), g.data(), out.data(), w.data(), kept.data(), S,
-                            k, D);
+  model::ops::moe_combine_backward(dout.data(), dw.data(), g.data(), out.data(), w.data(),
+                                   kept.data(), S, k, D);
   expect_gradient(out, dout, loss, "dexpert_out");
   expect_gradient(w, dw, loss, "dweight");
 }
@@ -45,13 +45,13 @@ TEST(GradCheck, MoePermuteAndUnpermute) {
   V x = random_vector(S * D, 64), g = random_vector(rows * D, 65), e = random_vector(rows * D, 66);
   V gs = random_vector(S * k * D, 67), r(rows * D), s(S * k * D);
   auto loss = [&] {  // <permute(x), g> + <unpermute(e), gs>
-    ops::moe_permute_forward(r.data(), x.data(), ros.data(), ros.size(), k, D);
-    ops::moe_unpermute_forward(s.data(), e.data(), ros.data(), ros.size(), D);
+    model::ops::moe_permute_forward(r.data(), x.data(), ros.data(), ros.size(), k, D);
+    model::ops::moe_unpermute_forward(s.data(), e.data(), ros.data(), ros.size(), D);
     return dot(r, g) + dot(s, gs);
   };
   V dx(x.size(), 0.0), de(e.size(), 0.0);
-  ops::moe_permute_backward(dx.data(), g.data(), ros.data(), S, k, D);
-  ops::moe_unpermute_backward(de.data(), gs.data(), ros.data(), ros.size(), D);
+  model::ops::moe_permute_backward(dx.data(), g.data(), ros.data(), S, k, D);
+  model::ops::moe_unpermute_backward(de.data(), gs.data(), ros.data(), ros.size(), D);
   expect_gradient(x, dx, loss, "dx");
   expect_gradient(e, de, loss, "drows");
 }
@@ -63,19 +63,19 @@ TEST(GradCheck, RouterTopKWithSelectionFixed) {
     std::vector<int32_t> ex(S * k), ex0;
     const V dw = random_vector(S * k, 71), bias = random_vector(E, 72);
     auto loss = [&] {  // <weights, dw> + Σ_t <probs_t, bias>, as a function of the probabilities
-      ops::router_topk_forward(ex.data(), w.data(), probs.data(), S, E, k, renorm);
+      model::ops::router_topk_forward(ex.data(), w.data(), probs.data(), S, E, k, renorm);
       double l = dot(w, dw);
       for (int t = 0; t < S; ++t) {
         for (int e = 0; e < E; ++e) l += probs[t * E + e] * bias[e];
       }
       return l;
     };
-    ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
+    model::ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
     loss();
     ex0 = ex;
     V dprobs(S * E, 5.0);
-    ops::router_topk_backward(dprobs.data(), dw.data(), probs.data(), ex.data(), w.data(),
-                              bias.data(), S, E, k, renorm);
+    model::ops::router_topk_backward(dprobs.data(), dw.data(), probs.data(), ex.data(), w.data(),
+                                     bias.data(), S, E, k, renorm);
     expect_gradient(probs, dprobs, loss, renorm ? "dprobs (renormalised)" : "dprobs");
     EXPECT_EQ(ex, ex0) << "the perturbations changed the selection";
   }
@@ -86,12 +86,12 @@ TEST(GradCheck, RouterZLoss) {
   const double z_scale = 0.7, tokens = 4;
   V logits = random_vector(S * E, 73, 2.0), probs(S * E), lse(S);
   auto loss = [&] {
-    ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
+    model::ops::softmax_forward(probs.data(), lse.data(), logits.data(), S, E);
     return z_scale * dot(lse, lse) / tokens;
   };
   loss();
   V dl(S * E, 0.0);
-  ops::router_zloss_backward(dl.data(), probs.data(), lse.data(), S, E, z_scale, tokens);
+  model::ops::router_zloss_backward(dl.data(), probs.data(), lse.data(), S, E, z_scale, tokens);
   expect_gradient(logits, dl, loss, "dlogits");
 }
 
@@ -103,15 +103,15 @@ TEST(GradCheck, GroupedSwiGLUExperts) {
   V w1 = random_vector(E * D * F, 76), w3 = random_vector(E * D * F, 77);
   V w2 = random_vector(E * F * D, 78), out(rows * D), h1(rows * F), h3(h1), act(h1);
   auto loss = [&] {
-    ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
-                                offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+    model::ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
+                                       offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
     return dot(out, g);
   };
   loss();
   V dx(x.size()), dw1(w1.size(), 0.0), dw3(dw1), dw2(dw1), scratch(2 * rows * F);
-  ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
-                               g.data(), x.data(), h1.data(), h3.data(), act.data(), offset.data(),
-                               E, w1.data(), w3.data(), w2.data(), D, F);
+  model::ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
+                                      g.data(), x.data(), h1.data(), h3.data(), act.data(),
+                                      offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
   expect_gradient(x, dx, loss, "dx");
   expect_gradient(w1, dw1, loss, "dw1");
   expect_gradient(w3, dw3, loss, "dw3");
@@ -123,62 +123,62 @@ TEST(GradCheck, RowVectorBroadcastAndRowSum) {
   V x0 = random_vector(S * D, 79), v = random_vector(D, 80), g = random_vector(S * D, 81), x;
   auto loss = [&] {
     x = x0;
-    ops::add_row_vector(x.data(), v.data(), S, D);
+    model::ops::add_row_vector(x.data(), v.data(), S, D);
     return dot(x, g);
   };
   V dv(D, 0.0);
-  ops::sum_rows(dv.data(), g.data(), S, D);  // the broadcast's backward
+  model::ops::sum_rows(dv.data(), g.data(), S, D);  // the broadcast's backward
   expect_gradient(v, dv, loss, "dv");
   V a = random_vector(7, 82), b = random_vector(7, 83), c = a;
-  ops::add_inplace(c.data(), b.data(), c.size());
+  model::ops::add_inplace(c.data(), b.data(), c.size());
   for (size_t i = 0; i < c.size(); ++i) EXPECT_EQ(c[i], a[i] + b[i]);
 }
 
 TEST(Buffer, HostStorageBehavesLikeAVector) {
-  Buffer<float> b(5);
-  EXPECT_EQ(b.device(), Device::kCpu);
+  model::Buffer<float> b(5);
+  EXPECT_EQ(b.device(), model::Device::kCpu);
   EXPECT_EQ(b.size(), 5u);
   for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], 0.f);
   b[2] = 3.f;
   b.resize(8);  // contents kept, new elements zero
   EXPECT_EQ(b[2], 3.f);
   EXPECT_EQ(b[7], 0.f);
-  Buffer<float> c = b;  // deep copy
+  model::Buffer<float> c = b;  // deep copy
   c[2] = 4.f;
   EXPECT_EQ(b[2], 3.f);
-  const std::vector<float> host = copy_to_host(c);
+  const std::vector<float> host = model::copy_to_host(c);
   EXPECT_EQ(host.size(), 8u);
   EXPECT_EQ(host[2], 4.f);
   float two[2];
-  copy_to_host(two, c, 2, 2);
+  model::copy_to_host(two, c, 2, 2);
   EXPECT_EQ(two[0], 4.f);
-  EXPECT_THROW(copy_to_host(two, c, 7, 2), std::out_of_range);
+  EXPECT_THROW(model::copy_to_host(two, c, 7, 2), std::out_of_range);
   const int32_t src[3] = {1, 2, 3};
-  Buffer<int32_t> t;
-  copy_from_host(t, src, 3);
+  model::Buffer<int32_t> t;
+  model::copy_from_host(t, src, 3);
   EXPECT_EQ(t.host_vector(), (std::vector<int32_t>{1, 2, 3}));
   t.set_zero();
   EXPECT_EQ(t[1], 0);
-  Buffer<float> moved(std::move(c));
+  model::Buffer<float> moved(std::move(c));
   EXPECT_EQ(moved.size(), 8u);
   EXPECT_EQ(moved[2], 4.f);
-  Buffer<double> filled(4, 1.5);
+  model::Buffer<double> filled(4, 1.5);
   EXPECT_EQ(filled[3], 1.5);
   t.clear();
   EXPECT_TRUE(t.empty());
 }
 
 TEST(Buffer, DeviceStorageNeedsACudaBuild) {
-  EXPECT_FALSE(detail::device_available());
+  EXPECT_FALSE(model::detail::device_available());
   try {
-    Buffer<float> d(4, Device::kCuda);
+    model::Buffer<float> d(4, model::Device::kCuda);
     FAIL() << "a CPU build constructed a device buffer";
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("no CUDA backend"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(set_default_device(Device::kCuda), std::runtime_error);
-  EXPECT_EQ(default_device(), Device::kCpu);
-  EXPECT_STREQ(to_string(Device::kCuda), "cuda");
+  EXPECT_THROW(model::set_default_device(model::Device::kCuda), std::runtime_error);
+  EXPECT_EQ(model::default_device(), model::Device::kCpu);
+  EXPECT_STREQ(to_string(model::Device::kCuda), "cuda");
 }
 
 }  // namespace

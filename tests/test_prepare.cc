@@ -14,7 +14,7 @@
 #include "dataloader/tokenizer.h"
 #include "tests/dataloader_test_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -220,4 +220,4 @@ TEST(PrepareTest, TwoDocumentsGiveOneEachSide) {
 }
 
 }  // namespace
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

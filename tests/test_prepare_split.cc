@@ -12,7 +12,7 @@
 #include "dataloader/tokenizer.h"
 #include "tests/dataloader_test_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -260,4 +260,4 @@ TEST(PrepareTest, Errors) {
 }
 
 }  // namespace
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

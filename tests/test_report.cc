@@ -27,13 +27,13 @@ using experiment_test::tiny_vanilla;
 using experiment_test::write_file;
 
 TEST(Report, MeanAndSampleStd) {
-  const MeanStd m = mean_std({4.0, 4.2, NAN});
+  const experiment::MeanStd m = experiment::mean_std({4.0, 4.2, NAN});
   EXPECT_EQ(m.n, 2);
   EXPECT_NEAR(m.mean, 4.1, 1e-12);
   EXPECT_NEAR(m.std, std::sqrt(0.02), 1e-12);
-  EXPECT_EQ(format_mean_std(m, 4), "4.1000 ± 0.1414");
-  EXPECT_EQ(format_mean_std(mean_std({0.25}), 1, 100.0), "25.0");
-  EXPECT_EQ(format_mean_std(mean_std({}), 3), "n/a");
+  EXPECT_EQ(experiment::format_mean_std(m, 4), "4.1000 ± 0.1414");
+  EXPECT_EQ(experiment::format_mean_std(experiment::mean_std({0.25}), 1, 100.0), "25.0");
+  EXPECT_EQ(experiment::format_mean_std(experiment::mean_std({}), 3), "n/a");
 }
 
 class ReportTest : public ::testing::Test {
@@ -61,14 +61,14 @@ class ReportTest : public ::testing::Test {
   void add_run(const std::string& name, bool looped, uint64_t seed, double val, double cloze,
                double mc, bool done = true) {
     const fs::path dir = root_ / "runs" / name;
-    Config c = tiny_vanilla("data");
+    model::Config c = tiny_vanilla("data");
     c.train.steps = 20;
     c.train.seed = seed;
     if (looped) {
-      c.model =
-          fake_solve(c.model, 2, Balance::kExperts, IterAdaLNMode::kJoint, 1.0).loopmoe_config;
+      c.model = fake_solve(c.model, 2, model::Balance::kExperts, model::IterAdaLNMode::kJoint, 1.0)
+                    .loopmoe_config;
     }
-    write_file(dir / "config.toml", to_toml(c));
+    write_file(dir / "config.toml", model::to_toml(c));
     std::string metrics;
     for (int step = 10; step <= 20; step += 10) {
       metrics += "{\"step\": " + std::to_string(step) +
@@ -146,10 +146,10 @@ bool python_has_matplotlib() {
 }
 
 TEST_F(ReportTest, WritesTablesAndPlotsOnTinyGrid) {
-  ReportOptions opt;
+  experiment::ReportOptions opt;
   opt.runs_dir = root_.string();
   opt.plot_script = std::string(LOOPMOE_SOURCE_DIR) + "/scripts/plot_report.py";
-  const ReportResult r = write_report(opt);
+  const experiment::ReportResult r = experiment::write_report(opt);
   EXPECT_EQ(r.report_path, (root_ / "report.md").string());
   const std::string md = read_all(r.report_path);
   // Mean ± sample std over the two seeds: val 4.0/4.2 and 3.9/4.0; accuracies in percent.
@@ -178,11 +178,11 @@ TEST_F(ReportTest, WritesTablesAndPlotsOnTinyGrid) {
 }
 
 TEST_F(ReportTest, PlotFailureStillWritesTables) {
-  ReportOptions opt;
+  experiment::ReportOptions opt;
   opt.runs_dir = root_.string();
   opt.out_file = (root_ / "elsewhere" / "r.md").string();
   opt.plot_script = (root_ / "no_such_script.py").string();
-  const ReportResult r = write_report(opt);
+  const experiment::ReportResult r = experiment::write_report(opt);
   EXPECT_NE(r.plot_note, "");
   const std::string md = read_all(root_ / "elsewhere" / "r.md");
   EXPECT_TRUE(contains(md, "Plots were not drawn")) << md;
@@ -193,9 +193,9 @@ TEST(Report, EmptyDirectoryIsAnError) {
   const fs::path dir =
       fs::temp_directory_path() / ("loopmoe_report_empty_" + std::to_string(::getpid()));
   fs::create_directories(dir);
-  ReportOptions opt;
+  experiment::ReportOptions opt;
   opt.runs_dir = dir.string();
-  EXPECT_THROW(write_report(opt), ConfigError);
+  EXPECT_THROW(experiment::write_report(opt), model::ConfigError);
   fs::remove_all(dir);
 }
 

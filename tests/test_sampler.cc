@@ -11,7 +11,7 @@
 #include "dataloader/token_shard.h"
 #include "tests/dataloader_test_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -154,4 +154,4 @@ TEST(SamplerTest, Errors) {
 }
 
 }  // namespace
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

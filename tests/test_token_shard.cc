@@ -13,7 +13,7 @@
 #include "dataloader/token_shard.h"
 #include "tests/dataloader_test_util.h"
 
-namespace loopmoe::data {
+namespace loopmoe::dataloader {
 namespace {
 
 namespace fs = std::filesystem;
@@ -242,4 +242,4 @@ TEST(TokenShardTest, HeaderAgreesWithOpen) {
   EXPECT_EQ(h.checksum, shard.checksum());
 }
 }  // namespace
-}  // namespace loopmoe::data
+}  // namespace loopmoe::dataloader

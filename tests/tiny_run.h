@@ -18,7 +18,7 @@ namespace loopmoe::testing {
 // Writes train.bin and val.bin under dir: 80% a period-17 pattern, 20% noise, vocabulary 60.
 inline void write_pattern_corpus(const std::filesystem::path& dir) {
   std::filesystem::create_directories(dir);
-  Rng rng(5);
+  model::Rng rng(5);
   for (const char* split : {"train", "val"}) {
     std::vector<int32_t> tokens(4000);
     for (size_t i = 0; i < tokens.size(); ++i) {
@@ -26,7 +26,7 @@ inline void write_pattern_corpus(const std::filesystem::path& dir) {
                                       : static_cast<int32_t>(rng.next_u64() % 60);
     }
     std::vector<uint64_t> docs = {0, 2000, tokens.size()};
-    data::write_token_shard(dir / (std::string(split) + ".bin"), 60, tokens, docs);
+    dataloader::write_token_shard(dir / (std::string(split) + ".bin"), 60, tokens, docs);
   }
 }
 
@@ -36,7 +36,7 @@ inline void write_pattern_corpus(const std::filesystem::path& dir) {
 // gradually, as on real text; `tokens` per split.
 inline void write_zipf_markov_corpus(const std::filesystem::path& dir, int vocab, size_t tokens) {
   std::filesystem::create_directories(dir);
-  Rng rng(11);
+  model::Rng rng(11);
   std::vector<double> cdf(vocab);
   double total = 0;
   for (int i = 0; i < vocab; ++i) cdf[i] = (total += 1.0 / (i + 1));
@@ -58,12 +58,12 @@ inline void write_zipf_markov_corpus(const std::filesystem::path& dir, int vocab
       }
     }
     std::vector<uint64_t> docs = {0, tokens / 2, tokens};
-    data::write_token_shard(dir / (std::string(split) + ".bin"), vocab, t, docs);
+    dataloader::write_token_shard(dir / (std::string(split) + ".bin"), vocab, t, docs);
   }
 }
 
-inline Config tiny_loopmoe_config(const std::filesystem::path& data_dir) {
-  Config c;
+inline model::Config tiny_loopmoe_config(const std::filesystem::path& data_dir) {
+  model::Config c;
   c.model.vocab_size = 64;
   c.model.seq_len = 16;
   c.model.d_model = 16;
@@ -73,7 +73,7 @@ inline Config tiny_loopmoe_config(const std::filesystem::path& data_dir) {
   c.model.n_loops = 2;
   c.model.n_experts = 4;
   c.model.expert_hidden = 16;
-  c.model.iter_adaln = IterAdaLNMode::kJoint;
+  c.model.iter_adaln = model::IterAdaLNMode::kJoint;
   c.model.cond_dim = 4;
   c.model.capacity_factor = 1.25;
   c.train.batch_size = 4;

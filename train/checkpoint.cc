@@ -14,7 +14,7 @@
 #include "common/atomic_file.h"
 #include "model/error.h"
 
-namespace loopmoe {
+namespace loopmoe::train {
 namespace {
 
 constexpr char kMagic[8] = {'L', 'M', 'O', 'E', 'C', 'K', 'P', 'T'};
@@ -47,20 +47,20 @@ size_t header_bytes(const Header& h) { return h.version == 1 ? kHeaderBytesV1 : 
 void throw_checkpoint_error(const common::WriteFailure& f) {
   switch (f.step) {
     case common::WriteStep::kCreate:
-      throw CheckpointError(f.tmp.string() + ": cannot create checkpoint file");
+      throw model::CheckpointError(f.tmp.string() + ": cannot create checkpoint file");
     case common::WriteStep::kWrite:
     case common::WriteStep::kClose:
-      throw CheckpointError(f.tmp.string() + ": write failed (disk full?)");
+      throw model::CheckpointError(f.tmp.string() + ": write failed (disk full?)");
     case common::WriteStep::kSync:
-      throw CheckpointError(f.tmp.string() + ": fsync failed");
+      throw model::CheckpointError(f.tmp.string() + ": fsync failed");
     case common::WriteStep::kOpenDirectory:
-      throw CheckpointError(f.directory.string() + ": cannot open for fsync");
+      throw model::CheckpointError(f.directory.string() + ": cannot open for fsync");
     case common::WriteStep::kSyncDirectory:
-      throw CheckpointError(f.directory.string() + ": fsync failed");
+      throw model::CheckpointError(f.directory.string() + ": fsync failed");
     case common::WriteStep::kRename:
       break;
   }
-  throw CheckpointError(f.message());
+  throw model::CheckpointError(f.message());
 }
 
 struct Loaded {
@@ -72,27 +72,27 @@ struct Loaded {
 // Reads and checks the header: magic, version and (version 2) the header checksum, so that no
 // field of a version 2 header is used unverified.
 Header read_header(std::ifstream& in, const std::string& path) {
-  if (!in) throw CheckpointError(path + ": cannot open checkpoint");
+  if (!in) throw model::CheckpointError(path + ": cannot open checkpoint");
   Header h{};
   in.read(reinterpret_cast<char*>(&h), kHeaderBytesV1);
   const auto truncated = [&] {
-    throw CheckpointError(path + ": truncated checkpoint (no complete header)");
+    throw model::CheckpointError(path + ": truncated checkpoint (no complete header)");
   };
   if (in.gcount() >= 8 && std::memcmp(h.magic, kMagic, 8) != 0) {
-    throw CheckpointError(path + ": not a LoopMoE checkpoint (bad magic)");
+    throw model::CheckpointError(path + ": not a LoopMoE checkpoint (bad magic)");
   }
   if (!in) truncated();
   if (h.version != 1 && h.version != kVersion) {
-    throw CheckpointError(path + ": checkpoint version " + std::to_string(h.version) +
-                          " is not supported (this build reads versions 1 and " +
-                          std::to_string(kVersion) +
-                          "; a corrupt file, or one from a newer LoopMoE)");
+    throw model::CheckpointError(path + ": checkpoint version " + std::to_string(h.version) +
+                                 " is not supported (this build reads versions 1 and " +
+                                 std::to_string(kVersion) +
+                                 "; a corrupt file, or one from a newer LoopMoE)");
   }
   if (h.version >= 2) {
     in.read(reinterpret_cast<char*>(&h.header_checksum), sizeof h.header_checksum);
     if (!in) truncated();
     if (h.header_checksum != header_checksum(h)) {
-      throw CheckpointError(path + ": header checksum mismatch (corrupt file)");
+      throw model::CheckpointError(path + ": header checksum mismatch (corrupt file)");
     }
   }
   return h;
@@ -114,12 +114,12 @@ Loaded read_file(const std::string& path) {
   const uint64_t want = implied_size(l.header);
   const uint64_t have = std::filesystem::file_size(path);
   if (have < want) {
-    throw CheckpointError(path + ": truncated checkpoint: header implies " + std::to_string(want) +
-                          " bytes, file has " + std::to_string(have));
+    throw model::CheckpointError(path + ": truncated checkpoint: header implies " +
+                                 std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   if (have > want) {
-    throw CheckpointError(path + ": trailing bytes after the checkpoint: header implies " +
-                          std::to_string(want) + " bytes, file has " + std::to_string(have));
+    throw model::CheckpointError(path + ": trailing bytes after the checkpoint: header implies " +
+                                 std::to_string(want) + " bytes, file has " + std::to_string(have));
   }
   l.config_text.resize(l.header.config_bytes);
   l.params.resize(n);
@@ -129,22 +129,23 @@ Loaded read_file(const std::string& path) {
   for (auto* buf : {&l.params, &l.m, &l.v}) {
     in.read(reinterpret_cast<char*>(buf->data()), static_cast<std::streamsize>(n * sizeof(float)));
   }
-  if (!in) throw CheckpointError(path + ": read error");
+  if (!in) throw model::CheckpointError(path + ": read error");
   XXH64_state_t* st = XXH64_createState();
   XXH64_reset(st, 0);
   XXH64_update(st, l.config_text.data(), l.config_text.size());
   for (auto* buf : {&l.params, &l.m, &l.v}) XXH64_update(st, buf->data(), n * sizeof(float));
   const uint64_t sum = XXH64_digest(st);
   XXH64_freeState(st);
-  if (sum != l.header.checksum) throw CheckpointError(path + ": checksum mismatch (corrupt file)");
+  if (sum != l.header.checksum)
+    throw model::CheckpointError(path + ": checksum mismatch (corrupt file)");
   return l;
 }
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const Config& config, const Model& model, AdamW& opt,
-                     const TrainProgress& progress) {
-  const std::string text = to_toml(config);
+void save_checkpoint(const std::string& path, const model::Config& config,
+                     const model::Model& model, model::AdamW& opt, const TrainProgress& progress) {
+  const std::string text = model::to_toml(config);
   const size_t n = model.num_params();
   Header h{};
   std::memcpy(h.magic, kMagic, 8);
@@ -181,36 +182,36 @@ int64_t read_checkpoint_step(const std::string& path) {
   return read_header(in, path).step;
 }
 
-Config read_checkpoint_config(const std::string& path) {
+model::Config read_checkpoint_config(const std::string& path) {
   Loaded l = read_file(path);
-  return parse_config(l.config_text, path + " (stored config)");
+  return model::parse_config(l.config_text, path + " (stored config)");
 }
 
-std::unique_ptr<Model> load_model(const std::string& path, Config* config) {
+std::unique_ptr<model::Model> load_model(const std::string& path, model::Config* config) {
   Loaded l = read_file(path);
-  *config = parse_config(l.config_text, path + " (stored config)");
-  auto model = std::make_unique<Model>(config->model);
+  *config = model::parse_config(l.config_text, path + " (stored config)");
+  auto model = std::make_unique<model::Model>(config->model);
   if (l.header.num_params != model->num_params()) {
-    throw CheckpointError(path + ": parameter count differs from the stored config's model");
+    throw model::CheckpointError(path + ": parameter count differs from the stored config's model");
   }
   std::memcpy(model->params(), l.params.data(), l.params.size() * sizeof(float));
   return model;
 }
 
-TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
-                              AdamW& opt) {
+TrainProgress load_checkpoint(const std::string& path, const model::Config& config,
+                              model::Model& model, model::AdamW& opt) {
   Loaded l = read_file(path);
-  const std::string want = to_toml(config);
+  const std::string want = model::to_toml(config);
   if (l.config_text != want) {
     std::istringstream a(l.config_text), b(want);
     std::string la, lb, diff;
     while (std::getline(a, la) && std::getline(b, lb)) {
       if (la != lb) diff += "\n  checkpoint: " + la + "\n  requested:  " + lb;
     }
-    throw CheckpointError(path + ": checkpoint was written with a different config:" + diff);
+    throw model::CheckpointError(path + ": checkpoint was written with a different config:" + diff);
   }
   if (l.header.num_params != model.num_params()) {
-    throw CheckpointError(path + ": parameter count differs from the model");
+    throw model::CheckpointError(path + ": parameter count differs from the model");
   }
   std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
   std::copy(l.m.begin(), l.m.end(), opt.m().begin());
@@ -223,4 +224,4 @@ TrainProgress load_checkpoint(const std::string& path, const Config& config, Mod
   return p;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

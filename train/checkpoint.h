@@ -12,18 +12,19 @@
 #include "model/model.h"
 #include "model/optimizer.h"
 
-namespace loopmoe {
+namespace loopmoe::train {
 
 struct TrainProgress {
   int64_t step = 0;  // steps completed
-  data::SamplerState sampler;
+  dataloader::SamplerState sampler;
   int threads = 1;  // bit-exact continuation needs the same thread count
 };
 
 // Writes path.tmp, fsyncs it, renames it over path and fsyncs the directory
 // (common::AtomicFileWriter); failures throw CheckpointError naming the file.
-void save_checkpoint(const std::string& path, const Config& config, const Model& model,
-                     AdamW& optimizer, const TrainProgress& progress);
+void save_checkpoint(const std::string& path, const model::Config& config,
+                     const model::Model& model, model::AdamW& optimizer,
+                     const TrainProgress& progress);
 
 // The steps a checkpoint says are done, from its header alone (magic, version and the header
 // checksum checked, not the payload's): enough to plan a resumed run before loading it. A
@@ -31,15 +32,15 @@ void save_checkpoint(const std::string& path, const Config& config, const Model&
 int64_t read_checkpoint_step(const std::string& path);
 
 // Reads the config stored in a checkpoint (validated, checksum verified).
-Config read_checkpoint_config(const std::string& path);
+model::Config read_checkpoint_config(const std::string& path);
 
 // The model a checkpoint holds, for evaluation: built from the stored config (returned in
 // *config) with the stored parameters; the file is read and verified once.
-std::unique_ptr<Model> load_model(const std::string& path, Config* config);
+std::unique_ptr<model::Model> load_model(const std::string& path, model::Config* config);
 
 // Loads parameters, optimizer state and progress into `model` / `optimizer`. The checkpoint's
 // config must equal `config` (field by field; the differences are listed otherwise).
-TrainProgress load_checkpoint(const std::string& path, const Config& config, Model& model,
-                              AdamW& optimizer);
+TrainProgress load_checkpoint(const std::string& path, const model::Config& config,
+                              model::Model& model, model::AdamW& optimizer);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstdio>
 
-namespace loopmoe {
+namespace loopmoe::train {
 
 std::string format_seconds(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
@@ -34,4 +34,4 @@ std::string format_si(double x, int digits) {
   return buf;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

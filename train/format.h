@@ -3,7 +3,7 @@
 
 #include <string>
 
-namespace loopmoe {
+namespace loopmoe::train {
 
 // "3m10s", "1h02m"; "?" for negative or non-finite input.
 std::string format_seconds(double seconds);
@@ -12,4 +12,4 @@ std::string format_fixed(double x, int precision);
 // `digits` significant digits with a k / M / G suffix ("4.2M"); "n/a" for non-finite input.
 std::string format_si(double x, int digits);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

@@ -23,7 +23,7 @@
 #include "train/checkpoint.h"
 #include "train/format.h"
 
-namespace loopmoe {
+namespace loopmoe::train {
 namespace {
 
 namespace fs = std::filesystem;
@@ -62,9 +62,9 @@ double recorded_validation_loss(const std::string& run_dir) {
   return last;
 }
 
-double validation_loss(Model& model, const data::TokenShard& val, int batch, int seq_len,
-                       int batches) {
-  data::BatchSampler sampler(val, batch, seq_len, 0, /*shuffle=*/false);
+double validation_loss(model::Model& model, const dataloader::TokenShard& val, int batch,
+                       int seq_len, int batches) {
+  dataloader::BatchSampler sampler(val, batch, seq_len, 0, /*shuffle=*/false);
   std::vector<int32_t> in(static_cast<size_t>(batch) * seq_len), tg(in.size());
   double total = 0;
   for (int i = 0; i < batches; ++i) {
@@ -74,7 +74,7 @@ double validation_loss(Model& model, const data::TokenShard& val, int batch, int
   return total / batches;
 }
 
-int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t end) {
+int64_t first_validation_step(const model::TrainConfig& train, int64_t start, int64_t end) {
   int64_t first = 0;
   if (train.eval_interval > 0) {
     const int64_t next = (start / train.eval_interval + 1) * train.eval_interval;
@@ -84,13 +84,13 @@ int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t e
   return first;
 }
 
-TrainResult train(const Config& requested, const TrainOptions& opt) {
+TrainResult run_training(const model::Config& requested, const TrainOptions& opt) {
   // The run records an absolute data directory, so audit and eval find the data from any
   // working directory (and a resume from another directory still matches).
-  Config cfg = requested;
+  model::Config cfg = requested;
   cfg.data.dir = fs::absolute(cfg.data.dir).lexically_normal().string();
-  set_num_threads(opt.threads);
-  const TrainConfig& tc = cfg.train;
+  model::set_num_threads(opt.threads);
+  const model::TrainConfig& tc = cfg.train;
   const int B = tc.batch_size, T = cfg.model.seq_len;
   const fs::path data_dir(cfg.data.dir);
   const fs::path ckpt = fs::path(opt.out_dir) / "checkpoint.bin";
@@ -105,8 +105,8 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   if (opt.resume && first_step >= tc.steps) {
     // A finished run: nothing to train, validate or write, and no data to read. The checkpoint
     // is still loaded, so a different config is refused as on any resume.
-    Model model(cfg.model);
-    AdamW adam(model.layout(), tc);
+    model::Model model(cfg.model);
+    model::AdamW adam(model.layout(), tc);
     load_checkpoint(ckpt.string(), cfg, model, adam);
     TrainResult result;
     result.already_complete = true;
@@ -115,7 +115,7 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
     return result;
   }
   const int64_t first_eval = first_validation_step(tc, first_step, end);
-  data::DatasetNeeds needs;
+  dataloader::DatasetNeeds needs;
   needs.max_vocab = static_cast<uint32_t>(cfg.model.vocab_size);
   needs.seq_len = T;
   needs.val = first_eval > 0;
@@ -124,22 +124,23 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
           ? "the run validates after its last step (train.steps = " + std::to_string(tc.steps) + ")"
           : "the run validates every train.eval_interval = " + std::to_string(tc.eval_interval) +
                 " steps, first after step " + std::to_string(first_eval);
-  data::check_dataset(data_dir, needs);
-  data::TokenShard train_shard = data::TokenShard::open(data_dir / "train.bin");
-  std::optional<data::TokenShard> val_shard;
-  if (needs.val) val_shard.emplace(data::TokenShard::open(data_dir / "val.bin"));
+  dataloader::check_dataset(data_dir, needs);
+  dataloader::TokenShard train_shard = dataloader::TokenShard::open(data_dir / "train.bin");
+  std::optional<dataloader::TokenShard> val_shard;
+  if (needs.val) val_shard.emplace(dataloader::TokenShard::open(data_dir / "val.bin"));
   fs::create_directories(opt.out_dir);
 
-  Model model(cfg.model);
+  model::Model model(cfg.model);
   model.set_grad_groups(tc.grad_groups);
-  AdamW adam(model.layout(), tc);
-  data::BatchSampler sampler(train_shard, B, T, tc.seed, /*shuffle=*/true);
+  model::AdamW adam(model.layout(), tc);
+  dataloader::BatchSampler sampler(train_shard, B, T, tc.seed, /*shuffle=*/true);
   int64_t start = 0;
   if (opt.resume) {
     TrainProgress p = load_checkpoint(ckpt.string(), cfg, model, adam);
     if (p.step != first_step) {
-      throw CheckpointError(ckpt.string() + ": changed while the run started (step " +
-                            std::to_string(first_step) + ", then " + std::to_string(p.step) + ")");
+      throw model::CheckpointError(ckpt.string() + ": changed while the run started (step " +
+                                   std::to_string(first_step) + ", then " + std::to_string(p.step) +
+                                   ")");
     }
     sampler.restore(p.sampler);
     start = p.step;
@@ -153,12 +154,12 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
     if (opt.progress) std::fprintf(stderr, "resumed from %s at step %ld\n", ckpt.c_str(), start);
   } else {
     if (fs::exists(ckpt)) {
-      throw ConfigError(ckpt.string() +
-                        " exists: pass --resume to continue it, or choose another --out");
+      throw model::ConfigError(ckpt.string() +
+                               " exists: pass --resume to continue it, or choose another --out");
     }
     model.init_params(tc.seed);
     std::ofstream(metrics_path, std::ios::trunc);
-    common::write_file_atomically(fs::path(opt.out_dir) / "config.toml", to_toml(cfg));
+    common::write_file_atomically(fs::path(opt.out_dir) / "config.toml", model::to_toml(cfg));
   }
   std::ofstream metrics(metrics_path, std::ios::app);
   metrics.precision(8);
@@ -187,13 +188,14 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   const auto save = [&](int64_t steps_done) {
     save_checkpoint(ckpt.string(), cfg, model, adam, {steps_done, sampler.state(), opt.threads});
   };
-  const FinishGradients finish_gradients = clip_locally(model.num_params(), tc.grad_clip);
+  const model::FinishGradients finish_gradients =
+      model::clip_locally(model.num_params(), tc.grad_clip);
   for (int step = static_cast<int>(start); step < end; ++step) {
     const auto t0 = Clock::now();
     sampler.next(in.data(), tg.data());
-    const StepOutcome outcome =
-        train_step(model, adam, tc, step, {in.data(), tg.data(), B, T}, finish_gradients);
-    const LossParts& loss = outcome.loss;
+    const model::StepOutcome outcome =
+        model::train_step(model, adam, tc, step, {in.data(), tg.data(), B, T}, finish_gradients);
+    const model::LossParts& loss = outcome.loss;
     const double norm = outcome.grad_norm, lr = outcome.lr;
     const double dt = common::seconds_since(t0);
     train_seconds += dt;
@@ -249,4 +251,4 @@ TrainResult train(const Config& requested, const TrainOptions& opt) {
   return result;
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

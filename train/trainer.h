@@ -8,7 +8,14 @@
 
 #include "model/config.h"
 
-namespace loopmoe {
+namespace loopmoe::model {
+class Model;
+}  // namespace loopmoe::model
+namespace loopmoe::dataloader {
+class TokenShard;
+}  // namespace loopmoe::dataloader
+
+namespace loopmoe::train {
 
 struct TrainOptions {
   std::string out_dir = "runs/default";
@@ -30,29 +37,25 @@ struct TrainResult {
 
 // Checks every input first (data.dir's shards against model.vocab_size and seq_len, val.bin only
 // when a validation falls in the steps to run; see first_validation_step), so bad data fails
-// before any output is written; then trains. Throws data::DataError, ConfigError or
+// before any output is written; then trains. Throws dataloader::DataError, ConfigError or
 // CheckpointError with one clear message (common::FileError when the run's config.toml cannot be
 // written). Resuming a run whose checkpoint is already at train.steps loads the checkpoint (so a
 // different config is still refused) and returns with already_complete set, writing nothing.
-TrainResult train(const Config& config, const TrainOptions& options);
+TrainResult run_training(const model::Config& config, const TrainOptions& options);
 
 // The first step in (start, end] after which a run of this schedule validates, or 0 when none
 // does. Validation follows every multiple of train.eval_interval (when > 0) and step train.steps
 // (the end of the schedule, even with eval_interval = 0); `start` is the steps already done,
 // `end` where this invocation stops (train.steps, or earlier with --stop-after). A run that
 // validates nowhere does not read val.bin.
-int64_t first_validation_step(const TrainConfig& train, int64_t start, int64_t end);
+int64_t first_validation_step(const model::TrainConfig& train, int64_t start, int64_t end);
 
 // The last validation loss recorded in RUN/metrics.jsonl (its last `val_loss` record), or NaN when
 // there is none (or no file). A torn line is skipped.
 double recorded_validation_loss(const std::string& run_dir);
 
 // Mean cross-entropy over `batches` sequential validation batches from the start of the shard.
-class Model;
-namespace data {
-class TokenShard;
-}
-double validation_loss(Model& model, const data::TokenShard& val, int batch, int seq_len,
-                       int batches);
+double validation_loss(model::Model& model, const dataloader::TokenShard& val, int batch,
+                       int seq_len, int batches);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::train

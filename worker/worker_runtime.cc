@@ -45,19 +45,19 @@ using runtime::write_worker_checkpoint;
 
 // Vets a dataset file from its header (vocabulary within the model's, at least one window; one
 // DataError naming the file, as the trainer and the coordinator's submit check give) and opens it.
-data::TokenShard open_checked(const Config& config, bool val) {
-  data::DatasetNeeds needs;
+dataloader::TokenShard open_checked(const model::Config& config, bool val) {
+  dataloader::DatasetNeeds needs;
   needs.max_vocab = static_cast<uint32_t>(config.model.vocab_size);
   needs.seq_len = config.model.seq_len;
   needs.val = val;
   const fs::path dir(config.data.dir);
-  data::check_dataset(dir, needs);
-  return data::TokenShard::open(dir / (val ? "val.bin" : "train.bin"));
+  dataloader::check_dataset(dir, needs);
+  return dataloader::TokenShard::open(dir / (val ? "val.bin" : "train.bin"));
 }
 
 class WorkerRuntime final : public RuntimeBase {
  public:
-  WorkerRuntime(const ProcessSetup& setup, Config config)
+  WorkerRuntime(const ProcessSetup& setup, model::Config config)
       : RuntimeBase(setup, std::move(config)),
         train_shard_(open_checked(config_, /*val=*/false)),
         val_shard_(open_checked(config_, /*val=*/true)),
@@ -68,8 +68,9 @@ class WorkerRuntime final : public RuntimeBase {
         ranges_(model_.replica_ranges()) {
     const int B = config_.train.batch_size, W = setup.num_workers;
     if (W > B) {
-      throw ConfigError("job has " + std::to_string(W) + " workers but train.batch_size is " +
-                        std::to_string(B) + ": every worker needs at least one sequence");
+      throw model::ConfigError("job has " + std::to_string(W) +
+                               " workers but train.batch_size is " + std::to_string(B) +
+                               ": every worker needs at least one sequence");
     }
     row_begin_ = static_cast<int>(static_cast<int64_t>(setup.rank) * B / W);
     row_end_ = static_cast<int>(static_cast<int64_t>(setup.rank + 1) * B / W);
@@ -94,7 +95,7 @@ class WorkerRuntime final : public RuntimeBase {
   StepReport step(int loops) override {
     set_threads();
     const auto t0 = Clock::now();
-    const TrainConfig& tc = config_.train;
+    const model::TrainConfig& tc = config_.train;
     const int T = config_.model.seq_len, B = tc.batch_size, Bw = row_end_ - row_begin_;
     batch_in_.resize(static_cast<size_t>(B) * T);
     batch_tg_.resize(batch_in_.size());
@@ -108,14 +109,14 @@ class WorkerRuntime final : public RuntimeBase {
       if (workers_) combine_replica_grads();
       const auto [norm, coef] =
           global_clip(setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0);
-      if (coef != 1.f) ops::scale_inplace(packed_.data(), packed_.size(), coef);
+      if (coef != 1.f) model::ops::scale_inplace(packed_.data(), packed_.size(), coef);
       unpack(packed_, g);
       return norm;
     };
-    const StepOutcome outcome = train_step(
+    const model::StepOutcome outcome = model::train_step(
         model_, adam_, tc, steps_done_,
         {batch_in_.data() + first, batch_tg_.data() + first, Bw, T, loops}, finish, &ranges_);
-    const LossParts& loss = outcome.loss;
+    const model::LossParts& loss = outcome.loss;
     ++steps_done_;
 
     StepReport r = report(loops, outcome.lr, outcome.grad_norm, dispatcher_->stats(), t0);
@@ -123,7 +124,7 @@ class WorkerRuntime final : public RuntimeBase {
     // process's sum bit for bit.
     int64_t parts[3] = {loss.ce_sum.units, loss.ce_sum.invalid, loss.dropped};
     if (workers_) workers_->allreduce_sum(parts, 3);
-    r.ce = ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
+    r.ce = model::ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
     r.dropped = parts[2];
     r.aux = loss.aux;
     r.z = loss.z;
@@ -141,16 +142,17 @@ class WorkerRuntime final : public RuntimeBase {
   double evaluate(int batches) override {
     set_threads();
     const int T = config_.model.seq_len, B = config_.train.batch_size, Bw = row_end_ - row_begin_;
-    data::BatchSampler val(val_shard_, B, T, 0, /*shuffle=*/false);
+    dataloader::BatchSampler val(val_shard_, B, T, 0, /*shuffle=*/false);
     std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
     const size_t first = static_cast<size_t>(row_begin_) * T;
     double total = 0;
     for (int i = 0; i < batches; ++i) {
       val.next(in.data(), tg.data());
-      const ops::LossSum sum = model_.forward(in.data() + first, tg.data() + first, Bw, T).ce_sum;
+      const model::ops::LossSum sum =
+          model_.forward(in.data() + first, tg.data() + first, Bw, T).ce_sum;
       int64_t parts[2] = {sum.units, sum.invalid};
       if (workers_) workers_->allreduce_sum(parts, 2);
-      total += ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
+      total += model::ops::LossSum{parts[0], parts[1]}.value() / static_cast<double>(B * T);
     }
     return batches > 0 ? total / batches : 0.0;
   }
@@ -173,7 +175,7 @@ class WorkerRuntime final : public RuntimeBase {
     return ref;
   }
 
-  data::SamplerState sampler_state() const override { return sampler_.state(); }
+  dataloader::SamplerState sampler_state() const override { return sampler_.state(); }
 
  private:
   // packed_ becomes the sum of the workers' replica gradients in the pairwise tree over workers
@@ -191,7 +193,7 @@ class WorkerRuntime final : public RuntimeBase {
       std::copy(packed_.begin(), packed_.end(),
                 gathered_.begin() + static_cast<ptrdiff_t>(n * setup_.rank));
       workers_->allreduce_sum(gathered_.data(), gathered_.size());
-      ops::tree_sum_groups(gathered_.data(), n, W, {{0, n}});
+      model::ops::tree_sum_groups(gathered_.data(), n, W, {{0, n}});
       std::copy_n(gathered_.begin(), n, packed_.begin());
     }
   }
@@ -217,11 +219,13 @@ class WorkerRuntime final : public RuntimeBase {
       if (f.role != Role::kWorker) continue;
       if (pick == nullptr || f.rank == setup_.rank) pick = &f;
     }
-    if (pick == nullptr) throw CheckpointError("checkpoint has no worker file to resume from");
+    if (pick == nullptr)
+      throw model::CheckpointError("checkpoint has no worker file to resume from");
     const WorkerCheckpoint c = read_worker_checkpoint(pick->path, pick->xxh64);
     if (c.params.size() != replica_size_) {
-      throw CheckpointError(pick->path + ": holds " + std::to_string(c.params.size()) +
-                            " replica parameters, this model has " + std::to_string(replica_size_));
+      throw model::CheckpointError(pick->path + ": holds " + std::to_string(c.params.size()) +
+                                   " replica parameters, this model has " +
+                                   std::to_string(replica_size_));
     }
     check_resume_file(c.config_hash, c.step, resume.step, pick->path);
     unpack(c.params, model_.params());
@@ -232,10 +236,10 @@ class WorkerRuntime final : public RuntimeBase {
     steps_done_ = c.step;
   }
 
-  data::TokenShard train_shard_, val_shard_;
-  Model model_;
-  AdamW adam_;
-  data::BatchSampler sampler_;
+  dataloader::TokenShard train_shard_, val_shard_;
+  model::Model model_;
+  model::AdamW adam_;
+  dataloader::BatchSampler sampler_;
   const std::vector<std::pair<size_t, size_t>>& ranges_;  // the model's replica ranges
   size_t replica_size_ = 0;
   int row_begin_ = 0, row_end_ = 0;  // this worker's rows of the global batch
@@ -248,7 +252,7 @@ class WorkerRuntime final : public RuntimeBase {
 }  // namespace
 
 std::unique_ptr<ProcessRuntime> create_worker_runtime(const ProcessSetup& setup) {
-  Config config = checked_config(setup, Role::kWorker);
+  model::Config config = checked_config(setup, Role::kWorker);
   return std::make_unique<WorkerRuntime>(setup, std::move(config));
 }
 

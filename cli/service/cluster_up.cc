@@ -24,7 +24,7 @@
 
 extern char** environ;
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 namespace fs = std::filesystem;
@@ -283,4 +283,4 @@ void register_cluster_command(CLI::App& app) {
   up->callback([o] { cluster_up(*o); });
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -7,7 +7,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE training service commands", "loopmoe"};
   app.require_subcommand(1);
-  loopmoe::register_service_commands(app);
-  loopmoe::register_cluster_command(app);
-  return loopmoe::run_cli(app, argc, argv);
+  loopmoe::cli::register_service_commands(app);
+  loopmoe::cli::register_cluster_command(app);
+  return loopmoe::cli::run_cli(app, argc, argv);
 }

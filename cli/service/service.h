@@ -4,9 +4,9 @@
 
 #include <CLI/CLI.hpp>
 
-namespace loopmoe {
+namespace loopmoe::cli {
 
 void register_service_commands(CLI::App& app);
 void register_cluster_command(CLI::App& app);
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

@@ -16,7 +16,7 @@
 #include "coordinator/job_spec.h"
 #include "proto/loopmoe.grpc.pb.h"
 
-namespace loopmoe {
+namespace loopmoe::cli {
 namespace {
 
 namespace v1 = loopmoe::v1;
@@ -283,4 +283,4 @@ void register_service_commands(CLI::App& app) {
   register_logs(app);
 }
 
-}  // namespace loopmoe
+}  // namespace loopmoe::cli

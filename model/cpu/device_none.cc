@@ -6,7 +6,7 @@
 
 #include "model/buffer.h"
 
-namespace loopmoe::detail {
+namespace loopmoe::model::detail {
 namespace {
 [[noreturn]] void no_device(const char* what) {
   throw std::runtime_error(std::string("Buffer: ") + what +
@@ -23,4 +23,4 @@ void device_copy_from_host(void*, const void*, size_t) { no_device("device_copy_
 void device_copy(void*, const void*, size_t) { no_device("device_copy"); }
 bool device_available() { return false; }
 
-}  // namespace loopmoe::detail
+}  // namespace loopmoe::model::detail

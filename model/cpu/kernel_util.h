@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 // Internal linkage in every kernel file (as when they lived in one file's anonymous namespace):
 // each file's copies are compiled with its own flags, and none is shared between files.
 namespace {
@@ -40,4 +40,4 @@ inline T sigmoid(T x) {
 }
 
 }  // namespace
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

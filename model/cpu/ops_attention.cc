@@ -10,7 +10,7 @@
 #include "model/cpu/kernel_util.h"
 #include "model/ops.h"
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd) {
@@ -185,4 +185,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

@@ -8,7 +8,7 @@
 #include "model/cpu/kernel_util.h"
 #include "model/ops.h"
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 
 template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* wte, int S, int D) {
@@ -322,4 +322,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

@@ -9,7 +9,7 @@
 #include "model/cpu/sgemm.h"
 #include "model/ops.h"
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 namespace {
 
 std::atomic<uint64_t> g_gemm_flops[static_cast<int>(FlopKind::kCount)];
@@ -127,4 +127,4 @@ template void gemm_reference<float>(bool, bool, int, int, int, float, const floa
 template void gemm_reference<double>(bool, bool, int, int, int, double, const double*, int,
                                      const double*, int, double, double*, int);
 
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

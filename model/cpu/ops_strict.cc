@@ -8,7 +8,7 @@
 
 #include "model/ops.h"
 
-namespace loopmoe::ops {
+namespace loopmoe::model::ops {
 
 template <typename T>
 void add_row_vector(T* x, const T* v, int S, int D) {
@@ -105,4 +105,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::ops
+}  // namespace loopmoe::model::ops

@@ -20,7 +20,7 @@
 
 #include "model/cpu/sgemm_micro.h"
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 namespace {
 
 // Block sizes: a K block of kKc values keeps one packed B panel (kKc × NR) in L1 and the A rows
@@ -238,4 +238,4 @@ bool sgemm_force_kernel(const char* name) {
   return true;
 }
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

@@ -11,7 +11,7 @@
 // and expert shards see different row counts than a single process does.
 #pragma once
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 
 // C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major; op transposes when the flag is set
 // (op(A) is M×K: A is M×K with lda >= K, or K×M with lda >= M when transposed).
@@ -30,4 +30,4 @@ const char* sgemm_kernel_name();
 // changing nothing, when the CPU cannot run it. Not thread-safe: call before any sgemm.
 bool sgemm_force_kernel(const char* name);
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

@@ -4,7 +4,7 @@
 
 #include "model/cpu/sgemm_kernel.h"
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 namespace {
 
 struct Avx2 {
@@ -37,4 +37,4 @@ const MicroTable& avx2_micro_table() {
   return table;
 }
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

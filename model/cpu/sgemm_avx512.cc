@@ -4,7 +4,7 @@
 
 #include "model/cpu/sgemm_kernel.h"
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 namespace {
 
 struct Avx512 {
@@ -35,4 +35,4 @@ const MicroTable& avx512_micro_table() {
   return table;
 }
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

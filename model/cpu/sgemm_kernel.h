@@ -14,7 +14,7 @@
 
 #include "model/cpu/sgemm_micro.h"
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 
 template <class Vec, int R, int NV, bool kRowMajorA>
 void micro_kernel(const MicroArgs& x, const float* ap, int a_stride, const float* bp, float* c,
@@ -83,4 +83,4 @@ struct MicroTableBuilder {
   }
 };
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

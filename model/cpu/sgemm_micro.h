@@ -2,7 +2,7 @@
 // model/cpu/.
 #pragma once
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 
 // What every micro-kernel call of one K block shares.
 struct MicroArgs {
@@ -35,4 +35,4 @@ const MicroTable& avx512_micro_table();
 const MicroTable& avx2_micro_table();
 const MicroTable& portable_micro_table();
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

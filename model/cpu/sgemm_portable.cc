@@ -5,7 +5,7 @@
 
 #include "model/cpu/sgemm_kernel.h"
 
-namespace loopmoe::ops::cpu {
+namespace loopmoe::model::ops::cpu {
 namespace {
 
 struct Scalar {
@@ -29,4 +29,4 @@ const MicroTable& portable_micro_table() {
   return table;
 }
 
-}  // namespace loopmoe::ops::cpu
+}  // namespace loopmoe::model::ops::cpu

@@ -54,7 +54,7 @@ inline void parallel(int n, const std::function<void(int)>& fn) {
 // W workers and S shards of one job as threads of this process.
 class ThreadCluster {
  public:
-  ThreadCluster(const Config& config, int workers, int shards,
+  ThreadCluster(const model::Config& config, int workers, int shards,
                 std::optional<ResumePoint> resume = std::nullopt)
       : workers_(workers) {
     static int counter = 0;
@@ -68,7 +68,7 @@ class ThreadCluster {
       s.rank = i < workers ? i : i - workers;
       s.num_workers = workers;
       s.num_shards = shards;
-      s.config_toml = to_toml(config);
+      s.config_toml = model::to_toml(config);
       s.resume = resume;
       s.store = ns_.get();
       s.collective_timeout = std::chrono::seconds(60);
@@ -115,8 +115,8 @@ inline std::vector<double> losses(const std::vector<StepReport>& reports) {
   return out;
 }
 
-inline Config shipped_config(const char* name, const fs::path& data, int steps) {
-  Config c = load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/" + name);
+inline model::Config shipped_config(const char* name, const fs::path& data, int steps) {
+  model::Config c = model::load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/" + name);
   c.data.dir = data.string();
   c.train.steps = steps;
   c.train.warmup_steps = 10;
@@ -126,12 +126,12 @@ inline Config shipped_config(const char* name, const fs::path& data, int steps) 
   return c;
 }
 
-inline std::vector<double> single_process_losses(const Config& c, const fs::path& out) {
-  TrainOptions o;
+inline std::vector<double> single_process_losses(const model::Config& c, const fs::path& out) {
+  train::TrainOptions o;
   o.out_dir = out.string();
   o.threads = 1;
   o.progress = false;
-  return train(c, o).losses;
+  return train::run_training(c, o).losses;
 }
 
 inline void expect_close_curves(const std::vector<double>& want, const std::vector<double>& got,
@@ -159,7 +159,7 @@ class ClusterTest : public ::testing::Test {
     dir_ = testing::fresh_test_dir("dist",
                                    ::testing::UnitTest::GetInstance()->current_test_info()->name());
     testing::write_pattern_corpus(dir_ / "data");
-    set_num_threads(1);
+    model::set_num_threads(1);
   }
   // Text-like data for the shipped configs (vocabulary 4096).
   fs::path text_data() {

@@ -55,7 +55,7 @@ int expect_every_flip_detected(const fs::path& p, const std::function<void()>& r
       try {
         read();
         if (++missed <= 10) ADD_FAILURE() << "byte " << at << " ^ " << int{mask} << " accepted";
-      } catch (const CheckpointError& e) {
+      } catch (const model::CheckpointError& e) {
         if (std::string(e.what()).rfind(p.string(), 0) != 0) ADD_FAILURE() << e.what();
       }
       xor_byte(p, at, mask);
@@ -69,7 +69,7 @@ void expect_checkpoint_error(const std::function<void()>& fn, const std::string&
   try {
     fn();
     ADD_FAILURE() << "no error; expected \"" << what << "\"";
-  } catch (const CheckpointError& e) {
+  } catch (const model::CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
   }
 }

@@ -35,7 +35,7 @@ using testing::parallel;
 // collective dispatcher (2 workers holding halves of the tokens, 2 shards) equal the local
 // dispatcher's. `all_to_one`: every slot goes to expert 0, so shard 1 and most experts get nothing.
 void check_dispatchers_agree(bool all_to_one) {
-  ModelConfig mc;
+  model::ModelConfig mc;
   mc.d_model = 16;
   mc.expert_hidden = 8;
   mc.n_experts = 5;
@@ -45,13 +45,13 @@ void check_dispatchers_agree(bool all_to_one) {
   mc.n_heads = 2;
   mc.head_dim = 8;
   const int S = 12, D = mc.d_model, k = mc.top_k, E = mc.n_experts, W = 2, Sh = 2;
-  Model model(mc);
+  model::Model model(mc);
   model.init_params(7);
-  Rng rng(3);
+  model::Rng rng(3);
   std::vector<float> x(static_cast<size_t>(S) * D), dout(static_cast<size_t>(S) * k * D);
   for (float& v : x) v = static_cast<float>(rng.normal());
   for (float& v : dout) v = static_cast<float>(rng.normal());
-  RoutingPlan plan;
+  model::RoutingPlan plan;
   plan.num_tokens = S;
   plan.num_experts = E;
   plan.top_k = k;
@@ -68,10 +68,10 @@ void check_dispatchers_agree(bool all_to_one) {
   // Local reference.
   std::vector<float> out_ref(dout.size()), dx_ref(x.size(), 0.f);
   model.zero_grad();
-  LocalDispatcher local(mc, model.layout(), model.params(), model.grads());
+  model::LocalDispatcher local(mc, model.layout(), model.params(), model.grads());
   local.forward(0, 0, plan, x.data(), out_ref.data());
   local.backward(0, 0, plan, dout.data(), dx_ref.data());
-  const LayerOffsets& l = model.layout().layers[0];
+  const model::LayerOffsets& l = model.layout().layers[0];
   const size_t DF = static_cast<size_t>(D) * mc.expert_hidden;
 
   // Collective: worker w holds tokens [w*S/2, (w+1)*S/2) and that part of the plan.
@@ -86,7 +86,7 @@ void check_dispatchers_agree(bool all_to_one) {
     auto world = comm::make_gloo_communicator(ns, rank, W + Sh, o);
     if (rank < W) {
       const int t0 = rank * S / W, t1 = (rank + 1) * S / W, n = t1 - t0;
-      RoutingPlan mine = plan;
+      model::RoutingPlan mine = plan;
       mine.num_tokens = n;
       auto cut = [&](auto& v) {
         v.assign(v.begin() + static_cast<ptrdiff_t>(t0) * k,
@@ -152,19 +152,19 @@ size_t resident_pages(const float* p, size_t n) {
 
 // A worker's model never commits the experts' memory (the shards hold them); one process's does.
 TEST(RemoteExperts, WorkerNeverCommitsExpertPages) {
-  const ModelConfig c =
-      load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/loopmoe_tiny.toml").model;
-  TrainConfig tc;
+  const model::ModelConfig c =
+      model::load_config(std::string(LOOPMOE_SOURCE_DIR) + "/configs/loopmoe_tiny.toml").model;
+  model::TrainConfig tc;
   for (bool remote : {true, false}) {
-    Model m(c);
+    model::Model m(c);
     m.set_remote_experts(remote);
     m.init_params(1);
     m.zero_grad();
-    AdamW adam(m.layout(), tc);
+    model::AdamW adam(m.layout(), tc);
     adam.step(m.params(), m.grads(), 1e-3, m.replica_ranges());
     size_t expert_pages = 0, replica_pages = 0;
-    for (const ParamTensor& t : m.layout().tensors()) {
-      size_t& count = is_expert_tensor(t) ? expert_pages : replica_pages;
+    for (const model::ParamTensor& t : m.layout().tensors()) {
+      size_t& count = model::is_expert_tensor(t) ? expert_pages : replica_pages;
       const float* const buffers[] = {m.params(), m.grads(), adam.m().data(), adam.v().data()};
       for (const float* base : buffers) {
         count += resident_pages(base + t.offset, t.numel());
@@ -177,7 +177,7 @@ TEST(RemoteExperts, WorkerNeverCommitsExpertPages) {
       EXPECT_GT(expert_pages, 0u);  // the control: the test can tell
     }
   }
-  Model m(c);
+  model::Model m(c);
   m.set_remote_experts(true);
   m.init_params(1);
   std::vector<int32_t> tokens(c.seq_len, 1);

@@ -35,7 +35,7 @@ using testing::ThreadCluster;
 // batch-invariant and every cross-worker sum is either an integer or the same fixed tree
 // (docs/MODEL.md). ctest runs these under several OPENBLAS_CORETYPE values
 // (tests/cluster/CMakeLists).
-void expect_layouts_reproduce_single_process(const Config& c, const fs::path& dir) {
+void expect_layouts_reproduce_single_process(const model::Config& c, const fs::path& dir) {
   const std::vector<double> want = single_process_losses(c, dir / "single");
   for (const auto& [workers, shards] : {std::pair{2, 2}, std::pair{4, 1}, std::pair{1, 3}}) {
     SCOPED_TRACE(std::to_string(workers) + " workers + " + std::to_string(shards) + " shards");
@@ -57,7 +57,7 @@ TEST_F(ClusterTest, ClusterLayoutsReproduceSingleProcessBitForBitLoopMoeTiny) {
 // Capacity drops walk the global batch in order across workers; 3 workers split 4 sequences
 // unevenly (1, 1, 2).
 TEST_F(ClusterTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.train.steps = 20;
   c.train.checkpoint_interval = 0;
   c.train.eval_interval = 0;
@@ -71,7 +71,7 @@ TEST_F(ClusterTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {
 }
 
 TEST_F(ClusterTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.train.steps = 30;
   std::vector<double> straight;
   double straight_val = 0;
@@ -104,7 +104,7 @@ TEST_F(ClusterTest, ResumeIsBitExactAndRemapsExpertsOntoMoreShards) {
 }
 
 TEST_F(ClusterTest, CorruptCheckpointFileIsOneClearError) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   ResumePoint p;
   {
     ThreadCluster cluster(c, 1, 2);
@@ -120,7 +120,7 @@ TEST_F(ClusterTest, CorruptCheckpointFileIsOneClearError) {
   try {
     ThreadCluster cluster(c, 1, 2, p);
     FAIL() << "corrupt shard file accepted";
-  } catch (const CheckpointError& e) {
+  } catch (const model::CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find(shard_file), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
   }
@@ -129,7 +129,7 @@ TEST_F(ClusterTest, CorruptCheckpointFileIsOneClearError) {
 // A router with zero weights ties every expert; top-1 then sends every token to expert 0 (lowest
 // index wins ties): shard 1 and experts 1.. receive nothing, yet every collective completes.
 TEST_F(ClusterTest, RouterSendingEverythingToOneExpertDoesNotHang) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   c.model.top_k = 1;
   c.model.capacity_factor = 0;
   ResumePoint p;
@@ -138,12 +138,12 @@ TEST_F(ClusterTest, RouterSendingEverythingToOneExpertDoesNotHang) {
     p = cluster.checkpoint(dir_ / "ckpt0");
   }
   // Zero the routers in the worker files (packed replica order = layout order minus experts).
-  Model m(c.model);
+  model::Model m(c.model);
   for (CheckpointFileRef& f : p.files) {
     if (f.role != Role::kWorker) continue;
     WorkerCheckpoint w = read_worker_checkpoint(f.path, f.xxh64);
     size_t packed = 0;
-    for (const ParamTensor& t : m.layout().tensors()) {
+    for (const model::ParamTensor& t : m.layout().tensors()) {
       const bool expert = t.name.find(".moe.w") != std::string::npos;
       if (expert) continue;
       if (t.name.find(".moe.router") != std::string::npos) {
@@ -168,7 +168,7 @@ TEST_F(ClusterTest, RouterSendingEverythingToOneExpertDoesNotHang) {
 }
 
 TEST_F(ClusterTest, VariableLoopCountsPerStep) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   ThreadCluster cluster(c, 2, 1);
   for (int loops : {1, 3, 2}) {
     const StepReport r = cluster.steps(1, loops)[0];
@@ -180,20 +180,20 @@ TEST_F(ClusterTest, VariableLoopCountsPerStep) {
 }
 
 TEST_F(ClusterTest, BadSetupIsOneClearError) {
-  Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
   comm::InProcessStore store;
   ProcessSetup s;
   s.job_id = "bad";
   s.store = &store;
   s.num_shards = 5;  // 4 experts
-  s.config_toml = to_toml(c);
-  EXPECT_THROW(create_runtime(s), ConfigError);
+  s.config_toml = model::to_toml(c);
+  EXPECT_THROW(create_runtime(s), model::ConfigError);
   s.num_shards = 1;
   s.config_toml = "[model]\nd_modle = 3\n";
   try {
     create_runtime(s);
     FAIL();
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("d_modle"), std::string::npos) << e.what();
   }
 }

@@ -141,7 +141,7 @@ std::string config_with_data(const std::filesystem::path& dir) {
 void write_shard(const std::filesystem::path& path, uint32_t vocab, size_t tokens) {
   std::filesystem::create_directories(path.parent_path());
   const std::vector<int32_t> ids(tokens, 1);
-  data::write_token_shard(path, vocab, ids, std::vector<uint64_t>{0, tokens});
+  dataloader::write_token_shard(path, vocab, ids, std::vector<uint64_t>{0, tokens});
 }
 
 // A job whose data would fail it (at the first validation, after the training work) is refused

@@ -138,7 +138,7 @@ TEST(Schedule, LoopsAndChunks) {
     }();
   EXPECT_LT(same, 150);  // the seed matters
 
-  TrainConfig t;
+  model::TrainConfig t;
   t.steps = 120;
   t.log_interval = 7;
   t.eval_interval = 0;
@@ -170,22 +170,22 @@ TEST(Schedule, ParseJobFile) {
   ASSERT_EQ(spec.schedule().loops_size(), 2);
   EXPECT_EQ(spec.schedule().loops(1), 3);
   EXPECT_EQ(spec.config_toml().find("[job"), std::string::npos);
-  Config c = parse_config(spec.config_toml(), "x");
+  model::Config c = model::parse_config(spec.config_toml(), "x");
   EXPECT_EQ(c.data.dir, "/nonexistent/data");
   EXPECT_EQ(c.train.steps, 20);
   // Relative data.dir becomes absolute.
   v1::JobSpec rel = parse_job_file("[data]\ndir = \"data/sotu\"\n", "j.toml", "/home/me");
-  EXPECT_EQ(parse_config(rel.config_toml(), "x").data.dir, "/home/me/data/sotu");
+  EXPECT_EQ(model::parse_config(rel.config_toml(), "x").data.dir, "/home/me/data/sotu");
   try {
     parse_job_file(text + "workerz = 1\n", "job.toml", "/");
     FAIL();
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_STREQ(e.what(), "job.toml: unknown key job.schedule.workerz");
   }
   try {
     parse_job_file("[job]\nworkers = 1\n[job.schedule]\nkind = \"random\"\n", "job.toml", "/");
     FAIL();
-  } catch (const ConfigError& e) {
+  } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("job.schedule.kind = 'random'"), std::string::npos);
   }
 }

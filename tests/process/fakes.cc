@@ -135,7 +135,7 @@ runtime::CheckpointFileRef FakeRuntime::checkpoint(const std::string& dir) {
           0x1234abcdULL + static_cast<uint64_t>(steps_done_), 4096 + steps_done_};
 }
 
-data::SamplerState FakeRuntime::sampler_state() const {
+dataloader::SamplerState FakeRuntime::sampler_state() const {
   return {7, 1, static_cast<uint64_t>(steps_done_) * 16};
 }
 

@@ -66,7 +66,7 @@ class FakeRuntime final : public runtime::ProcessRuntime {
   runtime::StepReport step(int loops) override;
   double evaluate(int batches) override;  // 2.5 on workers, 0 on shards
   runtime::CheckpointFileRef checkpoint(const std::string& dir) override;
-  data::SamplerState sampler_state() const override;
+  dataloader::SamplerState sampler_state() const override;
 
  private:
   struct CallGuard;

@@ -190,15 +190,15 @@ TEST_F(ServerTest, FactoryExceptionsMapToStatusesAndLeaveTheProcessIdle) {
     std::string text;
   };
   const std::vector<Case> cases = {
-      {[] { throw ConfigError("model.n_experts = 2 < num_shards = 3"); },
+      {[] { throw model::ConfigError("model.n_experts = 2 < num_shards = 3"); },
        grpc::StatusCode::INVALID_ARGUMENT, "model.n_experts = 2 < num_shards = 3"},
       {[] { throw comm::CommError("gloo: connect to 10.0.0.9 refused"); },
        grpc::StatusCode::UNAVAILABLE, "connect to 10.0.0.9 refused"},
       {[] { throw comm::TimeoutError("waiting for 1 key(s): 'gloo/world/2'"); },
        grpc::StatusCode::DEADLINE_EXCEEDED, "'gloo/world/2'"},
-      {[] { throw data::DataError("data/sotu/train.bin: no such file"); },
+      {[] { throw dataloader::DataError("data/sotu/train.bin: no such file"); },
        grpc::StatusCode::FAILED_PRECONDITION, "train.bin: no such file"},
-      {[] { throw CheckpointError("ckpt/worker-0.bin: checksum mismatch"); },
+      {[] { throw model::CheckpointError("ckpt/worker-0.bin: checksum mismatch"); },
        grpc::StatusCode::FAILED_PRECONDITION, "checksum mismatch"},
       {[] { throw std::runtime_error("std::bad_alloc"); }, grpc::StatusCode::INTERNAL,
        "std::bad_alloc"},
