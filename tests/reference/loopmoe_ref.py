@@ -8,6 +8,8 @@ dump used to self-test the oracle).
 
     /usr/bin/python3 tests/reference/loopmoe_ref.py --selftest     # internal consistency checks
 
+ref_config.py holds the configuration and parameter layout, ref_selftest.py the self-test.
+
 Public API (used by check_parity.py, make_fake_dump.py, bench/torch_peer.py):
     ModelConfig.from_dict(d) / load_toml(path)       config from a manifest "model" dict or TOML file
     param_spec(cfg)                                  [(name, shape)] in the MODEL.md flat order
@@ -21,167 +23,21 @@ import argparse
 import math
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-IADALN_MODES = ("off", "iter", "token", "joint")
+# Configuration and the flat parameter layout live in ref_config.py; re-exported here, the public
+# API's one module.
+from ref_config import (IADALN_MODES, ModelConfig, TrainConfig, is_decayed,  # noqa: F401
+                        load_toml, norm_block_spec, numel, param_spec, spec_with_offsets)
+
 RMS_EPS = 1e-5
 CLIP_EPS = 1e-6
 
 Params = "OrderedDict[str, torch.Tensor]"
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    seq_len: int
-    d_model: int
-    n_heads: int
-    head_dim: int
-    n_layers: int
-    n_loops: int
-    n_experts: int
-    top_k: int
-    expert_hidden: int
-    iter_adaln: str = "off"
-    cond_dim: int = 0
-    tie_embeddings: bool = True
-    renormalize: bool = True
-    capacity_factor: float = 0.0
-    aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-
-    @staticmethod
-    def from_dict(d: dict, **overrides) -> "ModelConfig":
-        """Build from a manifest "model" dict or a TOML [model] table. Unknown keys are ignored
-        (the oracle needs only the arithmetic-relevant ones); missing required keys raise."""
-        d = dict(d)
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        kw = {}
-        for f in fields(ModelConfig):
-            if f.name in d:
-                kw[f.name] = d[f.name]
-        cfg = ModelConfig(**kw)
-        # normalise types (JSON/TOML may give ints for floats and vice versa)
-        for name in ("vocab_size", "seq_len", "d_model", "n_heads", "head_dim", "n_layers", "n_loops",
-                     "n_experts", "top_k", "expert_hidden", "cond_dim"):
-            setattr(cfg, name, int(getattr(cfg, name)))
-        for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "rope_theta", "init_std"):
-            setattr(cfg, name, float(getattr(cfg, name)))
-        cfg.tie_embeddings = bool(cfg.tie_embeddings)
-        cfg.renormalize = bool(cfg.renormalize)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        assert self.iter_adaln in IADALN_MODES, f"iter_adaln must be one of {IADALN_MODES}"
-        assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
-        assert 1 <= self.top_k <= self.n_experts
-        if self.iter_adaln != "off":
-            assert self.cond_dim > 0 and self.cond_dim % 2 == 0, "cond_dim must be even and > 0"
-        assert self.capacity_factor >= 0.0
-
-    @property
-    def inner(self) -> int:  # I = H * hd
-        return self.n_heads * self.head_dim
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000          # total_steps of the LR schedule
-    lr: float = 3e-3           # lr_max
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 0.0
-    batch_size: int = 16
-    seed: int = 0
-
-    @staticmethod
-    def from_dict(d: dict, **overrides) -> "TrainConfig":
-        d = dict(d)
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        kw = {f.name: d[f.name] for f in fields(TrainConfig) if f.name in d}
-        tc = TrainConfig(**kw)
-        for name in ("steps", "warmup_steps", "batch_size", "seed"):
-            setattr(tc, name, int(getattr(tc, name)))
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
-            setattr(tc, name, float(getattr(tc, name)))
-        return tc
-
-
-def load_toml(path: str) -> dict:
-    import tomllib
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter layout (MODEL.md "Parameters and their order in the flat buffer")
-# --------------------------------------------------------------------------------------------
-
-def norm_block_spec(prefix: str, cfg: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
-    d, dc = cfg.d_model, cfg.cond_dim
-    iter_part = [(f"{prefix}.iter_w1", (dc, dc)), (f"{prefix}.iter_b1", (dc,)),
-                 (f"{prefix}.iter_w2", (dc, dc)), (f"{prefix}.iter_b2", (dc,))]
-    tok_part = [(f"{prefix}.tok_w", (d, dc))]
-    mod_part = [(f"{prefix}.mod_w", (dc, 3 * d)), (f"{prefix}.mod_b", (3 * d,))]
-    mode = cfg.iter_adaln
-    if mode == "off":
-        return [(f"{prefix}.weight", (d,))]
-    if mode == "iter":
-        return iter_part + mod_part
-    if mode == "token":
-        return tok_part + mod_part
-    return iter_part + tok_part + mod_part  # joint
-
-
-def param_spec(cfg: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
-    V, d, I, E, f = cfg.vocab_size, cfg.d_model, cfg.inner, cfg.n_experts, cfg.expert_hidden
-    spec: List[Tuple[str, Tuple[int, ...]]] = [("tok_emb", (V, d))]
-    for n in range(cfg.n_layers):
-        p = f"layers.{n}"
-        spec += norm_block_spec(f"{p}.attn_norm", cfg)
-        spec += [(f"{p}.attn.wqkv", (d, 3 * I)), (f"{p}.attn.wo", (I, d))]
-        spec += norm_block_spec(f"{p}.ffn_norm", cfg)
-        spec += [(f"{p}.moe.router", (d, E)),
-                 (f"{p}.moe.w1", (E, d, f)), (f"{p}.moe.w3", (E, d, f)), (f"{p}.moe.w2", (E, f, d))]
-    spec.append(("final_norm.weight", (d,)))
-    if not cfg.tie_embeddings:
-        spec.append(("lm_head", (d, V)))
-    return spec
-
-
-def numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def spec_with_offsets(spec) -> List[Tuple[str, int, Tuple[int, ...]]]:
-    out, off = [], 0
-    for name, shape in spec:
-        out.append((name, off, tuple(shape)))
-        off += numel(shape)
-    return out
-
-
-def is_decayed(shape: Sequence[int]) -> bool:
-    """Weight decay applies to every tensor of rank >= 2 and to nothing else."""
-    return len(shape) >= 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,182 +408,6 @@ def split_tokens(tokens_bt1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# Self-test: cross-check pieces against independent, slower formulations and torch built-ins
-# --------------------------------------------------------------------------------------------
-
-def _micro_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=13, seq_len=8, d_model=8, n_heads=2, head_dim=4, n_layers=2, n_loops=2,
-                n_experts=5, top_k=2, expert_hidden=6, iter_adaln="joint", cond_dim=4,
-                tie_embeddings=True, renormalize=True, capacity_factor=0.0, aux_loss_coef=0.01,
-                z_loss_coef=0.001, rope_theta=10000.0, init_std=0.02)
-    base.update(kw)
-    return ModelConfig.from_dict(base)
-
-
-def _perturbed(model: LoopMoERef, seed: int, dtype=torch.float64, scale=0.3):
-    P = model.init_params(seed, dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    for k in P:
-        P[k] = P[k] + scale * torch.randn(P[k].shape, generator=g, dtype=torch.float64).to(dtype)
-    return P
-
-
-def _naive_moe(model: LoopMoERef, P, prefix, u):
-    """Per-token Python loop, dense per-expert evaluation; independent of the vectorised path."""
-    cfg = model.cfg
-    S, E, k = u.shape[0], cfg.n_experts, cfg.top_k
-    probs = torch.softmax(u @ P[f"{prefix}.router"], -1)
-    C = math.ceil(cfg.capacity_factor * S * k / E) if cfg.capacity_factor > 0 else None
-    used = [0] * E
-    out = []
-    dropped = 0
-    for t in range(S):
-        pl = probs[t].tolist()
-        idx = sorted(range(E), key=lambda e: (-pl[e], e))[:k]
-        tot = sum(probs[t, e] for e in idx)
-        acc = torch.zeros_like(u[t])
-        for e in idx:
-            wgt = probs[t, e] / tot if cfg.renormalize else probs[t, e]
-            if C is not None:
-                if used[e] >= C:
-                    dropped += 1
-                    continue
-                used[e] += 1
-            v = u[t]
-            acc = acc + wgt * ((silu(v @ P[f"{prefix}.w1"][e]) * (v @ P[f"{prefix}.w3"][e])) @ P[f"{prefix}.w2"][e])
-        out.append(acc)
-    return torch.stack(out), dropped
-
-
-def selftest() -> int:
-    torch.manual_seed(0)
-    ok = True
-
-    def check(name, cond, detail=""):
-        nonlocal ok
-        print(f"  [{'ok' if cond else 'FAIL'}] {name} {detail}")
-        ok = ok and bool(cond)
-
-    print("selftest:")
-    # 1. top-k tie rule
-    p = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0]], dtype=torch.float64)
-    _, order = torch.sort(p, dim=-1, descending=True, stable=True)
-    check("stable sort ties -> lower index", order[0, :2].tolist() == [1, 2])
-
-    # 2. RoPE vs complex multiplication
-    T, hd = 7, 6
-    x = torch.randn(T, hd, dtype=torch.float64)
-    cos, sin = rope_tables(T, hd, 10000.0, torch.float64)
-    z = torch.view_as_complex(x.reshape(T, hd // 2, 2).contiguous())
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-2.0 * torch.arange(hd // 2) / hd)
-    ref = torch.view_as_real(z * torch.polar(torch.ones_like(ang), ang)).reshape(T, hd)
-    check("rope == complex rotation", torch.allclose(apply_rope(x, cos, sin), ref, atol=1e-12))
-
-    # 3. attention vs naive loops
-    cfg = _micro_cfg()
-    model = LoopMoERef(cfg)
-    P = _perturbed(model, 3)
-    B, T = 2, 5
-    u = torch.randn(B * T, cfg.d_model, dtype=torch.float64)
-    a = model.attention(P, "layers.0.attn", u, B, T)
-    qkv = u @ P["layers.0.attn.wqkv"]
-    I, hd = cfg.inner, cfg.head_dim
-    o = torch.zeros(B * T, I, dtype=torch.float64)
-    for b in range(B):
-        for j in range(cfg.n_heads):
-            def rot(vec, pos):
-                res = vec.clone()
-                for i in range(hd // 2):
-                    th = pos * cfg.rope_theta ** (-2.0 * i / hd)
-                    res[2 * i] = vec[2 * i] * math.cos(th) - vec[2 * i + 1] * math.sin(th)
-                    res[2 * i + 1] = vec[2 * i] * math.sin(th) + vec[2 * i + 1] * math.cos(th)
-                return res
-            for pp in range(T):
-                q = rot(qkv[b * T + pp, j * hd:(j + 1) * hd], pp)
-                sc = []
-                for s in range(pp + 1):
-                    kk = rot(qkv[b * T + s, I + j * hd:I + (j + 1) * hd], s)
-                    sc.append((q @ kk) / math.sqrt(hd))
-                att = torch.softmax(torch.stack(sc), 0)
-                for s in range(pp + 1):
-                    o[b * T + pp, j * hd:(j + 1) * hd] += att[s] * qkv[b * T + s, 2 * I + j * hd:2 * I + (j + 1) * hd]
-    check("attention == naive loops", torch.allclose(a, o @ P["layers.0.attn.wo"], atol=1e-12))
-
-    # 4. MoE vs naive per-token loop, dropless and with capacity (with drops)
-    for cf, renorm in ((0.0, True), (0.0, False), (1.0, True), (0.6, False)):
-        cfg = _micro_cfg(capacity_factor=cf, renormalize=renorm)
-        model = LoopMoERef(cfg)
-        P = _perturbed(model, 4, scale=1.0)
-        u = torch.randn(24, cfg.d_model, dtype=torch.float64)
-        stats = {"aux": [], "z": [], "dropped": 0, "min_margin": float("inf"), "counts": []}
-        y = model.moe(P, "layers.1.moe", u, stats)
-        yn, dn = _naive_moe(model, P, "layers.1.moe", u)
-        check(f"moe == naive (cf={cf}, renorm={renorm})",
-              torch.allclose(y, yn, atol=1e-12) and dn == stats["dropped"], f"dropped={dn}")
-
-    # 5. full-model gradient vs finite differences (every mode, tied/untied, capacity)
-    for mode in IADALN_MODES:
-        for tied, cf in ((True, 0.0), (False, 1.0)):
-            cfg = _micro_cfg(iter_adaln=mode, tie_embeddings=tied, capacity_factor=cf)
-            model = LoopMoERef(cfg)
-            P = _perturbed(model, 5, scale=0.3)
-            flat = model.flatten(P).detach()
-            g = torch.Generator().manual_seed(9)
-            tok = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
-            tgt = torch.randint(0, cfg.vocab_size, (2, 6), generator=g)
-            out, grads = model.loss_and_grads(model.params_from_flat(flat), tok, tgt)
-            gflat = model.flatten(grads)
-            dirv = torch.randn(flat.shape, generator=g, dtype=torch.float64)
-            h = 1e-6
-            lp = model.forward(model.params_from_flat(flat + h * dirv), tok, tgt).loss.item()
-            lm = model.forward(model.params_from_flat(flat - h * dirv), tok, tgt).loss.item()
-            fd = (lp - lm) / (2 * h)
-            an = (gflat @ dirv).item()
-            check(f"directional grad vs FD mode={mode} tied={tied} cf={cf}",
-                  abs(fd - an) <= 1e-6 * max(1.0, abs(an)), f"fd={fd:.9g} an={an:.9g} dropped={out.dropped}")
-            # every tensor carries gradient
-            zero = [k for k, v in grads.items() if v.abs().max() == 0]
-            check(f"  every tensor has nonzero grad", not zero, str(zero))
-
-    # 6. AdamW / clipping vs torch built-ins
-    tc = TrainConfig(steps=20, lr=1e-2, min_lr_ratio=0.1, warmup_steps=3, weight_decay=0.1,
-                     beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=0.5)
-    shapes = {"a": (3, 4), "b": (4,), "c": (2, 3, 2)}
-    P1 = OrderedDict((k, torch.randn(s, dtype=torch.float64)) for k, s in shapes.items())
-    P2 = OrderedDict((k, v.clone().requires_grad_(True)) for k, v in P1.items())
-    mine = AdamW(P1, tc)
-    theirs = torch.optim.AdamW([
-        {"params": [P2[k] for k in shapes if len(shapes[k]) >= 2], "weight_decay": tc.weight_decay},
-        {"params": [P2[k] for k in shapes if len(shapes[k]) < 2], "weight_decay": 0.0}],
-        lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
-    for s in range(6):
-        G = OrderedDict((k, torch.randn(sh, dtype=torch.float64)) for k, sh in shapes.items())
-        G1 = OrderedDict((k, v.clone()) for k, v in G.items())
-        n1 = clip_grads_(G1, tc.grad_clip)
-        for k in shapes:
-            P2[k].grad = G[k].clone()
-        n2 = torch.nn.utils.clip_grad_norm_([P2[k] for k in shapes], tc.grad_clip)
-        lr = lr_at(s, tc)
-        for grp in theirs.param_groups:
-            grp["lr"] = lr
-        mine.update(P1, G1, lr)
-        theirs.step()
-        check(f"adamw+clip step {s} == torch (lr={lr:.6g})",
-              abs(n1 - float(n2)) < 1e-12 and all(torch.allclose(P1[k], P2[k].detach(), atol=1e-14, rtol=1e-12)
-                                                 for k in shapes))
-
-    # 7. LR schedule spot values
-    tc = TrainConfig(steps=10, lr=1.0, min_lr_ratio=0.1, warmup_steps=2)
-    want = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 8)), None, None, None, None, None, 0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8)), 0.1, 0.1]
-    got = [lr_at(s, tc) for s in range(12)]
-    check("lr schedule", all(w is None or abs(w - g) < 1e-15 for w, g in zip(want, got)),
-          " ".join(f"{g:.4f}" for g in got))
-
-    print("selftest", "PASSED" if ok else "FAILED")
-    return 0 if ok else 1
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--selftest", action="store_true", help="run internal consistency checks")
@@ -741,6 +421,7 @@ def main(argv=None) -> int:
             print(f"{off:>10d}  {name:<28s} {list(shape)}")
         print(f"num_params = {m.num_params}")
     if args.selftest:
+        from ref_selftest import selftest  # here: ref_selftest imports this module
         return selftest()
     if not args.spec and not args.selftest:
         ap.print_help()
