@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "eval/eval_tasks.h"
 #include "eval/evaluator.h"
+#include "model/device.h"
 
 namespace loopmoe::cli {
 namespace {
@@ -53,6 +54,7 @@ void register_eval_command(CLI::App& app) {
     eval::EvalOptions options;
     bool json = false;
     std::string dump_tasks;
+    std::string device = "cpu";
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("--checkpoint", args->run_dir, "run directory holding checkpoint.bin")
@@ -80,7 +82,10 @@ void register_eval_command(CLI::App& app) {
   cmd->add_flag("--json", args->json, "print eval.json on stdout (the table goes to stderr)");
   cmd->add_option("--dump-tasks", args->dump_tasks,
                   "write the task items as JSON lines to FILE and exit (no evaluation)");
+  cmd->add_option("--device", args->device, "cpu, cuda or cuda:N (a CUDA build with a GPU)")
+      ->capture_default_str();
   cmd->callback([args] {
+    model::use_device(args->device);  // before the model is loaded: it stays on this device
     if (!args->dump_tasks.empty()) {
       eval::TaskOptions o;
       o.max_items = args->options.max_items;

@@ -3,6 +3,7 @@
 
 #include "cli/commands.h"
 #include "model/config.h"
+#include "model/device.h"
 #include "train/trainer.h"
 
 namespace loopmoe::cli {
@@ -14,6 +15,7 @@ void register_train_command(CLI::App& app) {
     int steps = -1;
     train::TrainOptions options;
     std::string data_dir;
+    std::string device = "cpu";
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("--config", args->config, "model and training config (TOML)")
@@ -28,6 +30,8 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--stop-after", args->options.stop_after,
                   "stop after this many steps (checkpointed), keeping the schedule of --steps");
   cmd->add_flag("!--no-progress", args->options.progress, "no progress output");
+  cmd->add_option("--device", args->device, "cpu, cuda or cuda:N (a CUDA build with a GPU)")
+      ->capture_default_str();
   cmd->callback([args] {
     model::Config cfg = model::load_config(args->config);
     if (args->steps > 0) {
@@ -41,6 +45,7 @@ void register_train_command(CLI::App& app) {
     }
     if (!args->data_dir.empty()) cfg.data.dir = args->data_dir;
     model::validate(cfg);
+    model::use_device(args->device);  // before the model is built: it stays on this device
     train::TrainResult r = train::run_training(cfg, args->options);
     if (r.already_complete) {
       std::printf("run already complete at step %d", r.first_step);

@@ -4,8 +4,13 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <stdexcept>
 #include <system_error>
 #include <utility>
 
@@ -17,7 +22,96 @@ std::filesystem::path directory_of(const std::filesystem::path& path) {
   return dir.empty() ? std::filesystem::path(".") : dir;
 }
 
+// The fault-injection hook (atomic_file.h). `armed` is the only thing an unarmed commit() reads;
+// the rest sits behind the mutex (tests may commit from several threads).
+struct FaultState {
+  std::atomic<bool> armed{false};
+  std::once_flag env_read;
+  std::mutex mu;
+  FaultInjection injection;  // guarded by mu
+  int hits = 0;              // guarded by mu: commits that reached injection.point
+};
+
+FaultState& fault_state() {
+  static FaultState state;
+  return state;
+}
+
+void read_fault_environment() {
+  FaultState& s = fault_state();
+  std::call_once(s.env_read, [&] {
+    const char* text = std::getenv("LOOPMOE_FAULT_INJECT");
+    if (text == nullptr || *text == '\0') return;
+    FaultInjection injection;
+    try {
+      injection = parse_fault_injection(text);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("LOOPMOE_FAULT_INJECT: ") + e.what());
+    }
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.armed.load()) return;  // set_fault_injection came first and wins
+    s.injection = std::move(injection);
+    s.hits = 0;
+    s.armed.store(s.injection.point != FaultPoint::kNone);
+  });
+}
+
+// Dies here if the hook is armed for this point, this target and this occurrence.
+void maybe_fault(FaultPoint point, const std::filesystem::path& target) {
+  FaultState& s = fault_state();
+  if (!s.armed.load(std::memory_order_relaxed)) return;
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.injection.point != point) return;
+  if (!s.injection.file_name.empty() && target.filename() != s.injection.file_name) return;
+  if (++s.hits != s.injection.nth) return;
+  ::kill(::getpid(), SIGKILL);
+  ::_exit(137);  // not reached
+}
+
 }  // namespace
+
+FaultInjection parse_fault_injection(std::string_view text) {
+  FaultInjection f;
+  const size_t colon = text.find(':');
+  const std::string_view point = text.substr(0, colon);
+  if (point == "after-write") {
+    f.point = FaultPoint::kAfterWrite;
+  } else if (point == "after-fsync") {
+    f.point = FaultPoint::kAfterFsync;
+  } else if (point == "before-rename") {
+    f.point = FaultPoint::kBeforeRename;
+  } else if (point == "after-rename") {
+    f.point = FaultPoint::kAfterRename;
+  } else {
+    throw std::invalid_argument("unknown fault point '" + std::string(point) +
+                                "' (after-write, after-fsync, before-rename, after-rename)");
+  }
+  if (colon == std::string_view::npos) return f;
+  std::string_view rest = text.substr(colon + 1);
+  const size_t colon2 = rest.find(':');
+  const std::string nth(rest.substr(0, colon2));
+  size_t used = 0;
+  int value = 0;
+  try {
+    value = std::stoi(nth, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (nth.empty() || used != nth.size() || value < 1) {
+    throw std::invalid_argument("occurrence '" + nth + "' is not a positive integer");
+  }
+  f.nth = value;
+  if (colon2 != std::string_view::npos) f.file_name = std::string(rest.substr(colon2 + 1));
+  return f;
+}
+
+void set_fault_injection(const FaultInjection& injection) {
+  FaultState& s = fault_state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.injection = injection;
+  s.hits = 0;
+  s.armed.store(injection.point != FaultPoint::kNone);
+}
 
 std::string WriteFailure::message() const {
   const std::string reason = std::strerror(error);
@@ -92,12 +186,17 @@ void AtomicFileWriter::pwrite(const void* data, size_t bytes, uint64_t offset) {
 }
 
 void AtomicFileWriter::commit() {
+  read_fault_environment();
+  maybe_fault(FaultPoint::kAfterWrite, path_);
   if (::fsync(fd_) != 0) fail(WriteStep::kSync, errno);
+  maybe_fault(FaultPoint::kAfterFsync, path_);
   const int closed = ::close(fd_);
   fd_ = -1;
   if (closed != 0) fail(WriteStep::kClose, errno);
+  maybe_fault(FaultPoint::kBeforeRename, path_);
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail(WriteStep::kRename, errno);
   renamed_ = true;
+  maybe_fault(FaultPoint::kAfterRename, path_);
   // The rename itself lives in the directory; without this a crash could forget it.
   const int dfd = ::open(directory_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) fail(WriteStep::kOpenDirectory, errno);

@@ -78,6 +78,35 @@ class AtomicFileWriter {
   bool renamed_ = false;
 };
 
+// Test hook for the crash-consistency tests (tests/test_crash_consistency.cc): the process kills
+// itself with SIGKILL at one point of commit(), as a crash or `kill -9` would stop it there (no
+// destructor runs, PATH.tmp stays behind). Points, in commit()'s order:
+//   after-write    all bytes written to PATH.tmp, before its fsync
+//   after-fsync    PATH.tmp fsynced, before close
+//   before-rename  PATH.tmp closed, before the rename over PATH
+//   after-rename   PATH replaced, before the directory's fsync
+// Two ways to arm it: the environment variable LOOPMOE_FAULT_INJECT="<point>[:<nth>[:<name>]]"
+// (read once, at the first commit(): for child processes such as `loopmoe train`), or
+// set_fault_injection() in the process itself (a forked test child; it overrides the variable).
+// `nth` (default 1) picks the nth commit() that reaches the point, counting only targets whose
+// file name is `name` when one is given (e.g. "before-rename:2:checkpoint.bin" dies while the
+// second checkpoint.bin is written). Unarmed, commit() pays one relaxed atomic load. Never set in
+// production; a malformed variable makes commit() throw std::invalid_argument.
+enum class FaultPoint { kNone, kAfterWrite, kAfterFsync, kBeforeRename, kAfterRename };
+
+struct FaultInjection {
+  FaultPoint point = FaultPoint::kNone;
+  int nth = 1;            // >= 1
+  std::string file_name;  // only targets with this file name; empty: every target
+};
+
+// Parses "<point>[:<nth>[:<name>]]" (points as above); throws std::invalid_argument naming what is
+// wrong.
+FaultInjection parse_fault_injection(std::string_view text);
+
+// Arms (or with FaultPoint::kNone disarms) the hook for this process and resets its count.
+void set_fault_injection(const FaultInjection& injection);
+
 // Replaces `path` with `bytes` through an AtomicFileWriter.
 void write_file_atomically(const std::filesystem::path& path, std::string_view bytes,
                            WriteErrorHandler on_error = throw_file_error);

@@ -24,11 +24,26 @@ Coordinator::Impl::Impl(const CoordinatorOptions& options)
       store_(data_dir_ + "/db"),
       registry_(options.heartbeat_timeout),
       metrics_(options.metrics_listen) {
+  options_.data_root =
+      options.data_root.empty()
+          ? data_dir_ + "/jobs"
+          : std::filesystem::absolute(options.data_root).lexically_normal().string();
+  if (!options.security.insecure) {
+    // Checked before anything listens: the server and its calls to the processes need all four.
+    if (options.security.ca_pem.empty()) {
+      throw std::runtime_error("TLS needs the CA certificate (--tls-ca), or --insecure");
+    }
+    if (options.security.cli_token.empty() || options.security.process_token.empty()) {
+      throw std::runtime_error(
+          "the coordinator needs the CLI and process tokens (--cli-token-file, "
+          "--process-token-file), or --insecure");
+    }
+  }
   requeue_after_restart();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options.listen, security::server_credentials(options.security), &port);
   builder.RegisterService(this);
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) {
@@ -37,6 +52,10 @@ Coordinator::Impl::Impl(const CoordinatorOptions& options)
   }
   address_ = options.listen.substr(0, options.listen.rfind(':')) + ":" + std::to_string(port);
   server_->GetHealthCheckService()->SetServingStatus(true);
+  if (!options.health_listen.empty()) {
+    health_ = std::make_unique<security::HealthServer>(options.health_listen);
+    health_->set_serving(true);
+  }
   scheduler_ = std::thread([this] { scheduler_loop(); });
 }
 
@@ -52,6 +71,7 @@ void Coordinator::Impl::shutdown() {
   kv_.close();
   if (server_) {
     server_->GetHealthCheckService()->SetServingStatus(false);
+    if (health_) health_->set_serving(false);
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   }
   if (scheduler_.joinable()) scheduler_.join();
@@ -65,6 +85,7 @@ void Coordinator::Impl::shutdown() {
     if (run->thread.joinable()) run->thread.join();
   }
   if (server_) server_->Wait();
+  if (health_) health_->shutdown();
 }
 
 void Coordinator::Impl::requeue_after_restart() {
@@ -101,6 +122,10 @@ Coordinator::~Coordinator() { shutdown(); }
 const std::string& Coordinator::address() const { return impl_->address_; }
 
 std::string Coordinator::metrics_address() const { return impl_->metrics_.address(); }
+
+std::string Coordinator::health_address() const {
+  return impl_->health_ ? impl_->health_->address() : std::string();
+}
 
 void Coordinator::shutdown() {
   if (impl_) impl_->shutdown();

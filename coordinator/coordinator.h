@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 
+#include "security/credentials.h"
+
 namespace loopmoe::coordinator {
 
 struct CoordinatorOptions {
@@ -25,6 +27,16 @@ struct CoordinatorOptions {
   // too large, fewer tokens than one window). Off only for a coordinator that cannot see the
   // workers' data.dir (or tests with fake processes that read none).
   bool check_data = true;
+  // TLS and tokens of the server and of the calls to the training processes (docs/SERVICE.md
+  // "Security"). The default (no certificate) does not start; --insecure and the tests that need
+  // no security set security::Credentials::Insecure().
+  security::Credentials security;
+  // Jobs write only under this directory: SubmitJob refuses an output_dir that is not under it
+  // once normalised and its symlinks resolved (INVALID_ARGUMENT). Empty: <data_dir>/jobs.
+  std::string data_root;
+  // Also serve plaintext grpc.health.v1 (and nothing else) here, for probes that cannot speak
+  // TLS (Kubernetes). Empty: none.
+  std::string health_listen;
 };
 
 class Coordinator {
@@ -42,6 +54,8 @@ class Coordinator {
   const std::string& address() const;
   // "host:port" of /metrics, empty when not serving metrics.
   std::string metrics_address() const;
+  // "host:port" of the plaintext health server, empty when there is none.
+  std::string health_address() const;
 
   // Stops the server, cancels the drivers' calls (running jobs stay RUNNING in the store and are
   // requeued by the next start) and closes the database. Idempotent.

@@ -22,6 +22,7 @@
 #include "coordinator/process_registry.h"
 #include "coordinator/rendezvous_kv.h"
 #include "proto/loopmoe.grpc.pb.h"
+#include "security/health_server.h"
 
 namespace loopmoe::coordinator {
 
@@ -70,6 +71,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   ProcessRegistry registry_;
   CoordinatorMetrics metrics_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<security::HealthServer> health_;  // options_.health_listen; null without
 
  private:
   // ---- jobs (coordinator.cc)

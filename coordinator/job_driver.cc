@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "coordinator/job_spec.h"
+#include "coordinator/output_dir.h"
 #include "coordinator/util.h"
 #include "model/error.h"
 
@@ -71,7 +72,8 @@ std::string Member::label() const {
   return id + " (" + role_name(role) + " " + std::to_string(rank) + " at " + address + ")";
 }
 
-Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address) {
+Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address,
+                   const security::Credentials& credentials) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   Member m;
@@ -79,8 +81,10 @@ Member make_member(const std::string& id, v1::Role role, int rank, const std::st
   m.role = role;
   m.rank = rank;
   m.address = address;
+  // The coordinator calls the processes with the process token (and, with mutual TLS, its
+  // certificate), as they call it.
   m.stub = v1::TrainingProcess::NewStub(
-      grpc::CreateCustomChannel(m.address, grpc::InsecureChannelCredentials(), args));
+      security::create_channel(m.address, credentials, credentials.process_token, args));
   return m;
 }
 
@@ -343,8 +347,16 @@ void JobDriver::drive_run() {
     throw PermanentFailure(e.what());
   }
   const model::TrainConfig& train = config.train;
-  const std::string output_dir =
-      spec.output_dir().empty() ? data_dir_ + "/jobs/" + id : spec.output_dir();
+  std::string output_dir = data_dir_ + "/jobs/" + id;
+  if (!spec.output_dir().empty()) {
+    // Checked again: a symlink made under the data root since SubmitJob must not lead out of it.
+    try {
+      output_dir = confine_output_dir(
+          spec.output_dir(), options_.data_root.empty() ? data_dir_ + "/jobs" : options_.data_root);
+    } catch (const std::invalid_argument& e) {
+      throw PermanentFailure(std::string("output_dir: ") + e.what());
+    }
+  }
   const int64_t epoch = job->epoch();
 
   // Resume point: the requested committed checkpoint, else the latest, else a fresh start. A job
@@ -421,13 +433,22 @@ void JobDriver::drive_run() {
       loops.push_back(loops_for_step(spec.schedule(), config.model.n_loops, s));
     }
     std::vector<v1::RunStepsResponse> responses(members_.size());
-    call_all("RunSteps", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
-      v1::RunStepsRequest request;
-      request.set_job_id(id);
-      request.set_first_step(done);
-      request.mutable_loops()->Add(loops.begin(), loops.end());
-      return m.stub->RunSteps(c, request, &responses[&m - members_.data()]);
-    });
+    try {
+      call_all("RunSteps", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
+        v1::RunStepsRequest request;
+        request.set_job_id(id);
+        request.set_first_step(done);
+        request.mutable_loops()->Add(loops.begin(), loops.end());
+        return m.stub->RunSteps(c, request, &responses[&m - members_.data()]);
+      });
+    } catch (const RunFailure& e) {
+      // The numerics guard's "stop" (runtime_base.cc) fails the job; its "rollback" is the
+      // restart from the last checkpoint that any other run failure gets.
+      if (std::string(e.what()).find("(train.nonfinite = \"stop\"") != std::string::npos) {
+        throw PermanentFailure(e.what());
+      }
+      throw;
+    }
     for (size_t i = 0; i < responses.size(); ++i) {
       if (responses[i].steps_size() != static_cast<int>(loops.size())) {
         throw RunFailure(
@@ -443,6 +464,10 @@ void JobDriver::drive_run() {
       const v1::StepReport& r = lead.steps(k);
       chunk_seconds += r.seconds();
       chunk_tokens += r.tokens();
+      if (r.skipped()) {
+        log(format("step %lld/%d skipped: non-finite loss or gradient norm (grad_norm %g)",
+                   (long long)r.step(), train.steps, r.grad_norm()));
+      }
       if (!log_due(train, r.step())) continue;
       int64_t a2a_bytes = 0;
       double a2a_seconds = 0;

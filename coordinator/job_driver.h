@@ -37,8 +37,10 @@ struct Member {
   std::string label() const;  // "worker-1 (worker 0 at 127.0.0.1:4242)"
 };
 
-// A member with its own channel to `address` (insecure, 256 MiB messages).
-Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address);
+// A member with its own channel to `address` (256 MiB messages), secured by `credentials` (TLS and
+// the process token; plaintext when they are Credentials::Insecure()).
+Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address,
+                   const security::Credentials& credentials);
 
 // What a driver shares with whoever runs it (the Coordinator, or a test).
 struct DriverHost {

@@ -16,6 +16,10 @@
 namespace loopmoe::coordinator {
 namespace {
 
+// The most loops a schedule may ask for (a job file or a SubmitJob request): far above any model
+// we train, low enough that a loop count times the layers never overflows an int.
+constexpr int kMaxScheduleLoops = 1024;
+
 [[noreturn]] void fail(const std::string& source, const std::string& what) {
   throw model::ConfigError(source + ": " + what);
 }
@@ -43,6 +47,11 @@ model::Config validate_job_spec(const v1::JobSpec& spec, const std::string& sour
     fail(source, "threads = " + std::to_string(spec.threads()) + " must be >= 0");
   }
   if (spec.resume_step() < 0) fail(source, "resume_step must be >= 0");
+  if (config.train.loss_spike_factor != 0) {
+    fail(source,
+         "train.loss_spike_factor: the service does not check loss spikes (the "
+         "single-process trainer does); set it to 0 for a job");
+  }
   const v1::LoopSchedule& s = spec.schedule();
   switch (s.kind()) {
     case v1::LoopSchedule::FIXED:
@@ -53,12 +62,20 @@ model::Config validate_job_spec(const v1::JobSpec& spec, const std::string& sour
         if (r < 1) {
           fail(source, "schedule loops entry " + std::to_string(r) + " must be at least 1");
         }
+        if (r > kMaxScheduleLoops) {
+          fail(source, "schedule loops entry " + std::to_string(r) + " is above " +
+                           std::to_string(kMaxScheduleLoops));
+        }
       }
       break;
     case v1::LoopSchedule::UNIFORM:
       if (s.min_loops() < 1) {
         fail(source,
              "schedule min_loops = " + std::to_string(s.min_loops()) + " must be at least 1");
+      }
+      if (s.max_loops() > kMaxScheduleLoops) {
+        fail(source, "schedule max_loops = " + std::to_string(s.max_loops()) + " is above " +
+                         std::to_string(kMaxScheduleLoops));
       }
       if (s.max_loops() < s.min_loops()) {
         fail(source, "schedule max_loops = " + std::to_string(s.max_loops()) +
@@ -191,7 +208,9 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
           if (arr == nullptr) fail(source, "job.schedule.loops must be an array of integers");
           for (const toml::node& e : *arr) {
             if (!e.is_integer()) fail(source, "job.schedule.loops must be an array of integers");
-            s->add_loops(static_cast<int32_t>(*e.value<int64_t>()));
+            const int64_t r = *e.value<int64_t>();
+            if (r < 0 || r > kMaxScheduleLoops) fail(source, "job.schedule.loops is out of range");
+            s->add_loops(static_cast<int32_t>(r));
           }
         } else {
           if (!value.is_integer()) fail(source, "job.schedule." + k + " must be an integer");
@@ -199,7 +218,9 @@ v1::JobSpec parse_job_file(const std::string& toml_text, const std::string& sour
           if (k == "seed") {
             s->set_seed(static_cast<uint64_t>(x));
           } else {
-            if (x < 0 || x > 1024) fail(source, "job.schedule." + k + " is out of range");
+            if (x < 0 || x > kMaxScheduleLoops) {
+              fail(source, "job.schedule." + k + " is out of range");
+            }
             (k == "min_loops" ? s->set_min_loops(static_cast<int32_t>(x))
                               : s->set_max_loops(static_cast<int32_t>(x)));
           }

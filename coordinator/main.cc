@@ -6,6 +6,7 @@
 
 #include "common/run_main.h"
 #include "coordinator/coordinator.h"
+#include "security/flags.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"LoopMoE coordinator: queues training jobs and drives workers and expert shards"};
@@ -28,6 +29,14 @@ int main(int argc, char** argv) {
   app.add_flag("--no-data-check", no_data_check,
                "accept jobs without checking their data.dir shards (for a coordinator that cannot "
                "see the workers' files)");
+  app.add_option("--data-root", options.data_root,
+                 "jobs may write (output_dir) only under this directory (default: "
+                 "DATA_DIR/jobs)");
+  app.add_option("--health-listen", options.health_listen,
+                 "also serve plaintext grpc.health.v1, and nothing else, on HOST:PORT (for "
+                 "probes that cannot speak TLS)");
+  loopmoe::security::ServerFlags security;
+  loopmoe::security::add_server_flags(app, security, /*coordinator=*/true);
   CLI11_PARSE(app, argc, argv);
   options.check_data = !no_data_check;
   options.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
@@ -39,10 +48,15 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   return loopmoe::common::run_main([&] {
+    options.security =
+        loopmoe::security::load(security, /*coordinator=*/true, "loopmoe-coordinator");
     loopmoe::coordinator::Coordinator coordinator(options);
     std::printf("coordinator listening on %s\n", coordinator.address().c_str());
     if (!coordinator.metrics_address().empty()) {
       std::printf("metrics on http://%s/metrics\n", coordinator.metrics_address().c_str());
+    }
+    if (!coordinator.health_address().empty()) {
+      std::printf("health (plaintext) on %s\n", coordinator.health_address().c_str());
     }
     std::fflush(stdout);
     int signal = 0;

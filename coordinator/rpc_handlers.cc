@@ -8,6 +8,7 @@
 
 #include "coordinator/coordinator_impl.h"
 #include "coordinator/job_spec.h"
+#include "coordinator/output_dir.h"
 #include "coordinator/util.h"
 #include "dataloader/data_error.h"
 #include "model/error.h"
@@ -25,6 +26,17 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
     config = validate_job_spec(request->spec(), "job spec");
   } catch (const model::ConfigError& e) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, e.what());
+  }
+  v1::JobSpec spec = request->spec();
+  if (!spec.output_dir().empty()) {
+    // Jobs write only under the data root; the resolved path is stored, so the driver and the
+    // processes use exactly what was checked.
+    try {
+      spec.set_output_dir(confine_output_dir(spec.output_dir(), options_.data_root));
+    } catch (const std::invalid_argument& e) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          std::string("job spec: output_dir: ") + e.what());
+    }
   }
   if (options_.check_data) {
     // A dataset that would fail the job (a missing shard, or one too small for a window) is
@@ -67,7 +79,7 @@ grpc::Status Coordinator::Impl::SubmitJob(grpc::ServerContext*, const v1::Submit
     }
   }
   v1::JobStatus job;
-  *job.mutable_spec() = request->spec();
+  *job.mutable_spec() = std::move(spec);
   job.set_state(v1::QUEUED);
   job.set_total_steps(config.train.steps);
   job.set_submitted_unix_ms(unix_ms());

@@ -88,7 +88,8 @@ void Coordinator::Impl::schedule_locked() {
       for (size_t rank = 0; rank < group->size(); ++rank) {
         const std::string& pid = (*group)[rank];
         std::optional<ProcessInfo> p = registry_.get(pid);
-        members.push_back(make_member(pid, role, static_cast<int>(rank), p ? p->address : ""));
+        members.push_back(
+            make_member(pid, role, static_cast<int>(rank), p ? p->address : "", options_.security));
         ids.push_back(pid);
       }
     }

@@ -3,7 +3,10 @@
 // nothing outside it includes this header.
 #pragma once
 
-#include <chrono>
+#include <absl/status/status.h>
+#include <absl/time/clock.h>
+#include <absl/time/time.h>
+
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -14,11 +17,7 @@
 namespace loopmoe::coordinator::internal {
 
 // Milliseconds since the Unix epoch: the stamps of job records and log lines.
-inline int64_t unix_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+inline int64_t unix_ms() { return absl::ToUnixMillis(absl::Now()); }
 
 // Job ids are decimal integers; the scheduler's queue holds them as numbers (FIFO = id order).
 inline int64_t job_number(const std::string& job_id) { return std::stoll(job_id); }
@@ -37,27 +36,9 @@ inline std::string role_name(v1::Role role) {
   return role == v1::EXPERT_SHARD ? "shard" : role == v1::WORKER ? "worker" : "process";
 }
 
+// gRPC's codes are numbered as absl::StatusCode's (both follow google.rpc.Code).
 inline std::string code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::CANCELLED:
-      return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN:
-      return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND:
-      return "NOT_FOUND";
-    case grpc::StatusCode::FAILED_PRECONDITION:
-      return "FAILED_PRECONDITION";
-    case grpc::StatusCode::UNAVAILABLE:
-      return "UNAVAILABLE";
-    case grpc::StatusCode::INTERNAL:
-      return "INTERNAL";
-    default:
-      return "code " + std::to_string(static_cast<int>(code));
-  }
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
 }
 
 }  // namespace loopmoe::coordinator::internal

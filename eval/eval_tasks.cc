@@ -359,7 +359,8 @@ std::vector<RequestScore> score_requests(model::Model& model, const std::vector<
       std::copy(r.continuation->begin(), r.continuation->end() - 1, row + nc);
     }
     model.forward(tokens.data(), nullptr, batch, T);
-    const std::vector<float>& logits = model.logits();
+    // A host copy: the model's logits may be device memory (model.h).
+    const std::vector<float> logits = model.logits_to_host();
     // Rows are independent and each is summed serially, so threads do not change the result.
 #pragma omp parallel for schedule(static)
     for (size_t b = 0; b < rows; ++b) {

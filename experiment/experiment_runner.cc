@@ -152,7 +152,11 @@ class Runner {
       hooks_.train(run.config, to);
     } catch (const std::exception& e) {
       // A sweep candidate that diverges is a result (that lr is too large), not a failure.
-      if (run.sweep && std::string(e.what()).find("loss became") != std::string::npos) {
+      // The trainer's numerics guard (train.nonfinite = "stop") says "loss became ..." or
+      // "gradient norm became ...", whichever went non-finite first.
+      const std::string what = e.what();
+      if (run.sweep && (what.find("loss became") != std::string::npos ||
+                        what.find("gradient norm became") != std::string::npos)) {
         diverged = true;
         divergence = e.what();
       } else {

@@ -58,12 +58,20 @@ class ShardRuntime final : public RuntimeBase {
     for (int a = A - 1; a >= 0; --a) experts_->serve_backward(a, a % N);
     float* g = experts_->grads();
     const size_t n = experts_->num_params();
+    if (setup_.poison_grads_for_test) setup_.poison_grads_for_test(steps_done_, g, n);
     const auto [norm, coef] = global_clip(sum_of_squares(g, n));
-    if (coef != 1.f) model::ops::scale_inplace(g, n, coef);
     const double lr = model::learning_rate(config_.train, static_cast<int>(steps_done_));
-    adam_->step(experts_->params(), g, lr);
+    // The numerics guard, on the norm every process reduced (the workers fold a non-finite loss
+    // into it): the same decision as theirs, before AdamW.
+    const bool skipped = skip_nonfinite_step(norm);
+    if (!skipped) {
+      if (coef != 1.f) model::ops::scale_inplace(g, n, coef);
+      adam_->step(experts_->params(), g, lr);
+    }
     ++steps_done_;
-    return report(loops, lr, norm, experts_->stats(), t0);
+    StepReport r = report(loops, lr, norm, experts_->stats(), t0);
+    r.skipped = skipped;
+    return r;
   }
 
   double evaluate(int batches) override {

@@ -1,20 +1,17 @@
 // Buffer<T>: the array type of the model's activations and kernel temporaries, whose storage is
-// host memory (Device::kCpu) or device memory (Device::kCuda). The model-level code (model.cc,
-// iter_adaln, router, moe_layer, experts, dispatchers) allocates through it and hands data() to
-// the kernels of ops.h, so a device backend (model/cuda/) allocates the same buffers on the GPU
-// without changes there. Data leave a buffer for the host only through copy_to_host (or, on the
-// CPU, the host views below).
+// host memory (Device::kCpu), device memory (Device::kCuda) or the test-only emulated device
+// (Device::kHostAsDevice). The model-level code (model.cc, iter_adaln, router, moe_layer,
+// experts, dispatchers) allocates through it and hands data() to the kernels of ops.h, which run
+// on the default device's backend (model/ops_dispatch.cc). Data leave a device buffer for the
+// host only through copy_to_host; the host views (operator[], begin/end, host_vector) are for
+// kCpu buffers and throw std::logic_error on any other.
 //
-// This build is CPU only: host storage is a std::vector<T>; the device storage is declared and
-// goes through the raw functions in `detail` (model/cpu/device_none.cc defines them to throw, a
-// CUDA build defines them in model/cuda/), so constructing a kCuda buffer throws a clear error.
+// Host storage is a std::vector<T>; device storage goes through the raw functions in `detail`:
+// model/cpu/device_none.cc (each throws: a build without CUDA) or model/cuda/device_cuda.cu (the
+// CUDA runtime), and model/host_device.cc for the emulated device.
 //
-// Parameters, gradients and AdamW moments are not Buffers: they stay one contiguous
-// ZeroPageVector each (zero_page_allocator.h), because checkpoints, the gradient groups and the
-// distributed runtime address them by flat offset. A device backend would keep the host
-// ZeroPageVector as the master copy for checkpoints and mirror it in one device allocation of
-// the same length (same offsets, so ParamLayout and the replica ranges carry over), synchronised
-// explicitly at load/save and around the optimiser step.
+// Parameters, gradients and AdamW moments are FlatBuffers (flat_buffer.h): the ZeroPageVector
+// they always were on the CPU, a Buffer of the same length (same offsets) on a device.
 #pragma once
 
 #include <algorithm>
@@ -22,15 +19,32 @@
 #include <cstddef>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace loopmoe::model {
 
-enum class Device { kCpu, kCuda };
+// kHostAsDevice: a test-only emulated device (tests/test_host_device.cc). Its buffers are host
+// memory that Buffer treats exactly as device memory (no operator[], begin(), host_vector(); data
+// leave only through copy_to_host), and its kernels are the CPU's, which the ops.h dispatcher
+// (model/ops_dispatch.cc) runs after checking that every device pointer lies in one of its
+// buffers. Training on it must give the CPU's bits: that proves, without a GPU, that the model
+// reaches device memory from the host only through explicit copies.
+enum class Device { kCpu, kCuda, kHostAsDevice };
 
-inline const char* to_string(Device device) { return device == Device::kCpu ? "cpu" : "cuda"; }
+inline const char* to_string(Device device) {
+  switch (device) {
+    case Device::kCpu:
+      return "cpu";
+    case Device::kCuda:
+      return "cuda";
+    case Device::kHostAsDevice:
+      return "host-as-device";
+  }
+  return "?";
+}
 
 namespace detail {
 // Raw device memory for Buffer<T> (bytes). Defined by the backend: model/cpu/device_none.cc
@@ -44,10 +58,69 @@ void device_copy_from_host(void* device, const void* host, size_t bytes);
 void device_copy(void* dst, const void* src, size_t bytes);  // device to device
 // Whether this build has a device backend.
 bool device_available();
+// Makes CUDA device `ordinal` the current one (cudaSetDevice); throws std::runtime_error when
+// there is no such device (or no backend). Before any allocation.
+void device_select(int ordinal);
+// The most bytes of device memory Buffers held at once so far (0 without a backend).
+size_t device_peak_bytes();
+
+// The emulated device's memory (model/host_device.cc): host allocations recorded in a registry,
+// so that the dispatcher can check a kernel's pointer arguments against it.
+void* host_as_device_alloc(size_t bytes);
+void host_as_device_free(void* p) noexcept;
+// Throws std::logic_error naming `op` unless p is nullptr or points into (or one past the end
+// of) a live emulated allocation.
+void check_host_as_device_pointer(const void* p, const char* op);
+
+// Raw memory of a non-host device.
+inline void* alloc_on(Device device, size_t bytes) {
+  return device == Device::kCuda ? device_alloc(bytes) : host_as_device_alloc(bytes);
+}
+inline void free_on(Device device, void* p) noexcept {
+  if (device == Device::kCuda) {
+    device_free(p);
+  } else {
+    host_as_device_free(p);
+  }
+}
+inline void zero_on(Device device, void* p, size_t bytes) {
+  if (device == Device::kCuda) {
+    device_zero(p, bytes);
+  } else if (bytes > 0) {
+    std::memset(p, 0, bytes);
+  }
+}
+inline void copy_to_host_from(Device device, void* host, const void* src, size_t bytes) {
+  if (device == Device::kCuda) {
+    device_copy_to_host(host, src, bytes);
+  } else if (bytes > 0) {
+    std::memcpy(host, src, bytes);
+  }
+}
+inline void copy_from_host_to(Device device, void* dst, const void* host, size_t bytes) {
+  if (device == Device::kCuda) {
+    device_copy_from_host(dst, host, bytes);
+  } else if (bytes > 0) {
+    std::memcpy(dst, host, bytes);
+  }
+}
+inline void copy_on(Device device, void* dst, const void* src, size_t bytes) {
+  if (device == Device::kCuda) {
+    device_copy(dst, src, bytes);
+  } else if (bytes > 0) {
+    std::memcpy(dst, src, bytes);
+  }
+}
+[[noreturn]] inline void host_access_on_device(const char* what) {
+  throw std::logic_error(std::string("Buffer::") + what +
+                         ": the data are on the device; use copy_to_host");
+}
 }  // namespace detail
 
-// The device a Buffer is allocated on when its constructor names none: kCpu unless a backend
-// with a device changes it. set_default_device(Device::kCuda) throws in a build without one.
+// The device a Buffer is allocated on when its constructor names none, and whose kernels the
+// ops.h functions run: kCpu unless set. set_default_device(Device::kCuda) throws in a build
+// without a CUDA backend or on a machine without a device. A Model stays on the device it was
+// built on (model.h).
 inline std::atomic<Device>& default_device_slot() {
   static std::atomic<Device> device{Device::kCpu};
   return device;
@@ -56,7 +129,8 @@ inline Device default_device() { return default_device_slot().load(std::memory_o
 inline void set_default_device(Device device) {
   if (device == Device::kCuda && !detail::device_available()) {
     throw std::runtime_error(
-        "set_default_device: this build of LoopMoE has no CUDA backend (model/cuda/)");
+        "set_default_device: no CUDA device (this build has no CUDA backend, or the machine has "
+        "no usable GPU)");
   }
   default_device_slot().store(device, std::memory_order_relaxed);
 }
@@ -85,7 +159,7 @@ class Buffer {
       host_ = other.host_;
     } else {
       allocate_device(other.size_);
-      detail::device_copy(dev_, other.dev_, bytes(size_));
+      detail::copy_on(device_, dev_, other.dev_, bytes(size_));
     }
   }
   Buffer(Buffer&& other) noexcept : device_(Device::kCpu) { swap(other); }
@@ -95,12 +169,12 @@ class Buffer {
     if (this == &other) return *this;
     if (device_ == Device::kCpu && other.device_ == Device::kCpu) {
       host_ = other.host_;
-    } else if (device_ == Device::kCuda && other.device_ == Device::kCuda) {
+    } else if (device_ == other.device_) {
       if (size_ != other.size_) {
         release_device();
         allocate_device(other.size_);
       }
-      detail::device_copy(dev_, other.dev_, bytes(size_));
+      detail::copy_on(device_, dev_, other.dev_, bytes(size_));
     } else {
       Buffer copy(other);
       swap(copy);
@@ -134,8 +208,8 @@ class Buffer {
       return;
     }
     if (n == size_) return;
-    Buffer grown(n, Device::kCuda);
-    detail::device_copy(grown.dev_, dev_, bytes(std::min(n, size_)));
+    Buffer grown(n, device_);
+    detail::copy_on(device_, grown.dev_, dev_, bytes(std::min(n, size_)));
     swap(grown);
   }
   // n copies of value (a device buffer takes zero only).
@@ -152,43 +226,60 @@ class Buffer {
     if (device_ == Device::kCpu) {
       std::fill(host_.begin(), host_.end(), T(0));
     } else {
-      detail::device_zero(dev_, bytes(size_));
+      detail::zero_on(device_, dev_, bytes(size_));
     }
   }
   void clear() { resize(0); }
 
-  // Host access: valid on a host buffer only (unchecked, like std::vector's operator[]).
-  T& operator[](size_t i) { return host_[i]; }
-  const T& operator[](size_t i) const { return host_[i]; }
-  T* begin() { return host_.data(); }
-  T* end() { return host_.data() + host_.size(); }
-  const T* begin() const { return host_.data(); }
-  const T* end() const { return host_.data() + host_.size(); }
-  // The host storage itself, for callers that take a std::vector (no copy); throws on a device
-  // buffer, whose data must go through copy_to_host.
+  // Host access: valid on a host buffer only; throws std::logic_error on a device buffer (real
+  // or emulated), whose data must go through copy_to_host. The index itself is unchecked, like
+  // std::vector's operator[]; the device check is one compare.
+  T& operator[](size_t i) {
+    if (device_ != Device::kCpu) [[unlikely]]
+      detail::host_access_on_device("operator[]");
+    return host_[i];
+  }
+  const T& operator[](size_t i) const {
+    if (device_ != Device::kCpu) [[unlikely]]
+      detail::host_access_on_device("operator[]");
+    return host_[i];
+  }
+  T* begin() { return host_view("begin"); }
+  T* end() { return host_view("end") + host_.size(); }
+  const T* begin() const { return host_view("begin"); }
+  const T* end() const { return host_view("end") + host_.size(); }
+  // The host storage itself, for callers that take a std::vector (no copy).
   const std::vector<T>& host_vector() const {
-    if (device_ != Device::kCpu) {
-      throw std::logic_error("Buffer::host_vector: the data are on the device; use copy_to_host");
-    }
+    if (device_ != Device::kCpu) detail::host_access_on_device("host_vector");
     return host_;
   }
 
  private:
   static size_t bytes(size_t n) { return n * sizeof(T); }
+  T* host_view(const char* what) {
+    if (device_ != Device::kCpu) [[unlikely]]
+      detail::host_access_on_device(what);
+    return host_.data();
+  }
+  const T* host_view(const char* what) const {
+    if (device_ != Device::kCpu) [[unlikely]]
+      detail::host_access_on_device(what);
+    return host_.data();
+  }
   void allocate_device(size_t n) {
-    dev_ = static_cast<T*>(detail::device_alloc(bytes(n)));
+    dev_ = static_cast<T*>(detail::alloc_on(device_, bytes(n)));
     size_ = n;
-    detail::device_zero(dev_, bytes(n));
+    detail::zero_on(device_, dev_, bytes(n));
   }
   void release_device() noexcept {
-    if (dev_ != nullptr) detail::device_free(dev_);
+    if (dev_ != nullptr) detail::free_on(device_, dev_);
     dev_ = nullptr;
     size_ = 0;
   }
 
   Device device_;
   std::vector<T> host_;  // kCpu storage
-  T* dev_ = nullptr;     // kCuda storage: size_ elements
+  T* dev_ = nullptr;     // kCuda or kHostAsDevice storage: size_ elements
   size_t size_ = 0;
 };
 
@@ -200,7 +291,7 @@ void copy_to_host(T* dst, const Buffer<T>& src, size_t offset, size_t count) {
   if (src.on_host()) {
     std::memcpy(dst, src.data() + offset, count * sizeof(T));
   } else {
-    detail::device_copy_to_host(dst, src.data() + offset, count * sizeof(T));
+    detail::copy_to_host_from(src.device(), dst, src.data() + offset, count * sizeof(T));
   }
 }
 // The whole buffer as a host vector (a copy, wherever the buffer lives).
@@ -219,7 +310,7 @@ void copy_from_host(Buffer<T>& dst, const T* src, size_t n) {
     return;
   }
   dst.resize(n);
-  if (n > 0) detail::device_copy_from_host(dst.data(), src, n * sizeof(T));
+  if (n > 0) detail::copy_from_host_to(dst.device(), dst.data(), src, n * sizeof(T));
 }
 
 }  // namespace loopmoe::model

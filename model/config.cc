@@ -3,11 +3,12 @@
 #include <toml++/toml.h>
 
 #include <cmath>
-#include <fstream>
+#include <cstdio>
 #include <limits>
 #include <set>
 #include <sstream>
 
+#include "common/text_file.h"
 #include "model/error.h"
 #include "model/toml_util.h"
 
@@ -54,6 +55,10 @@ void visit_fields(Config& c, Visitor&& v) {
   v("train", "checkpoint_interval", t.checkpoint_interval, 0.0, 1e9);
   v("train", "log_interval", t.log_interval, 1.0, 1e9);
   v("train", "grad_groups", t.grad_groups, 1.0, 65536.0);
+  v("train", "nonfinite", t.nonfinite, 0.0, 0.0);
+  v("train", "loss_spike_factor", t.loss_spike_factor, 0.0, 1e9);
+  v("train", "loss_spike_action", t.loss_spike_action, 0.0, 0.0);
+  v("train", "loss_spike_window", t.loss_spike_window, 1.0, 1e6);
   v("data", "dir", c.data.dir, 0.0, 0.0);
 }
 
@@ -140,10 +145,23 @@ std::string format_double(double x) {
 std::string quote(const std::string& s) {
   std::string out = "\"";
   for (char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c == 0x7f) {  // control characters: TOML and JSON both take \uXXXX
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+      continue;
+    }
     if (ch == '"' || ch == '\\') out += '\\';
     out += ch;
   }
   return out + "\"";
+}
+
+bool is_guard_key(const char* s, const char* k) {
+  static const std::set<std::string> keys = {"nonfinite", "loss_spike_factor", "loss_spike_action",
+                                             "loss_spike_window"};
+  return std::string(s) == "train" && keys.count(k) > 0;
 }
 
 struct Printer {
@@ -152,6 +170,7 @@ struct Printer {
   const char* only_section;  // nullptr: all sections (TOML)
   std::string current;
   bool first = true;
+  bool omit_guard = false;  // leave out the numerics-guard keys (all at their defaults)
 
   void key(const char* s, const char* k) {
     if (json) {
@@ -168,6 +187,7 @@ struct Printer {
   template <class T>
   void operator()(const char* s, const char* k, T& x, double, double) {
     if (only_section != nullptr && std::string(only_section) != s) return;
+    if (omit_guard && is_guard_key(s, k)) return;
     key(s, k);
     if constexpr (std::is_same_v<T, bool>) {
       os << (x ? "true" : "false");
@@ -240,11 +260,7 @@ Config parse_config(const std::string& text, const std::string& source) {
 }
 
 Config load_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError(path + ": cannot open config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_config(ss.str(), path);
+  return parse_config(common::read_text_as<ConfigError>(path), path);
 }
 
 void validate(const Config& c) {
@@ -260,6 +276,24 @@ void validate(const Config& c) {
   if (c.train.warmup_steps > c.train.steps) {
     throw ConfigError("train.warmup_steps exceeds train.steps");
   }
+  const TrainConfig& t = c.train;
+  if (t.nonfinite != "stop" && t.nonfinite != "skip" && t.nonfinite != "rollback") {
+    throw ConfigError("train.nonfinite = '" + t.nonfinite + "' (expected stop, skip or rollback)");
+  }
+  if (t.loss_spike_action != "warn" && t.loss_spike_action != "stop") {
+    throw ConfigError("train.loss_spike_action = '" + t.loss_spike_action +
+                      "' (expected warn or stop)");
+  }
+  if (t.loss_spike_factor != 0 && t.loss_spike_factor <= 1) {
+    throw ConfigError("train.loss_spike_factor must be 0 (off) or greater than 1");
+  }
+}
+
+bool numerics_guard_is_default(const TrainConfig& train) {
+  const TrainConfig d;
+  return train.nonfinite == d.nonfinite && train.loss_spike_factor == d.loss_spike_factor &&
+         train.loss_spike_action == d.loss_spike_action &&
+         train.loss_spike_window == d.loss_spike_window;
 }
 
 std::vector<std::string> config_keys() {
@@ -274,7 +308,8 @@ std::vector<std::string> config_keys() {
 std::string to_toml(const Config& config) {
   std::ostringstream os;
   Config copy = config;
-  visit_fields(copy, Printer{os, false, nullptr, "", true});
+  visit_fields(copy,
+               Printer{os, false, nullptr, "", true, numerics_guard_is_default(config.train)});
   return os.str();
 }
 
@@ -293,7 +328,7 @@ std::string train_to_json(const TrainConfig& train) {
   Config copy;
   copy.train = train;
   os << "{";
-  visit_fields(copy, Printer{os, true, "train", "", true});
+  visit_fields(copy, Printer{os, true, "train", "", true, numerics_guard_is_default(train)});
   os << "}";
   return os.str();
 }

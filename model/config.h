@@ -63,7 +63,20 @@ struct TrainConfig {
   // Sequence groups whose weight gradients are summed in a fixed tree (Model::set_grad_groups):
   // data-parallel runs whose worker count is a power of two dividing it match one process exactly.
   int grad_groups = 8;
+  // Numerics guard (docs/CONFIG.md). A step whose loss or global gradient norm is NaN or Inf never
+  // reaches AdamW; then "stop" ends the run with an error, "skip" drops the step (parameters and
+  // AdamW state stay as they were) and goes on, "rollback" restarts from the last checkpoint.
+  std::string nonfinite = "stop";
+  // A step whose loss exceeds loss_spike_factor × the median of the last loss_spike_window losses
+  // is a spike; loss_spike_action "warn" logs it, "stop" ends the run. 0: no spike check.
+  double loss_spike_factor = 0;
+  std::string loss_spike_action = "warn";
+  int loss_spike_window = 50;
 };
+
+// Whether every numerics-guard key of `train` has its default (the canonical TOML text then
+// leaves them out, so that runs without a guard keep their checkpoints' config text and hash).
+bool numerics_guard_is_default(const TrainConfig& train);
 
 struct DataConfig {
   std::string dir = "data/sotu";

@@ -2,6 +2,8 @@
 // process's weights, and move the results back (ops.h dispatch kernels via dispatcher.h).
 #include "model/local_dispatcher.h"
 
+#include "model/ops.h"
+
 namespace loopmoe::model {
 
 LocalDispatcher::LocalDispatcher(const ModelConfig& config, const ParamLayout& layout,
@@ -26,10 +28,13 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
   group_rows_by_expert(plan, b.offset, sv.row_of_slot);
   const int64_t rows = b.offset[E];
   b.x.resize(static_cast<size_t>(rows) * D);
-  gather_slot_rows(b.x.data(), x, sv.row_of_slot, plan.top_k, D);
+  copy_from_host(sv.device_row_of_slot, sv.row_of_slot.data(), sv.row_of_slot.size());
+  const int64_t* row_of_slot = sv.device_row_of_slot.data();
+  const size_t slots = sv.row_of_slot.size();
+  ops::moe_permute_forward(b.x.data(), x, row_of_slot, slots, plan.top_k, D);
   Buffer<float> y(static_cast<size_t>(rows) * D);
   experts_forward(y.data(), b, weights(layer), shape_);
-  scatter_slot_rows(out, y.data(), sv.row_of_slot, D);
+  ops::moe_unpermute_forward(out, y.data(), row_of_slot, slots, D);
 }
 
 void LocalDispatcher::backward(int application, int layer, const RoutingPlan& plan,
@@ -38,9 +43,10 @@ void LocalDispatcher::backward(int application, int layer, const RoutingPlan& pl
   const int D = shape_.d_model;
   const int64_t rows = sv.batch.offset.back();
   Buffer<float> dy(static_cast<size_t>(rows) * D), dxr(static_cast<size_t>(rows) * D);
-  gather_slot_rows(dy.data(), dout, sv.row_of_slot, 1, D);
+  const int64_t* row_of_slot = sv.device_row_of_slot.data();
+  ops::moe_permute_forward(dy.data(), dout, row_of_slot, sv.row_of_slot.size(), 1, D);
   experts_backward(dxr.data(), dy.data(), sv.batch, weights(layer), shape_);
-  add_slot_rows_to_tokens(dx, dxr.data(), sv.row_of_slot, plan.num_tokens, plan.top_k, D);
+  ops::moe_permute_backward(dx, dxr.data(), row_of_slot, plan.num_tokens, plan.top_k, D);
 }
 
 }  // namespace loopmoe::model

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "model/buffer.h"
 #include "model/dispatcher.h"
 #include "model/experts.h"
 #include "model/param_layout.h"
@@ -22,7 +23,8 @@ class LocalDispatcher : public Dispatcher {
  private:
   struct Saved {
     ExpertBatch batch;
-    std::vector<int64_t> row_of_slot;  // [S*k] row in batch, -1 when dropped
+    std::vector<int64_t> row_of_slot;    // [S*k] row in batch, -1 when dropped (host)
+    Buffer<int64_t> device_row_of_slot;  // the same on the device, for the kernels
   };
   ExpertWeights weights(int layer) const;
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "model/local_dispatcher.h"
 #include "model/ops.h"
@@ -29,9 +30,14 @@ void set_num_threads(int threads) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
-Model::Model(const ModelConfig& config) : config_(config), layout_(config), moe_(config) {
-  params_.resize(layout_.size());
-  grads_.resize(layout_.size());
+Model::Model(const ModelConfig& config)
+    : config_(config),
+      layout_(config),
+      device_(default_device()),
+      params_(layout_.size(), device_),
+      grads_(layout_.size(), device_),
+      moe_(config),
+      group_grads_(device_) {
   for (const LayerOffsets& l : layout_.layers) {
     attn_norms_.emplace_back(config_, l.attn_norm);
     ffn_norms_.emplace_back(config_, l.ffn_norm);
@@ -54,12 +60,28 @@ Model::~Model() = default;
 
 void Model::set_dispatcher(Dispatcher* d) { dispatcher_ = d ? d : local_dispatcher_.get(); }
 
+void Model::check_device(const char* what) const {
+  const Device current = default_device();
+  if (current != device_) {
+    throw std::logic_error(std::string("Model::") + what + ": the model lives on " +
+                           to_string(device_) + " but the default device is now " +
+                           to_string(current) + " (a model stays on the device it was built on)");
+  }
+}
+
+void Model::load_params(const float* values, size_t n) {
+  check_device("load_params");
+  if (n != params_.size()) throw std::invalid_argument("Model::load_params: wrong parameter count");
+  params_.copy_from_host(0, values, n);
+}
+
 void Model::zero_grad() {
+  check_device("zero_grad");
   if (!remote_experts_) {
-    std::memset(grads_.data(), 0, grads_.size() * sizeof(float));
+    grads_.zero_all();
     return;
   }
-  for (const auto& [offset, n] : replica_ranges_) std::fill_n(grads_.data() + offset, n, 0.f);
+  for (const auto& [offset, n] : replica_ranges_) grads_.zero(offset, n);
 }
 
 bool is_expert_tensor(const ParamTensor& t) {
@@ -97,11 +119,12 @@ void visit_initial_params(const ModelConfig& config, const ParamLayout& layout, 
 }
 
 void Model::init_params(uint64_t seed) {
+  check_device("init_params");
   visit_initial_params(
       config_, layout_, seed,
       [&](const ParamTensor& t) { return !(remote_experts_ && is_expert_tensor(t)); },
       [&](const ParamTensor& t, const float* v) {
-        std::copy_n(v, t.numel(), params_.data() + t.offset);
+        params_.copy_from_host(t.offset, v, t.numel());
       });
 }
 
@@ -160,14 +183,23 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
 }
 
 const float* Model::iteration_state(int r) const {
+  check_device("iteration_state");
   const size_t index = 2 * static_cast<size_t>(config_.n_layers) * (r + 1);
   if (r < 0 || index >= resid_.size()) throw std::out_of_range("iteration_state: no iteration r");
   return resid_[index].data();
 }
 
+std::vector<float> Model::iteration_state_to_host(int r) const {
+  iteration_state(r);  // the checks
+  return copy_to_host(resid_[2 * static_cast<size_t>(config_.n_layers) * (r + 1)]);
+}
+
 double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
+  check_device("decode_loss");
   const int D = config_.d_model, V = config_.vocab_size;
   const float* p = params_.data();
+  Buffer<int32_t> device_targets;  // the kernels read device memory
+  copy_from_host(device_targets, targets, S);
   Buffer<float> h(static_cast<size_t>(S) * D), rstd(S);
   Buffer<float> logits(static_cast<size_t>(S) * V), probs(logits.size());
   ops::rmsnorm_forward(h.data(), rstd.data(), x, p + layout_.final_norm, S, D);
@@ -179,11 +211,14 @@ double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
                         static_cast<const float*>(nullptr), S, D, V);
   }
   // The same fixed-point sum as forward(), so a logit-lens loss equals the validation loss exactly.
-  return ops::crossentropy_forward_sum(probs.data(), logits.data(), targets, S, V).value() / S;
+  return ops::crossentropy_forward_sum(probs.data(), logits.data(), device_targets.data(), S, V)
+             .value() /
+         S;
 }
 
 LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T,
                          const ForwardOptions& options) {
+  check_device("forward");
   if (remote_experts_ && dispatcher_ == local_dispatcher_.get()) {
     throw std::logic_error("Model::forward: the experts are remote but no dispatcher is set");
   }
@@ -280,6 +315,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
 }
 
 void Model::backward() {
+  check_device("backward");
   if (halted_forward_) throw std::logic_error("backward() after a forward with adaptive halting");
   const int B = B_, T = T_, S = B * T, D = config_.d_model, V = config_.vocab_size;
   const int N = config_.n_layers, A = static_cast<int>(apps_.size());
@@ -292,10 +328,12 @@ void Model::backward() {
     const size_t size = static_cast<size_t>(G) * layout_.size();
     // A fresh buffer rather than resize(), which would copy (and so commit) the old one: the
     // pages of expert ranges are never touched, so never committed.
-    if (group_grads_.size() < size) group_grads_ = ZeroPageVector<float>(size);
+    if (group_grads_.size() < size) group_grads_ = FlatBuffer(size, device_);
     gg = {group_grads_.data(), layout_.size(), G, B, T};
     for (int grp = 0; grp < G; ++grp) {
-      for (const auto& [offset, n] : replica_ranges_) std::fill_n(gg.at(grp) + offset, n, 0.f);
+      for (const auto& [offset, n] : replica_ranges_) {
+        group_grads_.zero(static_cast<size_t>(grp) * layout_.size() + offset, n);
+      }
     }
   }
   // Loss head: dlogits overwrite the saved softmax.

@@ -12,6 +12,7 @@
 #include "model/buffer.h"
 #include "model/config.h"
 #include "model/dispatcher.h"
+#include "model/flat_buffer.h"
 #include "model/iter_adaln.h"
 #include "model/moe_layer.h"
 #include "model/ops.h"
@@ -34,6 +35,11 @@ struct ForwardOptions {
   double halt_threshold = 0;  // > 0: per-token adaptive halting (inference only; see forward)
 };
 
+// A Model lives on one device: default_device() when it is built (buffer.h). Its parameters,
+// gradients and activations are there; params(), grads() and iteration_state() are pointers into
+// that device's memory, and the host reaches them only through the copies below. Its entry points
+// throw std::logic_error when the default device has changed since (the kernels would run on the
+// wrong device's pointers).
 class Model {
  public:
   explicit Model(const ModelConfig& config);
@@ -44,9 +50,19 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
   size_t num_params() const { return layout_.size(); }
+  Device device() const { return device_; }
   float* params() { return params_.data(); }
   const float* params() const { return params_.data(); }
   float* grads() { return grads_.data(); }
+  // The flat arrays themselves (host views and copies for checkpoints and tests).
+  const FlatBuffer& param_buffer() const { return params_; }
+  const FlatBuffer& grad_buffer() const { return grads_; }
+  std::vector<float> params_to_host() const { return params_.to_host(); }
+  std::vector<float> grads_to_host() const { return grads_.to_host(); }
+  // Parameters [num_params()] from host memory (a loaded checkpoint), on any device.
+  void load_params(const float* values, size_t n);
+  // Throws std::logic_error unless default_device() is this model's device.
+  void check_device(const char* what) const;
 
   // Fills parameters per docs/MODEL.md "Initialisation" from `seed` (bit-reproducible).
   void init_params(uint64_t seed);
@@ -83,18 +99,20 @@ class Model {
   // Per token of the last forward: iterations it ran (R unless it halted).
   const std::vector<int>& iterations_used() const { return iterations_used_; }
   // Residual stream [B*T, D] after iteration r of the last forward (logit lens input), in the
-  // activations' storage (host in this build).
+  // activations' storage: device memory, to hand back to decode_loss or copy with
+  // iteration_state_to_host.
   const float* iteration_state(int r) const;
-  // Mean cross-entropy of decoding hidden states x[S, D] with the final norm and the LM head.
+  std::vector<float> iteration_state_to_host(int r) const;
+  // Mean cross-entropy of decoding hidden states x[S, D] (device memory, as iteration_state
+  // returns) with the final norm and the LM head; targets: host.
   double decode_loss(const float* x, const int32_t* targets, int S) const;
   // Accumulates the gradient of the last forward's total loss into grads().
   void backward();
 
   // Logits [B*T, V] of the last forward, copied to the host (wherever the activations live).
   std::vector<float> logits_to_host() const { return copy_to_host(logits_); }
-  // The same as a view of the activation buffer itself, no copy: host activations only (this
-  // CPU build's); throws std::logic_error when they are on a device, where callers must use
-  // logits_to_host().
+  // The same as a view of the activation buffer itself, no copy: a CPU model only; throws
+  // std::logic_error on a device, where callers must use logits_to_host().
   const std::vector<float>& logits() const { return logits_.host_vector(); }
   int applications() const { return static_cast<int>(apps_.size()); }
   // Routing of MoE layer application a = r*N + n in the last forward.
@@ -113,9 +131,9 @@ class Model {
 
   ModelConfig config_;
   ParamLayout layout_;
-  // Parameters and gradients: one contiguous host buffer each, in layout order (not Buffers; see
-  // buffer.h for how a device backend would mirror them at the same offsets).
-  ZeroPageVector<float> params_, grads_;
+  Device device_;  // default_device() at construction; see check_device
+  // Parameters and gradients: one contiguous array each on the model's device, in layout order.
+  FlatBuffer params_, grads_;
   std::vector<NormBlock> attn_norms_, ffn_norms_;
   MoeLayer moe_;
   std::unique_ptr<Dispatcher> local_dispatcher_;
@@ -137,7 +155,7 @@ class Model {
   int grad_groups_ = 1;
   bool remote_experts_ = false;
   std::vector<std::pair<size_t, size_t>> replica_ranges_;
-  ZeroPageVector<float> group_grads_;  // [groups][num_params]; only replica ranges touched
+  FlatBuffer group_grads_;  // [groups][num_params]; only replica ranges touched
 };
 
 // The initial parameter values of init_params, tensor by tensor in layout order: visit(tensor,

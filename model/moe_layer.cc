@@ -22,8 +22,8 @@ void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int applicatio
     ops::FlopKindScope kind(ops::FlopKind::kExperts);
     dispatcher.forward(application, layer, a.plan, u, a.expert_out.data());
   }
-  ops::moe_combine_forward(y, a.expert_out.data(), a.plan.weight.data(), a.plan.kept.data(), S, k,
-                           D);
+  ops::moe_combine_forward(y, a.expert_out.data(), a.router.weight.data(), a.router.kept.data(), S,
+                           k, D);
 }
 
 void MoeLayer::backward(float* du, const ops::GradGroups<float>& drouter_w, Dispatcher& dispatcher,
@@ -33,7 +33,7 @@ void MoeLayer::backward(float* du, const ops::GradGroups<float>& drouter_w, Disp
   Buffer<float> dweight(static_cast<size_t>(S) * k);
   Buffer<float> dout(static_cast<size_t>(S) * k * D);
   ops::moe_combine_backward(dout.data(), dweight.data(), dy, a.expert_out.data(),
-                            a.plan.weight.data(), a.plan.kept.data(), S, k, D);
+                            a.router.weight.data(), a.router.kept.data(), S, k, D);
   {
     ops::FlopKindScope kind(ops::FlopKind::kExperts);
     dispatcher.backward(application, layer, a.plan, dout.data(), du);

@@ -1,10 +1,11 @@
 // The engine's kernels: forward/backward pairs on flat row-major buffers (docs/MODEL.md has the
 // maths). This header is the device seam: every arithmetic loop over activations, gradients or
 // parameters is one of these functions, and the model-level files (model.cc, iter_adaln, router,
-// moe_layer, experts, dispatchers, optimizer) only allocate buffers (buffer.h) and call them. The
-// CPU implementation is model/cpu/ (OpenMP, batch-invariant sgemm); a CUDA backend implements
-// this same list in model/cuda/. Pointers are to memory on the backend's device unless a comment
-// says "host".
+// moe_layer, experts, dispatchers, optimizer) only allocate buffers (buffer.h) and call them.
+// Each function here dispatches on the process's default device (buffer.h; model/ops_dispatch.cc):
+// the CPU kernels are model/cpu/ (namespace ops::cpu, ops_cpu.h: OpenMP, batch-invariant sgemm),
+// the CUDA kernels model/cuda/ (ops::cuda, ops_cuda.h; float only). Pointers are to memory on
+// the default device unless a comment says "host".
 // Templates are instantiated for float (training) and double (gradient checks).
 // Backward kernels ACCUMULATE (+=) into parameter gradients and into input gradients unless the
 // comment says otherwise, so callers zero gradient buffers once per step.

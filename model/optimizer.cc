@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "model/ops.h"
@@ -30,24 +32,34 @@ double clip_grad_norm(float* g, size_t n, double max_norm) {
 }
 
 AdamW::AdamW(const ParamLayout& layout, const TrainConfig& train)
-    : train_(train), decay_(layout.size(), 0) {
-  m_.resize(layout.size());
-  v_.resize(layout.size());
+    : train_(train), device_(default_device()) {
+  std::vector<uint8_t> decay(layout.size(), 0);
   for (const ParamTensor& t : layout.tensors()) {
-    if (t.shape.size() >= 2) std::fill_n(decay_.begin() + t.offset, t.numel(), 1);
+    if (t.shape.size() >= 2) std::fill_n(decay.begin() + t.offset, t.numel(), 1);
   }
+  init_decay(decay);
 }
 
 AdamW::AdamW(std::vector<uint8_t> decay, const TrainConfig& train)
-    : train_(train), decay_(std::move(decay)) {
-  m_.resize(decay_.size());
-  v_.resize(decay_.size());
+    : train_(train), device_(default_device()) {
+  init_decay(decay);
+}
+
+void AdamW::init_decay(const std::vector<uint8_t>& decay) {
+  m_ = FlatBuffer(decay.size(), device_);
+  v_ = FlatBuffer(decay.size(), device_);
+  decay_ = Buffer<uint8_t>(0, device_);
+  copy_from_host(decay_, decay.data(), decay.size());
 }
 
 void AdamW::step(float* p, const float* g, double lr) { step(p, g, lr, {{0, m_.size()}}); }
 
 void AdamW::step(float* p, const float* g, double lr,
                  const std::vector<std::pair<size_t, size_t>>& ranges) {
+  if (default_device() != device_) {
+    throw std::logic_error(std::string("AdamW::step: the moments live on ") + to_string(device_) +
+                           " but the default device is now " + to_string(default_device()));
+  }
   ++t_;
   const float b1 = static_cast<float>(train_.beta1), b2 = static_cast<float>(train_.beta2);
   const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(train_.beta1, t_)));

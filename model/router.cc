@@ -21,11 +21,14 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   plan.num_tokens = S;
   plan.num_experts = E;
   plan.top_k = k;
-  plan.expert.assign(static_cast<size_t>(S) * k, 0);
-  plan.weight.assign(static_cast<size_t>(S) * k, 0.f);
-  plan.kept.assign(static_cast<size_t>(S) * k, 1);
-  ops::router_topk_forward(plan.expert.data(), plan.weight.data(), acts.probs.data(), S, E, k,
+  acts.expert.resize(static_cast<size_t>(S) * k);
+  acts.weight.resize(static_cast<size_t>(S) * k);
+  ops::router_topk_forward(acts.expert.data(), acts.weight.data(), acts.probs.data(), S, E, k,
                            opt.renormalize);
+  // The host bookkeeping below (capacity walk, dispatch layout) reads the choices on the host.
+  plan.expert = copy_to_host(acts.expert);
+  plan.weight = copy_to_host(acts.weight);
+  plan.kept.assign(static_cast<size_t>(S) * k, 1);
   // Batch statistics in fixed point (order-free); reduced over the batch if asked.
   RouterBatchStats stats;
   stats.tokens = S;
@@ -33,7 +36,7 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
   stats.prob_sum.assign(E, ops::LossSum{});
   stats.preceding.assign(E, 0);
   ops::router_stats(stats.assigned.data(), stats.prob_sum.data(), &stats.lse_sq_sum,
-                    plan.expert.data(), acts.probs.data(), acts.lse.data(), S, E, k);
+                    acts.expert.data(), acts.probs.data(), acts.lse.data(), S, E, k);
   if (reduce) reduce(stats);
   const int64_t batch_S = stats.tokens;
   plan.batch_tokens = batch_S;
@@ -59,6 +62,7 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
     for (size_t i = 0; i < plan.expert.size(); ++i) plan.received[plan.expert[i]]++;
     plan.batch_kept = plan.assigned;
   }
+  copy_from_host(acts.kept, plan.kept.data(), plan.kept.size());
   // Load-balance loss E·Σ f_i P_i and z-loss.
   double aux = 0;
   for (int e = 0; e < E; ++e) {
@@ -93,8 +97,8 @@ void router_backward(float* du, const ops::GradGroups<float>& drouter_w, const f
   }
   Buffer<float> aux_bias;
   copy_from_host(aux_bias, aux_grad.data(), aux_grad.size());
-  ops::router_topk_backward(dprobs.data(), dweight, acts.probs.data(), plan.expert.data(),
-                            plan.weight.data(), aux_bias.data(), S, E, k, opt.renormalize);
+  ops::router_topk_backward(dprobs.data(), dweight, acts.probs.data(), acts.expert.data(),
+                            acts.weight.data(), aux_bias.data(), S, E, k, opt.renormalize);
   ops::softmax_backward(dlogits.data(), dprobs.data(), acts.probs.data(), S, E);
   if (z_scale != 0) {
     // d/dlogit_te of mean_t lse_t^2 = 2·lse_t·p_te / S

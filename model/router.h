@@ -15,8 +15,8 @@ namespace loopmoe::model {
 
 // Which expert each (token, slot) goes to. Slot j of token t is entry t*k + j. Host memory: the
 // capacity walk, the dispatch bookkeeping and the distributed runtime's headers read it on the
-// host (a device backend copies expert and weight back after the top-k kernel, and kept and
-// weight to the device for the combine).
+// host. The kernels use the device copies in RouterActivations (expert and weight copied back
+// after the top-k kernel, kept copied to the device after the capacity walk).
 struct RoutingPlan {
   int num_tokens = 0, num_experts = 0, top_k = 0;
   std::vector<int32_t> expert;      // [S*k]
@@ -49,6 +49,10 @@ using RouterStatsReducer = std::function<void(RouterBatchStats&)>;
 
 struct RouterActivations {
   Buffer<float> logits, probs, lse;  // [S,E], [S,E], [S]
+  // The plan's expert, weight and kept [S*k] on the device, for the kernels.
+  Buffer<int32_t> expert;
+  Buffer<float> weight;
+  Buffer<uint8_t> kept;
 };
 
 struct RouterOptions {

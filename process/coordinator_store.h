@@ -20,7 +20,8 @@ class CoordinatorStore final : public comm::KeyValueStore {
   // rendezvous that cannot reach its store should fail fast rather than eat the job's timeout.
   CoordinatorStore(std::shared_ptr<grpc::Channel> channel, std::string address,
                    std::chrono::milliseconds rpc_timeout = std::chrono::seconds(10));
-  // Convenience: an insecure channel to `address`.
+  // Convenience for tests: a plaintext channel to `address` without credentials (the processes
+  // pass their secured channel to the constructor above).
   explicit CoordinatorStore(const std::string& address);
 
   const std::string& address() const { return address_; }

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "process/roles.h"
+#include "security/flags.h"
 
 namespace loopmoe::process {
 namespace {
@@ -32,12 +33,13 @@ std::string default_name(const std::string& hostname) {
 
 // gRPC's default reconnect backoff grows to two minutes: a process started before its
 // coordinator (or outliving a coordinator restart) would notice it far too late.
-std::shared_ptr<grpc::Channel> coordinator_channel(const std::string& address) {
+std::shared_ptr<grpc::Channel> coordinator_channel(const std::string& address,
+                                                   const security::Credentials& credentials) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return security::create_channel(address, credentials, credentials.process_token, args);
 }
 
 bool retryable(const grpc::Status& status) {
@@ -61,7 +63,13 @@ void ProcessHost::start() {
   if (options_.coordinator.empty()) {
     throw std::runtime_error("no coordinator address (--coordinator or LOOPMOE_COORDINATOR)");
   }
-  channel_ = coordinator_channel(options_.coordinator);
+  if (!options_.security.insecure &&
+      (options_.security.ca_pem.empty() || options_.security.process_token.empty())) {
+    throw std::runtime_error(
+        "TLS needs the CA certificate and the process token (--tls-ca, --process-token-file), "
+        "or --insecure");
+  }
+  channel_ = coordinator_channel(options_.coordinator, options_.security);
   coordinator_ = pb::Coordinator::NewStub(channel_);
   store_ = std::make_unique<CoordinatorStore>(channel_, options_.coordinator);
 
@@ -87,7 +95,8 @@ void ProcessHost::start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &selected_port);
+  builder.AddListeningPort(options_.listen, security::server_credentials(options_.security),
+                           &selected_port);
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
   if (!server_ || selected_port == 0) {
@@ -96,6 +105,10 @@ void ProcessHost::start() {
                              " (address in use or not local?)");
   }
   address_ = options_.hostname + ":" + std::to_string(selected_port);
+  if (!options_.health_listen.empty()) {
+    health_ = std::make_unique<security::HealthServer>(options_.health_listen);
+    health_->set_serving(true);
+  }
 
   const absl::Time deadline = absl::Now() + absl::FromChrono(options_.connect_timeout);
   grpc::Status status;
@@ -196,6 +209,7 @@ void ProcessHost::stop(milliseconds grace) {
     stopping_ = true;
   }
   if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
+  if (health_) health_->shutdown();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now() + grace);
     server_->Wait();
@@ -231,6 +245,9 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
       ->capture_default_str();
   app.add_option("--metrics-listen", options.metrics_listen,
                  "serve Prometheus /metrics on HOST:PORT (default: no metrics server)");
+  app.add_option("--health-listen", options.health_listen,
+                 "also serve plaintext grpc.health.v1, and nothing else, on HOST:PORT (for probes "
+                 "that cannot speak TLS)");
   app.add_option("--hostname", options.hostname,
                  "address other processes and the coordinator reach this one at (RPC and Gloo)")
       ->capture_default_str();
@@ -247,6 +264,8 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
                  "seconds a collective waits for a peer before the job is failed")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  security::ServerFlags security_flags;
+  security::add_server_flags(app, security_flags, /*coordinator=*/false);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -257,6 +276,12 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
   options.rendezvous_timeout = to_ms(rendezvous_timeout_s);
   options.collective_timeout = to_ms(collective_timeout_s);
 
+  try {
+    options.security = security::load(security_flags, /*coordinator=*/false, program);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s: %s\n", program.c_str(), e.what());
+    return 1;
+  }
   ProcessHost host(options, std::move(factory));
   try {
     host.start();

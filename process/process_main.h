@@ -17,6 +17,8 @@
 #include "process/coordinator_store.h"
 #include "process/process_metrics.h"
 #include "process/training_process_server.h"
+#include "security/credentials.h"
+#include "security/health_server.h"
 
 namespace loopmoe::process {
 
@@ -25,11 +27,16 @@ struct ProcessOptions {
   std::string coordinator;             // host:port of the Coordinator service
   std::string listen = "127.0.0.1:0";  // TrainingProcess server; port 0 picks a free one
   std::string metrics_listen;          // Prometheus /metrics; empty = none
+  std::string health_listen;           // plaintext grpc.health.v1 only (probes); empty = none
   std::string hostname = "127.0.0.1";  // advertised for RPC and Gloo
   std::string name;                    // for humans; empty = <hostname>/<pid>
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds collective_timeout{60000};
   std::chrono::milliseconds rendezvous_timeout{120000};
+  // TLS and the process token, for this process's server (which accepts the process token only)
+  // and its calls to the coordinator (docs/SERVICE.md "Security"). The default (no certificate)
+  // does not start; --insecure and tests that need no security set Credentials::Insecure().
+  security::Credentials security;
 };
 
 // The servers and coordinator session of one process, usable in-process (tests) or from
@@ -70,6 +77,7 @@ class ProcessHost {
   std::unique_ptr<CoordinatorStore> store_;
   std::unique_ptr<TrainingProcessServer> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<security::HealthServer> health_;
   std::string address_;
   std::string metrics_address_;
 

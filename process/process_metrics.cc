@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/process_collector.h"
 #include "process/roles.h"
 
@@ -45,7 +46,7 @@ class ProcessMetrics::HeartbeatAge final : public prometheus::Collectable {
     metric.label.push_back({"role", role_});
     {
       absl::MutexLock lock(&mutex_);
-      metric.gauge.value = std::chrono::duration<double>(Clock::now() - last_ack_).count();
+      metric.gauge.value = common::seconds_since(last_ack_);
     }
     family.metric.push_back(std::move(metric));
     return {std::move(family)};
@@ -67,6 +68,7 @@ struct ProcessMetrics::JobSeries {
   prometheus::Counter* alltoall_bytes = nullptr;
   prometheus::Counter* alltoall_seconds = nullptr;
   prometheus::Counter* dropped_tokens = nullptr;
+  prometheus::Counter* nonfinite_steps = nullptr;
   prometheus::Gauge* validation_loss = nullptr;  // workers only, from the first evaluation
   std::map<std::tuple<int, int, int>, prometheus::Counter*> expert_tokens;  // (layer, iter, expert)
   std::map<std::pair<int, int>, prometheus::Gauge*> overload;               // (layer, iteration)
@@ -126,6 +128,12 @@ ProcessMetrics::ProcessMetrics(runtime::Role role)
                                 "worker reports the same global count")
                           .Labels({{"role", role_label(role)}})
                           .Register(*registry_)),
+      nonfinite_steps_(prometheus::BuildCounter()
+                           .Name("loopmoe_nonfinite_steps_total")
+                           .Help("Steps the numerics guard skipped (train.nonfinite = \"skip\"): "
+                                 "NaN or Inf loss or gradient norm; every process counts each")
+                           .Labels({{"role", role_label(role)}})
+                           .Register(*registry_)),
       overload_factor_(prometheus::BuildGauge()
                            .Name("loopmoe_expert_overload_factor")
                            .Help("Per layer application (layer, iteration) of the last step: "
@@ -167,6 +175,7 @@ void ProcessMetrics::drop_job_series_locked() {
   remove(alltoall_bytes_, job_->alltoall_bytes);
   remove(alltoall_seconds_, job_->alltoall_seconds);
   remove(dropped_tokens_, job_->dropped_tokens);
+  remove(nonfinite_steps_, job_->nonfinite_steps);
   remove(validation_loss_, job_->validation_loss);
   for (auto& [key, counter] : job_->expert_tokens) remove(expert_tokens_, counter);
   for (auto& [key, gauge] : job_->overload) remove(overload_factor_, gauge);
@@ -186,6 +195,7 @@ void ProcessMetrics::begin_job(const std::string& job_id, int rank, int n_layers
   job->alltoall_bytes = &alltoall_bytes_.Add(job->labels);
   job->alltoall_seconds = &alltoall_seconds_.Add(job->labels);
   job->dropped_tokens = &dropped_tokens_.Add(job->labels);
+  job->nonfinite_steps = &nonfinite_steps_.Add(job->labels);
   job_ = std::move(job);
 }
 
@@ -200,6 +210,7 @@ void ProcessMetrics::record_step(const runtime::StepReport& report) {
   job_->alltoall_bytes->Increment(static_cast<double>(std::max<int64_t>(0, report.alltoall_bytes)));
   job_->alltoall_seconds->Increment(std::max(0.0, report.alltoall_seconds));
   job_->dropped_tokens->Increment(static_cast<double>(std::max<int64_t>(0, report.dropped)));
+  if (report.skipped) job_->nonfinite_steps->Increment();
   record_expert_tokens_locked(report);
 }
 

@@ -12,6 +12,8 @@
 //   loopmoe_expert_tokens_total           counter    {layer, iteration, expert}: global tokens
 //                                                    routed (after drops); worker 0 only
 //   loopmoe_dropped_tokens_total          counter    global drops (every worker reports them)
+//   loopmoe_nonfinite_steps_total         counter    steps the numerics guard skipped (NaN/Inf
+//                                                    loss or gradient norm; every process)
 //   loopmoe_expert_overload_factor        gauge      {layer, iteration}: per layer application of
 //                                                    the last step, max tokens of an expert / mean
 //                                                    tokens per expert (1 = perfectly balanced)
@@ -100,6 +102,7 @@ class ProcessMetrics {
   prometheus::Family<prometheus::Counter>& alltoall_seconds_;
   prometheus::Family<prometheus::Counter>& expert_tokens_;
   prometheus::Family<prometheus::Counter>& dropped_tokens_;
+  prometheus::Family<prometheus::Counter>& nonfinite_steps_;
   prometheus::Family<prometheus::Gauge>& overload_factor_;
   prometheus::Family<prometheus::Gauge>& validation_loss_;
 

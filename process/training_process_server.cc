@@ -45,6 +45,7 @@ void to_proto(const runtime::StepReport& report, pb::StepReport* out) {
   out->set_num_experts(report.num_experts);
   out->mutable_expert_tokens()->Add(report.expert_tokens.begin(), report.expert_tokens.end());
   out->set_tokens(report.tokens);
+  out->set_skipped(report.skipped);
 }
 
 // Resume point of a Configure request; the error text names the offending field.

@@ -206,7 +206,12 @@ ShardCheckpoint read_shard_checkpoint(const std::string& path, uint64_t expected
   const ShardHeader h = read_file<ShardHeader>(
       path, kShardMagic, expected_checksum,
       [](const ShardHeader& s) {
-        return static_cast<uint64_t>(s.num_layers) * s.num_experts * s.floats_per_expert;
+        // A count that wraps around is no count: read as too large for any file.
+        uint64_t n = 0;
+        return __builtin_mul_overflow(uint64_t{s.num_layers} * s.num_experts, s.floats_per_expert,
+                                      &n)
+                   ? std::numeric_limits<uint64_t>::max()
+                   : n;
       },
       c.params, c.m, c.v);
   c.rank = static_cast<int>(h.rank);

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,6 +60,11 @@ struct ProcessSetup {
   std::string hostname = "127.0.0.1";  // address Gloo listens on
   std::chrono::milliseconds collective_timeout{60000};
   std::chrono::milliseconds rendezvous_timeout{120000};
+  // Test hook (tests/cluster, the numerics guard): called with the 0-based step and this
+  // process's own gradients (a worker's packed replica gradients before they are combined, a
+  // shard's expert gradients) before the global norm, e.g. to poison one with NaN. In-process
+  // only; never set by the service.
+  std::function<void(int64_t step, float* grads, size_t n)> poison_grads_for_test;
 };
 
 // One training step as this process saw it (mirrors loopmoe.v1.StepReport).
@@ -74,6 +80,9 @@ struct StepReport {
   int num_experts = 0;
   std::vector<int64_t> expert_tokens;  // [applications][experts] global, after drops; worker 0
   int64_t tokens = 0;                  // global tokens in the step
+  // The numerics guard skipped the step (train.nonfinite = "skip"): its loss or reduced gradient
+  // norm was NaN or Inf, and no process stepped AdamW.
+  bool skipped = false;
 };
 
 class ProcessRuntime {

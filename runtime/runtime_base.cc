@@ -84,6 +84,17 @@ std::pair<double, float> RuntimeBase::global_clip(double local_sum_of_squares) {
   return {norm, coef};
 }
 
+bool RuntimeBase::skip_nonfinite_step(double norm) {
+  if (std::isfinite(norm)) return false;
+  const std::string what = "step " + std::to_string(steps_done_ + 1) +
+                           ": the gradient norm or a worker's loss is " + std::to_string(norm);
+  if (config_.train.nonfinite != "skip") {
+    throw std::runtime_error(what + " (train.nonfinite = \"" + config_.train.nonfinite +
+                             "\": parameters left as before the step)");
+  }
+  return true;
+}
+
 StepReport RuntimeBase::report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,
                                Clock::time_point t0) const {
   StepReport r;

@@ -59,6 +59,12 @@ class RuntimeBase : public ProcessRuntime {
   // Global gradient norm from this process's share of the squared norm; the clipping coefficient
   // (1 when not clipping), as clip_grad_norm computes it in one process.
   std::pair<double, float> global_clip(double local_sum_of_squares);
+  // The numerics guard of a step whose reduced gradient norm is `norm` (train.nonfinite; the
+  // worker folds a non-finite loss into the norm, so every process decides alike). Finite: false.
+  // Not finite: AdamW was not called; "skip" counts it and returns true; "stop" and "rollback"
+  // throw std::runtime_error naming the step (the coordinator then restarts the job from its
+  // last checkpoint, as after any process error; see docs/SERVICE.md "Numerics guard").
+  bool skip_nonfinite_step(double norm);
   // The parts of a step report both roles fill alike.
   StepReport report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,
                     Clock::time_point t0) const;

@@ -2,10 +2,11 @@
 # Installs every Debian package LoopMoE uses. Idempotent and non-interactive; run as root.
 set -euo pipefail
 PKGS=(
-  build-essential cmake pkg-config git ca-certificates clang
+  build-essential cmake pkg-config git ca-certificates clang libomp-dev libclang-rt-14-dev
   libopenblas-dev libsentencepiece-dev libtomlplusplus-dev libcli11-dev libxxhash-dev
   nlohmann-json3-dev libgloo-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc librocksdb-dev libabsl-dev
+  openssl
   prometheus-cpp-dev prometheus
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-matplotlib

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks the lock annotations (ABSL_GUARDED_BY, ABSL_EXCLUSIVE_LOCKS_REQUIRED, ...) of the code
-# that holds locks: every source file of the comm, runtime, worker, expert_shard, coordinator and
-# process libraries, of the loopmoe-coordinator / -worker / -expert-shard executables and of their
-# test executables is compiled by Clang with -Wthread-safety under our -Werror
+# that holds locks: every source file of the comm, runtime, worker, expert_shard, coordinator,
+# process and security libraries, of the loopmoe-coordinator / -worker / -expert-shard executables
+# and of their test executables is compiled by Clang with -Wthread-safety under our -Werror
 # (-DLOOPMOE_THREAD_SAFETY=ON). Compile only (-fsyntax-only, where the analysis runs): nothing is
 # linked or run, so the rest of the tree (model/, train/, ...) need not build with Clang. Prints
 # `thread-safety: ok`, or the diagnostics and `thread-safety: FAILED`, exiting 1; any warning
@@ -15,9 +15,10 @@ jobs="${LOOPMOE_TSA_JOBS:-$(nproc)}"
 log="$dir/thread_safety.log"
 targets=(
   loopmoe_comm loopmoe_runtime loopmoe_worker loopmoe_expert_shard loopmoe_runtimes
-  loopmoe_coordinator_client loopmoe_coordinator loopmoe_process
+  loopmoe_coordinator_client loopmoe_coordinator loopmoe_process loopmoe_security
   loopmoe-coordinator loopmoe-worker loopmoe-expert-shard
   loopmoe_comm_tests loopmoe_coordinator_tests loopmoe_process_tests loopmoe_cluster_tests
+  loopmoe_security_tests
 )
 if ! command -v clang++ >/dev/null 2>&1; then
   echo "thread-safety: FAILED (no clang++; scripts/setup.sh installs clang)"

@@ -84,11 +84,19 @@ for cmd in submit status list cancel logs; do
   expect "${cmd}_help" 0 "--coordinator" -- "$bin" $cmd --help
 done
 expect cluster_up_help 0 "--metrics-base-port" -- "$bin" cluster up --help
+# Credentials: a throwaway set (the TLS handshake never happens when nothing listens).
+"$bin" cluster credentials --dir "$tmp/creds" > /dev/null || { echo "FAIL cluster credentials"; fails=$((fails + 1)); }
+export LOOPMOE_CA="$tmp/creds/ca.pem" LOOPMOE_TOKEN_FILE="$tmp/creds/cli.token"
 expect submit_unreachable 1 "$unreachable" -- "$bin" submit "$cfg_dir/loopmoe_tiny.toml" --coordinator $nobody
 expect status_unreachable 1 "$unreachable" -- "$bin" status 1 --coordinator $nobody
 expect list_unreachable 1 "$unreachable" -- env LOOPMOE_COORDINATOR=$nobody "$bin" list
 expect cancel_unreachable 1 "$unreachable" -- "$bin" cancel 1 --coordinator $nobody
 expect logs_unreachable 1 "$unreachable" -- "$bin" logs 1 --follow --coordinator $nobody
+expect list_unreachable_insecure 1 "$unreachable" -- env -u LOOPMOE_CA -u LOOPMOE_TOKEN_FILE "$bin" list --insecure --coordinator $nobody
+expect list_no_credentials 1 "^error: no credentials for the coordinator at $nobody: give --ca and --token-file" -- env -u LOOPMOE_CA -u LOOPMOE_TOKEN_FILE "$bin" list --coordinator $nobody
+expect list_insecure_and_ca 1 "^error: --insecure cannot be combined" -- "$bin" list --insecure --coordinator $nobody
+unset LOOPMOE_CA LOOPMOE_TOKEN_FILE
+expect credentials_help 0 "--name" -- "$bin" cluster credentials --help
 expect submit_missing 2 "^error: JOB.toml: File does not exist: .*nowhere.toml$" -- "$bin" submit "$tmp/nowhere.toml" --coordinator $nobody
 expect status_no_job 2 "^error: JOB_ID is required$" -- "$bin" status --coordinator $nobody
 expect cluster_up_bad_port 2 "^error: --port: Value 0 not in range 1 to 65535$" -- "$bin" cluster up --port 0 --dir "$tmp/no_cluster"
@@ -105,10 +113,22 @@ if [ -x "$coord" ]; then
   for _ in $(seq 100); do grep -q "cluster up" "$tmp/cluster.out" && break; sleep 0.1; done
   at=127.0.0.1:$port
   expect cluster_up_ready 0 "coordinator +127.0.0.1:$port" -- cat "$tmp/cluster.out"
+  expect cluster_up_credentials 0 "^credentials: CA $tmp/cluster/credentials/ca.pem" -- cat "$tmp/cluster.out"
+  # The cluster is secured: no credentials, a wrong token, plaintext: all refused.
+  expect list_without_credentials 1 "^error: no credentials for the coordinator" -- "$bin" list --coordinator $at
+  expect list_wrong_token 1 "^error: the coordinator at $at refused the credentials: invalid bearer token" -- env LOOPMOE_TOKEN=0123456789abcdef0123 "$bin" list --coordinator $at --cluster-dir "$tmp/cluster"
+  expect list_process_token 1 "refused the credentials: .*ListJobs needs the CLI \(control\) token" -- "$bin" list --coordinator $at --ca "$tmp/cluster/credentials/ca.pem" --token-file "$tmp/cluster/credentials/process.token"
+  expect list_plaintext 1 "^error: cannot reach the coordinator" -- "$bin" list --coordinator $at --insecure
+  expect list_wrong_ca 1 "^error: TLS handshake with the coordinator at $at failed" -- "$bin" list --coordinator $at --ca "$tmp/creds/ca.pem" --token-file "$tmp/cluster/credentials/cli.token"
+  # The other commands take the credentials from the cluster directory.
+  export LOOPMOE_CLUSTER_DIR="$tmp/cluster"
   # The coordinator checks the job's dataset at submission: one that would fail it is refused.
   sed "s|^dir = .*|dir = \"$tmp/book\"|" "$cfg_dir/loopmoe_tiny.toml" > "$tmp/job.toml"
   sed "s|^dir = .*|dir = \"$tmp/oldval\"|" "$cfg_dir/loopmoe_tiny.toml" > "$tmp/job_oldval.toml"
   expect submit_bad_data 1 "^error: job spec: data.dir: .*oldval/val.bin: too few tokens for seq_len 128: shard holds 0" -- "$bin" submit "$tmp/job_oldval.toml" --coordinator $at
+  # Jobs write only under the data root (cluster up: the current directory).
+  { cat "$tmp/job.toml"; printf '[job]\noutput_dir = "/"\n'; } > "$tmp/job_escape.toml"
+  expect submit_output_escape 1 "^error: job spec: output_dir: / \(resolved /\) is outside the coordinator's data root" -- "$bin" submit "$tmp/job_escape.toml" --coordinator $at
   expect submit_ok 0 "^submitted job 1$" -- "$bin" submit "$tmp/job.toml" --coordinator $at --shards 2
   expect list_ok 0 "^1 +queued +0/" -- "$bin" list --coordinator $at
   expect status_ok 0 "^job 1: queued" -- "$bin" status 1 --coordinator $at
@@ -118,6 +138,7 @@ if [ -x "$coord" ]; then
   kill -INT $cluster_pid
   wait $cluster_pid
   expect cluster_stopped 0 "cluster stopped" -- cat "$tmp/cluster.out"
+  unset LOOPMOE_CLUSTER_DIR
 else
   echo "skip cluster: $coord not built"
 fi

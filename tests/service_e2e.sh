@@ -82,8 +82,15 @@ logged_address() {
   [ -n "$a" ] || fail "no address after '$2' in $1"
   echo "$a"
 }
+# Secured by hand: throwaway credentials, the servers' settings from the environment (as in
+# deploy/), the CLI token on the coordinator's command line.
+"$build/loopmoe" cluster credentials --dir "$tmp/creds" > /dev/null || fail "cluster credentials"
+export LOOPMOE_TLS_CA=$tmp/creds/ca.pem LOOPMOE_TLS_CERT=$tmp/creds/server.pem \
+  LOOPMOE_TLS_KEY=$tmp/creds/server.key LOOPMOE_PROCESS_TOKEN_FILE=$tmp/creds/process.token \
+  LOOPMOE_MTLS=1
 "$build/loopmoe-coordinator" --listen 127.0.0.1:0 --data-dir "$tmp/coord" --heartbeat-timeout-ms 3000 \
-  --metrics-listen 127.0.0.1:0 > "$tmp/coordinator.log" 2>&1 &
+  --metrics-listen 127.0.0.1:0 --cli-token-file "$tmp/creds/cli.token" \
+  > "$tmp/coordinator.log" 2>&1 &
 pids+=($!)
 addr=$(logged_address "$tmp/coordinator.log" "listening on ")
 coord_metrics=$(logged_address "$tmp/coordinator.log" "metrics on http://" | cut -d: -f2)
@@ -101,7 +108,7 @@ for i in 0 1 2; do
   pids+=($!)
   shard_pid[$i]=$!
 done
-export LOOPMOE_COORDINATOR=$addr
+export LOOPMOE_COORDINATOR=$addr LOOPMOE_CA=$tmp/creds/ca.pem LOOPMOE_TOKEN_FILE=$tmp/creds/cli.token
 job=""
 for _ in $(seq 100); do
   job=$("$build/loopmoe" submit "$tmp/job.toml" --workers 2 --shards 2 --name e2e 2>/dev/null \
@@ -245,6 +252,13 @@ sed -i 's/^steps = 120/steps = 12/' "$tmp/job.toml"
   > "$tmp/cluster.log" 2>&1 &
 cluster=$!
 pids+=($cluster)
+# cluster up makes its own credentials (its children ignore the LOOPMOE_TLS_* of this shell);
+# the CLI takes them from DIR/cluster.env, written once everything is up.
+for _ in $(seq 600); do [ -f "$tmp/cluster/cluster.env" ] && break; sleep 0.1; done
+[ -f "$tmp/cluster/cluster.env" ] || fail "cluster up wrote no cluster.env: $(tail -3 "$tmp/cluster.log")"
+unset LOOPMOE_CA LOOPMOE_TOKEN_FILE
+# shellcheck disable=SC1091
+source "$tmp/cluster/cluster.env"
 ok=""
 for _ in $(seq 200); do
   if "$build/loopmoe" submit "$tmp/job.toml" --workers 2 --shards 2 --follow > "$tmp/follow.log" 2>&1; then

@@ -29,6 +29,15 @@ TEST(Config, RoundTripsThroughCanonicalToml) {
   EXPECT_EQ(d.train.eps, c.train.eps);
 }
 
+// A string holding control characters (TOML escapes allow them) is written back escaped, so the
+// canonical text a checkpoint stores parses again (found by fuzz/config_fuzzer).
+TEST(Config, ControlCharactersRoundTrip) {
+  model::Config c = model::load_config(kDir + "loopmoe_tiny.toml");
+  c.data.dir = std::string("runs\x01\n\x7f\"q\"\\");
+  const std::string text = model::to_toml(c);
+  EXPECT_EQ(model::parse_config(text, "roundtrip").data.dir, c.data.dir);
+}
+
 void expect_error(const std::string& toml, const std::string& needle) {
   try {
     model::parse_config(toml, "test.toml");

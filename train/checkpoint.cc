@@ -161,9 +161,14 @@ void save_checkpoint(const std::string& path, const model::Config& config,
   XXH64_state_t* st = XXH64_createState();
   XXH64_reset(st, 0);
   XXH64_update(st, text.data(), text.size());
-  XXH64_update(st, model.params(), n * sizeof(float));
-  XXH64_update(st, opt.m().data(), n * sizeof(float));
-  XXH64_update(st, opt.v().data(), n * sizeof(float));
+  // Host views of the model's arrays: the storage itself on the CPU, a copy from a device.
+  std::vector<float> params_copy, m_copy, v_copy;
+  const float* params = model.param_buffer().host_view(params_copy);
+  const float* m = opt.m_buffer().host_view(m_copy);
+  const float* v = opt.v_buffer().host_view(v_copy);
+  XXH64_update(st, params, n * sizeof(float));
+  XXH64_update(st, m, n * sizeof(float));
+  XXH64_update(st, v, n * sizeof(float));
   h.checksum = XXH64_digest(st);
   XXH64_freeState(st);
   h.header_checksum = header_checksum(h);
@@ -171,9 +176,9 @@ void save_checkpoint(const std::string& path, const model::Config& config,
   common::AtomicFileWriter out(path, throw_checkpoint_error);
   out.write(&h, sizeof(h));
   out.write(text);
-  out.write(model.params(), n * sizeof(float));
-  out.write(opt.m().data(), n * sizeof(float));
-  out.write(opt.v().data(), n * sizeof(float));
+  out.write(params, n * sizeof(float));
+  out.write(m, n * sizeof(float));
+  out.write(v, n * sizeof(float));
   out.commit();
 }
 
@@ -194,7 +199,7 @@ std::unique_ptr<model::Model> load_model(const std::string& path, model::Config*
   if (l.header.num_params != model->num_params()) {
     throw model::CheckpointError(path + ": parameter count differs from the stored config's model");
   }
-  std::memcpy(model->params(), l.params.data(), l.params.size() * sizeof(float));
+  model->load_params(l.params.data(), l.params.size());
   return model;
 }
 
@@ -213,9 +218,9 @@ TrainProgress load_checkpoint(const std::string& path, const model::Config& conf
   if (l.header.num_params != model.num_params()) {
     throw model::CheckpointError(path + ": parameter count differs from the model");
   }
-  std::memcpy(model.params(), l.params.data(), l.params.size() * sizeof(float));
-  std::copy(l.m.begin(), l.m.end(), opt.m().begin());
-  std::copy(l.v.begin(), l.v.end(), opt.v().begin());
+  model.load_params(l.params.data(), l.params.size());
+  opt.m_buffer().copy_from_host(0, l.m.data(), l.m.size());
+  opt.v_buffer().copy_from_host(0, l.v.data(), l.v.size());
   opt.set_steps_taken(l.header.adam_steps);
   TrainProgress p;
   p.step = l.header.step;

@@ -2,13 +2,16 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "common/atomic_file.h"
@@ -16,6 +19,7 @@
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
+#include "model/device.h"
 #include "model/error.h"
 #include "model/model.h"
 #include "model/optimizer.h"
@@ -30,19 +34,40 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 // Keeps only metric records of steps <= `step`: a resumed run rewrites what came after its
-// checkpoint, so the file always describes one consistent run.
+// checkpoint, so the file always describes one consistent run. A record torn by a killed run (not
+// one JSON object with a step) is dropped; the file is replaced atomically, so a kill here leaves
+// the old file or the new one.
 void truncate_metrics(const fs::path& path, int64_t step) {
   std::ifstream in(path);
   if (!in) return;
   std::string line, kept;
   while (std::getline(in, line)) {
-    const auto pos = line.find("\"step\": ");
-    if (pos == std::string::npos) continue;
-    if (std::stoll(line.substr(pos + 8)) <= step) kept += line + "\n";
+    if (line.find("\"step\": ") == std::string::npos) continue;
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+          j["step"].get<int64_t>() <= step) {
+        kept += line + "\n";
+      }
+    } catch (const nlohmann::json::exception&) {
+      // torn by a kill: dropped
+    }
   }
   in.close();
-  std::ofstream(path, std::ios::trunc) << kept;
+  common::write_file_atomically(path, kept);
 }
+
+// The median of the window (a copy: the window keeps its order).
+double median(const std::deque<double>& window) {
+  std::vector<double> v(window.begin(), window.end());
+  const auto mid = v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2);
+  std::nth_element(v.begin(), mid, v.end());
+  if (v.size() % 2 == 1) return *mid;
+  return 0.5 * (*mid + *std::max_element(v.begin(), mid));
+}
+
+// More rollbacks than this in one invocation stop the run: the fault is not going away.
+constexpr int kMaxRollbacks = 10;
 
 }  // namespace
 
@@ -163,13 +188,16 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
   }
   std::ofstream metrics(metrics_path, std::ios::app);
   metrics.precision(8);
+  // The state a rollback returns to when no checkpoint is written yet: the run's start (only a
+  // fresh run lacks a checkpoint, so this is step 0).
+  const dataloader::SamplerState initial_sampler = sampler.state();
 
   const bool tty = isatty(STDERR_FILENO);
   if (opt.progress) {
-    std::fprintf(stderr, "model: %s, %zu parameters, %d×%d layers, %d experts top-%d\n",
+    std::fprintf(stderr, "model: %s, %zu parameters, %d×%d layers, %d experts top-%d, on %s\n",
                  cfg.model.adaln() ? "LoopMoE" : (cfg.model.n_loops > 1 ? "looped MoE" : "MoE"),
                  model.num_params(), cfg.model.n_layers, cfg.model.n_loops, cfg.model.n_experts,
-                 cfg.model.top_k);
+                 cfg.model.top_k, model::to_string(model.device()));
     if (val_shard) {
       std::fprintf(stderr, "data: %lu train tokens, %lu validation tokens; %d tokens per step\n",
                    static_cast<unsigned long>(train_shard.num_tokens()),
@@ -181,6 +209,7 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
     }
   }
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  int64_t current_step = 0;  // for the before_finish test hook
   TrainResult result;
   result.first_step = static_cast<int>(start);
   double train_seconds = 0, window_seconds = 0;
@@ -188,13 +217,54 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
   const auto save = [&](int64_t steps_done) {
     save_checkpoint(ckpt.string(), cfg, model, adam, {steps_done, sampler.state(), opt.threads});
   };
-  const model::FinishGradients finish_gradients =
-      model::clip_locally(model.num_params(), tc.grad_clip);
+  model::FinishGradients finish_gradients = model::clip_locally(model.num_params(), tc.grad_clip);
+  if (opt.before_finish) {
+    finish_gradients = [&, clip = std::move(finish_gradients)](float* g, bool loss_finite) {
+      opt.before_finish(current_step, g);
+      return clip(g, loss_finite);
+    };
+  }
+  // The numerics guard (train.nonfinite, train.loss_spike_*; docs/CONFIG.md). A non-finite step
+  // never reaches AdamW (model::train_step), so finite steps run exactly as without the guard.
+  std::deque<double> recent_losses;     // the spike check's window
+  std::set<int64_t> dropped_on_replay;  // rollback: steps whose batch a replay drops
+  // Back to the last checkpoint (or the run's start): parameters, AdamW, sampler, metrics file.
+  const auto roll_back = [&](int64_t failed_step) -> int64_t {
+    int64_t to = 0;
+    if (fs::exists(ckpt)) {
+      const TrainProgress p = load_checkpoint(ckpt.string(), cfg, model, adam);
+      sampler.restore(p.sampler);
+      to = p.step;
+    } else {
+      model.init_params(tc.seed);
+      adam.m_buffer().zero_all();  // on the model's device (m() is the CPU's host view)
+      adam.v_buffer().zero_all();
+      adam.set_steps_taken(0);
+      sampler.restore(initial_sampler);
+    }
+    metrics.close();
+    truncate_metrics(metrics_path, to);
+    metrics.open(metrics_path, std::ios::app);
+    result.losses.resize(static_cast<size_t>(std::max<int64_t>(0, to - start)));
+    recent_losses.clear();
+    dropped_on_replay.insert(failed_step);
+    return to;
+  };
   for (int step = static_cast<int>(start); step < end; ++step) {
+    current_step = step;
     const auto t0 = Clock::now();
     sampler.next(in.data(), tg.data());
-    const model::StepOutcome outcome =
-        model::train_step(model, adam, tc, step, {in.data(), tg.data(), B, T}, finish_gradients);
+    model::StepOutcome outcome;
+    if (dropped_on_replay.count(step)) {
+      // A replay after a rollback drops the batch that failed: as a skipped step.
+      outcome.nonfinite = true;
+      outcome.loss.total = std::nan("");
+      outcome.grad_norm = std::nan("");
+      outcome.lr = model::learning_rate(tc, step);
+    } else {
+      outcome =
+          model::train_step(model, adam, tc, step, {in.data(), tg.data(), B, T}, finish_gradients);
+    }
     const model::LossParts& loss = outcome.loss;
     const double norm = outcome.grad_norm, lr = outcome.lr;
     const double dt = common::seconds_since(t0);
@@ -202,26 +272,83 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
     window_seconds += dt;
     window_tokens += static_cast<int64_t>(B) * T;
     result.losses.push_back(loss.total);
-    if (!std::isfinite(loss.total)) {
-      throw std::runtime_error("loss became " + std::to_string(loss.total) + " at step " +
-                               std::to_string(step + 1) + "; last checkpoint: " + ckpt.string());
-    }
     const int done = step + 1;
-    const bool log_now = done % tc.log_interval == 0 || done == end;
+    if (outcome.nonfinite) {
+      const std::string what =
+          !std::isfinite(loss.total)
+              ? "loss became " + std::to_string(loss.total) + " at step " + std::to_string(done)
+              : "gradient norm became " + std::to_string(norm) + " at step " + std::to_string(done);
+      const bool replay_drop = dropped_on_replay.count(step) > 0;
+      if (tc.nonfinite == "stop") {
+        throw std::runtime_error(what + "; last checkpoint: " + ckpt.string());
+      }
+      if (tc.nonfinite == "rollback" && !replay_drop) {
+        if (result.rollbacks == kMaxRollbacks) {
+          throw std::runtime_error(
+              what + " after " + std::to_string(kMaxRollbacks) +
+              " rollbacks (train.nonfinite = \"rollback\"); last checkpoint: " + ckpt.string());
+        }
+        ++result.rollbacks;
+        const int64_t to = roll_back(step);
+        std::fprintf(stderr, "%swarning: %s; rolled back to step %ld (rollback %d)\n",
+                     tty && opt.progress ? "\n" : "", what.c_str(), static_cast<long>(to),
+                     result.rollbacks);
+        step = static_cast<int>(to) - 1;  // the loop's ++step resumes at `to`
+        continue;
+      }
+      ++result.skipped_steps;
+      std::fprintf(
+          stderr, "%swarning: %s; step skipped (%d so far)\n", tty && opt.progress ? "\n" : "",
+          replay_drop
+              ? ("step " + std::to_string(done) + " dropped on the replay after a rollback").c_str()
+              : what.c_str(),
+          result.skipped_steps);
+      metrics << "{\"step\": " << done << ", \"skipped_step\": true, \"lr\": " << lr
+              << ", \"skipped\": " << result.skipped_steps << "}\n";
+      metrics.flush();
+    } else if (tc.loss_spike_factor > 0) {
+      if (static_cast<int>(recent_losses.size()) == tc.loss_spike_window) {
+        const double med = median(recent_losses);
+        if (loss.total > tc.loss_spike_factor * med) {
+          ++result.loss_spikes;
+          char text[160];
+          std::snprintf(text, sizeof text,
+                        "loss spike at step %d: %.6g > %g x the running median %.6g", done,
+                        loss.total, tc.loss_spike_factor, med);
+          if (tc.loss_spike_action == "stop") {
+            throw std::runtime_error(
+                std::string(text) +
+                " (train.loss_spike_action = \"stop\"); last checkpoint: " + ckpt.string());
+          }
+          std::fprintf(stderr, "%swarning: %s\n", tty && opt.progress ? "\n" : "", text);
+        }
+        recent_losses.pop_front();
+      }
+      recent_losses.push_back(loss.total);
+    }
+    const bool log_now = !outcome.nonfinite && (done % tc.log_interval == 0 || done == end);
     if (log_now) {
       const double tps = window_tokens / std::max(window_seconds, 1e-9);
       metrics << "{\"step\": " << done << ", \"loss\": " << loss.total << ", \"ce\": " << loss.ce
               << ", \"aux\": " << loss.aux << ", \"z\": " << loss.z
               << ", \"dropped\": " << loss.dropped << ", \"lr\": " << lr
-              << ", \"grad_norm\": " << norm << ", \"tokens_per_s\": " << tps << "}\n";
+              << ", \"grad_norm\": " << norm << ", \"tokens_per_s\": " << tps;
+      // Only runs the guard acted in carry these, so other runs' records are as they were.
+      if (result.skipped_steps > 0) metrics << ", \"skipped\": " << result.skipped_steps;
+      if (result.loss_spikes > 0) metrics << ", \"spikes\": " << result.loss_spikes;
+      metrics << "}\n";
       metrics.flush();
       if (opt.progress) {
         const double eta = (end - done) * (train_seconds / (done - start));
         const int width = 24, filled = static_cast<int>(width * done / std::max(1, tc.steps));
         std::string bar = std::string(filled, '=') + std::string(width - filled, ' ');
-        std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s | ETA %s%s", tty ? "\r" : "",
-                     done, tc.steps, bar.c_str(), loss.total, tps, format_seconds(eta).c_str(),
-                     tty ? "   " : "\n");
+        std::string guard =
+            result.skipped_steps > 0 ? " | skipped " + std::to_string(result.skipped_steps) : "";
+        // The device and, on a GPU, its peak memory (on the CPU: nothing, the line as before).
+        if (model.device() != model::Device::kCpu) guard += " | " + model::device_summary();
+        std::fprintf(stderr, "%sstep %d/%d [%s] loss %.4f | %.0f tok/s%s | ETA %s%s",
+                     tty ? "\r" : "", done, tc.steps, bar.c_str(), loss.total, tps, guard.c_str(),
+                     format_seconds(eta).c_str(), tty ? "   " : "\n");
       }
       window_seconds = 0;
       window_tokens = 0;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,9 @@ struct TrainOptions {
   int threads = 1;
   int stop_after = -1;   // stop (after checkpointing) once this many steps are done; -1: never
   bool progress = true;  // progress output on stderr
+  // Test hook (tests/test_numerics_guard.cc): called with the 0-based step and the whole gradient
+  // buffer after backward, before the gradient norm, e.g. to poison one gradient with NaN.
+  std::function<void(int64_t step, float* grads)> before_finish;
 };
 
 struct TrainResult {
@@ -33,6 +37,11 @@ struct TrainResult {
   int steps_done = 0;
   // Resumed from a checkpoint already at train.steps: nothing was run, read or written.
   bool already_complete = false;
+  // The numerics guard in this invocation (train.nonfinite, train.loss_spike_*): steps dropped
+  // (skipped, or dropped on a replay after a rollback), rollbacks and loss spikes flagged.
+  int skipped_steps = 0;
+  int rollbacks = 0;
+  int loss_spikes = 0;
 };
 
 // Checks every input first (data.dir's shards against model.vocab_size and seq_len, val.bin only

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -104,11 +105,17 @@ class WorkerRuntime final : public RuntimeBase {
     dispatcher_->stats() = {};
     // Replica gradients, packed once: each worker's covers its slice, scaled by the global token
     // count; combined over the workers, worker 0's share of the global norm, clipped, unpacked.
-    const auto finish = [&](float* g) {
+    // A non-finite loss on any worker is folded into the reduced norm as NaN (a non-finite
+    // gradient anywhere already makes it so), so every process's guard sees the same norm.
+    const auto finish = [&](float* g, bool loss_finite) {
       pack(g, packed_);
+      if (setup_.poison_grads_for_test) {
+        setup_.poison_grads_for_test(steps_done_, packed_.data(), packed_.size());
+      }
       if (workers_) combine_replica_grads();
-      const auto [norm, coef] =
-          global_clip(setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0);
+      double share = setup_.rank == 0 ? sum_of_squares(packed_.data(), packed_.size()) : 0.0;
+      if (!loss_finite) share = std::numeric_limits<double>::quiet_NaN();
+      const auto [norm, coef] = global_clip(share);
       if (coef != 1.f) model::ops::scale_inplace(packed_.data(), packed_.size(), coef);
       unpack(packed_, g);
       return norm;
@@ -117,9 +124,13 @@ class WorkerRuntime final : public RuntimeBase {
         model_, adam_, tc, steps_done_,
         {batch_in_.data() + first, batch_tg_.data() + first, Bw, T, loops}, finish, &ranges_);
     const model::LossParts& loss = outcome.loss;
+    // Every process sees the same reduced norm: all skip, or all throw here (before the loss
+    // all-reduce below, so no worker is left waiting in it).
+    const bool skipped = outcome.nonfinite && skip_nonfinite_step(outcome.grad_norm);
     ++steps_done_;
 
     StepReport r = report(loops, outcome.lr, outcome.grad_norm, dispatcher_->stats(), t0);
+    r.skipped = skipped;
     // The cross-entropy sums are integers (ops::LossSum), so adding the workers' gives the single
     // process's sum bit for bit.
     int64_t parts[3] = {loss.ce_sum.units, loss.ce_sum.invalid, loss.dropped};

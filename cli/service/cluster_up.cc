@@ -14,13 +14,17 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "cli/service/service.h"
 #include "coordinator/health.h"
+#include "security/credentials.h"
+#include "security/generate.h"
 
 extern char** environ;
 
@@ -70,8 +74,20 @@ pid_t spawn(const std::vector<std::string>& argv, const fs::path& log) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  // The children get their credentials from the command line only: security settings of this
+  // shell (LOOPMOE_TLS_CA, ...) must not mix into them.
+  std::vector<char*> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view var = *e;
+    if (!var.starts_with("LOOPMOE_TLS_") && !var.starts_with("LOOPMOE_MTLS=") &&
+        !var.starts_with("LOOPMOE_PROCESS_TOKEN_FILE=") &&
+        !var.starts_with("LOOPMOE_CLI_TOKEN_FILE=")) {
+      env.push_back(*e);
+    }
+  }
+  env.push_back(nullptr);
   pid_t pid = -1;
-  const int rc = posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
+  const int rc = posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), env.data());
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
@@ -127,8 +143,23 @@ void stop_all(std::vector<Child>& children) {
 
 struct Options {
   int workers = 1, shards = 1, port = 7070, metrics_base_port = 0;
-  std::string dir = ".loopmoe-cluster";
+  std::string dir = kDefaultClusterDir;
+  std::string data_root;  // empty: the current directory
+  bool insecure = false;
 };
+
+// DIR/cluster.env: `source` it in another shell to use the cluster from there.
+void write_cluster_env(const fs::path& path, const std::string& coordinator,
+                       const security::CredentialFiles* files) {
+  std::ofstream out(path, std::ios::trunc);
+  out << "# Written by `loopmoe cluster up`: source it to reach this cluster from another shell.\n"
+      << "export LOOPMOE_COORDINATOR=" << coordinator << "\n";
+  if (files != nullptr) {
+    out << "export LOOPMOE_CA=" << files->ca.string() << "\n"
+        << "export LOOPMOE_TOKEN_FILE=" << files->cli_token.string() << "\n";
+  }
+  if (!out) throw std::runtime_error(path.string() + ": cannot write");
+}
 
 void cluster_up(const Options& o) {
   // Signals are taken synchronously (sigtimedwait) so that stopping is ordered.
@@ -144,6 +175,34 @@ void cluster_up(const Options& o) {
   const fs::path shard_bin = o.shards > 0 ? binary_next_to_me("loopmoe-expert-shard") : fs::path();
   const fs::path dir = fs::absolute(o.dir);
   fs::create_directories(dir / "logs");
+  // A fresh CA, certificate and tokens at every start (the CA key is not kept); or none at all.
+  std::optional<security::CredentialFiles> files;
+  security::Credentials health_credentials = security::Credentials::Insecure();
+  std::vector<std::string> coordinator_security, process_security;
+  if (o.insecure) {
+    std::fprintf(stderr,
+                 "warning: --insecure: the cluster serves plaintext gRPC without authentication; "
+                 "anyone who can reach its ports can run jobs\n");
+    coordinator_security = process_security = {"--insecure"};
+  } else {
+    files = security::generate_credentials(dir / "credentials");
+    health_credentials = security::Credentials();
+    health_credentials.ca_pem = security::read_pem(files->ca.string(), "CA");
+    process_security = {"--tls-ca",
+                        files->ca.string(),
+                        "--tls-cert",
+                        files->cert.string(),
+                        "--tls-key",
+                        files->key.string(),
+                        "--mtls",
+                        "--process-token-file",
+                        files->process_token.string()};
+    coordinator_security = process_security;
+    coordinator_security.insert(coordinator_security.end(),
+                                {"--cli-token-file", files->cli_token.string()});
+  }
+  const std::string data_root =
+      fs::absolute(o.data_root.empty() ? fs::current_path() : fs::path(o.data_root)).string();
 
   std::vector<Child> children;
   auto metrics_for = [&](int index) {
@@ -166,7 +225,8 @@ void cluster_up(const Options& o) {
   // Waits until `c` answers health checks; fails if it exits first.
   auto wait_healthy = [&](const Child& c, std::chrono::seconds timeout) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    auto channel = grpc::CreateChannel(c.address, grpc::InsecureChannelCredentials());
+    // Health is open: TLS (when on) but no token.
+    auto channel = security::create_channel(c.address, health_credentials, "");
     while (true) {
       std::string how;
       if (Child* gone = reap(children, &how)) {
@@ -185,8 +245,16 @@ void cluster_up(const Options& o) {
   coordinator.name = "coordinator";
   coordinator.address = "127.0.0.1:" + std::to_string(o.port);
   coordinator.metrics = metrics_for(0);
-  start(coordinator, {coordinator_bin.string(), "--listen", coordinator.address, "--data-dir",
-                      (dir / "coordinator").string()});
+  std::vector<std::string> coordinator_argv = {coordinator_bin.string(),
+                                               "--listen",
+                                               coordinator.address,
+                                               "--data-dir",
+                                               (dir / "coordinator").string(),
+                                               "--data-root",
+                                               data_root};
+  coordinator_argv.insert(coordinator_argv.end(), coordinator_security.begin(),
+                          coordinator_security.end());
+  start(coordinator, coordinator_argv);
   wait_healthy(children[0], std::chrono::seconds(20));
 
   // Workers and shards take a free port of the kernel's choosing (port 0; no race with other
@@ -220,8 +288,10 @@ void cluster_up(const Options& o) {
     Child c;
     c.name = worker ? "worker-" + std::to_string(i) : "shard-" + std::to_string(i - o.workers);
     c.metrics = metrics_for(1 + i);
-    start(c, {(worker ? worker_bin : shard_bin).string(), "--coordinator", coordinator.address,
-              "--listen", "127.0.0.1:0"});
+    std::vector<std::string> argv = {(worker ? worker_bin : shard_bin).string(), "--coordinator",
+                                     coordinator.address, "--listen", "127.0.0.1:0"};
+    argv.insert(argv.end(), process_security.begin(), process_security.end());
+    start(c, argv);
   }
   // A process's server is up before it registers, and it registers within a heartbeat; waiting
   // for every server to answer health is the readiness the service gives us without a new RPC.
@@ -236,8 +306,16 @@ void cluster_up(const Options& o) {
                 c.metrics.empty() ? "" : "metrics http://",
                 c.metrics.empty() ? "" : (c.metrics + "/metrics").c_str(), c.log.c_str());
   }
-  std::printf("submit with: loopmoe submit JOB.toml --coordinator %s\n",
-              coordinator.address.c_str());
+  write_cluster_env(dir / "cluster.env", coordinator.address, files ? &*files : nullptr);
+  if (files) {
+    std::printf("credentials: CA %s, CLI token %s (TLS; new at every start)\n", files->ca.c_str(),
+                files->cli_token.c_str());
+  }
+  std::printf("jobs may write under %s (--data-root)\n", data_root.c_str());
+  std::printf("submit with: loopmoe submit JOB.toml --coordinator %s%s\n",
+              coordinator.address.c_str(),
+              files ? (" --cluster-dir " + dir.string()).c_str() : " --insecure");
+  std::printf("or, in another shell: source %s\n", (dir / "cluster.env").c_str());
   std::fflush(stdout);
 
   while (true) {
@@ -277,10 +355,43 @@ void register_cluster_command(CLI::App& app) {
       ->check(CLI::Range(1, 65535));
   up->add_option("--dir", o->dir, "logs (DIR/logs) and the coordinator's data (DIR/coordinator)")
       ->capture_default_str();
+  up->add_option("--data-root", o->data_root,
+                 "jobs may write (output_dir) only under this directory (default: the current "
+                 "directory)");
+  up->add_flag("--insecure", o->insecure,
+               "plaintext gRPC without credentials (default: a throwaway CA, certificate and "
+               "tokens in DIR/credentials)");
   up->add_option("--metrics-base-port", o->metrics_base_port,
                  "serve /metrics: coordinator on P, worker i on P+1+i, shard j on P+1+W+j")
       ->check(CLI::Range(1, 65535));
   up->callback([o] { cluster_up(*o); });
+
+  auto* credentials = cluster->add_subcommand(
+      "credentials",
+      "Write a throwaway CA certificate, a server certificate and the CLI and process tokens "
+      "(e.g. for Kubernetes Secrets, deploy/README.md)");
+  struct CredentialArgs {
+    std::string dir;
+    std::vector<std::string> names;
+    int days = 365;
+  };
+  auto c = std::make_shared<CredentialArgs>();
+  credentials->add_option("--dir", c->dir, "directory to write them to (created, mode 0700)")
+      ->required();
+  credentials->add_option("--name", c->names,
+                          "extra DNS name or IP address of the certificate (repeatable; it "
+                          "always names localhost, 127.0.0.1 and ::1)");
+  credentials->add_option("--days", c->days, "validity in days")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3650));
+  credentials->callback([c] {
+    const security::CredentialFiles f =
+        security::generate_credentials(fs::absolute(c->dir), c->names, c->days);
+    std::printf(
+        "CA certificate      %s\nserver certificate  %s\nserver key          %s\n"
+        "CLI token           %s\nprocess token       %s\n",
+        f.ca.c_str(), f.cert.c_str(), f.key.c_str(), f.cli_token.c_str(), f.process_token.c_str());
+  });
 }
 
 }  // namespace loopmoe::cli

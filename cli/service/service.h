@@ -6,6 +6,10 @@
 
 namespace loopmoe::cli {
 
+// `loopmoe cluster up`'s default --dir; its credentials are in DIR/credentials, where the other
+// service commands look for them unless told otherwise (docs/SERVICE.md "Security").
+inline constexpr char kDefaultClusterDir[] = ".loopmoe-cluster";
+
 void register_service_commands(CLI::App& app);
 void register_cluster_command(CLI::App& app);
 

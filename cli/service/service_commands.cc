@@ -6,15 +6,17 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "cli/service/service.h"
+#include "common/text_file.h"
 #include "coordinator/job_spec.h"
 #include "proto/loopmoe.grpc.pb.h"
+#include "security/credentials.h"
+#include "security/generate.h"
 
 namespace loopmoe::cli {
 namespace {
@@ -27,20 +29,89 @@ std::string default_coordinator() {
   return env != nullptr && *env != '\0' ? env : "127.0.0.1:7070";
 }
 
-void add_coordinator_option(CLI::App* cmd, std::string& address) {
-  address = default_coordinator();
-  cmd->add_option("--coordinator", address,
+// Where the coordinator is and the credentials to call it with (docs/SERVICE.md "Security").
+struct Connection {
+  std::string address;
+  std::string ca;           // --ca, LOOPMOE_CA
+  std::string token_file;   // --token-file, LOOPMOE_TOKEN_FILE (LOOPMOE_TOKEN: the token itself)
+  std::string server_name;  // --tls-server-name, LOOPMOE_TLS_SERVER_NAME
+  std::string cluster_dir;  // --cluster-dir, LOOPMOE_CLUSTER_DIR: a `loopmoe cluster up --dir`
+  bool insecure = false;
+};
+
+void add_coordinator_option(CLI::App* cmd, Connection& c) {
+  c.address = default_coordinator();
+  cmd->add_option("--coordinator", c.address,
                   "coordinator HOST:PORT (default: $LOOPMOE_COORDINATOR or 127.0.0.1:7070)")
       ->capture_default_str();
+  cmd->add_option("--ca", c.ca, "PEM CA certificate of the coordinator's TLS certificate")
+      ->envname("LOOPMOE_CA");
+  cmd->add_option("--token-file", c.token_file,
+                  "file holding the CLI token (or the token itself in $LOOPMOE_TOKEN)")
+      ->envname("LOOPMOE_TOKEN_FILE");
+  cmd->add_option("--tls-server-name", c.server_name,
+                  "name the coordinator's certificate is checked for (default: its host)")
+      ->envname("LOOPMOE_TLS_SERVER_NAME");
+  cmd->add_option("--cluster-dir", c.cluster_dir,
+                  "take --ca and --token-file from DIR/credentials of `loopmoe cluster up --dir "
+                  "DIR` (default: ./" +
+                      std::string(kDefaultClusterDir) + " when it has them)")
+      ->envname("LOOPMOE_CLUSTER_DIR");
+  cmd->add_flag("--insecure", c.insecure,
+                "plaintext, no token: only for a coordinator started with --insecure");
+}
+
+// The credentials of `c`: --insecure; else the CA and CLI token from the options, the environment
+// or the cluster directory. Throws one clear error when any is missing.
+security::Credentials credentials_for(const Connection& c) {
+  namespace fs = std::filesystem;
+  const char* token_env = std::getenv("LOOPMOE_TOKEN");
+  const bool has_token_env = token_env != nullptr && *token_env != '\0';
+  if (c.insecure) {
+    if (!c.ca.empty() || !c.token_file.empty() || has_token_env) {
+      throw std::runtime_error(
+          "--insecure cannot be combined with --ca, --token-file or LOOPMOE_TOKEN");
+    }
+    std::fprintf(stderr, "warning: --insecure: plaintext to the coordinator, no token\n");
+    return security::Credentials::Insecure();
+  }
+  std::string cluster = c.cluster_dir;
+  std::error_code ignored;
+  if (cluster.empty() && fs::exists(fs::path(kDefaultClusterDir) / "credentials", ignored)) {
+    cluster = kDefaultClusterDir;
+  }
+  const security::CredentialFiles files =
+      security::credential_files(fs::path(cluster) / "credentials");
+  security::Credentials credentials;
+  credentials.server_name = c.server_name;
+  const std::string ca = !c.ca.empty() ? c.ca : !cluster.empty() ? files.ca.string() : "";
+  const std::string token_file = !c.token_file.empty() ? c.token_file
+                                 : !cluster.empty()    ? files.cli_token.string()
+                                                       : "";
+  if (ca.empty() || (token_file.empty() && !has_token_env)) {
+    throw std::runtime_error(
+        "no credentials for the coordinator at " + c.address +
+        ": give --ca and --token-file (or LOOPMOE_CA and LOOPMOE_TOKEN_FILE or LOOPMOE_TOKEN), "
+        "or --cluster-dir DIR of `loopmoe cluster up --dir DIR` (or LOOPMOE_CLUSTER_DIR); "
+        "--insecure only for a coordinator started with --insecure");
+  }
+  credentials.ca_pem = security::read_pem(ca, "--ca");
+  if (has_token_env) {
+    credentials.cli_token = token_env;
+  } else {
+    credentials.cli_token = security::read_token(token_file, "--token-file");
+  }
+  return credentials;
 }
 
 // A connected stub, or one clear error within a few seconds when nothing answers.
 class Client {
  public:
-  explicit Client(const std::string& address)
-      : address_(address),
-        stub_(v1::Coordinator::NewStub(
-            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))) {}
+  explicit Client(const Connection& c) : address_(c.address) {
+    const security::Credentials credentials = credentials_for(c);
+    stub_ = v1::Coordinator::NewStub(
+        security::create_channel(c.address, credentials, credentials.cli_token));
+  }
 
   v1::Coordinator::Stub& stub() { return *stub_; }
 
@@ -54,6 +125,21 @@ class Client {
   // Throws the user-facing error for a failed call.
   void check(const grpc::Status& status) {
     if (status.ok()) return;
+    const std::string& message = status.error_message();
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE &&
+        (message.find("andshake") != std::string::npos ||
+         message.find("SSL") != std::string::npos)) {
+      throw std::runtime_error("TLS handshake with the coordinator at " + address_ + " failed (" +
+                               message +
+                               "): is --ca the CA of its certificate, and was it started with "
+                               "TLS (not --insecure)?");
+    }
+    if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+        status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+      throw std::runtime_error("the coordinator at " + address_ +
+                               " refused the credentials: " + message +
+                               " (check --token-file, LOOPMOE_TOKEN_FILE or LOOPMOE_TOKEN)");
+    }
     if (status.error_code() == grpc::StatusCode::UNAVAILABLE ||
         status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
       throw std::runtime_error("cannot reach the coordinator at " + address_ + " (" +
@@ -135,7 +221,8 @@ v1::JobStatus stream_logs(Client& client, const std::string& job_id, bool follow
 void register_submit(CLI::App& app) {
   auto* cmd = app.add_subcommand("submit", "Submit a training job to the coordinator");
   struct Args {
-    std::string file, coordinator, name, resume_from;
+    std::string file, name, resume_from;
+    Connection coordinator;
     int workers = -1, shards = -1, threads = -1;
     bool follow = false;
   };
@@ -154,12 +241,9 @@ void register_submit(CLI::App& app) {
                   "STEP), e.g. on other worker/shard counts; overrides job.resume_from_job");
   cmd->add_flag("--follow", args->follow, "print the job's log until it ends");
   cmd->callback([args] {
-    std::ifstream in(args->file, std::ios::binary);
-    if (!in) throw std::runtime_error(args->file + ": cannot open job file");
-    std::stringstream text;
-    text << in.rdbuf();
-    v1::JobSpec spec = coordinator::parse_job_file(text.str(), args->file,
-                                                   std::filesystem::current_path().string());
+    v1::JobSpec spec =
+        coordinator::parse_job_file(common::read_text_as<std::runtime_error>(args->file),
+                                    args->file, std::filesystem::current_path().string());
     if (args->workers >= 0) spec.set_num_workers(args->workers);
     if (args->shards >= 0) spec.set_num_shards(args->shards);
     if (args->threads >= 0) spec.set_threads(args->threads);
@@ -201,7 +285,7 @@ void register_submit(CLI::App& app) {
 void register_status(CLI::App& app) {
   auto* cmd = app.add_subcommand("status", "Show a job of the coordinator");
   auto job_id = std::make_shared<std::string>();
-  auto address = std::make_shared<std::string>();
+  auto address = std::make_shared<Connection>();
   cmd->add_option("JOB_ID", *job_id, "job id (from `loopmoe submit` or `loopmoe list`)")
       ->required();
   add_coordinator_option(cmd, *address);
@@ -218,7 +302,7 @@ void register_status(CLI::App& app) {
 
 void register_list(CLI::App& app) {
   auto* cmd = app.add_subcommand("list", "List the coordinator's jobs");
-  auto address = std::make_shared<std::string>();
+  auto address = std::make_shared<Connection>();
   add_coordinator_option(cmd, *address);
   cmd->callback([address] {
     Client client(*address);
@@ -244,7 +328,7 @@ void register_list(CLI::App& app) {
 void register_cancel(CLI::App& app) {
   auto* cmd = app.add_subcommand("cancel", "Cancel a queued or running job");
   auto job_id = std::make_shared<std::string>();
-  auto address = std::make_shared<std::string>();
+  auto address = std::make_shared<Connection>();
   cmd->add_option("JOB_ID", *job_id, "job id")->required();
   add_coordinator_option(cmd, *address);
   cmd->callback([job_id, address] {
@@ -262,7 +346,7 @@ void register_cancel(CLI::App& app) {
 void register_logs(CLI::App& app) {
   auto* cmd = app.add_subcommand("logs", "Print a job's log");
   auto job_id = std::make_shared<std::string>();
-  auto address = std::make_shared<std::string>();
+  auto address = std::make_shared<Connection>();
   auto follow = std::make_shared<bool>(false);
   cmd->add_option("JOB_ID", *job_id, "job id")->required();
   add_coordinator_option(cmd, *address);

@@ -22,5 +22,7 @@ void device_copy_to_host(void*, const void*, size_t) { no_device("device_copy_to
 void device_copy_from_host(void*, const void*, size_t) { no_device("device_copy_from_host"); }
 void device_copy(void*, const void*, size_t) { no_device("device_copy"); }
 bool device_available() { return false; }
+void device_select(int) { no_device("device_select"); }
+size_t device_peak_bytes() { return 0; }
 
 }  // namespace loopmoe::model::detail

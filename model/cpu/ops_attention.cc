@@ -8,9 +8,10 @@
 #include <vector>
 
 #include "model/cpu/kernel_util.h"
-#include "model/ops.h"
+#include "model/cpu/ops_cpu.h"
 
 namespace loopmoe::model::ops {
+namespace cpu {
 
 template <typename T>
 void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd) {
@@ -105,6 +106,9 @@ void softmax_backward(T* dlogits, const T* dprobs, const T* probs, int S, int E)
   }
 }
 
+}  // namespace cpu
+
+// LossSum is not a kernel (no device memory): the same host code for every backend.
 void LossSum::add_row(double loss) {
   if (!(std::abs(loss) < 0x1p20)) {  // also catches NaN
     ++invalid;
@@ -123,6 +127,8 @@ double LossSum::value() const {
   return invalid > 0 ? std::numeric_limits<double>::quiet_NaN()
                      : static_cast<double>(units) * kUnit;
 }
+
+namespace cpu {
 
 // Softmax of each row into probs; returns each row's loss.
 template <typename T>
@@ -185,4 +191,5 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
+}  // namespace cpu
 }  // namespace loopmoe::model::ops

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "model/cpu/kernel_util.h"
-#include "model/ops.h"
+#include "model/cpu/ops_cpu.h"
 
-namespace loopmoe::model::ops {
+namespace loopmoe::model::ops::cpu {
 
 template <typename T>
 void embedding_forward(T* out, const int32_t* tokens, const T* wte, int S, int D) {
@@ -110,8 +110,8 @@ template <typename T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int S,
                      int I, int O) {
   const GradGroups<T> db = GradGroups<T>::single(dbias, S);
-  matmul_backward(dinp, GradGroups<T>::single(dw, S), dbias != nullptr ? &db : nullptr, dout, inp,
-                  w, I, O);
+  cpu::matmul_backward(dinp, GradGroups<T>::single(dw, S), dbias != nullptr ? &db : nullptr, dout,
+                       inp, w, I, O);
 }
 
 template <typename T>
@@ -322,4 +322,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::model::ops
+}  // namespace loopmoe::model::ops::cpu

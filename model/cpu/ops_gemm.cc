@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <atomic>
 
+#include "model/cpu/ops_cpu.h"
 #include "model/cpu/sgemm.h"
-#include "model/ops.h"
 
 namespace loopmoe::model::ops {
 namespace {
@@ -64,6 +64,8 @@ FlopKindScope::FlopKindScope(FlopKind kind)
     : previous_(static_cast<FlopKind>(g_flop_kind.exchange(static_cast<int>(kind)))) {}
 FlopKindScope::~FlopKindScope() { g_flop_kind.store(static_cast<int>(previous_)); }
 
+namespace cpu {
+
 template <>
 void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc) {
@@ -104,6 +106,8 @@ void gemm<double>(bool ta, bool tb, int m, int n, int k, double alpha, const dou
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+}  // namespace cpu
 
 template <typename T>
 void gemm_reference(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,

@@ -6,9 +6,9 @@
 #include <cstdint>
 
 #include "model/cpu/kernel_util.h"
-#include "model/ops.h"
+#include "model/cpu/ops_cpu.h"
 
-namespace loopmoe::model::ops {
+namespace loopmoe::model::ops::cpu {
 
 template <typename T>
 void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3, const T* w2,
@@ -282,4 +282,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::model::ops
+}  // namespace loopmoe::model::ops::cpu

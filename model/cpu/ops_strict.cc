@@ -6,9 +6,9 @@
 #include <cmath>
 #include <vector>
 
-#include "model/ops.h"
+#include "model/cpu/ops_cpu.h"
 
-namespace loopmoe::model::ops {
+namespace loopmoe::model::ops::cpu {
 
 template <typename T>
 void add_row_vector(T* x, const T* v, int S, int D) {
@@ -105,4 +105,4 @@ LOOPMOE_INSTANTIATE(float)
 LOOPMOE_INSTANTIATE(double)
 #undef LOOPMOE_INSTANTIATE
 
-}  // namespace loopmoe::model::ops
+}  // namespace loopmoe::model::ops::cpu

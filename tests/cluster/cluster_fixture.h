@@ -54,8 +54,10 @@ inline void parallel(int n, const std::function<void(int)>& fn) {
 // W workers and S shards of one job as threads of this process.
 class ThreadCluster {
  public:
+  // `adjust` may change each process's setup before its runtime is built (test hooks).
   ThreadCluster(const model::Config& config, int workers, int shards,
-                std::optional<ResumePoint> resume = std::nullopt)
+                std::optional<ResumePoint> resume = std::nullopt,
+                const std::function<void(ProcessSetup&)>& adjust = nullptr)
       : workers_(workers) {
     static int counter = 0;
     const std::string job = "test" + std::to_string(++counter);
@@ -72,6 +74,7 @@ class ThreadCluster {
       s.resume = resume;
       s.store = ns_.get();
       s.collective_timeout = std::chrono::seconds(60);
+      if (adjust) adjust(s);
       runtimes_[i] = create_runtime(s);
     });
   }
@@ -85,8 +88,11 @@ class ThreadCluster {
     for (int w = 1; w < workers_; ++w) {
       for (int s = 0; s < n; ++s) EXPECT_EQ(all[w][s].loss, all[0][s].loss);
     }
+    last_reports_ = all;
     return all[0];
   }
+  // Every process's reports of the last steps() call, in process order (workers, then shards).
+  const std::vector<std::vector<StepReport>>& last_reports() const { return last_reports_; }
   double evaluate(int batches) {
     std::vector<double> v(size());
     parallel(size(), [&](int i) { v[i] = runtimes_[i]->evaluate(batches); });
@@ -107,6 +113,7 @@ class ThreadCluster {
   comm::InProcessStore store_;
   std::unique_ptr<comm::NamespacedStore> ns_;
   std::vector<std::unique_ptr<ProcessRuntime>> runtimes_;
+  std::vector<std::vector<StepReport>> last_reports_;
 };
 
 inline std::vector<double> losses(const std::vector<StepReport>& reports) {

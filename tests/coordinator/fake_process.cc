@@ -231,6 +231,8 @@ CoordinatorOptions test_options(const std::filesystem::path& data_dir) {
   o.step_timeout = std::chrono::seconds(10);
   o.shutdown_timeout = std::chrono::seconds(1);
   o.check_data = false;  // the fake processes read no data; tests that want the check set it
+  // The fake processes serve plaintext; tests/security runs the coordinator secured.
+  o.security = security::Credentials::Insecure();
   return o;
 }
 

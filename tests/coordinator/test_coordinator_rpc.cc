@@ -119,6 +119,12 @@ TEST_F(CoordinatorTest, RejectsBadSpecsWithClearMessages) {
   uniform.mutable_schedule()->set_min_loops(3);
   uniform.mutable_schedule()->set_max_loops(2);
   cases.push_back({uniform, "max_loops = 2 is below min_loops = 3"});
+  v1::JobSpec many = spec(test_config(20, 5, 10, 10));
+  many.mutable_schedule()->set_kind(v1::LoopSchedule::LIST);
+  many.mutable_schedule()->add_loops(1025);
+  cases.push_back({many, "loops entry 1025 is above 1024"});
+  uniform.mutable_schedule()->set_max_loops(2147483647);
+  cases.push_back({uniform, "max_loops = 2147483647 is above 1024"});
   for (const Case& c : cases) {
     grpc::Status s = submit(c.spec, nullptr);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.want;

@@ -89,7 +89,8 @@ class JobDriverTest : public ::testing::Test {
       for (const Process& p : processes_) {
         if (role_of(p.id) != role) continue;
         ids.push_back(p.id);
-        members.push_back(make_member(p.id, role, rank++, p.fake->address()));
+        members.push_back(
+            make_member(p.id, role, rank++, p.fake->address(), security::Credentials::Insecure()));
       }
     }
     EXPECT_TRUE(registry_.assign(ids, job_id));

@@ -188,6 +188,13 @@ TEST(Schedule, ParseJobFile) {
   } catch (const model::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("job.schedule.kind = 'random'"), std::string::npos);
   }
+  // A loop count that does not fit is refused, not wrapped (2^32 + 1 would read as 1).
+  try {
+    parse_job_file("[job.schedule]\nkind = \"list\"\nloops = [4294967297]\n", "job.toml", "/");
+    FAIL();
+  } catch (const model::ConfigError& e) {
+    EXPECT_STREQ(e.what(), "job.toml: job.schedule.loops is out of range");
+  }
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 
 #include "tests/http_get.h"
 #include "tests/process/fakes.h"
+#include "tests/security/test_credentials.h"
 
 extern char** environ;
 
@@ -50,7 +51,8 @@ class Child {
     std::filesystem::create_directories(dir_);
     std::vector<std::string> env;
     for (char** e = environ; *e; ++e) {
-      if (!std::string(*e).starts_with("LOOPMOE_COORDINATOR=")) env.push_back(*e);
+      // None of the caller's LOOPMOE_* settings (coordinator, TLS files, tokens) leak in.
+      if (!std::string(*e).starts_with("LOOPMOE_")) env.push_back(*e);
     }
     if (with_coordinator_env) env.push_back("LOOPMOE_COORDINATOR=" + coordinator_env_);
     pid_ = fork();
@@ -128,8 +130,10 @@ TEST_F(ExecutableTest, MissingCoordinatorIsAnError) {
 
 TEST_F(ExecutableTest, UnreachableCoordinatorExitsOneWithOneErrorLine) {
   const auto start = std::chrono::steady_clock::now();
-  Child child(
-      {executable("loopmoe-worker"), "--coordinator", "127.0.0.1:1", "--connect-timeout", "1"});
+  const security::CredentialFiles& creds = security::testing::test_credential_files();
+  Child child({executable("loopmoe-worker"), "--coordinator", "127.0.0.1:1", "--connect-timeout",
+               "1", "--tls-ca", creds.ca.string(), "--tls-cert", creds.cert.string(), "--tls-key",
+               creds.key.string(), "--process-token-file", creds.process_token.string(), "--mtls"});
   ASSERT_EQ(child.wait_exit(20s), 1) << child.err();
   EXPECT_LT(std::chrono::steady_clock::now() - start, 15s);
   const std::string err = child.err();
@@ -141,6 +145,22 @@ TEST_F(ExecutableTest, UnreachableCoordinatorExitsOneWithOneErrorLine) {
   EXPECT_EQ(child.out(), "");
 }
 
+TEST_F(ExecutableTest, WithoutCredentialsOrInsecureItRefusesToStart) {
+  Child child({executable("loopmoe-expert-shard"), "--coordinator", "127.0.0.1:1"});
+  ASSERT_EQ(child.wait_exit(20s), 1) << child.err();
+  EXPECT_EQ(child.err(),
+            "error: loopmoe-expert-shard: --tls-ca (or LOOPMOE_TLS_CA) is required: the service "
+            "uses TLS and tokens unless started with --insecure\n");
+}
+
+TEST_F(ExecutableTest, InsecureCannotBeMixedWithCredentials) {
+  Child child({executable("loopmoe-worker"), "--coordinator", "127.0.0.1:1", "--insecure",
+               "--process-token-file", "/nonexistent"});
+  ASSERT_EQ(child.wait_exit(20s), 1) << child.err();
+  EXPECT_NE(child.err().find("--insecure cannot be combined"), std::string::npos) << child.err();
+}
+
+// The executables below run against the fake coordinator, which serves plaintext: --insecure.
 class ExecutableWithCoordinatorTest : public ExecutableTest {
  protected:
   testing::FakeCoordinator coordinator_;
@@ -150,7 +170,7 @@ class ExecutableWithCoordinatorTest : public ExecutableTest {
 TEST_F(ExecutableWithCoordinatorTest, RegistersAndExitsOnShutdownWithExit) {
   coordinator_.set_heartbeat_interval_ms(50);
   Child child({executable("loopmoe-worker"), "--coordinator", server_->address, "--name", "w0",
-               "--metrics-listen", "127.0.0.1:0"});
+               "--metrics-listen", "127.0.0.1:0", "--insecure"});
   ASSERT_TRUE(eventually([&] { return coordinator_.registrations().size() == 1; }, 20s))
       << child.err();
   const pb::RegisterRequest registered = coordinator_.registrations()[0];
@@ -175,7 +195,7 @@ TEST_F(ExecutableWithCoordinatorTest, RegistersAndExitsOnShutdownWithExit) {
 
 TEST_F(ExecutableWithCoordinatorTest, ExitsCleanlyOnSigtermAndReadsTheEnvironment) {
   Child::set_coordinator_env(server_->address);
-  Child child({executable("loopmoe-expert-shard")}, /*with_coordinator_env=*/true);
+  Child child({executable("loopmoe-expert-shard"), "--insecure"}, /*with_coordinator_env=*/true);
   ASSERT_TRUE(eventually([&] { return coordinator_.registrations().size() == 1; }, 20s))
       << child.err();
   EXPECT_EQ(coordinator_.registrations()[0].role(), pb::EXPERT_SHARD);
@@ -189,8 +209,8 @@ TEST_F(ExecutableWithCoordinatorTest, ExitsCleanlyOnSigtermAndReadsTheEnvironmen
 TEST_F(ExecutableWithCoordinatorTest, BothExecutablesServeTheProcessSeries) {
   for (const char* name : {"loopmoe-worker", "loopmoe-expert-shard"}) {
     const size_t registered_before = coordinator_.registrations().size();
-    Child child(
-        {executable(name), "--coordinator", server_->address, "--metrics-listen", "127.0.0.1:0"});
+    Child child({executable(name), "--coordinator", server_->address, "--metrics-listen",
+                 "127.0.0.1:0", "--insecure"});
     ASSERT_TRUE(eventually(
         [&] { return coordinator_.registrations().size() == registered_before + 1; }, 20s))
         << name << ": " << child.err();

@@ -29,6 +29,7 @@ class ProcessHostTest : public ::testing::Test {
     o.listen = "127.0.0.1:0";
     o.name = "test-host/1";
     o.connect_timeout = 5s;
+    o.security = security::Credentials::Insecure();  // the fake coordinator serves plaintext
     return o;
   }
 

@@ -1,0 +1,121 @@
+// The device-memory functions of model/buffer.h on the CUDA runtime: a CUDA build compiles this
+// file instead of model/cpu/device_none.cc. Every failure becomes std::runtime_error naming the
+// call and CUDA's error string. Host code only (no kernels), so it needs no GPU to compile, and
+// device_available() is false, without throwing, on a machine with no driver or no device.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "model/buffer.h"
+
+namespace loopmoe::model::detail {
+namespace {
+void check(cudaError_t error, const char* call, size_t bytes) {
+  if (error == cudaSuccess) return;
+  throw std::runtime_error(std::string("Buffer: ") + call + " (" + std::to_string(bytes) +
+                           " bytes) failed: " + cudaGetErrorString(error));
+}
+
+// Bytes held by live allocations, for the peak the trainer reports. A map per allocation: cheap
+// next to cudaMalloc itself.
+struct Usage {
+  std::mutex mutex;
+  std::unordered_map<void*, size_t> sizes;
+  size_t current = 0, peak = 0;
+};
+Usage& usage() {
+  static Usage* u = new Usage;  // never destroyed: buffers may outlive static destructors
+  return *u;
+}
+}  // namespace
+
+void* device_alloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  check(cudaMalloc(&p, bytes), "cudaMalloc", bytes);
+  Usage& u = usage();
+  std::lock_guard<std::mutex> lock(u.mutex);
+  u.sizes[p] = bytes;
+  u.current += bytes;
+  u.peak = std::max(u.peak, u.current);
+  return p;
+}
+
+void device_free(void* p) noexcept {
+  if (p == nullptr) return;
+  {
+    Usage& u = usage();
+    std::lock_guard<std::mutex> lock(u.mutex);
+    auto it = u.sizes.find(p);
+    if (it != u.sizes.end()) {
+      u.current -= it->second;
+      u.sizes.erase(it);
+    }
+  }
+  // Nothing to report from a destructor; a failure here means the context is already gone.
+  static_cast<void>(cudaFree(p));
+}
+
+size_t device_peak_bytes() {
+  Usage& u = usage();
+  std::lock_guard<std::mutex> lock(u.mutex);
+  return u.peak;
+}
+
+void device_select(int ordinal) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    static_cast<void>(cudaGetLastError());
+    count = 0;
+  }
+  if (ordinal < 0 || ordinal >= count) {
+    throw std::runtime_error("no CUDA device " + std::to_string(ordinal) + " (this machine has " +
+                             std::to_string(count) + ")");
+  }
+  check(cudaSetDevice(ordinal), "cudaSetDevice", 0);
+}
+
+void device_zero(void* p, size_t bytes) {
+  if (bytes == 0) return;
+  check(cudaMemset(p, 0, bytes), "cudaMemset", bytes);
+}
+
+void device_copy_to_host(void* host, const void* device, size_t bytes) {
+  if (bytes == 0) return;
+  check(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy device to host",
+        bytes);
+}
+
+void device_copy_from_host(void* device, const void* host, size_t bytes) {
+  if (bytes == 0) return;
+  check(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy host to device",
+        bytes);
+}
+
+void device_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy device to device",
+        bytes);
+}
+
+bool device_available() {
+  // Asked once. Without a driver or a device cudaGetDeviceCount returns an error code (it does
+  // not throw); cudaGetLastError then clears that (non-sticky) error so it does not resurface
+  // as the "last error" of an unrelated later call.
+  static const bool available = [] {
+    int count = 0;
+    const cudaError_t error = cudaGetDeviceCount(&count);
+    if (error != cudaSuccess) {
+      static_cast<void>(cudaGetLastError());
+      return false;
+    }
+    return count > 0;
+  }();
+  return available;
+}
+
+}  // namespace loopmoe::model::detail

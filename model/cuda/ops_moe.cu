@@ -1,0 +1,312 @@
+// ops.h on CUDA, part 4: the MoE kernels. The SwiGLU expert and the grouped experts (cuBLAS per
+// expert, experts in order), moving rows between token and expert order, the weighted combine,
+// and the router's top-k, its backward, batch statistics and z-loss gradient. Mirrors
+// model/cpu/ops_moe.cc.
+#include <vector>
+
+#include "model/cpu/ops_cpu.h"
+#include "model/cuda/cuda_util.cuh"
+#include "model/cuda/ops_cuda.h"
+
+namespace loopmoe::model::ops::cuda {
+
+using kernel_util::block_sum;
+using kernel_util::device_sigmoid;
+using kernel_util::for_each_index;
+
+template <typename T>
+void swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const T* w1, const T* w3, const T* w2,
+                    int n, int D, int F) {
+  if (n == 0) return;
+  gemm<T>(false, false, n, F, D, T(1), x, D, w1, F, T(0), h1, F);
+  gemm<T>(false, false, n, F, D, T(1), x, D, w3, F, T(0), h3, F);
+  for_each_index(static_cast<size_t>(n) * F,
+                 [=] __device__(size_t i) { act[i] = h1[i] * device_sigmoid(h1[i]) * h3[i]; });
+  gemm<T>(false, false, n, D, F, T(1), act, F, w2, D, T(0), out, D);
+}
+
+template <typename T>
+void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                     const T* h1, const T* h3, const T* act, const T* w1, const T* w3, const T* w2,
+                     int n, int D, int F) {
+  if (n == 0) return;
+  const size_t nf = static_cast<size_t>(n) * F;
+  T* dh1 = scratch;
+  T* dh3 = scratch + nf;
+  gemm<T>(true, false, F, D, n, T(1), act, F, dout, D, T(1), dw2, D);  // dW2 += act^T dout
+  gemm<T>(false, true, n, F, D, T(1), dout, D, w2, D, T(0), dh1, F);   // dact = dout W2^T
+  for_each_index(nf, [=] __device__(size_t i) {
+    const T sg = device_sigmoid(h1[i]);
+    const T dact = dh1[i];
+    dh3[i] = dact * h1[i] * sg;
+    dh1[i] = dact * h3[i] * sg * (T(1) + h1[i] * (T(1) - sg));
+  });
+  gemm<T>(true, false, D, F, n, T(1), x, D, dh1, F, T(1), dw1, F);
+  gemm<T>(true, false, D, F, n, T(1), x, D, dh3, F, T(1), dw3, F);
+  gemm<T>(false, true, n, D, F, T(1), dh1, F, w1, F, T(0), dx, D);
+  gemm<T>(false, true, n, D, F, T(1), dh3, F, w3, F, T(1), dx, D);
+}
+
+template <typename T>
+void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
+                            const T* w1, const T* w3, const T* w2, int D, int F) {
+  // Experts one after another on the stream: each product has one expert's rows, in their order.
+  for (int e = 0; e < E; ++e) {
+    const int64_t r0 = offset[e];
+    const int n = static_cast<int>(offset[e + 1] - r0);
+    const size_t wf = static_cast<size_t>(e) * D * F;
+    cuda::swiglu_forward(out + r0 * D, h1 + r0 * F, h3 + r0 * F, act + r0 * F, x + r0 * D, w1 + wf,
+                         w3 + wf, w2 + wf, n, D, F);
+  }
+}
+
+template <typename T>
+void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                             const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
+                             const T* w1, const T* w3, const T* w2, int D, int F) {
+  for (int e = 0; e < E; ++e) {
+    const int64_t r0 = offset[e];
+    const int n = static_cast<int>(offset[e + 1] - r0);
+    const size_t wf = static_cast<size_t>(e) * D * F;
+    cuda::swiglu_backward(dx + r0 * D, dw1 + wf, dw3 + wf, dw2 + wf, scratch + 2 * r0 * F,
+                          dout + r0 * D, x + r0 * D, h1 + r0 * F, h3 + r0 * F, act + r0 * F,
+                          w1 + wf, w3 + wf, w2 + wf, n, D, F);
+  }
+}
+
+template <typename T>
+void moe_permute_forward(T* rows, const T* x, const int64_t* row_of_slot, size_t slots, int k,
+                         int D) {
+  for_each_index(slots * D, [=] __device__(size_t idx) {
+    const size_t slot = idx / D, i = idx % D;
+    const int64_t r = row_of_slot[slot];
+    if (r >= 0) rows[static_cast<size_t>(r) * D + i] = x[(slot / k) * D + i];
+  });
+}
+
+template <typename T>
+void moe_permute_backward(T* dx, const T* drows, const int64_t* row_of_slot, int S, int k, int D) {
+  // One thread per (token, column): the token's kept slots added in slot order, as on the CPU.
+  for_each_index(static_cast<size_t>(S) * D, [=] __device__(size_t idx) {
+    const size_t t = idx / D, i = idx % D;
+    T acc = dx[idx];
+    for (int j = 0; j < k; ++j) {
+      const int64_t r = row_of_slot[t * k + j];
+      if (r >= 0) acc += drows[static_cast<size_t>(r) * D + i];
+    }
+    dx[idx] = acc;
+  });
+}
+
+template <typename T>
+void moe_unpermute_forward(T* out, const T* rows, const int64_t* row_of_slot, size_t slots, int D) {
+  for_each_index(slots * D, [=] __device__(size_t idx) {
+    const size_t slot = idx / D, i = idx % D;
+    const int64_t r = row_of_slot[slot];
+    out[idx] = r >= 0 ? rows[static_cast<size_t>(r) * D + i] : T(0);
+  });
+}
+
+template <typename T>
+void moe_unpermute_backward(T* drows, const T* dout, const int64_t* row_of_slot, size_t slots,
+                            int D) {
+  cuda::moe_permute_forward(drows, dout, row_of_slot, slots, 1, D);
+}
+
+template <typename T>
+void gather_rows(T* dst, const T* src, const int64_t* index, int64_t rows, int D) {
+  for_each_index(static_cast<size_t>(rows) * D, [=] __device__(size_t idx) {
+    const size_t r = idx / D, i = idx % D;
+    dst[idx] = src[static_cast<size_t>(index[r]) * D + i];
+  });
+}
+
+template <typename T>
+void scatter_rows(T* dst, const T* src, const int64_t* index, int64_t rows, int D) {
+  for_each_index(static_cast<size_t>(rows) * D, [=] __device__(size_t idx) {
+    const size_t r = idx / D, i = idx % D;
+    dst[static_cast<size_t>(index[r]) * D + i] = src[idx];
+  });
+}
+
+template <typename T>
+void moe_combine_forward(T* y, const T* expert_out, const T* weight, const uint8_t* kept, int S,
+                         int k, int D) {
+  // One thread per (token, column): kept slots added in slot order from 0, as on the CPU.
+  for_each_index(static_cast<size_t>(S) * D, [=] __device__(size_t idx) {
+    const size_t t = idx / D, i = idx % D;
+    T acc = 0;
+    for (int j = 0; j < k; ++j) {
+      const size_t slot = t * k + j;
+      if (kept[slot]) acc += weight[slot] * expert_out[slot * D + i];
+    }
+    y[idx] = acc;
+  });
+}
+
+namespace {
+// One block per slot. dweight = dy · expert_out: each thread's products in column order, then
+// block_sum's fixed tree.
+template <typename T>
+__global__ void moe_combine_backward_kernel(T* dexpert_out, T* dweight, const T* dy,
+                                            const T* expert_out, const T* weight,
+                                            const uint8_t* kept, int k, int D) {
+  __shared__ T shared[32];
+  const size_t slot = blockIdx.x;
+  const T* g = dy + (slot / k) * D;
+  T* d = dexpert_out + slot * D;
+  if (!kept[slot]) {  // the same branch for the whole block, so block_sum is not skipped by some
+    for (int i = threadIdx.x; i < D; i += blockDim.x) d[i] = T(0);
+    if (threadIdx.x == 0) dweight[slot] = T(0);
+    return;
+  }
+  const T* o = expert_out + slot * D;
+  const T w = weight[slot];
+  T dot = 0;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    dot += g[i] * o[i];
+    d[i] = w * g[i];
+  }
+  dot = block_sum(dot, shared);
+  if (threadIdx.x == 0) dweight[slot] = dot;
+}
+
+// One thread per token (k and E are small): the CPU's loops as they are.
+template <typename T>
+__global__ void router_topk_forward_kernel(int32_t* expert, T* weight, const T* probs, int S, int E,
+                                           int k, bool renormalize) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= S) return;
+  const T* p = probs + static_cast<size_t>(t) * E;
+  int32_t* ex = expert + static_cast<size_t>(t) * k;
+  T* w = weight + static_cast<size_t>(t) * k;
+  // Selection by repeated arg-max; strict '>' keeps the lower index on ties.
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      bool taken = false;
+      for (int q = 0; q < j; ++q) taken |= (ex[q] == e);
+      if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    }
+    ex[j] = best;
+    w[j] = p[best];
+  }
+  if (renormalize) {
+    T sum = 0;
+    for (int j = 0; j < k; ++j) sum += w[j];
+    for (int j = 0; j < k; ++j) w[j] /= sum;
+  }
+}
+
+template <typename T>
+__global__ void router_topk_backward_kernel(T* dprobs, const T* dweight, const T* probs,
+                                            const int32_t* expert, const T* weight, const T* bias,
+                                            int S, int E, int k, bool renormalize) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= S) return;
+  const T* p = probs + static_cast<size_t>(t) * E;
+  T* dp = dprobs + static_cast<size_t>(t) * E;
+  const int32_t* ex = expert + static_cast<size_t>(t) * k;
+  const T* w = weight + static_cast<size_t>(t) * k;
+  const T* dw = dweight + static_cast<size_t>(t) * k;
+  for (int e = 0; e < E; ++e) dp[e] = T(0);
+  if (renormalize) {
+    // w_j = p_j / Z: dp_i = (dw_i − Σ_j dw_j w_j) / Z
+    T z = 0, dot = 0;
+    for (int j = 0; j < k; ++j) {
+      z += p[ex[j]];
+      dot += dw[j] * w[j];
+    }
+    for (int j = 0; j < k; ++j) dp[ex[j]] += (dw[j] - dot) / z;
+  } else {
+    for (int j = 0; j < k; ++j) dp[ex[j]] += dw[j];
+  }
+  for (int e = 0; e < E; ++e) dp[e] += bias[e];
+}
+}  // namespace
+
+template <typename T>
+void moe_combine_backward(T* dexpert_out, T* dweight, const T* dy, const T* expert_out,
+                          const T* weight, const uint8_t* kept, int S, int k, int D) {
+  const size_t slots = static_cast<size_t>(S) * k;
+  if (slots == 0) return;
+  moe_combine_backward_kernel<<<static_cast<unsigned>(slots), kernel_util::row_threads(D)>>>(
+      dexpert_out, dweight, dy, expert_out, weight, kept, k, D);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void router_topk_forward(int32_t* expert, T* weight, const T* probs, int S, int E, int k,
+                         bool renormalize) {
+  if (S <= 0) return;
+  constexpr int kRowsPerBlock = 128;
+  router_topk_forward_kernel<<<(S + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock>>>(
+      expert, weight, probs, S, E, k, renormalize);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int32_t* expert,
+                          const T* weight, const T* bias, int S, int E, int k, bool renormalize) {
+  if (S <= 0) return;
+  constexpr int kRowsPerBlock = 128;
+  router_topk_backward_kernel<<<(S + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock>>>(
+      dprobs, dweight, probs, expert, weight, bias, S, E, k, renormalize);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
+                  const T* probs, const T* lse, int S, int E, int k) {
+  // Host outputs in fixed point: copy the inputs back and run the CPU's loops (exact; S·E values,
+  // small next to the activations). A device version would add the rounded rows as int64.
+  if (S <= 0) return;
+  std::vector<int32_t> host_expert(static_cast<size_t>(S) * k);
+  std::vector<T> host_probs(static_cast<size_t>(S) * E), host_lse(S);
+  kernel_util::to_host(host_expert.data(), expert, host_expert.size());
+  kernel_util::to_host(host_probs.data(), probs, host_probs.size());
+  kernel_util::to_host(host_lse.data(), lse, host_lse.size());
+  // The CPU kernel itself (ops::router_stats would dispatch back here on the CUDA device).
+  ops::cpu::router_stats(assigned, prob_sum, lse_sq_sum, host_expert.data(), host_probs.data(),
+                         host_lse.data(), S, E, k);
+}
+
+template <typename T>
+void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int E, double z_scale,
+                           double tokens) {
+  for_each_index(static_cast<size_t>(S) * E, [=] __device__(size_t idx) {
+    const T c = static_cast<T>(z_scale * 2.0 * lse[idx / E] / tokens);
+    dlogits[idx] += c * probs[idx];
+  });
+}
+
+#define LOOPMOE_INSTANTIATE(T)                                                                     \
+  template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,     \
+                                  int, int);                                                       \
+  template void swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,     \
+                                   const T*, const T*, const T*, const T*, int, int, int);         \
+  template void experts_swiglu_forward<T>(T*, T*, T*, T*, const T*, const int64_t*, int, const T*, \
+                                          const T*, const T*, int, int);                           \
+  template void experts_swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*,       \
+                                           const T*, const T*, const int64_t*, int, const T*,      \
+                                           const T*, const T*, int, int);                          \
+  template void moe_permute_forward<T>(T*, const T*, const int64_t*, size_t, int, int);            \
+  template void moe_permute_backward<T>(T*, const T*, const int64_t*, int, int, int);              \
+  template void moe_unpermute_forward<T>(T*, const T*, const int64_t*, size_t, int);               \
+  template void moe_unpermute_backward<T>(T*, const T*, const int64_t*, size_t, int);              \
+  template void gather_rows<T>(T*, const T*, const int64_t*, int64_t, int);                        \
+  template void scatter_rows<T>(T*, const T*, const int64_t*, int64_t, int);                       \
+  template void moe_combine_forward<T>(T*, const T*, const T*, const uint8_t*, int, int, int);     \
+  template void moe_combine_backward<T>(T*, T*, const T*, const T*, const T*, const uint8_t*, int, \
+                                        int, int);                                                 \
+  template void router_topk_forward<T>(int32_t*, T*, const T*, int, int, int, bool);               \
+  template void router_topk_backward<T>(T*, const T*, const T*, const int32_t*, const T*,          \
+                                        const T*, int, int, int, bool);                            \
+  template void router_stats<T>(int64_t*, LossSum*, LossSum*, const int32_t*, const T*, const T*,  \
+                                int, int, int);                                                    \
+  template void router_zloss_backward<T>(T*, const T*, const T*, int, int, double, double);
+
+LOOPMOE_INSTANTIATE(float)
+#undef LOOPMOE_INSTANTIATE
+
+}  // namespace loopmoe::model::ops::cuda
