@@ -1,5 +1,7 @@
 // The error handling of a command's main(): run the body; an exception that escapes it becomes one
-// line "error: <what>" on stderr and exit code 1.
+// line "error: <what>" on stderr and exit code 1. The service's executables (coordinator, worker,
+// expert shard) name themselves in that line, "error: loopmoe-worker: <what>", because under
+// `loopmoe cluster up` and in a pod's aggregated logs several of them share one stream.
 #pragma once
 
 #include <cstdio>
@@ -20,9 +22,10 @@ enum class ErrorLine {
 };
 
 // Returns what `body` returns (an int exit code), or 0 for a void body; kErrorExitCode when it
-// throws a std::exception, after printing the error line.
+// throws a std::exception, after printing the error line ("error: <program>: <what>" when
+// `program` is given).
 template <class Body>
-int run_main(Body&& body, ErrorLine line = ErrorLine::kAsIs) {
+int run_main(Body&& body, ErrorLine line = ErrorLine::kAsIs, const char* program = nullptr) {
   try {
     if constexpr (std::is_void_v<std::invoke_result_t<Body&>>) {
       body();
@@ -31,7 +34,8 @@ int run_main(Body&& body, ErrorLine line = ErrorLine::kAsIs) {
       return body();
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%serror: %s\n", line == ErrorLine::kOwnLine ? "\n" : "", e.what());
+    std::fprintf(stderr, "%serror: %s%s%s\n", line == ErrorLine::kOwnLine ? "\n" : "",
+                 program ? program : "", program ? ": " : "", e.what());
     return kErrorExitCode;
   }
 }

@@ -1,15 +1,15 @@
-// The job driver (job_driver.h): one run of one job on its assigned training processes.
+// The job driver (job_driver.h): one run of one job on its assigned training processes: how the
+// run ends (run()) and its step loop (drive_run()). The calls to the members are in
+// job_driver_calls.cc.
 #include "coordinator/job_driver.h"
-
-#include <grpcpp/grpcpp.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 
+#include "common/loss_spike.h"
+#include "coordinator/job_driver_internal.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/output_dir.h"
 #include "coordinator/util.h"
@@ -18,9 +18,7 @@
 namespace loopmoe::coordinator {
 namespace {
 
-using internal::code_name;
 using internal::format;
-using internal::role_name;
 using internal::unix_ms;
 
 // RUN/metrics.jsonl in the output directory, in `loopmoe train`'s format (so `loopmoe compare`
@@ -50,43 +48,12 @@ std::string step_record(const loopmoe::v1::StepReport& r, double tokens_per_s) {
   return buf;
 }
 
-// A failure of one run of a job (a process died, timed out or answered with an error): the job
-// restarts with the next epoch, unless it is out of restarts.
-struct RunFailure : std::runtime_error {
-  RunFailure(const std::string& what, std::vector<std::string> unreachable)
-      : std::runtime_error(what), unreachable(std::move(unreachable)) {}
-  std::vector<std::string> unreachable;  // process ids to declare dead
-};
-// A failure no restart can fix (the job's config no longer parses, a missing resume checkpoint).
-struct PermanentFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-// The coordinator is shutting down: leave the job as it is in the store.
-struct Stopping {};
-// The user cancelled the job.
-struct Cancelled {};
-
 }  // namespace
 
-std::string Member::label() const {
-  return id + " (" + role_name(role) + " " + std::to_string(rank) + " at " + address + ")";
-}
-
-Member make_member(const std::string& id, v1::Role role, int rank, const std::string& address,
-                   const security::Credentials& credentials) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(256 << 20);
-  Member m;
-  m.id = id;
-  m.role = role;
-  m.rank = rank;
-  m.address = address;
-  // The coordinator calls the processes with the process token (and, with mutual TLS, its
-  // certificate), as they call it.
-  m.stub = v1::TrainingProcess::NewStub(
-      security::create_channel(m.address, credentials, credentials.process_token, args));
-  return m;
-}
+using internal::Cancelled;
+using internal::PermanentFailure;
+using internal::RunFailure;
+using internal::Stopping;
 
 JobDriver::JobDriver(const CoordinatorOptions& options, std::string data_dir, JobStore& store,
                      ProcessRegistry& registry, CoordinatorMetrics& metrics, DriverHost host,
@@ -99,16 +66,6 @@ JobDriver::JobDriver(const CoordinatorOptions& options, std::string data_dir, Jo
       host_(std::move(host)),
       job_id_(std::move(job_id)),
       members_(std::move(members)) {}
-
-void JobDriver::stop() {
-  stopping_ = true;
-  cancel_calls();
-}
-
-void JobDriver::cancel_calls() {
-  absl::MutexLock lock(&mu_);
-  for (grpc::ClientContext* c : active_) c->TryCancel();
-}
 
 bool JobDriver::update_job(const std::function<bool(v1::JobStatus&)>& change) {
   {
@@ -125,132 +82,6 @@ bool JobDriver::update_job(const std::function<bool(v1::JobStatus&)>& change) {
 void JobDriver::log(const std::string& text) {
   store_.append_log(job_id_, text, unix_ms());
   host_.changed->SignalAll();
-}
-
-void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
-                         const std::function<grpc::Status(Member&, grpc::ClientContext*)>& call) {
-  const size_t n = members_.size();
-  std::vector<std::unique_ptr<grpc::ClientContext>> contexts(n);
-  std::vector<grpc::Status> statuses(n);
-  std::vector<char> cancelled_by_us(n, 0);
-  {
-    absl::MutexLock lock(&mu_);
-    for (size_t i = 0; i < n; ++i) {
-      contexts[i] = std::make_unique<grpc::ClientContext>();
-      contexts[i]->set_deadline(std::chrono::system_clock::now() + timeout);
-      active_.insert(contexts[i].get());
-    }
-  }
-  if (stopping_) cancel_calls();  // stop() may have run before these contexts existed
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < n; ++i) {
-    threads.emplace_back([&, i] {
-      statuses[i] = call(members_[i], contexts[i].get());
-      if (!statuses[i].ok()) {
-        // One failure fails the step for everyone: don't wait for the others' timeouts.
-        absl::MutexLock lock(&mu_);  // also serialises the threads' cancelled_by_us updates
-        for (size_t j = 0; j < n; ++j) {
-          if (j != i && !cancelled_by_us[j]) {
-            cancelled_by_us[j] = 1;
-            contexts[j]->TryCancel();
-          }
-        }
-      }
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto& c : contexts) active_.erase(c.get());
-  }
-  if (stopping_) throw Stopping{};
-  // The root cause: an unreachable process first, then any other error we did not cause.
-  int root = -1;
-  std::vector<std::string> unreachable;
-  for (size_t i = 0; i < n; ++i) {
-    if (statuses[i].ok()) continue;
-    if (statuses[i].error_code() == grpc::StatusCode::UNAVAILABLE) {
-      unreachable.push_back(members_[i].id);
-      if (root < 0 || statuses[root].error_code() != grpc::StatusCode::UNAVAILABLE) root = i;
-    } else if (root < 0 &&
-               !(cancelled_by_us[i] && statuses[i].error_code() == grpc::StatusCode::CANCELLED)) {
-      root = i;
-    }
-  }
-  if (root < 0) {
-    for (size_t i = 0; i < n && root < 0; ++i) {
-      if (!statuses[i].ok()) root = i;
-    }
-  }
-  if (root >= 0) {
-    const grpc::Status& s = statuses[root];
-    throw RunFailure(std::string(rpc) + " on " + members_[root].label() +
-                         " failed: " + code_name(s.error_code()) + ": " + s.error_message(),
-                     unreachable);
-  }
-}
-
-void JobDriver::check_interrupts() {
-  if (stopping_) throw Stopping{};
-  if (cancel_) throw Cancelled{};
-  for (const Member& m : members_) {
-    if (!registry_.is_live(m.id)) {
-      throw RunFailure(m.label() + " is dead (no heartbeat for " +
-                           std::to_string(options_.heartbeat_timeout.count()) + " ms)",
-                       {m.id});
-    }
-  }
-}
-
-void JobDriver::shutdown_members(const std::set<std::string>& skip) {
-  std::vector<std::thread> threads;
-  for (Member& m : members_) {
-    if (skip.count(m.id)) continue;
-    threads.emplace_back([&] {
-      grpc::ClientContext context;
-      context.set_deadline(std::chrono::system_clock::now() + options_.shutdown_timeout);
-      v1::ShutdownRequest request;
-      request.set_job_id(job_id_);
-      request.set_exit(false);
-      v1::ShutdownResponse response;
-      (void)m.stub->Shutdown(&context, request, &response);  // best effort
-    });
-  }
-  for (std::thread& t : threads) t.join();
-}
-
-v1::CheckpointMeta JobDriver::checkpoint(const v1::JobStatus& job, const std::string& output_dir,
-                                         int64_t step) {
-  const std::string dir = output_dir + "/checkpoints/" + format("step-%08lld", (long long)step);
-  std::vector<v1::CheckpointResponse> responses(members_.size());
-  call_all("Checkpoint", options_.step_timeout, [&](Member& m, grpc::ClientContext* c) {
-    v1::CheckpointRequest request;
-    request.set_job_id(job_id_);
-    request.set_step(step);
-    request.set_dir(dir);
-    return m.stub->Checkpoint(c, request, &responses[&m - members_.data()]);
-  });
-  // Every process has fsynced its file: the checkpoint counts once this record is committed.
-  const model::Config config = model::parse_config(job.spec().config_toml(), "job " + job.job_id());
-  const std::string canonical = model::to_toml(config);
-  v1::CheckpointMeta meta;
-  meta.set_job_id(job_id_);
-  meta.set_step(step);
-  meta.set_epoch(job.epoch());
-  for (size_t i = 0; i < responses.size(); ++i) {
-    v1::CheckpointFile* f = meta.add_files();
-    *f = responses[i].file();
-    f->set_role(members_[i].role);
-    f->set_rank(members_[i].rank);
-  }
-  *meta.mutable_sampler() = responses[0].sampler();
-  meta.set_config_hash(XXH64(canonical.data(), canonical.size(), 0));
-  meta.set_num_workers(job.spec().num_workers());
-  meta.set_num_shards(job.spec().num_shards());
-  meta.set_threads(std::max(1, job.spec().threads()));
-  meta.set_created_unix_ms(unix_ms());
-  store_.put_checkpoint(meta);
-  return meta;
 }
 
 void JobDriver::run() {
@@ -335,6 +166,34 @@ void JobDriver::run() {
   host_.changed->SignalAll();
 }
 
+v1::CheckpointMeta JobDriver::resume_point(const v1::JobSpec& spec, bool* other_job) {
+  v1::CheckpointMeta resume;
+  std::vector<v1::CheckpointMeta> checkpoints = store_.list_checkpoints(job_id_);
+  const bool from_other = checkpoints.empty() && !spec.resume_from_job().empty();
+  *other_job = from_other;
+  if (from_other) checkpoints = store_.list_checkpoints(spec.resume_from_job());
+  const bool own_latest = !from_other && !spec.resume_from_job().empty();
+  if (!checkpoints.empty()) {
+    if (spec.resume_step() == 0 || own_latest) {
+      resume = checkpoints.back();
+    } else {
+      auto it =
+          std::find_if(checkpoints.begin(), checkpoints.end(),
+                       [&](const v1::CheckpointMeta& m) { return m.step() == spec.resume_step(); });
+      if (it == checkpoints.end()) {
+        std::string have;
+        for (const auto& m : checkpoints)
+          have += (have.empty() ? "" : ", ") + std::to_string(m.step());
+        throw PermanentFailure("no committed checkpoint at resume_step " +
+                               std::to_string(spec.resume_step()) + " (committed steps: " + have +
+                               ")");
+      }
+      resume = *it;
+    }
+  }
+  return resume;
+}
+
 void JobDriver::drive_run() {
   const std::string id = job_id_;
   std::optional<v1::JobStatus> job = store_.get_job(id);
@@ -359,31 +218,8 @@ void JobDriver::drive_run() {
   }
   const int64_t epoch = job->epoch();
 
-  // Resume point: the requested committed checkpoint, else the latest, else a fresh start. A job
-  // started from another job's checkpoint uses that one until it has committed its own.
-  v1::CheckpointMeta resume;
-  std::vector<v1::CheckpointMeta> checkpoints = store_.list_checkpoints(id);
-  const bool from_other = checkpoints.empty() && !spec.resume_from_job().empty();
-  if (from_other) checkpoints = store_.list_checkpoints(spec.resume_from_job());
-  const bool own_latest = !from_other && !spec.resume_from_job().empty();
-  if (!checkpoints.empty()) {
-    if (spec.resume_step() == 0 || own_latest) {
-      resume = checkpoints.back();
-    } else {
-      auto it =
-          std::find_if(checkpoints.begin(), checkpoints.end(),
-                       [&](const v1::CheckpointMeta& m) { return m.step() == spec.resume_step(); });
-      if (it == checkpoints.end()) {
-        std::string have;
-        for (const auto& m : checkpoints)
-          have += (have.empty() ? "" : ", ") + std::to_string(m.step());
-        throw PermanentFailure("no committed checkpoint at resume_step " +
-                               std::to_string(spec.resume_step()) + " (committed steps: " + have +
-                               ")");
-      }
-      resume = *it;
-    }
-  }
+  bool from_other = false;
+  const v1::CheckpointMeta resume = resume_point(spec, &from_other);
   std::string who;
   for (const Member& m : members_) who += (who.empty() ? "" : ", ") + m.label();
   log(format("epoch %lld: starting on ", (long long)epoch) + who +
@@ -424,6 +260,9 @@ void JobDriver::drive_run() {
       << spec.config_toml();
   std::ofstream metrics_file(metrics_path, std::ios::app);
   if (!metrics_file) log("warning: cannot write " + metrics_path.string());
+  // The loss-spike check (train.loss_spike_*) sees the losses of this run: after a restart its
+  // window refills from the resume point, as `loopmoe train`'s does after a rollback.
+  common::LossSpikeCheck spikes(train.loss_spike_factor, train.loss_spike_window);
   int64_t done = resume.step();
   while (done < train.steps) {
     check_interrupts();
@@ -442,11 +281,9 @@ void JobDriver::drive_run() {
         return m.stub->RunSteps(c, request, &responses[&m - members_.data()]);
       });
     } catch (const RunFailure& e) {
-      // The numerics guard's "stop" (runtime_base.cc) fails the job; its "rollback" is the
-      // restart from the last checkpoint that any other run failure gets.
-      if (std::string(e.what()).find("(train.nonfinite = \"stop\"") != std::string::npos) {
-        throw PermanentFailure(e.what());
-      }
+      // The numerics guard's "stop" (runtime::PolicyStop, answered ABORTED) fails the job; its
+      // "rollback" is the restart from the last checkpoint that any other run failure gets.
+      if (e.policy_stop) throw PermanentFailure(e.what());
       throw;
     }
     for (size_t i = 0; i < responses.size(); ++i) {
@@ -467,6 +304,18 @@ void JobDriver::drive_run() {
       if (r.skipped()) {
         log(format("step %lld/%d skipped: non-finite loss or gradient norm (grad_norm %g)",
                    (long long)r.step(), train.steps, r.grad_norm()));
+      } else if (const std::optional<double> med = spikes.observe(r.loss())) {
+        const std::string text =
+            format("loss spike at step %lld: %.6g > %g x the running median %.6g",
+                   (long long)r.step(), r.loss(), train.loss_spike_factor, *med);
+        if (train.loss_spike_action == "stop") {
+          const std::optional<v1::JobStatus> now = store_.get_job(id);
+          const int64_t last = now ? now->last_checkpoint_step() : 0;
+          throw PermanentFailure(text + " (train.loss_spike_action = \"stop\"); last checkpoint: " +
+                                 (last > 0 ? format("step %lld", (long long)last) : "none"));
+        }
+        metrics_.count_loss_spike(id);
+        log("warning: " + text);
       }
       if (!log_due(train, r.step())) continue;
       int64_t a2a_bytes = 0;

@@ -85,6 +85,11 @@ class JobDriver {
 
  private:
   void drive_run();
+  // Where this run starts: the committed checkpoint spec.resume_step() names, else the latest one
+  // (of this job, or, until it has committed its own, of spec.resume_from_job(), which sets
+  // *other_job), else step 0 (an empty CheckpointMeta). Throws PermanentFailure for a
+  // resume_step that was never committed.
+  v1::CheckpointMeta resume_point(const v1::JobSpec& spec, bool* other_job);
   // Calls `call(member, context)` on every member concurrently, each with `timeout`; the first
   // failure cancels the others. Throws RunFailure/Stopping; returns when all succeeded.
   void call_all(const char* rpc, std::chrono::milliseconds timeout,

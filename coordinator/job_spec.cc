@@ -47,11 +47,6 @@ model::Config validate_job_spec(const v1::JobSpec& spec, const std::string& sour
     fail(source, "threads = " + std::to_string(spec.threads()) + " must be >= 0");
   }
   if (spec.resume_step() < 0) fail(source, "resume_step must be >= 0");
-  if (config.train.loss_spike_factor != 0) {
-    fail(source,
-         "train.loss_spike_factor: the service does not check loss spikes (the "
-         "single-process trainer does); set it to 0 for a job");
-  }
   const v1::LoopSchedule& s = spec.schedule();
   switch (s.kind()) {
     case v1::LoopSchedule::FIXED:

@@ -47,22 +47,24 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  return loopmoe::common::run_main([&] {
-    options.security =
-        loopmoe::security::load(security, /*coordinator=*/true, "loopmoe-coordinator");
-    loopmoe::coordinator::Coordinator coordinator(options);
-    std::printf("coordinator listening on %s\n", coordinator.address().c_str());
-    if (!coordinator.metrics_address().empty()) {
-      std::printf("metrics on http://%s/metrics\n", coordinator.metrics_address().c_str());
-    }
-    if (!coordinator.health_address().empty()) {
-      std::printf("health (plaintext) on %s\n", coordinator.health_address().c_str());
-    }
-    std::fflush(stdout);
-    int signal = 0;
-    sigwait(&signals, &signal);
-    std::fprintf(stderr, "coordinator: %s, shutting down\n",
-                 signal == SIGINT ? "SIGINT" : "SIGTERM");
-    coordinator.shutdown();
-  });
+  return loopmoe::common::run_main(
+      [&] {
+        options.security =
+            loopmoe::security::load(security, /*coordinator=*/true, "loopmoe-coordinator");
+        loopmoe::coordinator::Coordinator coordinator(options);
+        std::printf("coordinator listening on %s\n", coordinator.address().c_str());
+        if (!coordinator.metrics_address().empty()) {
+          std::printf("metrics on http://%s/metrics\n", coordinator.metrics_address().c_str());
+        }
+        if (!coordinator.health_address().empty()) {
+          std::printf("health (plaintext) on %s\n", coordinator.health_address().c_str());
+        }
+        std::fflush(stdout);
+        int signal = 0;
+        sigwait(&signals, &signal);
+        std::fprintf(stderr, "coordinator: %s, shutting down\n",
+                     signal == SIGINT ? "SIGINT" : "SIGTERM");
+        coordinator.shutdown();
+      },
+      loopmoe::common::ErrorLine::kAsIs, "loopmoe-coordinator");
 }

@@ -1,6 +1,7 @@
 #include "coordinator/metrics.h"
 
 #include <prometheus/collectable.h>
+#include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
@@ -45,6 +46,12 @@ CoordinatorMetrics::CoordinatorMetrics(const std::string& listen)
                    .Name("loopmoe_job_loss")
                    .Help("Training loss of the job's last completed step")
                    .Register(*registry_);
+  job_loss_spikes_ = &prometheus::BuildCounter()
+                          .Name("loopmoe_job_loss_spikes_total")
+                          .Help(
+                              "Loss spikes the job's numerics guard warned about "
+                              "(train.loss_spike_factor, loss_spike_action = \"warn\")")
+                          .Register(*registry_);
   for (auto state :
        {v1::QUEUED, v1::STARTING, v1::RUNNING, v1::SUCCEEDED, v1::FAILED, v1::CANCELLED}) {
     jobs_->Add({{"state", job_state_name(state)}}).Set(0);
@@ -112,6 +119,11 @@ void CoordinatorMetrics::set_job_progress(const std::string& job_id, int64_t ste
   absl::MutexLock lock(&mu_);
   job_step_->Add({{"job_id", job_id}}).Set(static_cast<double>(step));
   job_loss_->Add({{"job_id", job_id}}).Set(loss);
+}
+
+void CoordinatorMetrics::count_loss_spike(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  job_loss_spikes_->Add({{"job_id", job_id}}).Increment();
 }
 
 }  // namespace loopmoe::coordinator

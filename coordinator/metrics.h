@@ -19,6 +19,7 @@ namespace prometheus {
 class Collectable;
 class Exposer;
 class Registry;
+class Counter;
 class Gauge;
 template <typename T>
 class Family;
@@ -41,6 +42,8 @@ class CoordinatorMetrics {
       ABSL_LOCKS_EXCLUDED(mu_);
   void set_job_progress(const std::string& job_id, int64_t step, double loss)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // A loss spike the job's numerics guard warned about (train.loss_spike_action = "warn").
+  void count_loss_spike(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -55,6 +58,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>* heartbeat_age_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
   prometheus::Family<prometheus::Gauge>* job_step_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
   prometheus::Family<prometheus::Gauge>* job_loss_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
+  prometheus::Family<prometheus::Counter>* job_loss_spikes_ ABSL_PT_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace loopmoe::coordinator

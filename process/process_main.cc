@@ -13,9 +13,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 
+#include "common/run_main.h"
 #include "process/roles.h"
 #include "security/flags.h"
 
@@ -276,23 +278,19 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
   options.rendezvous_timeout = to_ms(rendezvous_timeout_s);
   options.collective_timeout = to_ms(collective_timeout_s);
 
-  try {
-    options.security = security::load(security_flags, /*coordinator=*/false, program);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s: %s\n", program.c_str(), e.what());
-    return 1;
-  }
-  ProcessHost host(options, std::move(factory));
-  try {
-    host.start();
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s: %s\n", program.c_str(), e.what());
-    return 1;
-  }
+  std::optional<ProcessHost> host;
+  const int started = common::run_main(
+      [&] {
+        options.security = security::load(security_flags, /*coordinator=*/false, program);
+        host.emplace(options, std::move(factory));
+        host->start();
+      },
+      common::ErrorLine::kAsIs, program.c_str());
+  if (started != 0) return started;
   std::printf("%s listening on %s (coordinator %s)\n", runtime::to_string(role),
-              host.address().c_str(), options.coordinator.c_str());
-  if (!host.metrics_address().empty()) {
-    std::printf("metrics on http://%s/metrics\n", host.metrics_address().c_str());
+              host->address().c_str(), options.coordinator.c_str());
+  if (!host->metrics_address().empty()) {
+    std::printf("metrics on http://%s/metrics\n", host->metrics_address().c_str());
   }
   std::fflush(stdout);
 
@@ -304,7 +302,7 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
                    signal == SIGINT ? "SIGINT" : "SIGTERM");
       break;
     }
-    if (host.wait_for_exit_request(milliseconds(0))) {
+    if (host->wait_for_exit_request(milliseconds(0))) {
       std::fprintf(stderr, "%s: exit requested by the coordinator\n", program.c_str());
       break;
     }
@@ -317,7 +315,7 @@ int process_main(runtime::Role role, int argc, char** argv, RuntimeFactory facto
                  program.c_str());
     std::_Exit(0);
   }).detach();
-  host.stop();
+  host->stop();
   return 0;
 }
 

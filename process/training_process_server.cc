@@ -142,6 +142,8 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};  // not our fault
   } catch (const model::CheckpointError& e) {
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};
+  } catch (const runtime::PolicyStop& e) {  // the job's policy: a restart cannot help
+    status = {grpc::StatusCode::ABORTED, prefix + e.what()};
   } catch (const comm::TimeoutError& e) {
     status = {grpc::StatusCode::DEADLINE_EXCEEDED, prefix + e.what()};
     broken = true;

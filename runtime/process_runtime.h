@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,13 @@ enum class Role { kWorker, kExpertShard };
 inline const char* to_string(Role role) {
   return role == Role::kWorker ? "worker" : "expert shard";
 }
+
+// The job's own numerics policy stopped it (train.nonfinite = "stop"): a restart would meet the
+// same numbers again, so the process server answers ABORTED and the coordinator fails the job
+// instead of restarting it.
+struct PolicyStop : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // One file of a checkpoint: a worker's replica (non-expert parameters and AdamW state) or a shard's
 // experts (keyed by global expert id, so a job can resume onto a different number of shards).

@@ -89,8 +89,8 @@ bool RuntimeBase::skip_nonfinite_step(double norm) {
   const std::string what = "step " + std::to_string(steps_done_ + 1) +
                            ": the gradient norm or a worker's loss is " + std::to_string(norm);
   if (config_.train.nonfinite != "skip") {
-    throw std::runtime_error(what + " (train.nonfinite = \"" + config_.train.nonfinite +
-                             "\": parameters left as before the step)");
+    throw PolicyStop(what + " (train.nonfinite = \"" + config_.train.nonfinite +
+                     "\": parameters left as before the step)");
   }
   return true;
 }

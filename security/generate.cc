@@ -2,20 +2,15 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
+#include "common/subprocess.h"
+#include "common/text_file.h"
 #include "security/credentials.h"
-
-extern char** environ;
 
 namespace loopmoe::security {
 namespace {
@@ -26,40 +21,25 @@ namespace fs = std::filesystem;
 void openssl(const std::vector<std::string>& args, const fs::path& log) {
   std::vector<std::string> argv = {"openssl"};
   argv.insert(argv.end(), args.begin(), args.end());
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0600);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  std::vector<char*> raw;
-  for (const std::string& a : argv) raw.push_back(const_cast<char*>(a.c_str()));
-  raw.push_back(nullptr);
+  common::SpawnOptions options;
+  options.log = log;
+  options.log_mode = 0600;  // it may echo key material
+  options.search_path = true;
   pid_t pid = -1;
-  const int rc = posix_spawnp(&pid, "openssl", &actions, &attr, raw.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
-    throw std::runtime_error(std::string("cannot run openssl (") + std::strerror(rc) +
-                             "): install the Debian package openssl (scripts/setup.sh)");
+  try {
+    pid = common::spawn_logged(argv, options);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(std::string(e.what()) +
+                             ": install the Debian package openssl (scripts/setup.sh)");
   }
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    std::ifstream in(log);
-    std::stringstream text;
-    text << in.rdbuf();
-    std::string out = text.str();
-    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-    throw std::runtime_error("openssl " + args.at(0) +
-                             " failed making credentials: " + (out.empty() ? "no output" : out));
+  if (!common::exited_ok(common::wait_for(pid))) {
+    const std::string out = common::read_text_if_present(log).value_or("");
+    std::string trimmed = out;
+    while (!trimmed.empty() && (trimmed.back() == '\n' || trimmed.back() == '\r')) {
+      trimmed.pop_back();
+    }
+    throw std::runtime_error("openssl " + args.at(0) + " failed making credentials: " +
+                             (trimmed.empty() ? "no output" : trimmed));
   }
 }
 

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -16,6 +15,7 @@
 
 #include "common/atomic_file.h"
 #include "common/clock.h"
+#include "common/loss_spike.h"
 #include "dataloader/dataset_check.h"
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
@@ -55,15 +55,6 @@ void truncate_metrics(const fs::path& path, int64_t step) {
   }
   in.close();
   common::write_file_atomically(path, kept);
-}
-
-// The median of the window (a copy: the window keeps its order).
-double median(const std::deque<double>& window) {
-  std::vector<double> v(window.begin(), window.end());
-  const auto mid = v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2);
-  std::nth_element(v.begin(), mid, v.end());
-  if (v.size() % 2 == 1) return *mid;
-  return 0.5 * (*mid + *std::max_element(v.begin(), mid));
 }
 
 // More rollbacks than this in one invocation stop the run: the fault is not going away.
@@ -226,7 +217,7 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
   }
   // The numerics guard (train.nonfinite, train.loss_spike_*; docs/CONFIG.md). A non-finite step
   // never reaches AdamW (model::train_step), so finite steps run exactly as without the guard.
-  std::deque<double> recent_losses;     // the spike check's window
+  common::LossSpikeCheck spikes(tc.loss_spike_factor, tc.loss_spike_window);
   std::set<int64_t> dropped_on_replay;  // rollback: steps whose batch a replay drops
   // Back to the last checkpoint (or the run's start): parameters, AdamW, sampler, metrics file.
   const auto roll_back = [&](int64_t failed_step) -> int64_t {
@@ -246,7 +237,7 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
     truncate_metrics(metrics_path, to);
     metrics.open(metrics_path, std::ios::app);
     result.losses.resize(static_cast<size_t>(std::max<int64_t>(0, to - start)));
-    recent_losses.clear();
+    spikes.clear();
     dropped_on_replay.insert(failed_step);
     return to;
   };
@@ -306,25 +297,17 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
       metrics << "{\"step\": " << done << ", \"skipped_step\": true, \"lr\": " << lr
               << ", \"skipped\": " << result.skipped_steps << "}\n";
       metrics.flush();
-    } else if (tc.loss_spike_factor > 0) {
-      if (static_cast<int>(recent_losses.size()) == tc.loss_spike_window) {
-        const double med = median(recent_losses);
-        if (loss.total > tc.loss_spike_factor * med) {
-          ++result.loss_spikes;
-          char text[160];
-          std::snprintf(text, sizeof text,
-                        "loss spike at step %d: %.6g > %g x the running median %.6g", done,
-                        loss.total, tc.loss_spike_factor, med);
-          if (tc.loss_spike_action == "stop") {
-            throw std::runtime_error(
-                std::string(text) +
-                " (train.loss_spike_action = \"stop\"); last checkpoint: " + ckpt.string());
-          }
-          std::fprintf(stderr, "%swarning: %s\n", tty && opt.progress ? "\n" : "", text);
-        }
-        recent_losses.pop_front();
+    } else if (const std::optional<double> med = spikes.observe(loss.total)) {
+      ++result.loss_spikes;
+      char text[160];
+      std::snprintf(text, sizeof text, "loss spike at step %d: %.6g > %g x the running median %.6g",
+                    done, loss.total, tc.loss_spike_factor, *med);
+      if (tc.loss_spike_action == "stop") {
+        throw std::runtime_error(
+            std::string(text) +
+            " (train.loss_spike_action = \"stop\"); last checkpoint: " + ckpt.string());
       }
-      recent_losses.push_back(loss.total);
+      std::fprintf(stderr, "%swarning: %s\n", tty && opt.progress ? "\n" : "", text);
     }
     const bool log_now = !outcome.nonfinite && (done % tc.log_interval == 0 || done == end);
     if (log_now) {

@@ -1,10 +1,8 @@
 // `loopmoe cluster up`: a coordinator, W workers and S expert shards on this machine, as child
 // processes of this command, until Ctrl-C (docs/SERVICE.md).
-#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,11 +20,10 @@
 #include <vector>
 
 #include "cli/service/service.h"
+#include "common/subprocess.h"
 #include "coordinator/health.h"
 #include "security/credentials.h"
 #include "security/generate.h"
-
-extern char** environ;
 
 namespace loopmoe::cli {
 namespace {
@@ -58,46 +55,18 @@ fs::path binary_next_to_me(const std::string& name) {
 // Starts `argv` with stdout and stderr appended to `log`, in its own process group so that a
 // Ctrl-C in the terminal reaches only us; we stop the children in order.
 pid_t spawn(const std::vector<std::string>& argv, const fs::path& log) {
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK);
-  posix_spawnattr_setpgroup(&attr, 0);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);  // we block signals; the children must not
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
+  common::SpawnOptions options;
+  options.log = log;
+  options.append_log = true;
+  options.own_process_group = true;
   // The children get their credentials from the command line only: security settings of this
   // shell (LOOPMOE_TLS_CA, ...) must not mix into them.
-  std::vector<char*> env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string_view var = *e;
-    if (!var.starts_with("LOOPMOE_TLS_") && !var.starts_with("LOOPMOE_MTLS=") &&
-        !var.starts_with("LOOPMOE_PROCESS_TOKEN_FILE=") &&
-        !var.starts_with("LOOPMOE_CLI_TOKEN_FILE=")) {
-      env.push_back(*e);
-    }
-  }
-  env.push_back(nullptr);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, argv[0].c_str(), &actions, &attr, args.data(), env.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
-  return pid;
-}
-
-std::string exit_description(int status) {
-  if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("was killed by ") + strsignal(WTERMSIG(status));
-  return "stopped";
+  options.keep_env = [](std::string_view var) {
+    return !var.starts_with("LOOPMOE_TLS_") && !var.starts_with("LOOPMOE_MTLS=") &&
+           !var.starts_with("LOOPMOE_PROCESS_TOKEN_FILE=") &&
+           !var.starts_with("LOOPMOE_CLI_TOKEN_FILE=");
+  };
+  return common::spawn_logged(argv, options);
 }
 
 // Reaps children that have exited; returns the first one that did (nullptr if none).
@@ -110,7 +79,7 @@ Child* reap(std::vector<Child>& children, std::string* how) {
       c.exited = true;
       if (first == nullptr) {
         first = &c;
-        *how = exit_description(status);
+        *how = common::exit_description(status);
       }
     }
   }

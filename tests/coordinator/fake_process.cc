@@ -130,7 +130,7 @@ grpc::Status FakeProcess::RunSteps(grpc::ServerContext* context, const v1::RunSt
     if (script_.fail_run_at_step >= first && script_.fail_run_at_step < end &&
         run_failures_ < script_.fail_run_times) {
       ++run_failures_;
-      return grpc::Status(grpc::StatusCode::INTERNAL,
+      return grpc::Status(script_.fail_run_code,
                           "scripted failure at step " + std::to_string(script_.fail_run_at_step));
     }
     if (script_.die_at_step >= first && script_.die_at_step < end) {
@@ -146,7 +146,9 @@ grpc::Status FakeProcess::RunSteps(grpc::ServerContext* context, const v1::RunSt
     v1::StepReport* r = response->add_steps();
     r->set_step(first + i + 1);
     r->set_loops(request->loops(i));
-    r->set_loss(script_.role == v1::WORKER ? 10.0 / static_cast<double>(first + i + 1) : 0.0);
+    const int64_t step = first + i + 1;
+    const double spike = step == script_.spike_at_step ? 100.0 : 1.0;
+    r->set_loss(script_.role == v1::WORKER ? spike * 10.0 / static_cast<double>(step) : 0.0);
     r->set_lr(3e-3);
     r->set_grad_norm(0.5);
     r->set_seconds(0.01);

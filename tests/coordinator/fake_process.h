@@ -26,10 +26,12 @@ bool eventually(const std::function<bool()>& done,
 
 struct FakeScript {
   v1::Role role = v1::WORKER;
-  int64_t fail_run_at_step = -1;            // RunSteps covering this 0-based step answers INTERNAL
-  int fail_run_times = 1 << 30;             // ... this many times
-  int64_t fail_checkpoint_at_step = -1;     // Checkpoint at this step answers INTERNAL
-  int64_t die_at_step = -1;                 // RunSteps covering this step kills the process
+  int64_t fail_run_at_step = -1;  // RunSteps covering this 0-based step fails
+  int fail_run_times = 1 << 30;   // ... this many times
+  grpc::StatusCode fail_run_code = grpc::StatusCode::INTERNAL;  // ... with this code
+  int64_t fail_checkpoint_at_step = -1;  // Checkpoint at this step answers INTERNAL
+  int64_t spike_at_step = -1;  // the worker's loss at this 1-based step is 100 times its usual
+  int64_t die_at_step = -1;    // RunSteps covering this step kills the process
   std::chrono::milliseconds step_delay{0};  // per RunSteps call
 };
 

@@ -329,6 +329,62 @@ TEST_F(JobDriverTest, OutOfRestartsFailsTheJob) {
   EXPECT_EQ(log_lines(id).back(), "failed: out of restarts (--max-restarts 0)");
 }
 
+// ABORTED is how a process says the job's own policy stopped it (train.nonfinite = "stop",
+// runtime::PolicyStop): the job fails with restarts left, where INTERNAL (the test above, and
+// FailureRequeues...) restarts it.
+TEST_F(JobDriverTest, PolicyStopFailsTheJobWithoutRestart) {
+  options_.max_restarts = 3;
+  FakeScript stopped;
+  stopped.fail_run_at_step = 1;
+  stopped.fail_run_code = grpc::StatusCode::ABORTED;
+  add(v1::WORKER);
+  add(v1::EXPERT_SHARD, stopped);
+  const std::string id = create_job(test_config(8, 2, 4, 4));
+  start_driver(id)->run();
+  v1::JobStatus st = job(id);
+  EXPECT_EQ(st.state(), v1::FAILED);
+  EXPECT_EQ(st.epoch(), 0);
+  EXPECT_NE(st.error().find("ABORTED: scripted failure at step 1"), std::string::npos)
+      << st.error();
+  EXPECT_TRUE(requeued_.empty());
+  EXPECT_EQ(log_lines(id).back(), "failed");
+}
+
+// The loss-spike check of the numerics guard, as `loopmoe train` has it: a loss above factor ×
+// the running median warns (a log line, the job goes on) or fails the job without a restart.
+TEST_F(JobDriverTest, LossSpikeWarnsOrFailsTheJob) {
+  auto spiky_config = [](const std::string& action) {
+    std::string config = test_config(8, 2, 4, 4);
+    const std::string guard =
+        "[train]\nloss_spike_factor = 3\nloss_spike_window = 3\n"
+        "loss_spike_action = \"" +
+        action + "\"\n";
+    config.replace(config.find("[train]\n"), 8, guard);
+    return config;
+  };
+  FakeScript spiky;
+  spiky.spike_at_step = 6;
+  add(v1::WORKER, spiky);
+  add(v1::EXPERT_SHARD);
+  const std::string warned = create_job(spiky_config("warn"));
+  start_driver(warned)->run();
+  EXPECT_EQ(job(warned).state(), v1::SUCCEEDED);
+  const std::vector<std::string> lines = log_lines(warned);
+  EXPECT_TRUE(contains(lines, "warning: loss spike at step 6: 166.667 > 3 x the running median"));
+  int spikes = 0;
+  for (const std::string& line : lines) spikes += line.find("loss spike") != std::string::npos;
+  EXPECT_EQ(spikes, 1);
+
+  const std::string stopped = create_job(spiky_config("stop"));
+  start_driver(stopped)->run();
+  const v1::JobStatus st = job(stopped);
+  EXPECT_EQ(st.state(), v1::FAILED);
+  EXPECT_EQ(st.epoch(), 0);
+  EXPECT_NE(st.error().find("loss spike at step 6"), std::string::npos) << st.error();
+  EXPECT_NE(st.error().find("last checkpoint: step 4"), std::string::npos) << st.error();
+  EXPECT_TRUE(requeued_.empty());
+}
+
 TEST_F(JobDriverTest, CancelStopsBetweenChunks) {
   FakeScript slow;
   slow.step_delay = std::chrono::milliseconds(300);
