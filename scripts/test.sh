@@ -15,5 +15,8 @@ cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DLOOPMOE_CUDA=ON -DLOOPMOE_
 cmake --build build-cuda -j"$(nproc)" --target loopmoe_cuda_tests >> build-cuda.log 2>&1 ||
   { tail -50 build-cuda.log; exit 1; }
 (cd build-cuda && ctest --output-on-failure -R "^Cuda")
+# A real Prometheus against `loopmoe cluster up`: every dashboard query returns series, every
+# alert rule evaluates (deploy/README.md "Checks").
+bash scripts/prometheus_check.sh build
 cd build
 ctest --output-on-failure --timeout 900 -j1 "$@"
