@@ -22,7 +22,10 @@ Coordinator::Impl::Impl(const CoordinatorOptions& options)
     : options_(options),
       data_dir_(std::filesystem::absolute(options.data_dir).lexically_normal().string()),
       store_(data_dir_ + "/db"),
-      registry_(options.heartbeat_timeout),
+      // Ids continue from the last run's, so none held by a process from before a restart is
+      // given to another (process_registry.h).
+      registry_(options.heartbeat_timeout, store_.next_process_id(),
+                [this](int64_t next) { store_.set_next_process_id(next); }),
       metrics_(options.metrics_listen) {
   options_.data_root =
       options.data_root.empty()

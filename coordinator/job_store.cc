@@ -11,10 +11,12 @@ namespace {
 
 // Keys (docs/SERVICE.md):
 //   meta/next_job_id            decimal counter
+//   meta/next_process_id        decimal counter
 //   job/<id:20>                 JobStatus
 //   log/<id:20>/<line:20>       LogLine
 //   ckpt/<id:20>/<step:20>      CheckpointMeta
 constexpr char kNextJobId[] = "meta/next_job_id";
+constexpr char kNextProcessId[] = "meta/next_process_id";
 
 std::string pad20(int64_t x) {
   char buf[32];
@@ -96,6 +98,13 @@ std::string JobStore::next_job_id() {
   put(kNextJobId, std::to_string(next + 1));
   return std::to_string(next);
 }
+
+int64_t JobStore::next_process_id() {
+  const std::optional<std::string> v = get(kNextProcessId);
+  return v ? std::stoll(*v) : 1;
+}
+
+void JobStore::set_next_process_id(int64_t next) { put(kNextProcessId, std::to_string(next)); }
 
 void JobStore::put_job(const v1::JobStatus& job) {
   put("job/" + padded_key_part(job.job_id()), job.SerializeAsString());

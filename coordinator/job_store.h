@@ -1,5 +1,5 @@
 // The coordinator's durable state in RocksDB: jobs, their log lines, committed checkpoint
-// metadata and the job id counter (keys: docs/SERVICE.md). Thread-safe.
+// metadata and the job and process id counters (keys: docs/SERVICE.md). Thread-safe.
 #pragma once
 
 #include <absl/base/thread_annotations.h>
@@ -39,6 +39,12 @@ class JobStore {
 
   // A new job id ("1", "2", ...); the counter is written with a synced write.
   std::string next_job_id() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The number of the next process id ("worker-N", "shard-N"); 1 when never written. Set
+  // (synced) at every registration, so a restarted coordinator continues the count instead of
+  // handing out ids that processes registered before the restart still hold.
+  int64_t next_process_id();
+  void set_next_process_id(int64_t next);
 
   // Jobs (synced writes).
   void put_job(const v1::JobStatus& job);

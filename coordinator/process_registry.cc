@@ -6,6 +6,8 @@ std::string ProcessRegistry::register_process(v1::Role role, const std::string& 
                                               const std::string& metrics_address,
                                               const std::string& name) {
   absl::MutexLock lock(&mu_);
+  // Recorded first: if that throws, nothing has changed and no id was given.
+  if (persist_next_id_) persist_next_id_(next_id_ + 1);
   for (auto& [order, p] : by_order_) {
     if (p.address == address) p.removed = true;
   }

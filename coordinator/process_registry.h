@@ -1,6 +1,7 @@
 // Training processes known to the coordinator: registration, heartbeats, liveness, and which job
-// each one is assigned to. Thread-safe. Nothing is persisted: after a coordinator restart every
-// process learns from its next heartbeat (known = false) that it must register again.
+// each one is assigned to. Thread-safe. Nothing is persisted but the id counter (through the
+// caller): after a coordinator restart every process learns from its next heartbeat (known =
+// false) that it must register again.
 #pragma once
 
 #include <absl/base/thread_annotations.h>
@@ -8,9 +9,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "proto/loopmoe.pb.h"
@@ -32,8 +35,16 @@ class ProcessRegistry {
  public:
   using Clock = std::chrono::steady_clock;
 
-  explicit ProcessRegistry(std::chrono::milliseconds heartbeat_timeout)
-      : heartbeat_timeout_(heartbeat_timeout) {}
+  // Ids are numbered from `first_id`; `persist_next_id`, when set, gets the number of the next id
+  // at each registration, before the new id is returned. A restarted coordinator must continue
+  // the count: a process registered before the restart still heartbeats with its old id, and if
+  // a new registration had been given that id, the heartbeat would be taken as the new holder's
+  // (known = true), so the process would never register again and be lost to the scheduler.
+  explicit ProcessRegistry(std::chrono::milliseconds heartbeat_timeout, int64_t first_id = 1,
+                           std::function<void(int64_t next_id)> persist_next_id = nullptr)
+      : heartbeat_timeout_(heartbeat_timeout),
+        persist_next_id_(std::move(persist_next_id)),
+        next_id_(first_id) {}
 
   std::chrono::milliseconds heartbeat_timeout() const { return heartbeat_timeout_; }
 
@@ -66,8 +77,9 @@ class ProcessRegistry {
 
  private:
   const std::chrono::milliseconds heartbeat_timeout_;
+  const std::function<void(int64_t)> persist_next_id_;
   absl::Mutex mu_;
-  int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t next_id_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, ProcessInfo> by_order_ ABSL_GUARDED_BY(mu_);  // registration order
   std::map<std::string, int64_t> order_of_ ABSL_GUARDED_BY(mu_);
 };

@@ -7,8 +7,8 @@
 // kCpu buffers and throw std::logic_error on any other.
 //
 // Host storage is a std::vector<T>; device storage goes through the raw functions in `detail`:
-// model/cpu/device_none.cc (each throws: a build without CUDA) or model/cuda/device_cuda.cu (the
-// CUDA runtime), and model/host_device.cc for the emulated device.
+// model/cuda_backend.cc (the CUDA runtime through the linked backend, model/cuda/device_cuda.cu;
+// each throws without one), and model/host_device.cc for the emulated device.
 //
 // Parameters, gradients and AdamW moments are FlatBuffers (flat_buffer.h): the ZeroPageVector
 // they always were on the CPU, a Buffer of the same length (same offsets) on a device.
@@ -47,17 +47,21 @@ inline const char* to_string(Device device) {
 }
 
 namespace detail {
-// Raw device memory for Buffer<T> (bytes). Defined by the backend: model/cpu/device_none.cc
-// throws std::runtime_error from each (no device in this build); model/cuda/ will wrap
-// cudaMalloc, cudaFree, cudaMemset and cudaMemcpy.
+// Raw device memory for Buffer<T> (bytes). Defined in model/cuda_backend.cc: each forwards to the
+// CUDA backend linked into the executable (model/cuda/device_cuda.cu: cudaMalloc, cudaFree,
+// cudaMemset, cudaMemcpy), or throws std::runtime_error without one.
 void* device_alloc(size_t bytes);
 void device_free(void* p) noexcept;
 void device_zero(void* p, size_t bytes);
 void device_copy_to_host(void* host, const void* device, size_t bytes);
 void device_copy_from_host(void* device, const void* host, size_t bytes);
 void device_copy(void* dst, const void* src, size_t bytes);  // device to device
-// Whether this build has a device backend.
+// Whether a CUDA device can be used: false without a CUDA backend, and false without throwing
+// where the backend is linked but the machine has no GPU or no driver.
 bool device_available();
+// Whether this executable links the CUDA backend (model/cuda_backend.h: loopmoe, loopmoe_bench and
+// the CUDA tests of a build with LOOPMOE_CUDA), whether or not the machine has a GPU.
+bool device_backend_linked();
 // Makes CUDA device `ordinal` the current one (cudaSetDevice); throws std::runtime_error when
 // there is no such device (or no backend). Before any allocation.
 void device_select(int ordinal);
@@ -118,9 +122,9 @@ inline void copy_on(Device device, void* dst, const void* src, size_t bytes) {
 }  // namespace detail
 
 // The device a Buffer is allocated on when its constructor names none, and whose kernels the
-// ops.h functions run: kCpu unless set. set_default_device(Device::kCuda) throws in a build
-// without a CUDA backend or on a machine without a device. A Model stays on the device it was
-// built on (model.h).
+// ops.h functions run: kCpu unless set. set_default_device(Device::kCuda) throws in an
+// executable without the CUDA backend or on a machine without a device. A Model stays on the device
+// it was built on (model.h).
 inline std::atomic<Device>& default_device_slot() {
   static std::atomic<Device> device{Device::kCpu};
   return device;
@@ -129,8 +133,8 @@ inline Device default_device() { return default_device_slot().load(std::memory_o
 inline void set_default_device(Device device) {
   if (device == Device::kCuda && !detail::device_available()) {
     throw std::runtime_error(
-        "set_default_device: no CUDA device (this build has no CUDA backend, or the machine has "
-        "no usable GPU)");
+        "set_default_device: no CUDA device (this executable has no CUDA backend, or the machine "
+        "has no usable GPU)");
   }
   default_device_slot().store(device, std::memory_order_relaxed);
 }

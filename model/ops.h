@@ -5,7 +5,9 @@
 // Each function here dispatches on the process's default device (buffer.h; model/ops_dispatch.cc):
 // the CPU kernels are model/cpu/ (namespace ops::cpu, ops_cpu.h: OpenMP, batch-invariant sgemm),
 // the CUDA kernels model/cuda/ (ops::cuda, ops_cuda.h; float only). Pointers are to memory on
-// the default device unless a comment says "host".
+// the default device unless a comment says "host". model/ops_list.h repeats this list once, in a
+// form the backends' declarations, the dispatchers and the instantiations are generated from;
+// a function added here needs its entry there (ops_dispatch.cc checks that the two agree).
 // Templates are instantiated for float (training) and double (gradient checks).
 // Backward kernels ACCUMULATE (+=) into parameter gradients and into input gradients unless the
 // comment says otherwise, so callers zero gradient buffers once per step.

@@ -15,6 +15,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// This thread's CoordinatorStore::AbandonWaitsIf condition (innermost), if any.
+thread_local const std::function<bool()>* abandon_waits_if = nullptr;
+
 [[noreturn]] void throw_rpc_error(const std::string& address, const char* rpc,
                                   const std::string& what, const grpc::Status& status) {
   std::string message = "coordinator store (" + address + "): " + rpc + " " + what + " failed: ";
@@ -45,6 +48,13 @@ std::string missing_keys_message(const std::string& address,
 }
 
 }  // namespace
+
+CoordinatorStore::AbandonWaitsIf::AbandonWaitsIf(std::function<bool()> abandoned)
+    : abandoned_(std::move(abandoned)), previous_(abandon_waits_if) {
+  abandon_waits_if = &abandoned_;
+}
+
+CoordinatorStore::AbandonWaitsIf::~AbandonWaitsIf() { abandon_waits_if = previous_; }
 
 CoordinatorStore::CoordinatorStore(std::shared_ptr<grpc::Channel> channel, std::string address,
                                    std::chrono::milliseconds rpc_timeout)
@@ -82,12 +92,15 @@ void CoordinatorStore::wait(const std::vector<std::string>& keys,
                             std::chrono::milliseconds timeout) {
   if (keys.empty()) return;
   const Clock::time_point deadline = Clock::now() + timeout;
+  const std::function<bool()>* abandoned = abandon_waits_if;
+  const std::chrono::milliseconds max_slice =
+      abandoned ? std::min(max_wait_slice_, std::chrono::milliseconds(1000)) : max_wait_slice_;
   loopmoe::v1::KvWaitRequest request;
   for (const std::string& key : keys) request.add_keys(key);
   while (true) {
     const auto remaining =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    const auto slice = std::clamp(remaining, std::chrono::milliseconds(0), max_wait_slice_);
+    const auto slice = std::clamp(remaining, std::chrono::milliseconds(0), max_slice);
     request.set_timeout_ms(slice.count());
     const Clock::time_point sent = Clock::now();
     grpc::ClientContext context;
@@ -101,6 +114,12 @@ void CoordinatorStore::wait(const std::vector<std::string>& keys,
     if (response.missing().empty()) return;
     if (Clock::now() >= deadline) {
       throw comm::TimeoutError(missing_keys_message(address_, response.missing(), timeout));
+    }
+    if (abandoned && (*abandoned)()) {
+      throw comm::CommError("coordinator store (" + address_ + "): rendezvous abandoned: the " +
+                            "coordinator cancelled the call waiting for " +
+                            std::to_string(response.missing().size()) + " key(s), e.g. '" +
+                            response.missing(0) + "'");
     }
     // A coordinator that answers before the slice is over must not turn this into a busy loop.
     if (Clock::now() - sent < std::chrono::milliseconds(5)) {

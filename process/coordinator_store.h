@@ -5,6 +5,7 @@
 #include <grpcpp/channel.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -36,6 +37,24 @@ class CoordinatorStore final : public comm::KeyValueStore {
   void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
 
   void set_max_wait_slice(std::chrono::milliseconds slice) { max_wait_slice_ = slice; }
+
+  // While one lives, every wait() of this thread also ends, with comm::CommError, once
+  // `abandoned()` returns true: it is asked after each KvWait slice, at most a second apart
+  // meanwhile. The TrainingProcess server holds one around Configure's rendezvous, abandoned once
+  // the coordinator has cancelled that call (it failed the run: a member died or did not
+  // answer). Otherwise the survivors of a member killed during the rendezvous would wait for its
+  // keys for the whole rendezvous timeout, and the job's restart could not configure them.
+  class AbandonWaitsIf {
+   public:
+    explicit AbandonWaitsIf(std::function<bool()> abandoned);
+    ~AbandonWaitsIf();
+    AbandonWaitsIf(const AbandonWaitsIf&) = delete;
+    AbandonWaitsIf& operator=(const AbandonWaitsIf&) = delete;
+
+   private:
+    std::function<bool()> abandoned_;
+    const std::function<bool()>* previous_;
+  };
 
  private:
   // The stub is thread-safe, so the store needs no lock of its own.

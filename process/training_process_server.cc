@@ -10,6 +10,7 @@
 #include "dataloader/data_error.h"
 #include "model/config.h"
 #include "model/error.h"
+#include "process/coordinator_store.h"
 #include "process/roles.h"
 
 namespace loopmoe::process {
@@ -162,7 +163,7 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
   return status;
 }
 
-grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
+grpc::Status TrainingProcessServer::Configure(grpc::ServerContext* context,
                                               const pb::ConfigureRequest* request,
                                               pb::ConfigureResponse*) {
   absl::MutexLock lock(&mutex_);
@@ -236,6 +237,10 @@ grpc::Status TrainingProcessServer::Configure(grpc::ServerContext*,
   setup.rendezvous_timeout = options_.rendezvous_timeout;
 
   try {
+    // Once the coordinator has cancelled this call (it failed the run: another member died), stop
+    // waiting for the others' rendezvous keys; this process must be free for the job's restart.
+    const CoordinatorStore::AbandonWaitsIf cancelled(
+        [context] { return context != nullptr && context->IsCancelled(); });
     job->runtime = options_.factory(setup);
   } catch (...) {
     // Still idle: job_ is only set once the runtime exists.

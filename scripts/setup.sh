@@ -10,6 +10,9 @@ PKGS=(
   prometheus-cpp-dev prometheus
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy python3-matplotlib python3-yaml
+  # scripts/image_check.sh: rootful podman with runc (crun refuses these machines' hybrid
+  # cgroups), its network stack, and debootstrap for the Debian 12 base images
+  podman runc netavark debootstrap debian-archive-keyring
 )
 # npm fetches the demo corpus; install Debian's only when no npm is on the machine already
 # (a NodeSource nodejs conflicts with Debian's npm package).

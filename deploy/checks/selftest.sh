@@ -66,8 +66,8 @@ case_ escalation policy "allowPrivilegeEscalation is true" \
   coordinator.yaml 'allowPrivilegeEscalation: false' 'allowPrivilegeEscalation: true'
 case_ dev-in-runtime policy "installs build tools or -dev packages: g++" \
   Dockerfile 'librocksdb7.8 \' 'librocksdb7.8 g++ \'
-case_ invented-metric metrics "metric process_resident_memory_bytes is not exported" \
-  grafana/loopmoe.json 'sum by (state) (loopmoe_coordinator_jobs)' 'sum by (state) (loopmoe_coordinator_jobs) + process_resident_memory_bytes'
+case_ invented-metric metrics "metric loopmoe_invented_bytes is not exported" \
+  grafana/loopmoe.json 'sum by (state) (loopmoe_coordinator_jobs)' 'sum by (state) (loopmoe_coordinator_jobs) + loopmoe_invented_bytes'
 case_ kubernetes-only-label metrics "label pod is neither exported" \
   grafana/loopmoe.json 'max by (instance, role) (loopmoe_heartbeat_age_seconds)' 'max by (pod, instance, role) (loopmoe_heartbeat_age_seconds)'
 case_ misspelt-alert-metric metrics "metric loopmoe_heartbeat_age_second is not exported" \

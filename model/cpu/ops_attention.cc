@@ -178,18 +178,9 @@ void crossentropy_backward(T* dlogits, const T* probs, const int32_t* targets, T
   }
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                                                   \
-  template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                      \
-  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, int, int, int, int); \
-  template void softmax_forward<T>(T*, T*, const T*, int, int);                                  \
-  template void softmax_backward<T>(T*, const T*, const T*, int, int);                           \
-  template double crossentropy_forward<T>(T*, const T*, const int32_t*, int, int);               \
-  template LossSum crossentropy_forward_sum<T>(T*, const T*, const int32_t*, int, int);          \
-  template void crossentropy_backward<T>(T*, const T*, const int32_t*, T, int, int);
-
-LOOPMOE_INSTANTIATE(float)
-LOOPMOE_INSTANTIATE(double)
-#undef LOOPMOE_INSTANTIATE
+// This file's entries of model/ops_list.h.
+LOOPMOE_OPS_ATTENTION(LOOPMOE_OPS_INSTANTIATE, float)
+LOOPMOE_OPS_ATTENTION(LOOPMOE_OPS_INSTANTIATE, double)
 
 }  // namespace cpu
 }  // namespace loopmoe::model::ops

@@ -7,13 +7,14 @@
 // the launch (cudaGetLastError); faults inside a kernel surface at the next synchronising call.
 #pragma once
 
-#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "model/cuda/cublas_loader.h"  // cuBLAS's types; its functions through cublas()
 
 namespace loopmoe::model::ops::cuda::kernel_util {
 
@@ -28,9 +29,10 @@ inline void check_cublas(cublasStatus_t status, const char* call, const char* fi
   if (status != CUBLAS_STATUS_SUCCESS) throw_cublas_error(status, call, file, line);
 }
 
-// The process's cuBLAS handle (created on first use, on the current device, default stream,
-// CUBLAS_DEFAULT_MATH: plain fp32 FMA, no TF32). Never destroyed: destroying it from a static
-// destructor may run after the CUDA runtime has shut down.
+// The process's cuBLAS handle, created on first use (on the current device, default stream,
+// CUBLAS_DEFAULT_MATH: plain fp32 FMA, no TF32). That first use also loads cuBLAS
+// (cublas_loader.h), so it throws the loader's error when the library cannot be loaded. Never
+// destroyed: destroying it from a static destructor may run after the CUDA runtime has shut down.
 cublasHandle_t cublas_handle();
 
 // At least `bytes` of device memory for a kernel's temporaries (column-sum partials, attention's

@@ -1,7 +1,8 @@
-// The device-memory functions of model/buffer.h on the CUDA runtime: a CUDA build compiles this
-// file instead of model/cpu/device_none.cc. Every failure becomes std::runtime_error naming the
-// call and CUDA's error string. Host code only (no kernels), so it needs no GPU to compile, and
-// device_available() is false, without throwing, on a machine with no driver or no device.
+// The CUDA backend (model/cuda_backend.h) that model/cuda/ registers in every executable linking
+// loopmoe_model_cuda: the ops.h methods forward to ops_cuda.h's functions, and the device-memory
+// methods of model/buffer.h are the CUDA runtime's. Every failure becomes std::runtime_error naming
+// the call and CUDA's error string. Host code only (no kernels), so it needs no GPU to compile, and
+// available() is false, without throwing, on a machine with no driver or no device.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -11,8 +12,10 @@
 #include <unordered_map>
 
 #include "model/buffer.h"
+#include "model/cuda/ops_cuda.h"
+#include "model/cuda_backend.h"
 
-namespace loopmoe::model::detail {
+namespace loopmoe::model::ops::cuda {
 namespace {
 void check(cudaError_t error, const char* call, size_t bytes) {
   if (error == cudaSuccess) return;
@@ -31,7 +34,6 @@ Usage& usage() {
   static Usage* u = new Usage;  // never destroyed: buffers may outlive static destructors
   return *u;
 }
-}  // namespace
 
 void* device_alloc(size_t bytes) {
   if (bytes == 0) return nullptr;
@@ -118,4 +120,35 @@ bool device_available() {
   return available;
 }
 
-}  // namespace loopmoe::model::detail
+class Backend final : public CudaBackend {
+ public:
+#define LOOPMOE_CUDA_BACKEND_OP(ret, name, params, args, device_pointers) \
+  ret name params override { return ::loopmoe::model::ops::cuda::name args; }
+  LOOPMOE_OPS(LOOPMOE_CUDA_BACKEND_OP, float)
+  LOOPMOE_OPS_FLOAT(LOOPMOE_CUDA_BACKEND_OP)
+#undef LOOPMOE_CUDA_BACKEND_OP
+
+  void* allocate(size_t bytes) override { return device_alloc(bytes); }
+  void deallocate(void* p) noexcept override { device_free(p); }
+  void zero(void* p, size_t bytes) override { device_zero(p, bytes); }
+  void copy_to_host(void* host, const void* device, size_t bytes) override {
+    device_copy_to_host(host, device, bytes);
+  }
+  void copy_from_host(void* device, const void* host, size_t bytes) override {
+    device_copy_from_host(device, host, bytes);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override { device_copy(dst, src, bytes); }
+  bool available() override { return device_available(); }
+  void select(int ordinal) override { device_select(ordinal); }
+  size_t peak_bytes() override { return device_peak_bytes(); }
+};
+
+// Registers the backend before main runs: this file is in every executable that links
+// loopmoe_model_cuda (an object library, so nothing of it is left out). Never destroyed, like the
+// allocations it tracks.
+struct Registrar {
+  Registrar() { register_cuda_backend(new Backend); }
+} registrar;
+
+}  // namespace
+}  // namespace loopmoe::model::ops::cuda

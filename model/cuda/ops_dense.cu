@@ -277,29 +277,7 @@ void rope_backward(T* dqkv, const T* cos_t, const T* sin_t, int B, int T_, int H
   rope_rotate(dqkv, cos_t, sin_t, B, T_, H, hd, T(-1));
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                                                 \
-  template void rmsnorm_weight_backward<T>(const GradGroups<T>&, const T*, const T*, const T*, \
-                                           int);                                               \
-  template void matmul_backward<T>(T*, const GradGroups<T>&, const GradGroups<T>*, const T*,   \
-                                   const T*, const T*, int, int);                              \
-  template void tree_sum_groups<T>(T*, size_t, int,                                            \
-                                   const std::vector<std::pair<size_t, size_t>>&);             \
-  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int, int);                      \
-  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int, int); \
-  template void matmul_forward<T>(T*, const T*, const T*, const T*, int, int, int);            \
-  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int, int, int);   \
-  template void silu_forward<T>(T*, const T*, size_t);                                         \
-  template void silu_backward<T>(T*, const T*, const T*, size_t);                              \
-  template void adaln_modulate_forward<T>(T*, const T*, const T*, int, int);                   \
-  template void adaln_modulate_backward<T>(T*, T*, const T*, const T*, const T*, int, int);    \
-  template void gated_residual_forward<T>(T*, const T*, const T*, int, int);                   \
-  template void gated_residual_backward<T>(T*, T*, const T*, const T*, const T*, int, int);    \
-  template void iteration_encoding<T>(T*, int, int);                                           \
-  template void rope_forward<T>(T*, const T*, const T*, int, int, int, int);                   \
-  template void rope_backward<T>(T*, const T*, const T*, int, int, int, int);                  \
-  template void rope_tables<T>(T*, T*, int, int, double);
-
-LOOPMOE_INSTANTIATE(float)
-#undef LOOPMOE_INSTANTIATE
+// This file's entries of model/ops_list.h.
+LOOPMOE_OPS_DENSE(LOOPMOE_OPS_INSTANTIATE, float)
 
 }  // namespace loopmoe::model::ops::cuda

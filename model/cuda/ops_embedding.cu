@@ -125,12 +125,7 @@ void embedding_backward(const GradGroups<T>& dwte, const T* dout, const int32_t*
   }
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                                 \
-  template void embedding_forward<T>(T*, const int32_t*, const T*, int, int);  \
-  template void embedding_backward<T>(T*, const T*, const int32_t*, int, int); \
-  template void embedding_backward<T>(const GradGroups<T>&, const T*, const int32_t*, int);
-
-LOOPMOE_INSTANTIATE(float)
-#undef LOOPMOE_INSTANTIATE
+// This file's entries of model/ops_list.h.
+LOOPMOE_OPS_EMBEDDING(LOOPMOE_OPS_INSTANTIATE, float)
 
 }  // namespace loopmoe::model::ops::cuda

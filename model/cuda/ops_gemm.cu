@@ -1,10 +1,10 @@
 // ops.h on CUDA, part 1: the shared runtime pieces (error messages, the cuBLAS handle, the
-// workspace) and the matrix product on cuBLAS.
-#include <cublas_v2.h>
+// workspace) and the matrix product on cuBLAS (called through cublas_loader.h's table).
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "model/cuda/cublas_loader.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/ops_cuda.h"
 
@@ -18,15 +18,15 @@ void throw_cuda_error(cudaError_t error, const char* call, const char* file, int
 
 void throw_cublas_error(cublasStatus_t status, const char* call, const char* file, int line) {
   throw std::runtime_error(std::string(call) + " failed at " + file + ":" + std::to_string(line) +
-                           ": " + cublasGetStatusString(status));
+                           ": " + cublas().cublasGetStatusString(status));
 }
 
 cublasHandle_t cublas_handle() {
   static cublasHandle_t handle = [] {
     cublasHandle_t h = nullptr;
-    LOOPMOE_CUBLAS_CHECK(cublasCreate(&h));
+    LOOPMOE_CUBLAS_CHECK(cublas().cublasCreate_v2(&h));
     // Plain fp32: no TF32 tensor-core rounding of the inputs (the CPU parity needs fp32 products).
-    LOOPMOE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    LOOPMOE_CUBLAS_CHECK(cublas().cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
     return h;
   }();
   return handle;
@@ -50,7 +50,7 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int m, int n, int k, float
                           long long stride_b, float beta, float* c, int ldc, long long stride_c,
                           int batch) {
   if (m == 0 || n == 0 || batch == 0) return;
-  LOOPMOE_CUBLAS_CHECK(cublasSgemmStridedBatched(
+  LOOPMOE_CUBLAS_CHECK(cublas().cublasSgemmStridedBatched(
       cublas_handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n,
       m, k, &alpha, b, ldb, stride_b, a, lda, stride_a, &beta, c, ldc, stride_c, batch));
 }
@@ -62,7 +62,7 @@ void gemm<float>(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
                  int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
   // Row-major C[m,n] is column-major C^T[n,m]: C^T = op(B)^T op(A)^T, so B goes first (ops_cuda.h).
-  LOOPMOE_CUBLAS_CHECK(cublasSgemm(
+  LOOPMOE_CUBLAS_CHECK(cublas().cublasSgemm_v2(
       kernel_util::cublas_handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
       trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
 }

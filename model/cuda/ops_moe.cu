@@ -280,33 +280,7 @@ void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int 
   });
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                                                     \
-  template void swiglu_forward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*, int,     \
-                                  int, int);                                                       \
-  template void swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*,     \
-                                   const T*, const T*, const T*, const T*, int, int, int);         \
-  template void experts_swiglu_forward<T>(T*, T*, T*, T*, const T*, const int64_t*, int, const T*, \
-                                          const T*, const T*, int, int);                           \
-  template void experts_swiglu_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, const T*,       \
-                                           const T*, const T*, const int64_t*, int, const T*,      \
-                                           const T*, const T*, int, int);                          \
-  template void moe_permute_forward<T>(T*, const T*, const int64_t*, size_t, int, int);            \
-  template void moe_permute_backward<T>(T*, const T*, const int64_t*, int, int, int);              \
-  template void moe_unpermute_forward<T>(T*, const T*, const int64_t*, size_t, int);               \
-  template void moe_unpermute_backward<T>(T*, const T*, const int64_t*, size_t, int);              \
-  template void gather_rows<T>(T*, const T*, const int64_t*, int64_t, int);                        \
-  template void scatter_rows<T>(T*, const T*, const int64_t*, int64_t, int);                       \
-  template void moe_combine_forward<T>(T*, const T*, const T*, const uint8_t*, int, int, int);     \
-  template void moe_combine_backward<T>(T*, T*, const T*, const T*, const T*, const uint8_t*, int, \
-                                        int, int);                                                 \
-  template void router_topk_forward<T>(int32_t*, T*, const T*, int, int, int, bool);               \
-  template void router_topk_backward<T>(T*, const T*, const T*, const int32_t*, const T*,          \
-                                        const T*, int, int, int, bool);                            \
-  template void router_stats<T>(int64_t*, LossSum*, LossSum*, const int32_t*, const T*, const T*,  \
-                                int, int, int);                                                    \
-  template void router_zloss_backward<T>(T*, const T*, const T*, int, int, double, double);
-
-LOOPMOE_INSTANTIATE(float)
-#undef LOOPMOE_INSTANTIATE
+// This file's entries of model/ops_list.h.
+LOOPMOE_OPS_MOE(LOOPMOE_OPS_INSTANTIATE, float)
 
 }  // namespace loopmoe::model::ops::cuda

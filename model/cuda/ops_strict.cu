@@ -128,14 +128,7 @@ void adamw_update(float* p, float* m, float* v, const float* g, const uint8_t* d
   });
 }
 
-#define LOOPMOE_INSTANTIATE(T)                                               \
-  template void add_row_vector<T>(T*, const T*, int, int);                   \
-  template void sum_rows<T>(T*, const T*, int, int);                         \
-  template void add_inplace<T>(T*, const T*, size_t);                        \
-  template void copy_masked_rows<T>(T*, const T*, const int32_t*, int, int); \
-  template void halt_converged_rows<T>(int32_t*, T*, const T*, const T*, int, int, double, int);
-
-LOOPMOE_INSTANTIATE(float)
-#undef LOOPMOE_INSTANTIATE
+// This file's entries of model/ops_list.h.
+LOOPMOE_OPS_STRICT(LOOPMOE_OPS_INSTANTIATE, float)
 
 }  // namespace loopmoe::model::ops::cuda
