@@ -19,6 +19,8 @@ namespace loopmoe::coordinator {
 namespace {
 
 using internal::format;
+// As `loopmoe train` (train/trainer.cc): more rollbacks than this fail the job.
+constexpr int kMaxRollbacks = 10;
 using internal::unix_ms;
 
 // RUN/metrics.jsonl in the output directory, in `loopmoe train`'s format (so `loopmoe compare`
@@ -194,6 +196,29 @@ v1::CheckpointMeta JobDriver::resume_point(const v1::JobSpec& spec, bool* other_
   return resume;
 }
 
+void JobDriver::roll_back(int64_t step, const std::string& what, int total_steps) {
+  // Recorded in the job, so that every later run drops the step, after a coordinator restart too.
+  int rollbacks = 0;
+  update_job([&](v1::JobStatus& j) {
+    if (is_terminal(j.state())) return false;
+    if (std::find(j.rollback_steps().begin(), j.rollback_steps().end(), step) ==
+        j.rollback_steps().end()) {
+      j.add_rollback_steps(step);
+    }
+    rollbacks = j.rollback_steps_size();
+    return true;
+  });
+  if (rollbacks > kMaxRollbacks) {
+    throw PermanentFailure(
+        what + format(" after %d rollbacks (train.nonfinite = \"rollback\")", kMaxRollbacks));
+  }
+  log(
+      format("warning: step %lld/%d: non-finite loss or gradient norm; rolling back to the last "
+             "checkpoint (rollback %d; the replay drops the step)",
+             (long long)step + 1, total_steps, rollbacks));
+  throw RunFailure(what, {});
+}
+
 void JobDriver::drive_run() {
   const std::string id = job_id_;
   std::optional<v1::JobStatus> job = store_.get_job(id);
@@ -264,6 +289,7 @@ void JobDriver::drive_run() {
   // window refills from the resume point, as `loopmoe train`'s does after a rollback.
   common::LossSpikeCheck spikes(train.loss_spike_factor, train.loss_spike_window);
   int64_t done = resume.step();
+  int64_t skipped = 0;  // steps skipped or dropped in this run, as `loopmoe train` counts them
   while (done < train.steps) {
     check_interrupts();
     const int64_t end = next_chunk_end(train, done, options_.max_chunk_steps);
@@ -278,11 +304,15 @@ void JobDriver::drive_run() {
         request.set_job_id(id);
         request.set_first_step(done);
         request.mutable_loops()->Add(loops.begin(), loops.end());
+        for (int64_t s : job->rollback_steps()) {
+          if (s >= done && s < end) request.add_drop_steps(s);
+        }
         return m.stub->RunSteps(c, request, &responses[&m - members_.data()]);
       });
     } catch (const RunFailure& e) {
       // The numerics guard's "stop" (runtime::PolicyStop, answered ABORTED) fails the job; its
-      // "rollback" is the restart from the last checkpoint that any other run failure gets.
+      // "rollback" restarts it from the last checkpoint, the replay dropping the failed step.
+      if (e.rollback_step) roll_back(*e.rollback_step, e.what(), train.steps);
       if (e.policy_stop) throw PermanentFailure(e.what());
       throw;
     }
@@ -302,8 +332,21 @@ void JobDriver::drive_run() {
       chunk_seconds += r.seconds();
       chunk_tokens += r.tokens();
       if (r.skipped()) {
-        log(format("step %lld/%d skipped: non-finite loss or gradient norm (grad_norm %g)",
-                   (long long)r.step(), train.steps, r.grad_norm()));
+        // The single-process trainer's record of a skipped step (no loss: it may be NaN, which
+        // JSON cannot hold).
+        ++skipped;
+        metrics_file << format(
+            "{\"step\": %lld, \"skipped_step\": true, \"lr\": %.17g, "
+            "\"skipped\": %lld}\n",
+            (long long)r.step(), r.lr(), (long long)skipped);
+        const bool dropped = std::find(job->rollback_steps().begin(), job->rollback_steps().end(),
+                                       r.step() - 1) != job->rollback_steps().end();
+        log(dropped
+                ? format("step %lld/%d dropped on the replay after a rollback", (long long)r.step(),
+                         train.steps)
+                : format("step %lld/%d skipped: non-finite loss or gradient norm (grad_norm %g)",
+                         (long long)r.step(), train.steps, r.grad_norm()));
+        continue;
       } else if (const std::optional<double> med = spikes.observe(r.loss())) {
         const std::string text =
             format("loss spike at step %lld: %.6g > %g x the running median %.6g",

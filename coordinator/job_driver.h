@@ -85,6 +85,11 @@ class JobDriver {
 
  private:
   void drive_run();
+  // train.nonfinite = "rollback": records the failed 0-based `step` in the job (every later run
+  // drops it: RunStepsRequest.drop_steps), then throws RunFailure, so the job restarts from its
+  // latest committed checkpoint like after any run failure, or PermanentFailure after more than
+  // 10 rollbacks.
+  [[noreturn]] void roll_back(int64_t step, const std::string& what, int total_steps);
   // Where this run starts: the committed checkpoint spec.resume_step() names, else the latest one
   // (of this job, or, until it has committed its own, of spec.resume_from_job(), which sets
   // *other_job), else step 0 (an empty CheckpointMeta). Throws PermanentFailure for a

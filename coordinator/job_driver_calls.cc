@@ -111,16 +111,24 @@ void JobDriver::call_all(const char* rpc, std::chrono::milliseconds timeout,
     // Every member meets the same reduced gradient norm, so a policy stop is normally everyone's
     // answer; one is enough to make the run's failure permanent.
     bool policy_stop = false;
+    std::optional<int64_t> rollback_step;
     for (size_t i = 0; i < n; ++i) {
       if (statuses[i].error_code() == grpc::StatusCode::ABORTED) {
         policy_stop = true;
         if (statuses[root].error_code() != grpc::StatusCode::ABORTED) root = i;
+        v1::RunFailure detail;
+        if (!statuses[i].error_details().empty() &&
+            detail.ParseFromString(statuses[i].error_details()) && detail.has_rollback_step()) {
+          rollback_step = detail.rollback_step();
+        }
       }
     }
     const grpc::Status& s = statuses[root];
-    throw RunFailure(std::string(rpc) + " on " + members_[root].label() +
-                         " failed: " + code_name(s.error_code()) + ": " + s.error_message(),
-                     unreachable, policy_stop);
+    RunFailure failure(std::string(rpc) + " on " + members_[root].label() +
+                           " failed: " + code_name(s.error_code()) + ": " + s.error_message(),
+                       unreachable, policy_stop);
+    failure.rollback_step = rollback_step;
+    throw failure;
   }
 }
 

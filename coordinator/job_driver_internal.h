@@ -2,6 +2,8 @@
 // job_driver_calls.cc: the calls to the members): how a run ends other than by finishing.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -18,6 +20,10 @@ struct RunFailure : std::runtime_error {
   // A member answered ABORTED: the job's own policy stopped it (train.nonfinite = "stop";
   // runtime::PolicyStop), which no restart can change.
   bool policy_stop = false;
+  // ... unless the policy is "rollback" (runtime::PolicyRollback): the 0-based step that failed,
+  // from the answer's details (loopmoe.v1.RunFailure). The job restarts from its last checkpoint
+  // and the replay drops that step.
+  std::optional<int64_t> rollback_step;
 };
 // A failure no restart can fix (the job's config no longer parses, a missing resume checkpoint).
 struct PermanentFailure : std::runtime_error {

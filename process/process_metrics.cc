@@ -130,8 +130,9 @@ ProcessMetrics::ProcessMetrics(runtime::Role role)
                           .Register(*registry_)),
       nonfinite_steps_(prometheus::BuildCounter()
                            .Name("loopmoe_nonfinite_steps_total")
-                           .Help("Steps the numerics guard skipped (train.nonfinite = \"skip\"): "
-                                 "NaN or Inf loss or gradient norm; every process counts each")
+                           .Help("Steps the numerics guard skipped (train.nonfinite = \"skip\", or "
+                                 "\"rollback\" on the replay, which drops the step): NaN or Inf "
+                                 "loss or gradient norm; every process counts each")
                            .Labels({{"role", role_label(role)}})
                            .Register(*registry_)),
       overload_factor_(prometheus::BuildGauge()

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <set>
 #include <stdexcept>
 #include <utility>
 
@@ -143,6 +144,10 @@ grpc::Status TrainingProcessServer::runtime_failure_locked(const std::string& wh
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};  // not our fault
   } catch (const model::CheckpointError& e) {
     status = {grpc::StatusCode::FAILED_PRECONDITION, prefix + e.what()};
+  } catch (const runtime::PolicyRollback& e) {  // the job's policy: back to the last checkpoint
+    pb::RunFailure detail;
+    detail.set_rollback_step(e.step);
+    status = {grpc::StatusCode::ABORTED, prefix + e.what(), detail.SerializeAsString()};
   } catch (const runtime::PolicyStop& e) {  // the job's policy: a restart cannot help
     status = {grpc::StatusCode::ABORTED, prefix + e.what()};
   } catch (const comm::TimeoutError& e) {
@@ -281,10 +286,20 @@ grpc::Status TrainingProcessServer::RunSteps(grpc::ServerContext*,
                         std::to_string(done) + " (the process has completed " +
                         std::to_string(done) + " steps)");
   }
+  const int64_t end = request->first_step() + request->loops_size();
+  const std::set<int64_t> drop(request->drop_steps().begin(), request->drop_steps().end());
+  for (int64_t s : drop) {
+    if (s < request->first_step() || s >= end) {
+      return invalid(who_locked() + ": RunSteps drop step " + std::to_string(s) +
+                     " is not among its steps " + std::to_string(request->first_step()) + ".." +
+                     std::to_string(end - 1));
+    }
+  }
   for (int i = 0; i < request->loops_size(); ++i) {
     runtime::StepReport report;
     try {
-      report = job_->runtime->step(request->loops(i));
+      report = drop.count(request->first_step() + i) ? job_->runtime->drop_step(request->loops(i))
+                                                     : job_->runtime->step(request->loops(i));
     } catch (...) {
       return runtime_failure_locked(who_locked(),
                                     "step " + std::to_string(request->first_step() + i + 1),

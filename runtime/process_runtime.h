@@ -35,6 +35,16 @@ struct PolicyStop : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The numerics guard's "rollback" (train.nonfinite = "rollback"): step `step` (0-based) had a NaN
+// or Inf loss or reduced gradient norm, no process stepped AdamW, and the job must go back to its
+// last committed checkpoint and replay, dropping this step's batch (drop_step). A PolicyStop
+// (ABORTED) whose step reaches the coordinator in the status details (loopmoe.v1.RunFailure):
+// the coordinator records it in the job and restarts it instead of failing it.
+struct PolicyRollback : PolicyStop {
+  PolicyRollback(const std::string& what, int64_t step) : PolicyStop(what), step(step) {}
+  int64_t step;
+};
+
 // One file of a checkpoint: a worker's replica (non-expert parameters and AdamW state) or a shard's
 // experts (keyed by global expert id, so a job can resume onto a different number of shards).
 struct CheckpointFileRef {
@@ -102,6 +112,11 @@ class ProcessRuntime {
   virtual int64_t steps_done() const = 0;
   // One training step with `loops` iterations of the looped block (every process the same).
   virtual StepReport step(int loops) = 0;
+  // The next step without computing it: a worker draws and discards its batch, nothing is
+  // communicated, no parameter or AdamW state changes, and the report is `skipped` with a NaN
+  // loss and gradient norm. The replay of a step that failed under train.nonfinite = "rollback"
+  // (the coordinator names it to every process alike, so none waits for another).
+  virtual StepReport drop_step(int loops) = 0;
   // Mean validation cross-entropy over `batches` batches from the start of val.bin, at the
   // config's loop count. Workers return it; shards take part and return 0.
   virtual double evaluate(int batches) = 0;

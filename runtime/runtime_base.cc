@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <stdexcept>
 
 #include "model/error.h"
@@ -88,11 +89,29 @@ bool RuntimeBase::skip_nonfinite_step(double norm) {
   if (std::isfinite(norm)) return false;
   const std::string what = "step " + std::to_string(steps_done_ + 1) +
                            ": the gradient norm or a worker's loss is " + std::to_string(norm);
+  if (config_.train.nonfinite == "rollback") {
+    throw PolicyRollback(what + " (train.nonfinite = \"rollback\": parameters left as before the " +
+                             "step; the job goes back to its last checkpoint)",
+                         steps_done_);
+  }
   if (config_.train.nonfinite != "skip") {
     throw PolicyStop(what + " (train.nonfinite = \"" + config_.train.nonfinite +
                      "\": parameters left as before the step)");
   }
   return true;
+}
+
+StepReport RuntimeBase::drop_step(int loops) {
+  set_threads();
+  const auto t0 = Clock::now();
+  discard_batch();
+  const double lr = model::learning_rate(config_.train, static_cast<int>(steps_done_));
+  ++steps_done_;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  StepReport r = report(loops, lr, nan, AllToAllStats{}, t0);
+  if (setup_.role == Role::kWorker) r.loss = r.ce = nan;
+  r.skipped = true;
+  return r;
 }
 
 StepReport RuntimeBase::report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,

@@ -49,8 +49,12 @@ class RuntimeBase : public ProcessRuntime {
   Role role() const override { return setup_.role; }
   int rank() const override { return setup_.rank; }
   int64_t steps_done() const override { return steps_done_; }
+  StepReport drop_step(int loops) override;
 
  protected:
+  // drop_step's part that depends on the role: a worker draws the step's batch and discards it,
+  // so that the data position moves on as in a computed step.
+  virtual void discard_batch() {}
   void set_threads() const;
   int world_rank() const {
     return setup_.role == Role::kWorker ? setup_.rank : setup_.num_workers + setup_.rank;
@@ -61,9 +65,9 @@ class RuntimeBase : public ProcessRuntime {
   std::pair<double, float> global_clip(double local_sum_of_squares);
   // The numerics guard of a step whose reduced gradient norm is `norm` (train.nonfinite; the
   // worker folds a non-finite loss into the norm, so every process decides alike). Finite: false.
-  // Not finite: AdamW was not called; "skip" counts it and returns true; "stop" and "rollback"
-  // throw std::runtime_error naming the step (the coordinator then restarts the job from its
-  // last checkpoint, as after any process error; see docs/SERVICE.md "Numerics guard").
+  // Not finite: AdamW was not called; "skip" returns true; "stop" throws PolicyStop (the
+  // coordinator fails the job) and "rollback" PolicyRollback (it restarts the job from its last
+  // checkpoint, the replay dropping this step; docs/SERVICE.md "Numerics guard"), naming the step.
   bool skip_nonfinite_step(double norm);
   // The parts of a step report both roles fill alike.
   StepReport report(int loops, double lr, double grad_norm, const AllToAllStats& a2a,

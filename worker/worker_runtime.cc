@@ -93,6 +93,13 @@ class WorkerRuntime final : public RuntimeBase {
     model_.set_dispatcher(dispatcher_.get());
   }
 
+  void discard_batch() override {
+    const int T = config_.model.seq_len, B = config_.train.batch_size;
+    batch_in_.resize(static_cast<size_t>(B) * T);
+    batch_tg_.resize(batch_in_.size());
+    sampler_.next(batch_in_.data(), batch_tg_.data());
+  }
+
   StepReport step(int loops) override {
     set_threads();
     const auto t0 = Clock::now();

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -78,15 +79,23 @@ class ThreadCluster {
       runtimes_[i] = create_runtime(s);
     });
   }
-  // Runs `loops` per step; returns worker 0's reports.
-  std::vector<StepReport> steps(int n, int loops) {
+  // Runs `loops` per step, dropping the 0-based steps in `drop` (drop_step); returns worker 0's
+  // reports.
+  std::vector<StepReport> steps(int n, int loops, const std::set<int64_t>& drop = {}) {
     std::vector<std::vector<StepReport>> all(runtimes_.size());
     parallel(size(), [&](int i) {
-      for (int s = 0; s < n; ++s) all[i].push_back(runtimes_[i]->step(loops));
+      for (int s = 0; s < n; ++s) {
+        ProcessRuntime& r = *runtimes_[i];
+        all[i].push_back(drop.count(r.steps_done()) ? r.drop_step(loops) : r.step(loops));
+      }
     });
-    // Every worker reports the same global loss.
+    // Every worker reports the same global loss (a dropped step's is NaN on every worker).
     for (int w = 1; w < workers_; ++w) {
-      for (int s = 0; s < n; ++s) EXPECT_EQ(all[w][s].loss, all[0][s].loss);
+      for (int s = 0; s < n; ++s) {
+        if (!all[0][s].skipped || std::isfinite(all[0][s].loss)) {
+          EXPECT_EQ(all[w][s].loss, all[0][s].loss);
+        }
+      }
     }
     last_reports_ = all;
     return all[0];

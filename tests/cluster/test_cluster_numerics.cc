@@ -71,5 +71,59 @@ TEST_F(ClusterTest, NonfiniteStopStopsEveryProcessWithOneError) {
   }
 }
 
+// "rollback": every process throws PolicyRollback naming the failed step (the process server
+// sends it to the coordinator, which restarts the job). The replay, here from the start (no
+// checkpoint yet; the fault is deterministic and still there), drops that step on every process
+// and ends where the single-process trainer's rollback does.
+TEST_F(ClusterTest, NonfiniteRollbackNamesTheStepAndTheReplayDropsIt) {
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  c.train.steps = 8;
+  c.train.checkpoint_interval = 0;
+  c.train.eval_interval = 0;
+  c.train.nonfinite = "rollback";
+  const auto poison_worker1 = [](ProcessSetup& s) {
+    if (s.role != Role::kWorker || s.rank != 1) return;
+    s.poison_grads_for_test = [](int64_t step, float* grads, size_t n) {
+      if (step == 3 && n > 0) grads[n / 2] = kNaN;
+    };
+  };
+  {
+    ThreadCluster cluster(c, 2, 2, std::nullopt, poison_worker1);
+    try {
+      cluster.steps(8, c.model.n_loops);
+      FAIL() << "the NaN gradient did not stop the run";
+    } catch (const PolicyRollback& e) {
+      EXPECT_EQ(e.step, 3);
+      EXPECT_NE(std::string(e.what()).find("train.nonfinite = \"rollback\""), std::string::npos)
+          << e.what();
+    }
+  }
+  ThreadCluster replay(c, 2, 2, std::nullopt, poison_worker1);
+  const std::vector<StepReport> got = replay.steps(8, c.model.n_loops, {3});
+  for (const std::vector<StepReport>& process : replay.last_reports()) {
+    ASSERT_EQ(process.size(), 8u);
+    for (size_t s = 0; s < process.size(); ++s) {
+      EXPECT_EQ(process[s].skipped, s == 3) << "step " << s + 1;
+      EXPECT_EQ(process[s].step, static_cast<int64_t>(s) + 1);
+    }
+  }
+  train::TrainOptions o;
+  o.out_dir = (dir_ / "single").string();
+  o.progress = false;
+  o.before_finish = [](int64_t step, float* grads) {
+    if (step == 3) grads[0] = kNaN;
+  };
+  const train::TrainResult single = train::run_training(c, o);
+  EXPECT_EQ(single.rollbacks, 1);
+  EXPECT_EQ(single.skipped_steps, 1);
+  std::vector<double> want = single.losses, have = losses(got);
+  ASSERT_EQ(want.size(), 8u);
+  ASSERT_EQ(have.size(), 8u);
+  EXPECT_TRUE(std::isnan(want[3]) && std::isnan(have[3]));
+  want.erase(want.begin() + 3);
+  have.erase(have.begin() + 3);
+  expect_close_curves(want, have, 1e-12);
+}
+
 }  // namespace
 }  // namespace loopmoe::runtime::testing

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 
 namespace loopmoe::coordinator::testing {
@@ -133,6 +135,16 @@ grpc::Status FakeProcess::RunSteps(grpc::ServerContext* context, const v1::RunSt
       return grpc::Status(script_.fail_run_code,
                           "scripted failure at step " + std::to_string(script_.fail_run_at_step));
     }
+    const bool dropped = std::find(request->drop_steps().begin(), request->drop_steps().end(),
+                                   script_.rollback_at_step) != request->drop_steps().end();
+    if (script_.rollback_at_step >= first && script_.rollback_at_step < end && !dropped) {
+      v1::RunFailure detail;
+      detail.set_rollback_step(script_.rollback_at_step);
+      return grpc::Status(grpc::StatusCode::ABORTED,
+                          "step " + std::to_string(script_.rollback_at_step + 1) +
+                              ": the gradient norm is nan (train.nonfinite = \"rollback\")",
+                          detail.SerializeAsString());
+    }
     if (script_.die_at_step >= first && script_.die_at_step < end) {
       // Crash from another thread: Shutdown waits for this handler, which waits for the cancel.
       killer_ = std::thread([this] { die(); });
@@ -155,6 +167,12 @@ grpc::Status FakeProcess::RunSteps(grpc::ServerContext* context, const v1::RunSt
     r->set_tokens(2048);
     r->set_alltoall_bytes(1000);
     r->set_alltoall_seconds(0.001);
+    if (std::find(request->drop_steps().begin(), request->drop_steps().end(), first + i) !=
+        request->drop_steps().end()) {
+      r->set_skipped(true);
+      r->set_loss(std::nan(""));
+      r->set_grad_norm(std::nan(""));
+    }
   }
   steps_done_ = end;
   return grpc::Status::OK;

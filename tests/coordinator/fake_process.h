@@ -30,6 +30,9 @@ struct FakeScript {
   int fail_run_times = 1 << 30;   // ... this many times
   grpc::StatusCode fail_run_code = grpc::StatusCode::INTERNAL;  // ... with this code
   int64_t fail_checkpoint_at_step = -1;  // Checkpoint at this step answers INTERNAL
+  // RunSteps covering this 0-based step answers ABORTED with it in the details (what a process
+  // does under train.nonfinite = "rollback"), unless the request drops it (drop_steps)
+  int64_t rollback_at_step = -1;
   int64_t spike_at_step = -1;  // the worker's loss at this 1-based step is 100 times its usual
   int64_t die_at_step = -1;    // RunSteps covering this step kills the process
   std::chrono::milliseconds step_delay{0};  // per RunSteps call

@@ -350,6 +350,68 @@ TEST_F(JobDriverTest, PolicyStopFailsTheJobWithoutRestart) {
   EXPECT_EQ(log_lines(id).back(), "failed");
 }
 
+// train.nonfinite = "rollback": a process answers ABORTED with the failed step in the details
+// (runtime::PolicyRollback). The job restarts from its last checkpoint instead of failing, the
+// step is recorded in the job, and the replay drops it on every member (drop_steps).
+TEST_F(JobDriverTest, RollbackRestartsFromTheLastCheckpointAndTheReplayDropsTheStep) {
+  options_.max_restarts = 3;
+  FakeScript nonfinite;
+  nonfinite.rollback_at_step = 5;  // in the chunk 4..6, after the checkpoint at 4
+  FakeProcess& w = add(v1::WORKER, nonfinite);
+  FakeProcess& s = add(v1::EXPERT_SHARD);
+  const std::string id = create_job(test_config(8, 2, 4, 4));
+  start_driver(id)->run();
+  v1::JobStatus st = job(id);
+  EXPECT_EQ(st.state(), v1::QUEUED);
+  EXPECT_EQ(st.epoch(), 1);
+  EXPECT_EQ(std::vector<int64_t>(st.rollback_steps().begin(), st.rollback_steps().end()),
+            std::vector<int64_t>{5});
+  EXPECT_TRUE(contains(log_lines(id),
+                       "warning: step 6/8: non-finite loss or gradient norm; rolling back to the "
+                       "last checkpoint (rollback 1; the replay drops the step)"));
+  EXPECT_EQ(log_lines(id).back(), "restarting as epoch 1 from its latest checkpoint");
+
+  start_driver(id)->run();
+  st = job(id);
+  EXPECT_EQ(st.state(), v1::SUCCEEDED);
+  EXPECT_EQ(st.epoch(), 1);
+  EXPECT_EQ(st.step(), 8);
+  for (FakeProcess* p : {&w, &s}) {
+    // Epoch 0: 0..2, 2..4, 4..6 (failed); epoch 1, from the checkpoint at 4: 4..6 dropping 5,
+    // then 6..8.
+    const std::vector<v1::RunStepsRequest> runs = p->run_steps();
+    ASSERT_EQ(runs.size(), 5u);
+    EXPECT_EQ(runs[2].drop_steps_size(), 0);
+    EXPECT_EQ(runs[3].first_step(), 4);
+    EXPECT_EQ(std::vector<int64_t>(runs[3].drop_steps().begin(), runs[3].drop_steps().end()),
+              std::vector<int64_t>{5});
+    EXPECT_EQ(runs[4].drop_steps_size(), 0);
+  }
+  const std::vector<std::string> lines = log_lines(id);
+  EXPECT_TRUE(contains(lines, "step 6/8 dropped on the replay after a rollback"));
+  EXPECT_EQ(lines.back(), "succeeded after 8 steps");
+  // metrics.jsonl has `loopmoe train`'s record of a skipped step, not a NaN loss.
+  std::ifstream metrics(dir_.path / "jobs" / id / "metrics.jsonl");
+  std::string all, line;
+  while (std::getline(metrics, line)) all += line + "\n";
+  char record[128];
+  std::snprintf(record, sizeof record,
+                "{\"step\": 6, \"skipped_step\": true, \"lr\": %.17g, \"skipped\": 1}", 3e-3);
+  EXPECT_NE(all.find(record), std::string::npos) << all;
+  EXPECT_EQ(all.find("nan"), std::string::npos) << all;
+
+  // As `loopmoe train`, more than 10 rollbacks fail the job.
+  const std::string again = create_job(test_config(8, 2, 4, 4));
+  v1::JobStatus ten = job(again);
+  for (int64_t step = 100; step < 110; ++step) ten.add_rollback_steps(step);
+  store_.put_job(ten);
+  start_driver(again)->run();
+  st = job(again);
+  EXPECT_EQ(st.state(), v1::FAILED);
+  EXPECT_NE(st.error().find("after 10 rollbacks"), std::string::npos) << st.error();
+  EXPECT_TRUE(requeued_.empty() || requeued_.back() != again);
+}
+
 // The loss-spike check of the numerics guard, as `loopmoe train` has it: a loss above factor ×
 // the running median warns (a log line, the job goes on) or fails the job without a restart.
 TEST_F(JobDriverTest, LossSpikeWarnsOrFailsTheJob) {

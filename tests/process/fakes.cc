@@ -4,6 +4,7 @@
 #include <grpcpp/server_builder.h>
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 
@@ -81,7 +82,7 @@ runtime::StepReport FakeRuntime::step(int loops) {
   CallGuard guard(*this);
   std::chrono::milliseconds sleep;
   int n_layers, n_experts;
-  int64_t fail_at;
+  int64_t fail_at, rollback_at;
   {
     std::lock_guard lock(log_->mutex);
     log_->step_loops.push_back(loops);
@@ -89,10 +90,15 @@ runtime::StepReport FakeRuntime::step(int loops) {
     n_layers = log_->n_layers;
     n_experts = log_->n_experts;
     fail_at = log_->comm_error_at_step;
+    rollback_at = log_->rollback_at_step;
   }
   std::this_thread::sleep_for(sleep);
   if (steps_done_ + 1 == fail_at) {
     throw comm::CommError("comm(gloo): alltoallv on rank 0 of 3 failed: peer closed connection");
+  }
+  if (steps_done_ + 1 == rollback_at) {
+    throw runtime::PolicyRollback(
+        "step " + std::to_string(rollback_at) + ": the gradient norm is nan", steps_done_);
   }
   ++steps_done_;
   runtime::StepReport report;
@@ -117,6 +123,21 @@ runtime::StepReport FakeRuntime::step(int loops) {
       for (int e = 0; e < n_experts; ++e) report.expert_tokens.push_back(100 * a + e + 1);
     }
   }
+  return report;
+}
+
+runtime::StepReport FakeRuntime::drop_step(int loops) {
+  CallGuard guard(*this);
+  {
+    std::lock_guard lock(log_->mutex);
+    log_->dropped_steps.push_back(steps_done_);
+  }
+  ++steps_done_;
+  runtime::StepReport report;
+  report.step = steps_done_;
+  report.loops = loops;
+  report.loss = report.grad_norm = std::numeric_limits<double>::quiet_NaN();
+  report.skipped = true;
   return report;
 }
 

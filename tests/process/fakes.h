@@ -38,6 +38,7 @@ struct FakeRuntimeLog {
   std::vector<runtime::ProcessSetup> setups;  // store pointers are dangling after the call
   std::vector<std::string> store_prefixes;    // NamespacedStore::prefix() of each setup's store
   std::vector<int> step_loops;
+  std::vector<int64_t> dropped_steps;  // 0-based step of each drop_step call
   std::vector<int> evaluate_batches;
   std::vector<std::string> checkpoint_dirs;
   int runtimes_alive = 0;
@@ -47,6 +48,7 @@ struct FakeRuntimeLog {
   // Behaviour, set by the test before the call.
   std::function<void()> factory_throws;  // called inside the factory if set
   int64_t comm_error_at_step = -1;       // step (1-based) whose step() throws CommError
+  int64_t rollback_at_step = -1;         // step (1-based) whose step() throws PolicyRollback
   int n_layers = 2;
   int n_experts = 4;
   std::chrono::milliseconds step_sleep{0};
@@ -64,6 +66,8 @@ class FakeRuntime final : public runtime::ProcessRuntime {
   // alltoall_bytes = 1000 * R, alltoall_seconds = 0.01 * R, dropped = 3, and (worker 0 only)
   // expert_tokens[a][e] = 100 * a + e + 1.
   runtime::StepReport step(int loops) override;
+  // Records the step and reports it skipped, loss and gradient norm NaN.
+  runtime::StepReport drop_step(int loops) override;
   double evaluate(int batches) override;  // 2.5 on workers, 0 on shards
   runtime::CheckpointFileRef checkpoint(const std::string& dir) override;
   dataloader::SamplerState sampler_state() const override;

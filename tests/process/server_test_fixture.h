@@ -77,11 +77,13 @@ class ServerTest : public ::testing::Test {
   }
 
   grpc::Status run_steps(const std::string& job_id, int64_t first_step,
-                         const std::vector<int>& loops, pb::RunStepsResponse* response) {
+                         const std::vector<int>& loops, pb::RunStepsResponse* response,
+                         const std::vector<int64_t>& drop_steps = {}) {
     pb::RunStepsRequest request;
     request.set_job_id(job_id);
     request.set_first_step(first_step);
     for (int l : loops) request.add_loops(l);
+    for (int64_t s : drop_steps) request.add_drop_steps(s);
     grpc::ClientContext context;
     return stub_->RunSteps(&context, request, response);
   }

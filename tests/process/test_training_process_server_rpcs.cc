@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <string>
 #include <thread>
 #include <vector>
@@ -183,6 +184,41 @@ TEST_F(ServerTest, CommErrorInAStepDropsTheRuntime) {
   // The coordinator restarts the job with the next epoch: the process can join it.
   ASSERT_TRUE(configure(configure_request("j1", 1)).ok());
   ASSERT_TRUE(run_steps("j1", 0, {1}, &response).ok());
+}
+
+// train.nonfinite = "rollback": the step that failed reaches the coordinator as ABORTED with the
+// step in the details (pb::RunFailure); the replay's RunSteps names it in drop_steps, and the
+// runtime drops it instead of computing it.
+TEST_F(ServerTest, RollbackNamesTheStepAndTheReplayDropsIt) {
+  {
+    std::lock_guard lock(log_->mutex);
+    log_->rollback_at_step = 2;
+  }
+  ASSERT_TRUE(configure(configure_request("j1")).ok());
+  pb::RunStepsResponse response;
+  grpc::Status status = run_steps("j1", 0, {1, 1, 1}, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_TRUE(contains(status.error_message(), "step 2 failed")) << status.error_message();
+  pb::RunFailure detail;
+  ASSERT_TRUE(detail.ParseFromString(status.error_details()));
+  ASSERT_TRUE(detail.has_rollback_step());
+  EXPECT_EQ(detail.rollback_step(), 1);
+
+  // The replay, from the start (the coordinator configures the next epoch).
+  ASSERT_TRUE(configure(configure_request("j1", 1)).ok());
+  EXPECT_EQ(run_steps("j1", 0, {1, 1, 1}, &response, {3}).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT)
+      << "a drop step outside the request's steps";
+  response.Clear();
+  ASSERT_TRUE(run_steps("j1", 0, {1, 1, 1}, &response, {1}).ok());
+  ASSERT_EQ(response.steps_size(), 3);
+  EXPECT_FALSE(response.steps(0).skipped());
+  EXPECT_TRUE(response.steps(1).skipped());
+  EXPECT_TRUE(std::isnan(response.steps(1).loss()));
+  EXPECT_EQ(response.steps(1).step(), 2);
+  EXPECT_FALSE(response.steps(2).skipped());
+  std::lock_guard lock(log_->mutex);
+  EXPECT_EQ(log_->dropped_steps, std::vector<int64_t>{1});
 }
 
 TEST_F(ServerTest, ConcurrentRpcsAreSerialised) {
