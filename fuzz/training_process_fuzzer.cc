@@ -51,7 +51,7 @@ class MapStore final : public comm::KeyValueStore {
 
 // Throws what the input says: mostly nothing, else one of the errors a runtime raises.
 void maybe_throw(FuzzedDataProvider& in, const char* what) {
-  switch (in.ConsumeIntegralInRange<int>(0, 11)) {
+  switch (in.ConsumeIntegralInRange<int>(0, 13)) {
     case 6:
       throw comm::CommError(std::string(what) + ": peer gone");
     case 7:
@@ -64,6 +64,11 @@ void maybe_throw(FuzzedDataProvider& in, const char* what) {
       throw model::ConfigError(std::string(what) + ": bad config");
     case 11:
       throw std::runtime_error(std::string(what) + ": something else");
+    case 12:
+      throw runtime::PolicyStop(std::string(what) + ": nan (stop)");
+    case 13:
+      throw runtime::PolicyRollback(std::string(what) + ": nan (rollback)",
+                                    in.ConsumeIntegral<int64_t>());
     default:
       return;
   }
@@ -83,6 +88,14 @@ class FakeRuntime final : public runtime::ProcessRuntime {
     r.step = ++steps_done_;
     r.loops = loops;
     r.loss = 1.0;
+    return r;
+  }
+  runtime::StepReport drop_step(int loops) override {
+    maybe_throw(in_, "drop_step");
+    runtime::StepReport r;
+    r.step = ++steps_done_;
+    r.loops = loops;
+    r.skipped = true;
     return r;
   }
   double evaluate(int batches) override {
@@ -108,7 +121,8 @@ const std::set<grpc::StatusCode> kDocumented = {grpc::StatusCode::OK,
                                                 grpc::StatusCode::FAILED_PRECONDITION,
                                                 grpc::StatusCode::UNAVAILABLE,
                                                 grpc::StatusCode::DEADLINE_EXCEEDED,
-                                                grpc::StatusCode::INTERNAL};
+                                                grpc::StatusCode::INTERNAL,
+                                                grpc::StatusCode::ABORTED};
 
 void check_status(const grpc::Status& status, const char* rpc) {
   check(kDocumented.count(status.error_code()) == 1,
@@ -155,6 +169,11 @@ void fuzz_session(const uint8_t* data, size_t size) {
         if (!request.ParseFromString(bytes)) break;
         const grpc::Status status = server.RunSteps(nullptr, &request, &response);
         check_status(status, "RunSteps");
+        pb::RunFailure detail;
+        check(status.error_details().empty() ||
+                  (status.error_code() == grpc::StatusCode::ABORTED &&
+                   detail.ParseFromString(status.error_details()) && detail.has_rollback_step()),
+              "RunSteps details that are not a rollback's pb::RunFailure");
         if (status.ok()) {
           check(before == request.job_id() && response.steps_size() == request.loops_size(),
                 "RunSteps OK for another job or with a report per step missing");
