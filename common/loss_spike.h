@@ -1,6 +1,7 @@
-// The loss-spike check of the numerics guard (train.loss_spike_factor / loss_spike_window,
-// docs/CONFIG.md), shared by the single-process trainer and the coordinator's job driver so that
-// a job flags the same steps as `loopmoe train` on the same curve.
+// The numerics guard's shared pieces (docs/CONFIG.md): the rollback limit and the loss-spike
+// check (train.loss_spike_factor / loss_spike_window), shared by the single-process trainer and
+// the coordinator's job driver so that a job flags the same steps as `loopmoe train` on the same
+// curve.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,10 @@
 #include <vector>
 
 namespace loopmoe::common {
+
+// train.nonfinite = "rollback": more rollbacks than this in one run stop it (the trainer) or fail
+// the job (the job driver): the fault is not going away.
+inline constexpr int kMaxRollbacks = 10;
 
 class LossSpikeCheck {
  public:

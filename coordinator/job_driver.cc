@@ -18,9 +18,8 @@
 namespace loopmoe::coordinator {
 namespace {
 
+using common::kMaxRollbacks;
 using internal::format;
-// As `loopmoe train` (train/trainer.cc): more rollbacks than this fail the job.
-constexpr int kMaxRollbacks = 10;
 using internal::unix_ms;
 
 // RUN/metrics.jsonl in the output directory, in `loopmoe train`'s format (so `loopmoe compare`

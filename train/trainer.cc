@@ -57,8 +57,8 @@ void truncate_metrics(const fs::path& path, int64_t step) {
   common::write_file_atomically(path, kept);
 }
 
-// More rollbacks than this in one invocation stop the run: the fault is not going away.
-constexpr int kMaxRollbacks = 10;
+// More rollbacks than this in one invocation stop the run (shared with the job driver).
+using common::kMaxRollbacks;
 
 }  // namespace
 
