@@ -21,6 +21,7 @@ void register_budget_command(CLI::App& app) {
     std::string config, balance = "experts", iter_adaln = "joint", write;
     int loops = 0;
     double expert_scale = 1.0;
+    int cond_dim = 0;
     bool json = false;
   };
   auto args = std::make_shared<Args>();
@@ -38,15 +39,20 @@ void register_budget_command(CLI::App& app) {
                   "multiply the rule's expert count (sensitivity ablation, e.g. 0.5, 1.5)")
       ->capture_default_str()
       ->check(kPositiveNumber);
+  cmd->add_option("--cond-dim", args->cond_dim,
+                  "fix IterAdaLN's conditioning width d_c (even, >= 2) instead of searching it; "
+                  "head_dim and the expert count are still solved")
+      ->check(kPositiveNumber);
   cmd->add_flag("--json", args->json, "print a JSON object instead of the table");
   cmd->add_option("--write", args->write,
                   "write the solved LoopMoE config (the reference's [train] and [data]) as TOML");
   cmd->callback([args] {
     const model::Config vanilla = model::load_config(args->config);
     const int batch_tokens = vanilla.train.batch_size * vanilla.model.seq_len;
-    const model::SolvedBudget solved = model::solve_budget(
-        vanilla.model, args->loops, model::parse_balance(args->balance),
-        model::parse_iter_adaln_mode(args->iter_adaln), args->expert_scale, batch_tokens);
+    const model::SolvedBudget solved =
+        model::solve_budget(vanilla.model, args->loops, model::parse_balance(args->balance),
+                            model::parse_iter_adaln_mode(args->iter_adaln), args->expert_scale,
+                            batch_tokens, args->cond_dim);
     if (args->json) {
       std::printf("%s\n", model::budget_json(solved).c_str());
     } else {
@@ -66,7 +72,9 @@ void register_budget_command(CLI::App& app) {
       std::ostringstream f;
       f << "# LoopMoE config solved by `loopmoe budget` from " << args->config << "\n"
         << "# (loops " << args->loops << ", balance " << to_string(solved.balance)
-        << ", expert_scale " << solved.expert_scale << "; docs/BUDGET.md).\n\n"
+        << ", expert_scale " << solved.expert_scale
+        << (args->cond_dim > 0 ? ", cond_dim " + std::to_string(args->cond_dim) : std::string())
+        << "; docs/BUDGET.md).\n\n"
         << model::to_toml(out);
       // Written whole and renamed: an existing config is replaced only by a complete one.
       common::write_file_atomically(args->write, f.str(), [](const common::WriteFailure& e) {

@@ -165,11 +165,13 @@ std::vector<int> nearest_counts(double target, double base, double per_unit, int
 // The shared shape of every rule: compensated head_dim / expert_hidden, cond_dim, and the expert
 // count E' that matches total parameters (docs/BUDGET.md "The search").
 ModelConfig solve_shape(const ModelConfig& base, const ModelConfig& vanilla,
-                        const BudgetFigures& target, int batch_tokens) {
+                        const BudgetFigures& target, int batch_tokens, int fixed_cond_dim) {
   const int hd0 = vanilla.head_dim, f0 = vanilla.expert_hidden;
   const int hd_min = std::max(2, (hd0 / 2 + 1) / 2 * 2);  // at most halve, keep it even
   std::vector<int> conds;
-  if (base.adaln()) {
+  if (base.adaln() && fixed_cond_dim > 0) {
+    conds.push_back(fixed_cond_dim);
+  } else if (base.adaln()) {
     for (int dc = 2; dc <= std::max(2, base.d_model / 2); dc += 2) conds.push_back(dc);
   } else {
     conds.push_back(base.cond_dim);  // unused when IterAdaLN is off
@@ -290,7 +292,7 @@ double max_matched_diff(const SolvedBudget& solved) {
 }
 
 SolvedBudget solve_budget(const ModelConfig& vanilla, int loops, Balance balance,
-                          IterAdaLNMode mode, double expert_scale, int batch_tokens) {
+                          IterAdaLNMode mode, double expert_scale, int batch_tokens, int cond_dim) {
   if (loops < 1) throw ConfigError("budget: --loops must be at least 1");
   if (vanilla.n_loops != 1) {
     throw ConfigError(
@@ -306,19 +308,29 @@ SolvedBudget solve_budget(const ModelConfig& vanilla, int loops, Balance balance
     throw ConfigError("budget: expert_scale must be positive");
   }
   if (batch_tokens < 1) throw ConfigError("budget: batch_tokens must be positive");
+  if (cond_dim != 0) {
+    if (mode == IterAdaLNMode::kOff) {
+      throw ConfigError("budget: cond_dim is unused with IterAdaLN off; leave it out");
+    }
+    if (cond_dim < 2 || cond_dim % 2 != 0) {
+      throw ConfigError("budget: cond_dim must be even and at least 2, got " +
+                        std::to_string(cond_dim));
+    }
+  }
 
   SolvedBudget s;
   s.vanilla_config = vanilla;
   s.balance = balance;
   s.expert_scale = expert_scale;
   s.batch_tokens = batch_tokens;
+  s.fixed_cond_dim = cond_dim;
   s.vanilla = budget_figures(vanilla, batch_tokens);
 
   ModelConfig base = vanilla;
   base.n_layers = vanilla.n_layers / loops;
   base.n_loops = loops;
   base.iter_adaln = mode;
-  ModelConfig c = solve_shape(base, vanilla, s.vanilla, batch_tokens);
+  ModelConfig c = solve_shape(base, vanilla, s.vanilla, batch_tokens, cond_dim);
   const double solved_experts = balance == Balance::kExperts ? c.n_experts : vanilla.n_experts;
   c.n_experts = static_cast<int>(
       std::clamp<double>(std::lround(solved_experts * expert_scale), c.top_k, kMaxExperts));
@@ -358,6 +370,7 @@ std::string budget_json(const SolvedBudget& solved) {
   j["loopmoe_config"] = nlohmann::json::parse(model_to_json(solved.loopmoe_config));
   j["balance"] = to_string(solved.balance);
   j["expert_scale"] = solved.expert_scale;
+  j["fixed_cond_dim"] = solved.fixed_cond_dim;  // 0: searched
   return j.dump(2);
 }
 
@@ -404,6 +417,7 @@ std::string budget_table(const SolvedBudget& s) {
                 "figures (total params, train FLOPs, ratio): %.3f%%\n",
                 to_string(s.balance), s.expert_scale, s.batch_tokens, 100 * max_matched_diff(s));
   os << line;
+  if (s.fixed_cond_dim > 0) os << "cond_dim fixed at " << s.fixed_cond_dim << " (not searched)\n";
   return os.str();
 }
 

@@ -38,15 +38,19 @@ struct SolvedBudget {
   Balance balance = Balance::kExperts;
   double expert_scale = 1.0;
   int batch_tokens = 2048;  // tokens per batch the per-token figures were computed at
+  int fixed_cond_dim = 0;   // the cond_dim the caller fixed; 0: searched
 };
 
 // LoopMoE counterpart of `vanilla` with `loops` iterations (n_layers = vanilla.n_layers / loops,
 // IterAdaLN mode `mode`), balanced by `balance`; expert_scale multiplies the solved expert count
-// (ablation: 0.5, 1.5). Throws ConfigError when vanilla.n_layers is not a multiple of loops,
-// when `vanilla` is itself looped, and when no shape reaches the vanilla's total parameters.
+// (ablation: 0.5, 1.5). `cond_dim` > 0 fixes IterAdaLN's conditioning width d_c instead of
+// searching it (head_dim and the expert count still are), e.g. to keep the design's 32 where the
+// search would shrink d_c to pay for its FLOPs. Throws ConfigError when vanilla.n_layers is not a
+// multiple of loops, when `vanilla` is itself looped, when no shape reaches the vanilla's total
+// parameters, and for a cond_dim that is odd, below 2, or given with IterAdaLN off.
 SolvedBudget solve_budget(const ModelConfig& vanilla, int loops, Balance balance,
                           IterAdaLNMode mode = IterAdaLNMode::kJoint, double expert_scale = 1.0,
-                          int batch_tokens = 2048);
+                          int batch_tokens = 2048, int cond_dim = 0);
 
 // {"vanilla": {...}, "loopmoe": {...}, "relative_diff": {...}, "loopmoe_config": {...}}
 std::string budget_json(const SolvedBudget& solved);

@@ -68,6 +68,8 @@ expect budget_json 0 '"relative_diff"' -- "$bin" budget --config "$cfg_dir/vanil
 expect budget_bad_loops 1 "not a multiple of loops = 3" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 3
 expect budget_bad_balance 1 "balance" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --balance more
 expect budget_zero_loops 2 "^error: --loops: 0 is not positive$" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 0
+expect budget_cond_dim 0 "cond_dim fixed at 32" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --cond-dim 32
+expect budget_odd_cond_dim 1 "cond_dim must be even and at least 2, got 31" -- "$bin" budget --config "$cfg_dir/vanilla_tiny.toml" --loops 4 --cond-dim 31
 mkdir -p "$tmp/empty_run"
 expect eval_help 0 "--halt-thresholds" -- "$bin" eval --help
 expect eval_no_checkpoint 1 "^error: .*empty_run/checkpoint.bin: cannot open checkpoint" -- "$bin" eval --checkpoint "$tmp/empty_run"

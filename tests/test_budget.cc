@@ -258,6 +258,32 @@ TEST(Budget, ExpertScaleMultipliesTheSolvedCount) {
       vanilla.top_k);
 }
 
+// A fixed cond_dim is kept; head_dim and the expert count still match the budget. At GPU scale
+// (d 768) the search alone shrinks d_c to 2, since every larger one costs FLOPs that the sharing
+// does not pay for; fixing the design's 32 still lands within the acceptance bound.
+TEST(Budget, FixedCondDimIsKeptAndTheBudgetStillMatches) {
+  const model::ModelConfig vanilla = shipped("gpu_small_vanilla.toml");
+  const model::SolvedBudget searched = model::solve_budget(vanilla, 4, model::Balance::kExperts);
+  EXPECT_EQ(searched.fixed_cond_dim, 0);
+  const model::SolvedBudget fixed = model::solve_budget(
+      vanilla, 4, model::Balance::kExperts, model::IterAdaLNMode::kJoint, 1.0, 16384, 32);
+  EXPECT_EQ(fixed.loopmoe_config.cond_dim, 32);
+  EXPECT_EQ(fixed.fixed_cond_dim, 32);
+  EXPECT_LE(model::max_matched_diff(fixed), model::kBudgetTolerance);
+  EXPECT_NE(model::budget_table(fixed).find("cond_dim fixed at 32"), std::string::npos);
+  EXPECT_EQ(nlohmann::json::parse(model::budget_json(fixed))["fixed_cond_dim"].get<int>(), 32);
+  // Odd, below 2, or with IterAdaLN off: one clear error.
+  for (int bad : {31, -2}) {
+    EXPECT_THROW(model::solve_budget(vanilla, 4, model::Balance::kExperts,
+                                     model::IterAdaLNMode::kJoint, 1.0, 16384, bad),
+                 model::ConfigError)
+        << bad;
+  }
+  EXPECT_THROW(model::solve_budget(vanilla, 4, model::Balance::kExperts, model::IterAdaLNMode::kOff,
+                                   1.0, 16384, 32),
+               model::ConfigError);
+}
+
 TEST(Budget, BadInputIsAConfigError) {
   const model::ModelConfig vanilla = shipped("vanilla_tiny.toml");
   EXPECT_THROW(model::solve_budget(vanilla, 3, model::Balance::kExperts), model::ConfigError);
