@@ -19,7 +19,9 @@ void register_prepare(CLI::App& data) {
       "Tokenize text files into DIR/{tokenizer.model,train.bin,val.bin,meta.json} "
       "(format: docs/DATA.md)");
   cmd->add_option("--input", options->inputs,
-                  "Text files, or directories whose *.txt files are taken; one document per file")
+                  "Text files, or directories whose *.txt files are taken; one document per file. "
+                  "Each directory is a domain: the split is stratified by domain and meta.json "
+                  "counts tokens per domain")
       ->required()
       ->check(CLI::ExistingPath);
   cmd->add_option("--out", options->out_dir, "Output directory (created if missing)")->required();
@@ -36,6 +38,10 @@ void register_prepare(CLI::App& data) {
       ->capture_default_str();
   cmd->add_flag("--docs-per-line", options->docs_per_line,
                 "Treat each non-blank line as a document (default: each file is one)");
+  cmd->add_option("--threads", options->threads,
+                  "Encoding threads (0: every core; tokenizer training stays on one, so the model "
+                  "is reproducible); the output does not depend on it")
+      ->capture_default_str();
   cmd->callback([options] {
     if (options->tokenizer_model.empty() && options->vocab_size == 0) {
       throw CLI::ValidationError("--vocab N is required unless --tokenizer MODEL is given");

@@ -5,14 +5,20 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
+#include <functional>
+#include <map>
+#include <mutex>
 #include <ostream>
 #include <sstream>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <utility>
 
 #include "common/atomic_file.h"
@@ -29,9 +35,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using split_internal::Doc;
 using split_internal::Source;
-using split_internal::split_units;
-using split_internal::top_up_validation;
-using split_internal::val_bytes;
+using split_internal::split_domain;
 
 std::vector<fs::path> expand_inputs(const std::vector<fs::path>& inputs) {
   if (inputs.empty()) throw DataError("data prepare: no input files given (--input)");
@@ -119,12 +123,52 @@ std::string mb(uint64_t bytes) {
   return buf;
 }
 
+// A domain of the corpus: the input files of one directory (docs/DATA.md "Domains"). Its
+// documents are contiguous in both shards, so its validation documents are one range of val.bin.
+struct Domain {
+  std::string name;  // the directory's base name (its path if two share a base name)
+  std::string key;   // the directory's lexically normal absolute path
+  uint64_t files = 0, bytes = 0;
+  uint64_t train_docs = 0, val_docs = 0, train_tokens = 0, val_tokens = 0;
+  uint64_t val_doc_begin = 0, val_token_begin = 0;  // the domain's range in val.bin
+};
+
+// The directory holding `file`, as domains are keyed (its lexically normal absolute path).
+std::string domain_key(const fs::path& file) {
+  return fs::absolute(file).lexically_normal().parent_path().string();
+}
+
+// Runs fn(i) for i in [0, n) on `threads` threads (each i once, any order).
+void parallel_for(int threads, size_t n, const std::function<void(size_t)>& fn) {
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < n;) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        next = n;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 PrepareResult prepare_dataset(const PrepareOptions& options) {
   const Clock::time_point start = Clock::now();
   std::ostream* log = options.log;
+  std::mutex log_mutex;
   auto say = [&](const std::string& line) {
+    std::lock_guard<std::mutex> lock(log_mutex);
     if (log != nullptr) *log << "data prepare: " << line << std::endl;
   };
   PrepareResult result;
@@ -139,28 +183,67 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
                     " is too small for a sentencepiece BPE model with byte fallback (needs >= " +
                     std::to_string(kMinVocabSize) + ", plus one per distinct character)");
   }
+  if (options.threads < 0) {
+    throw DataError("data prepare: --threads must be 0 (all cores) or positive, got " +
+                    std::to_string(options.threads));
+  }
+  const int threads = options.threads > 0
+                          ? options.threads
+                          : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 
-  // 1. Read every input; documents are views into the file contents kept in `sources`.
-  const std::vector<fs::path> files = expand_inputs(options.inputs);
+  // 1. Read every input; documents are views into the file contents kept in `sources`. A
+  // domain is the set of files of one directory; the files are grouped by domain, in the order
+  // the sorted paths first reach each directory (for files of one directory: sorted order).
+  std::vector<fs::path> files = expand_inputs(options.inputs);
+  std::vector<Domain> domains;
+  {
+    std::map<std::string, size_t> index;
+    std::vector<size_t> file_domain;
+    for (const fs::path& f : files) {
+      const auto [it, added] = index.emplace(domain_key(f), domains.size());
+      if (added) domains.push_back({fs::path(it->first).filename().string(), it->first});
+      file_domain.push_back(it->second);
+    }
+    std::vector<size_t> order(files.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return file_domain[a] < file_domain[b]; });
+    std::vector<fs::path> grouped;
+    for (size_t i : order) grouped.push_back(files[i]);
+    files = std::move(grouped);
+    // Names are the directories' base names, unless two share one: then their paths.
+    std::map<std::string, int> uses;
+    for (const Domain& d : domains) ++uses[d.name];
+    for (Domain& d : domains) {
+      if (d.name.empty() || uses[d.name] > 1) d.name = d.key;
+    }
+  }
   std::vector<Source> sources;
   sources.reserve(files.size());
   for (const fs::path& f : files) {
     Source s;
     s.path = f;
     s.name = f.filename().string();
+    s.domain = 0;
+    while (domains[s.domain].key != domain_key(f)) ++s.domain;
     s.text = common::read_text_as<DataError>(f);
     check_utf8(f, s.text);
     if (blank(s.text)) throw DataError(f.string() + ": empty file (no text)");
     result.input_bytes += s.text.size();
+    domains[s.domain].files += 1;
+    domains[s.domain].bytes += s.text.size();
     sources.push_back(std::move(s));
   }
   result.num_files = sources.size();
 
-  std::vector<Doc> docs;
+  std::vector<std::vector<Doc>> domain_docs(domains.size());
+  size_t num_docs = 0;
   for (size_t si = 0; si < sources.size(); ++si) {
+    std::vector<Doc>& out = domain_docs[sources[si].domain];
     std::string_view text = sources[si].text;
     if (!options.docs_per_line) {
-      docs.push_back({si, 0, -1, text, 0.0, false});
+      out.push_back({si, 0, -1, text, 0.0, false});
+      ++num_docs;
       continue;
     }
     uint64_t index = 0;
@@ -168,49 +251,39 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
       const size_t nl = text.find('\n');
       const std::string_view line = text.substr(0, nl);
       text = nl == std::string_view::npos ? std::string_view() : text.substr(nl + 1);
-      if (!blank(line)) docs.push_back({si, index++, -1, line, 0.0, false});
+      if (!blank(line)) {
+        out.push_back({si, index++, -1, line, 0.0, false});
+        ++num_docs;
+      }
     }
   }
   say("read " + std::to_string(sources.size()) + " files (" + mb(result.input_bytes) + "), " +
-      std::to_string(docs.size()) + " documents");
+      std::to_string(num_docs) + " documents" +
+      (domains.size() > 1 ? " in " + std::to_string(domains.size()) + " domains (directories)"
+                          : ""));
 
-  // 2. Split by document. The fallbacks give both sides a document whenever there are two. When
-  // the documents are too few for the fraction, or validation would get too little text, long
-  // documents are cut into chunks and the split is redone over the pieces (docs/DATA.md), so one
-  // big file still yields a validation split. Documents that are not cut keep their key.
-  size_t num_val = split_units(docs, sources, options.seed, options.val_fraction);
-  const std::string fraction = json_double(options.val_fraction);
-  const uint64_t doc_val_bytes = val_bytes(docs);
-  const bool too_few = static_cast<double>(docs.size()) * options.val_fraction < 1.0;
-  if (too_few || doc_val_bytes < kMinValBytes) {
-    std::vector<Doc> units;
-    for (const Doc& d : docs) {
-      if (d.text.size() <= kChunkBytes) {
-        units.push_back(d);
-        continue;
-      }
-      const std::vector<std::string_view> pieces = cut_document(d.text);
-      ++result.chunked_docs;
-      for (size_t c = 0; c < pieces.size(); ++c) {
-        if (blank(pieces[c])) continue;  // whitespace only: nothing to learn from
-        units.push_back({d.source, d.index, static_cast<int64_t>(c), pieces[c], 0.0, false});
-        ++result.chunks;
-      }
-    }
-    if (result.chunked_docs > 0) {
-      docs = std::move(units);
-      num_val = split_units(docs, sources, options.seed, options.val_fraction);
-      num_val += top_up_validation(docs);
-      for (const Doc& d : docs) result.val_chunks += d.val && d.chunk >= 0;
-      say(std::string(too_few ? "documents too few for val fraction " + fraction
-                              : "validation would hold only " + std::to_string(doc_val_bytes) +
-                                    " bytes") +
-          ": cut " + std::to_string(result.chunked_docs) + " document(s) longer than " +
-          std::to_string(kChunkBytes) + " bytes into " + std::to_string(result.chunks) +
-          " chunks at paragraph/line boundaries; " + std::to_string(result.val_chunks) +
-          " chunks go to validation");
-    }
+  // 2. Split each domain by document (stratified: every domain gets its own fallbacks and
+  // chunking, so each one that can be split has text on both sides), then concatenate.
+  std::vector<Doc> docs;
+  size_t num_val = 0;
+  for (size_t di = 0; di < domains.size(); ++di) {
+    std::vector<Doc>& dd = domain_docs[di];
+    const std::string label = domains.size() > 1 ? "domain " + domains[di].name + ": " : "";
+    num_val += split_domain(dd, sources, options.seed, options.val_fraction, label, result, say);
+    docs.insert(docs.end(), dd.begin(), dd.end());
   }
+  domain_docs.clear();
+  // Across domains, one-unit domains follow the plain rule; the fallbacks then apply to the
+  // whole corpus, exactly as for one domain.
+  const auto by_score = [](const Doc& a, const Doc& b) { return a.score < b.score; };
+  if (docs.size() >= 2 && num_val == 0) {
+    std::min_element(docs.begin(), docs.end(), by_score)->val = true;
+    num_val = 1;
+  } else if (docs.size() >= 2 && num_val == docs.size()) {
+    std::max_element(docs.begin(), docs.end(), by_score)->val = false;
+    --num_val;
+  }
+  const std::string fraction = json_double(options.val_fraction);
   if (num_val == 0 || num_val == docs.size()) {
     // One unit only (with two, the fallbacks fill both sides): a single document too short to
     // cut, or cut into one non-blank piece.
@@ -259,17 +332,37 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   say("tokenizer ready: vocab " + std::to_string(result.vocab_size) + " in " +
       json_double(std::round(result.tokenizer_seconds * 100) / 100) + " s");
 
-  // 4. Encode in input order; eos closes every document so the model sees where one ends.
+  // 4. Encode on `threads` threads, each document on its own (so the ids do not depend on the
+  // thread count), then concatenate in input order; eos closes every document so the model sees
+  // where one ends.
   t = Clock::now();
   const int32_t eos = tokenizer.eos_id();
+  std::vector<std::vector<int32_t>> encoded(docs.size());
+  std::atomic<size_t> done{0};
+  std::atomic<int64_t> last_report_ms{0};
+  parallel_for(threads, docs.size(), [&](size_t i) {
+    encoded[i] = tokenizer.encode(docs[i].text);
+    const size_t n = done.fetch_add(1) + 1;
+    const auto ms = static_cast<int64_t>(common::seconds_since(t) * 1000);
+    int64_t last = last_report_ms.load();
+    if (ms - last > 2000 && last_report_ms.compare_exchange_strong(last, ms)) {
+      say("encoded " + std::to_string(n) + "/" + std::to_string(docs.size()) + " documents");
+    }
+  });
   std::vector<int32_t> tokens[2];
   std::vector<uint64_t> offsets[2] = {{0}, {0}};
-  Clock::time_point last_report = t;
   for (size_t i = 0; i < docs.size(); ++i) {
     const Doc& d = docs[i];
     const int side = d.val ? 1 : 0;
-    const std::vector<int32_t> ids = tokenizer.encode(d.text);
+    Domain& domain = domains[sources[d.source].domain];
+    if (d.val && domain.val_docs == 0 && domain.val_tokens == 0) {
+      domain.val_doc_begin = offsets[1].size() - 1;
+      domain.val_token_begin = tokens[1].size();
+    }
+    std::vector<int32_t>& ids = encoded[i];
     tokens[side].insert(tokens[side].end(), ids.begin(), ids.end());
+    (d.val ? domain.val_tokens : domain.train_tokens) += ids.size();
+    std::vector<int32_t>().swap(ids);
     // Consecutive chunks of one document on the same side are one shard document: the text
     // runs on there, so no eos between them (cuts are at whitespace, so their ids are those of
     // the joined text). eos marks only real ends, and the gaps validation chunks leave.
@@ -278,11 +371,9 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     if (runs_on) continue;
     tokens[side].push_back(eos);
     offsets[side].push_back(tokens[side].size());
+    (d.val ? domain.val_tokens : domain.train_tokens) += 1;
+    (d.val ? domain.val_docs : domain.train_docs) += 1;
     (d.val ? sources[d.source].val_docs : sources[d.source].train_docs) += 1;
-    if (common::seconds_since(last_report) > 2.0) {
-      last_report = Clock::now();
-      say("encoded " + std::to_string(i + 1) + "/" + std::to_string(docs.size()) + " documents");
-    }
   }
   result.encode_seconds = common::seconds_since(t);
   result.train_docs = offsets[0].size() - 1;
@@ -291,7 +382,19 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   result.val_tokens = tokens[1].size();
   say("encoded " + std::to_string(result.train_tokens) + " train + " +
       std::to_string(result.val_tokens) + " val tokens in " +
-      json_double(std::round(result.encode_seconds * 100) / 100) + " s");
+      json_double(std::round(result.encode_seconds * 100) / 100) + " s on " +
+      std::to_string(threads) + " thread(s) (" +
+      std::to_string(
+          static_cast<uint64_t>(static_cast<double>(result.train_tokens + result.val_tokens) /
+                                std::max(result.encode_seconds, 1e-9))) +
+      " tokens/s)");
+  if (domains.size() > 1) {
+    for (const Domain& d : domains) {
+      say("domain " + d.name + ": " + std::to_string(d.files) + " files, " + mb(d.bytes) + ", " +
+          std::to_string(d.train_tokens) + " train / " + std::to_string(d.val_tokens) +
+          " val tokens");
+    }
+  }
 
   // 5. Write. meta.json goes last: its presence means the directory is complete.
   std::error_code ec;
@@ -327,7 +430,8 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     << "    \"rule\": \"val iff xxh64(basename + '#' + doc_index, seed) / 2^64 < val_fraction\",\n"
     << "    \"seed\": " << options.seed << ",\n"
     << "    \"val_fraction\": " << json_double(options.val_fraction) << ",\n"
-    << "    \"docs_per_line\": " << (options.docs_per_line ? "true" : "false");
+    << "    \"docs_per_line\": " << (options.docs_per_line ? "true" : "false") << ",\n"
+    << "    \"stratified_by\": \"domain (the input file's directory)\"";
   if (result.chunked_docs > 0) {  // absent otherwise, so unchunked datasets stay as they were
     j << ",\n"
       << "    \"chunking\": {\"rule\": \"documents over chunk_bytes cut at paragraph/line "
@@ -348,6 +452,21 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
     j << "    {\"path\": " << json_string(s.path.string()) << ", \"bytes\": " << s.text.size()
       << ", \"train_docs\": " << s.train_docs << ", \"val_docs\": " << s.val_docs << "}"
       << (i + 1 < sources.size() ? ",\n" : "\n");
+  }
+  // Domains in shard order; a domain's validation documents are val.bin's documents
+  // [val_doc_begin, val_doc_end) and its tokens [val_token_begin, val_token_end).
+  j << "  ],\n"
+    << "  \"domains\": [\n";
+  for (size_t i = 0; i < domains.size(); ++i) {
+    const Domain& d = domains[i];
+    j << "    {\"name\": " << json_string(d.name) << ", \"files\": " << d.files
+      << ", \"bytes\": " << d.bytes << ", \"train_docs\": " << d.train_docs
+      << ", \"train_tokens\": " << d.train_tokens << ", \"val_docs\": " << d.val_docs
+      << ", \"val_tokens\": " << d.val_tokens << ", \"val_doc_begin\": " << d.val_doc_begin
+      << ", \"val_doc_end\": " << d.val_doc_begin + d.val_docs
+      << ", \"val_token_begin\": " << d.val_token_begin
+      << ", \"val_token_end\": " << d.val_token_begin + d.val_tokens << "}"
+      << (i + 1 < domains.size() ? ",\n" : "\n");
   }
   j << "  ]\n}\n";
   common::write_file_atomically(options.out_dir / "meta.json", j.str(), throw_data_error);

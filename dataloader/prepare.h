@@ -21,7 +21,8 @@ struct PrepareOptions {
   std::filesystem::path tokenizer_model;  // empty: train a BPE model on the train split
   double val_fraction = 0.05;             // in (0, 1)
   uint64_t seed = 1234;
-  bool docs_per_line = false;   // each non-blank line is a document instead of each file
+  bool docs_per_line = false;  // each non-blank line is a document instead of each file
+  int threads = 0;             // encoding threads (0: every core); the output does not depend on it
   std::ostream* log = nullptr;  // progress lines; nullptr is quiet
 };
 

@@ -44,34 +44,62 @@ std::vector<uint64_t> epoch_permutation(uint64_t n, uint64_t seed, uint64_t epoc
   return perm;
 }
 
+std::vector<uint64_t> spread_order(uint64_t n) {
+  int bits = 0;
+  while ((uint64_t{1} << bits) < n) ++bits;
+  std::vector<uint64_t> order;
+  order.reserve(n);
+  for (uint64_t i = 0; order.size() < n; ++i) {
+    uint64_t r = 0;
+    for (int b = 0; b < bits; ++b) r |= ((i >> b) & 1) << (bits - 1 - b);
+    if (r < n) order.push_back(r);
+  }
+  return order;
+}
+
 BatchSampler::BatchSampler(const TokenShard& shard, int batch, int seq_len, uint64_t seed,
-                           bool shuffle)
-    : shard_(&shard), batch_(batch), seq_len_(seq_len), seed_(seed), shuffle_(shuffle) {
+                           WindowOrder order, uint64_t begin, uint64_t end)
+    : shard_(&shard),
+      batch_(batch),
+      seq_len_(seq_len),
+      seed_(seed),
+      order_kind_(order),
+      begin_(begin) {
   if (batch <= 0 || seq_len <= 0) {
     throw DataError(shard.path().string() + ": sampler needs batch > 0 and seq_len > 0 (got " +
                     std::to_string(batch) + ", " + std::to_string(seq_len) + ")");
   }
-  const uint64_t window = static_cast<uint64_t>(seq_len) + 1;
-  if (shard.num_tokens() < window) {
-    throw DataError(shard.path().string() + ": too few tokens for seq_len " +
-                    std::to_string(seq_len) + ": shard holds " +
-                    std::to_string(shard.num_tokens()) + ", one window needs " +
-                    std::to_string(window));
+  if (end == UINT64_MAX) end = shard.num_tokens();
+  if (begin > end || end > shard.num_tokens()) {
+    throw DataError(shard.path().string() + ": sampler range [" + std::to_string(begin) + ", " +
+                    std::to_string(end) + ") is not inside the shard's " +
+                    std::to_string(shard.num_tokens()) + " tokens");
   }
-  windows_ = (shard.num_tokens() - 1) / static_cast<uint64_t>(seq_len);
+  const uint64_t window = static_cast<uint64_t>(seq_len) + 1;
+  const bool whole = begin == 0 && end == shard.num_tokens();
+  if (end - begin < window) {
+    throw DataError(shard.path().string() + ": too few tokens for seq_len " +
+                    std::to_string(seq_len) + ": " + (whole ? "shard" : "range") + " holds " +
+                    std::to_string(end - begin) + ", one window needs " + std::to_string(window));
+  }
+  windows_ = (end - begin - 1) / static_cast<uint64_t>(seq_len);
   scratch_.resize(window);
   start_epoch();
 }
 
 void BatchSampler::start_epoch() {
-  if (shuffle_) order_ = epoch_permutation(windows_, seed_, epoch_);
+  if (order_kind_ == WindowOrder::kShuffled) {
+    order_ = epoch_permutation(windows_, seed_, epoch_);
+  } else if (order_kind_ == WindowOrder::kSpread && order_.empty()) {
+    order_ = spread_order(windows_);  // the same every epoch
+  }
 }
 
 void BatchSampler::next(int32_t* inputs, int32_t* targets) {
   const uint64_t s = static_cast<uint64_t>(seq_len_);
   for (int b = 0; b < batch_; ++b) {
-    const uint64_t w = shuffle_ ? order_[index_] : index_;
-    shard_->read(w * s, s + 1, scratch_.data());
+    const uint64_t w = order_.empty() ? index_ : order_[index_];
+    shard_->read(begin_ + w * s, s + 1, scratch_.data());
     int32_t* in = inputs + static_cast<uint64_t>(b) * s;
     int32_t* tg = targets + static_cast<uint64_t>(b) * s;
     for (uint64_t t = 0; t < s; ++t) {

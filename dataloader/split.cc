@@ -6,6 +6,8 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <charconv>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -35,6 +37,8 @@ double split_score(const std::string& key, uint64_t seed) {
 bool is_space(char c) {
   return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
 }
+
+bool is_blank(std::string_view s) { return std::all_of(s.begin(), s.end(), is_space); }
 
 // Boundary kinds of cut_document, best first. `p` is in (0, text.size()).
 bool paragraph_start(std::string_view text, size_t p) {
@@ -101,6 +105,52 @@ size_t top_up_validation(std::vector<Doc>& docs) {
     ++moved;
   }
   return moved;
+}
+
+// Splits one domain's documents in place (docs/DATA.md "The split rule"): the rule with its
+// fallbacks; when the documents are too few for the fraction, or validation would get too little
+// text, long documents are cut into chunks and the split is redone over the pieces, documents
+// that were not cut keeping their key. Returns the validation count. `label` prefixes the log.
+size_t split_domain(std::vector<Doc>& docs, const std::vector<Source>& sources, uint64_t seed,
+                    double val_fraction, const std::string& label, PrepareResult& result,
+                    const std::function<void(const std::string&)>& say) {
+  size_t num_val = split_units(docs, sources, seed, val_fraction);
+  char fraction_buf[32];
+  const std::string fraction(fraction_buf,
+                             std::to_chars(fraction_buf, fraction_buf + 32, val_fraction).ptr);
+  const uint64_t doc_val_bytes = val_bytes(docs);
+  const bool too_few = static_cast<double>(docs.size()) * val_fraction < 1.0;
+  if (!too_few && doc_val_bytes >= kMinValBytes) return num_val;
+  std::vector<Doc> units;
+  uint64_t cut = 0, chunks = 0, val_chunks = 0;
+  for (const Doc& d : docs) {
+    if (d.text.size() <= kChunkBytes) {
+      units.push_back(d);
+      continue;
+    }
+    const std::vector<std::string_view> pieces = cut_document(d.text);
+    ++cut;
+    for (size_t c = 0; c < pieces.size(); ++c) {
+      if (is_blank(pieces[c])) continue;  // whitespace only: nothing to learn from
+      units.push_back({d.source, d.index, static_cast<int64_t>(c), pieces[c], 0.0, false});
+      ++chunks;
+    }
+  }
+  if (cut == 0) return num_val;
+  docs = std::move(units);
+  num_val = split_units(docs, sources, seed, val_fraction);
+  num_val += top_up_validation(docs);
+  for (const Doc& d : docs) val_chunks += d.val && d.chunk >= 0;
+  result.chunked_docs += cut;
+  result.chunks += chunks;
+  result.val_chunks += val_chunks;
+  say(label +
+      (too_few ? "documents too few for val fraction " + fraction
+               : "validation would hold only " + std::to_string(doc_val_bytes) + " bytes") +
+      ": cut " + std::to_string(cut) + " document(s) longer than " + std::to_string(kChunkBytes) +
+      " bytes into " + std::to_string(chunks) + " chunks at paragraph/line boundaries; " +
+      std::to_string(val_chunks) + " chunks go to validation");
+  return num_val;
 }
 
 }  // namespace split_internal

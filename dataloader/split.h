@@ -6,16 +6,22 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
+
+namespace loopmoe::dataloader {
+struct PrepareResult;
+}  // namespace loopmoe::dataloader
 
 namespace loopmoe::dataloader::split_internal {
 
 // One input file of `data prepare`; documents are views into `text`.
 struct Source {
   std::filesystem::path path;
-  std::string name;  // base name: what the split hashes
+  std::string name;   // base name: what the split hashes
+  size_t domain = 0;  // index into the domains (prepare.cc): the file's directory
   std::string text;
   uint64_t train_docs = 0;
   uint64_t val_docs = 0;
@@ -43,5 +49,15 @@ uint64_t val_bytes(const std::vector<Doc>& docs);
 // smallest score moves to validation, as long as train keeps at least as much text as
 // validation. Returns how many moved.
 size_t top_up_validation(std::vector<Doc>& docs);
+
+// Splits one domain's units in place (docs/DATA.md "The split rule"): split_units; then, when
+// the units are too few for the fraction (n * val_fraction < 1) or validation would hold fewer
+// than kMinValBytes, the documents over kChunkBytes are cut into chunks, the split is redone over
+// the pieces (documents not cut keep their key) and validation is topped up. Adds what it cut to
+// result's chunk counters and logs it through `say`, prefixed by `label`. Returns the
+// validation count.
+size_t split_domain(std::vector<Doc>& docs, const std::vector<Source>& sources, uint64_t seed,
+                    double val_fraction, const std::string& label, PrepareResult& result,
+                    const std::function<void(const std::string&)>& say);
 
 }  // namespace loopmoe::dataloader::split_internal

@@ -36,7 +36,7 @@ std::string run_audit(const std::string& run_dir, const AuditOptions& options) {
   const int B = cfg.train.batch_size, T = cfg.model.seq_len, S = B * T;
   const int N = cfg.model.n_layers, R = cfg.model.n_loops, E = cfg.model.n_experts;
   const int k = cfg.model.top_k;
-  dataloader::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
+  dataloader::BatchSampler sampler(val, B, T, 0, dataloader::WindowOrder::kSpread);
   std::vector<int32_t> in(S), tg(S);
 
   std::vector<double> fwd_by_kind(kKinds, 0.0);

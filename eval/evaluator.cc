@@ -54,7 +54,7 @@ LossFigures loss_figures(model::Model& model, const dataloader::TokenShard& val,
                          const std::vector<double>& thresholds,
                          const std::function<void(size_t, size_t)>& progress) {
   const int R = model.config().n_loops, S = B * T;
-  dataloader::BatchSampler sampler(val, B, T, 0, /*shuffle=*/false);
+  dataloader::BatchSampler sampler(val, B, T, 0, dataloader::WindowOrder::kSpread);
   LossFigures f;
   f.lens.assign(R, 0);
   std::vector<double> sweep_total(sweep.size(), 0);
@@ -154,7 +154,7 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
 
   // Sequential validation windows; never more batches than the shard holds, so no window counts
   // twice.
-  dataloader::BatchSampler probe(val, B, T, 0, false);
+  dataloader::BatchSampler probe(val, B, T, 0, dataloader::WindowOrder::kSpread);
   const int available = static_cast<int>(std::max<uint64_t>(1, probe.windows_per_epoch() / B));
   const int batches = std::min(options.batches, available);
   const LossFigures f =

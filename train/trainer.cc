@@ -80,7 +80,7 @@ double recorded_validation_loss(const std::string& run_dir) {
 
 double validation_loss(model::Model& model, const dataloader::TokenShard& val, int batch,
                        int seq_len, int batches) {
-  dataloader::BatchSampler sampler(val, batch, seq_len, 0, /*shuffle=*/false);
+  dataloader::BatchSampler sampler(val, batch, seq_len, 0, dataloader::WindowOrder::kSpread);
   std::vector<int32_t> in(static_cast<size_t>(batch) * seq_len), tg(in.size());
   double total = 0;
   for (int i = 0; i < batches; ++i) {
@@ -106,6 +106,10 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
   model::Config cfg = requested;
   cfg.data.dir = fs::absolute(cfg.data.dir).lexically_normal().string();
   model::set_num_threads(opt.threads);
+  // train.precision for every product of this run, validation included (process-wide: ops.h
+  // MatmulPrecision); the previous setting comes back when the run returns or throws.
+  const model::ops::MatmulPrecisionScope precision(
+      model::ops::parse_matmul_precision(cfg.train.precision));
   const model::TrainConfig& tc = cfg.train;
   const int B = tc.batch_size, T = cfg.model.seq_len;
   const fs::path data_dir(cfg.data.dir);
@@ -185,10 +189,15 @@ TrainResult run_training(const model::Config& requested, const TrainOptions& opt
 
   const bool tty = isatty(STDERR_FILENO);
   if (opt.progress) {
-    std::fprintf(stderr, "model: %s, %zu parameters, %d×%d layers, %d experts top-%d, on %s\n",
+    // The precision is named when it is not the default (fp32 runs print the line they always did).
+    const std::string precision_note =
+        model::precision_is_default(tc)
+            ? ""
+            : ", " + tc.precision + " matmuls (fp32 accumulation, weights and optimizer)";
+    std::fprintf(stderr, "model: %s, %zu parameters, %d×%d layers, %d experts top-%d, on %s%s\n",
                  cfg.model.adaln() ? "LoopMoE" : (cfg.model.n_loops > 1 ? "looped MoE" : "MoE"),
                  model.num_params(), cfg.model.n_layers, cfg.model.n_loops, cfg.model.n_experts,
-                 cfg.model.top_k, model::to_string(model.device()));
+                 cfg.model.top_k, model::to_string(model.device()), precision_note.c_str());
     if (val_shard) {
       std::fprintf(stderr, "data: %lu train tokens, %lu validation tokens; %d tokens per step\n",
                    static_cast<unsigned long>(train_shard.num_tokens()),

@@ -101,7 +101,7 @@ class WorkerRuntime final : public RuntimeBase {
   }
 
   StepReport step(int loops) override {
-    set_threads();
+    apply_process_settings();
     const auto t0 = Clock::now();
     const model::TrainConfig& tc = config_.train;
     const int T = config_.model.seq_len, B = tc.batch_size, Bw = row_end_ - row_begin_;
@@ -158,9 +158,9 @@ class WorkerRuntime final : public RuntimeBase {
   }
 
   double evaluate(int batches) override {
-    set_threads();
+    apply_process_settings();
     const int T = config_.model.seq_len, B = config_.train.batch_size, Bw = row_end_ - row_begin_;
-    dataloader::BatchSampler val(val_shard_, B, T, 0, /*shuffle=*/false);
+    dataloader::BatchSampler val(val_shard_, B, T, 0, dataloader::WindowOrder::kSpread);
     std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
     const size_t first = static_cast<size_t>(row_begin_) * T;
     double total = 0;
