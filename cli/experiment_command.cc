@@ -4,8 +4,15 @@
 
 #include "cli/commands.h"
 #include "experiment/experiment.h"
+#include "model/device.h"
 
 namespace loopmoe::cli {
+namespace {
+
+// `--time-limit` stopped the grid with runs left: not an error, but a script must rerun.
+constexpr int kIncompleteExitCode = 3;
+
+}  // namespace
 
 void register_experiment_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
@@ -25,12 +32,23 @@ void register_experiment_command(CLI::App& app) {
   cmd->add_flag("--dry-run", args->options.dry_run,
                 "print the plan (configs, parameters, FLOPs, measured time estimate) and exit");
   cmd->add_flag("--verbose", args->options.verbose, "show the trainer's progress lines");
+  cmd->add_option("--device", args->options.device,
+                  "cpu, cuda or cuda:N: where every run trains, is audited and evaluated")
+      ->capture_default_str();
+  cmd->add_option("--time-limit", args->options.time_limit,
+                  "seconds this invocation may take; runs that would not finish in time are left "
+                  "for the next one (exit code 3 while runs remain; 0: no limit)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd->callback([args] {
     const experiment::ExperimentSpec spec = experiment::load_experiment_spec(args->spec);
     experiment::ExperimentOptions options = args->options;
+    model::use_device(options.device);  // before any model is built: every run stays there
     options.out_dir = args->out.empty() ? "experiments/" + spec.name : args->out;
     options.command = "loopmoe experiment --spec " + args->spec + " --out " + options.out_dir;
-    experiment::run_experiment(spec, options);
+    if (options.device != "cpu") options.command += " --device " + options.device;
+    const experiment::ExperimentSummary summary = experiment::run_experiment(spec, options);
+    if (summary.remaining > 0) throw CLI::RuntimeError(kIncompleteExitCode);
   });
 }
 

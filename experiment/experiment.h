@@ -81,6 +81,8 @@ struct ExperimentHooks {
   // Seconds per training step and per forward-only batch of a config (dry-run time estimate);
   // measured by default.
   std::function<StepTiming(const model::Config& config, int threads)> step_seconds;
+  // Monotonic seconds for durations, the ETA and the time limit; empty: the steady clock.
+  std::function<double()> now_seconds;
   // Analytic figures for the plan printout; may throw (then shown as n/a).
   std::function<model::BudgetFigures(const model::ModelConfig& config, int batch_tokens)> figures;
 };
@@ -122,13 +124,20 @@ void apply_learning_rates(ExperimentPlan& plan, const std::map<std::string, doub
 struct ExperimentOptions {
   std::string out_dir = "experiments/default";
   bool dry_run = false;
-  bool verbose = false;  // the trainer's own progress lines
-  std::string command;   // recorded in OUT/experiment.json
+  bool verbose = false;        // the trainer's own progress lines
+  std::string command;         // recorded in OUT/experiment.json
+  std::string device = "cpu";  // recorded; the caller selects it (model::use_device) beforehand
+  // Seconds this invocation may take (0: no limit). A run is not started when the time spent plus
+  // its estimate (the slowest seconds per step seen in this invocation times its steps, plus the
+  // slowest audit + eval) would pass the limit; the first run is always started. Whole runs only:
+  // a GPU slot brings back finished runs (their `done` markers), never a half-trained one.
+  double time_limit = 0;
 };
 
 struct ExperimentSummary {
-  int trained = 0;  // runs trained (or resumed) in this invocation
-  int skipped = 0;  // runs found finished
+  int trained = 0;    // runs trained (or resumed) in this invocation
+  int skipped = 0;    // runs found finished
+  int remaining = 0;  // runs left unstarted by the time limit (0: the grid is complete)
   std::map<std::string, double> learning_rates;
 };
 

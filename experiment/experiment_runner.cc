@@ -106,11 +106,29 @@ class Runner {
  public:
   Runner(const ExperimentPlan& plan, const ExperimentOptions& options, const ExperimentHooks& hooks,
          std::FILE* log)
-      : plan_(plan), opt_(options), hooks_(hooks), log_(log), start_(Clock::now()) {
+      : plan_(plan), opt_(options), hooks_(hooks), log_(log), start_(now()) {
     total_runs_ = static_cast<int>(plan.sweep_runs.size() + plan.runs.size());
     for (const auto* list : {&plan.sweep_runs, &plan.runs}) {
       for (const PlannedRun& r : *list) remaining_steps_ += r.config.train.steps;
     }
+  }
+
+  // Whether `run` is to be left for a later invocation: unfinished, and the time limit would not
+  // hold it (ExperimentOptions::time_limit). Counts it in summary().remaining.
+  bool over_time_limit(const PlannedRun& run) {
+    if (opt_.time_limit <= 0 || fs::exists(fs::path(opt_.out_dir) / run.dir / "done")) return false;
+    if (summary_.remaining == 0) {
+      if (summary_.trained == 0) return false;  // the first run always starts
+      const double estimate =
+          max_step_seconds_ * run.config.train.steps + (run.sweep ? 0.0 : max_after_seconds_);
+      if ((now() - start_) + estimate <= opt_.time_limit) return false;
+      std::fprintf(log_, "time limit: %s of %s s spent, the next run (%s) needs about %s s\n",
+                   train::format_fixed((now() - start_), 0).c_str(),
+                   train::format_fixed(opt_.time_limit, 0).c_str(), run.name.c_str(),
+                   train::format_fixed(estimate, 0).c_str());
+    }
+    ++summary_.remaining;
+    return true;
   }
 
   // Returns the final validation loss (+inf for a diverged sweep run).
@@ -135,7 +153,7 @@ class Runner {
       std::fflush(log_);
       return v;
     }
-    const auto t0 = Clock::now();
+    const double t0 = now();
     const bool resume = fs::exists(dir / "checkpoint.bin");
     std::fprintf(log_, "%s%s (%d steps, lr %s) ...", tag.c_str(), resume ? "resuming" : "training",
                  run.config.train.steps, format_lr(run.config.train.lr).c_str());
@@ -164,6 +182,8 @@ class Runner {
       }
     }
     double val = diverged ? INFINITY : final_val_loss(dir.string());
+    const double train_seconds = (now() - t0);
+    max_step_seconds_ = std::max(max_step_seconds_, train_seconds / run.config.train.steps);
     if (!run.sweep) {
       std::fprintf(log_, " audit ...");
       std::fflush(log_);
@@ -197,7 +217,8 @@ class Runner {
         fail(run, "evaluation", e);
       }
     }
-    const double seconds = common::seconds_since(t0);
+    const double seconds = (now() - t0);
+    if (!run.sweep) max_after_seconds_ = std::max(max_after_seconds_, seconds - train_seconds);
     ojson done;
     done["run"] = run.name;
     done["val_loss"] = std::isfinite(val) ? ojson(val) : ojson(nullptr);
@@ -209,7 +230,7 @@ class Runner {
     write_text_atomic(dir / "done", done.dump(2) + "\n");
     ++summary_.trained;
     steps_trained_ += run.config.train.steps;
-    const double elapsed = common::seconds_since(start_);
+    const double elapsed = (now() - start_);
     const double eta = elapsed / std::max(1, steps_trained_) * remaining_steps_;
     std::fprintf(log_, " %s (%s, ETA %s)\n",
                  diverged ? "diverged" : ("val " + train::format_fixed(val, 4)).c_str(),
@@ -221,6 +242,10 @@ class Runner {
   ExperimentSummary summary() const { return summary_; }
 
  private:
+  double now() const { return hooks_.now_seconds ? hooks_.now_seconds() : steady_seconds(); }
+  static double steady_seconds() {
+    return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+  }
   [[noreturn]] void fail(const PlannedRun& run, const char* phase, const std::exception& e) {
     std::fprintf(log_, " failed\n");
     std::fflush(log_);
@@ -245,8 +270,10 @@ class Runner {
   const ExperimentOptions& opt_;
   const ExperimentHooks& hooks_;
   std::FILE* log_;
-  Clock::time_point start_;
+  double start_;  // now() when the invocation began
   int index_ = 0, total_runs_ = 0, steps_trained_ = 0;
+  double max_step_seconds_ = 0;   // the slowest training seconds per step seen so far
+  double max_after_seconds_ = 0;  // the slowest audit + eval of a main run seen so far
   long remaining_steps_ = 0;
   ExperimentSummary summary_;
 };
@@ -280,6 +307,7 @@ void write_experiment_json(const ExperimentPlan& plan, const ExperimentOptions& 
   j["sweep_steps"] = s.sweep_steps;
   j["sweep_seed"] = s.sweep_seed;
   j["threads"] = s.threads;
+  j["device"] = opt.device;
   j["batch_tokens"] = plan.base.train.batch_size * plan.base.model.seq_len;
   ojson lr = ojson::object();
   for (const auto& [family, value] : lrs) lr[family] = value;
@@ -297,6 +325,16 @@ void write_experiment_json(const ExperimentPlan& plan, const ExperimentOptions& 
         {{"name", r.name}, {"variant", r.variant}, {"seed", r.seed}, {"dir", r.dir}});
   }
   write_text_atomic(fs::path(opt.out_dir) / "experiment.json", j.dump(2) + "\n");
+}
+
+ExperimentSummary stopped_by_time_limit(const ExperimentSpec& spec, const ExperimentOptions& opt,
+                                        const ExperimentSummary& summary, std::FILE* log) {
+  std::fprintf(log,
+               "\nexperiment %s stopped at the time limit (%s s): %d runs trained now, %d finished "
+               "earlier, %d left; rerun the same command to continue\n",
+               spec.name.c_str(), train::format_fixed(opt.time_limit, 0).c_str(), summary.trained,
+               summary.skipped, summary.remaining);
+  return summary;
 }
 
 }  // namespace
@@ -342,6 +380,7 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
     std::vector<SweepPoint> points;
     ojson table = ojson::array();
     for (const PlannedRun& r : plan.sweep_runs) {
+      if (runner.over_time_limit(r)) continue;
       const double v = runner.execute(r);
       points.push_back({r.family, r.config.train.lr, v});
       table.push_back({{"family", r.family},
@@ -349,6 +388,11 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
                        {"val_loss", std::isfinite(v) ? ojson(v) : ojson(nullptr)},
                        {"diverged", std::isinf(v)},
                        {"run", r.dir}});
+    }
+    if (runner.summary().remaining > 0) {
+      // The main runs need every sweep point; the next invocation finishes the sweep first.
+      for (const PlannedRun& r : plan.runs) runner.over_time_limit(r);
+      return stopped_by_time_limit(spec, opt, runner.summary(), log);
     }
     lrs = choose_learning_rates(points);
     ojson sweep;
@@ -369,7 +413,11 @@ ExperimentSummary run_experiment(const ExperimentSpec& spec, const ExperimentOpt
   }
   apply_learning_rates(plan, lrs);
   write_experiment_json(plan, opt, lrs);
-  for (const PlannedRun& r : plan.runs) runner.execute(r);
+  for (const PlannedRun& r : plan.runs) {
+    if (!runner.over_time_limit(r)) runner.execute(r);
+  }
+  if (runner.summary().remaining > 0)
+    return stopped_by_time_limit(spec, opt, runner.summary(), log);
   ExperimentSummary summary = runner.summary();
   summary.learning_rates = lrs;
   std::fprintf(log, "\nexperiment %s done: %d runs trained now, %d finished earlier\n",

@@ -136,6 +136,66 @@ TEST_F(ExperimentTest, ResumesAndSkipsFinishedRuns) {
   std::fclose(log);
 }
 
+TEST_F(ExperimentTest, TimeLimitLeavesWholeRunsForTheNextInvocation) {
+  // A fake clock: training takes one second per step, audit one and eval two.
+  write_file(root_ / "data" / "train.bin", "");
+  const experiment::ExperimentSpec s = spec();  // sweep 6 x 4 steps, then 6 runs x 6 steps
+  experiment::ExperimentOptions opt;
+  opt.out_dir = (root_ / "out").string();
+  double clock = 100;
+  auto timed = [&clock](CountingHooks& fake) {
+    experiment::ExperimentHooks h = fake.hooks();
+    h.now_seconds = [&clock] { return clock; };
+    h.train = [&clock, train = h.train](const model::Config& c, const train::TrainOptions& o) {
+      train(c, o);
+      clock += c.train.steps;
+    };
+    h.audit = [&clock, audit = h.audit](const std::string& d, const eval::AuditOptions& o) {
+      audit(d, o);
+      clock += 1;
+    };
+    h.eval = [&clock, eval = h.eval](const std::string& d, const eval::EvalOptions& o) {
+      eval(d, o);
+      clock += 2;
+    };
+    return h;
+  };
+  std::FILE* log = std::tmpfile();
+
+  // 10 s: two sweep runs (4 s each); the third would end at 12 s. Without every sweep point no
+  // main run may start, and sweep.json is not written.
+  opt.time_limit = 10;
+  CountingHooks first;
+  experiment::ExperimentSummary sum = experiment::run_experiment(s, opt, timed(first), log);
+  EXPECT_EQ(sum.trained, 2);
+  EXPECT_EQ(sum.remaining, 10);
+  EXPECT_FALSE(fs::exists(root_ / "out" / "sweep.json"));
+
+  // 40 s: the four sweep runs left (16 s), then main runs of 6 s + 3 s of audit and eval: the
+  // first (est. 6 s: no eval timed yet) ends at 25 s, the second at 34 s; the third (est. 9 s)
+  // would end at 43 s.
+  opt.time_limit = 40;
+  CountingHooks second;
+  sum = experiment::run_experiment(s, opt, timed(second), log);
+  EXPECT_EQ(sum.skipped, 2);
+  EXPECT_EQ(sum.trained, 6);
+  EXPECT_EQ(sum.remaining, 4);
+  EXPECT_TRUE(fs::exists(root_ / "out" / "sweep.json"));
+  EXPECT_EQ(second.eval_calls.size(), 2u);
+
+  // No limit: the rest, and nothing was trained twice.
+  opt.time_limit = 0;
+  CountingHooks third;
+  sum = experiment::run_experiment(s, opt, timed(third), log);
+  EXPECT_EQ(sum.trained, 4);
+  EXPECT_EQ(sum.remaining, 0);
+  EXPECT_EQ(first.train_calls.size() + second.train_calls.size() + third.train_calls.size(), 12u);
+  for (const auto* f : {&first, &second, &third}) {
+    for (const auto& [name, resume] : f->resumes) EXPECT_FALSE(resume) << name;
+  }
+  std::fclose(log);
+}
+
 TEST_F(ExperimentTest, DryRunPrintsPlanAndTouchesNothing) {
   CountingHooks fake;
   experiment::ExperimentOptions opt;
