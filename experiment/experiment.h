@@ -29,6 +29,8 @@ struct VariantSpec {
   model::IterAdaLNMode iter_adaln = model::IterAdaLNMode::kJoint;
   model::Balance balance = model::Balance::kExperts;
   double expert_scale = 1.0;
+  int steps = 0;                // per run; the parser fills in experiment.steps when not given
+  std::vector<uint64_t> seeds;  // the parser fills in experiment.seeds when not given
 
   bool vanilla() const { return model == kVanillaFamily; }
 };

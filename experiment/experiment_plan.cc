@@ -129,6 +129,12 @@ void print_plan(const ExperimentPlan& plan, const ExperimentHooks& hooks, bool m
   for (uint64_t seed : s.seeds) seeds += (seeds.empty() ? "" : ", ") + std::to_string(seed);
   std::fprintf(out, "\nmain grid: %zu variants x seeds [%s] = %zu runs of %d steps\n",
                s.variants.size(), seeds.c_str(), plan.runs.size(), s.steps);
+  for (const VariantSpec& v : s.variants) {
+    if ((v.steps == 0 || v.steps == s.steps) && (v.seeds.empty() || v.seeds == s.seeds)) continue;
+    std::string vs;
+    for (uint64_t seed : v.seeds) vs += (vs.empty() ? "" : ", ") + std::to_string(seed);
+    std::fprintf(out, "  except %s: seeds [%s], %d steps\n", v.name.c_str(), vs.c_str(), v.steps);
+  }
   long steps = 0;
   for (const auto* list : {&plan.sweep_runs, &plan.runs}) {
     for (const PlannedRun& r : *list) steps += r.config.train.steps;
@@ -269,14 +275,15 @@ ExperimentPlan plan_experiment(const ExperimentSpec& spec, const ExperimentHooks
     }
   }
   for (const VariantSpec& v : spec.variants) {
-    for (uint64_t seed : spec.seeds) {
+    for (uint64_t seed : v.seeds.empty() ? spec.seeds : v.seeds) {
       PlannedRun r;
       r.name = v.name + "_s" + std::to_string(seed);
       r.dir = "runs/" + r.name;
       r.variant = v.name;
       r.family = v.model;
       r.seed = seed;
-      r.config = run_config(plan, plan.models.at(v.name), spec.steps, seed, nan, false);
+      r.config = run_config(plan, plan.models.at(v.name), v.steps > 0 ? v.steps : spec.steps, seed,
+                            nan, false);
       plan.runs.push_back(r);
     }
   }

@@ -91,6 +91,8 @@ ojson variant_json(const VariantSpec& v, const model::ModelConfig& m) {
   j["iter_adaln"] = to_string(m.iter_adaln);
   j["balance"] = v.vanilla() ? "-" : to_string(v.balance);
   j["expert_scale"] = v.expert_scale;
+  j["steps"] = v.steps;
+  j["seeds"] = v.seeds;
   j["n_layers"] = m.n_layers;
   j["n_loops"] = m.n_loops;
   j["n_experts"] = m.n_experts;

@@ -25,8 +25,8 @@ const std::vector<std::string> kExperimentKeys = {
     "threads",    "eval_batches",    "audit_batches", "eval_items",
     "eval_loops", "halt_thresholds", "eval_interval", "checkpoint_interval",
     "data_dir"};
-const std::vector<std::string> kVariantKeys = {"name", "model", "iter_adaln", "balance",
-                                               "expert_scale"};
+const std::vector<std::string> kVariantKeys = {"name",         "model", "iter_adaln", "balance",
+                                               "expert_scale", "steps", "seeds"};
 
 // The budget's parser, with the spec file and key in the message.
 model::Balance parse_balance_name(const std::string& name, const std::string& where) {
@@ -225,6 +225,11 @@ ExperimentSpec parse_experiment_spec(const std::string& text, const std::string&
           parse_balance_name(v.string("balance", "experts"), source + ": " + v.prefix + ".balance");
       var.expert_scale = v.number("expert_scale", 1.0, 0.01, 100.0);
     }
+    // A shorter or single-seed ablation beside the main comparison (experiment.steps and
+    // experiment.seeds are the defaults).
+    var.steps = static_cast<int>(v.integer("steps", spec.steps, 1, 1000000000));
+    var.seeds = v.array<uint64_t>("seeds", spec.seeds, 0, 9.2e18);
+    if (var.seeds.empty()) v.fail("seeds", "must not be empty");
     spec.variants.push_back(var);
   }
   if (spec.variants.empty())

@@ -115,6 +115,31 @@ TEST(ExperimentSpec, EveryKeyIsDocumented) {
   }
 }
 
+TEST_F(ExperimentTest, VariantStepsAndSeedsOverrideTheExperiments) {
+  experiment::ExperimentHooks hooks;
+  hooks.solve = fake_solve;
+  const std::string variants =
+      "[[variant]]\nname = \"vanilla\"\nmodel = \"vanilla\"\n\n"
+      "[[variant]]\nname = \"loop_off\"\nmodel = \"loopmoe\"\niter_adaln = \"off\"\n"
+      "steps = 3\nseeds = [9]\n";
+  const experiment::ExperimentPlan plan = experiment::plan_experiment(spec("", variants), hooks);
+  ASSERT_EQ(plan.runs.size(), 3u);
+  EXPECT_EQ(plan.runs[0].name, "vanilla_s1");
+  EXPECT_EQ(plan.runs[0].config.train.steps, 6);
+  EXPECT_EQ(plan.runs[1].name, "vanilla_s2");
+  EXPECT_EQ(plan.runs[2].name, "loop_off_s9");
+  EXPECT_EQ(plan.runs[2].config.train.steps, 3);
+  EXPECT_EQ(plan.runs[2].config.train.seed, 9u);
+  for (const char* bad : {"steps = 0\n", "seeds = []\n"}) {
+    try {
+      spec("", "[[variant]]\nname = \"loop_off\"\nmodel = \"loopmoe\"\n" + std::string(bad));
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const model::ConfigError& e) {
+      EXPECT_TRUE(contains(e.what(), "variant 'loop_off'")) << e.what();
+    }
+  }
+}
+
 TEST_F(ExperimentTest, PlansSweepAndGrid) {
   experiment::ExperimentHooks hooks;
   hooks.solve = fake_solve;
