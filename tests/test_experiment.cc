@@ -104,6 +104,21 @@ TEST(ExperimentSpec, ShippedSpecsParseAndPlan) {
   EXPECT_EQ(s.variants.size(), 2u);
   EXPECT_EQ(s.seeds.size(), 1u);
   EXPECT_LE(s.steps, 20);
+
+  // The GPU comparison (issue 10), planned with the real solver: 3 seeds x >= 50M tokens for
+  // vanilla and the reference LoopMoE, one seed x >= 10M tokens for each ablation.
+  const experiment::ExperimentSpec g = experiment::load_experiment_spec(dir + "gpu.toml");
+  const experiment::ExperimentPlan gp =
+      experiment::plan_experiment(g, experiment::default_experiment_hooks());
+  EXPECT_EQ(gp.sweep_runs.size(), 6u);
+  ASSERT_EQ(gp.runs.size(), 11u);
+  for (const experiment::PlannedRun& r : gp.runs) {
+    const int64_t tokens =
+        int64_t{r.config.train.steps} * r.config.train.batch_size * r.config.model.seq_len;
+    const bool main = r.variant == "vanilla" || r.variant == "loop_joint";
+    EXPECT_GE(tokens, main ? 50'000'000 : 10'000'000) << r.name;
+    EXPECT_EQ(fs::path(r.config.data.dir).filename(), "corpus") << r.name;
+  }
 }
 
 // docs/EXPERIMENTS.md documents every spec key as a table row "| `experiment.key` |".
