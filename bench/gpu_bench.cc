@@ -175,6 +175,9 @@ struct CaseResult {
 
 CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double gemm_tflops) {
   const size_t in_use_before = device_bytes_in_use();
+  // The config's train.precision (bf16: cublasGemmEx on bf16 copies of the operands).
+  const model::ops::MatmulPrecisionScope precision(
+      model::ops::parse_matmul_precision(cfg.train.precision));
   model::Model m(cfg.model);
   m.set_grad_groups(cfg.train.grad_groups);
   m.init_params(cfg.train.seed);
@@ -270,6 +273,7 @@ int run_gpu(const std::vector<Case>& cases, const GpuOptions& o) {
                        {"config", c.path},
                        {"batch", c.cfg.train.batch_size},
                        {"seq_len", c.cfg.model.seq_len},
+                       {"precision", c.cfg.train.precision},
                        {"steps", r.timed_steps},
                        {"warmup", o.warmup},
                        {"warmup_s", r.warmup_s},
@@ -286,8 +290,10 @@ int run_gpu(const std::vector<Case>& cases, const GpuOptions& o) {
                        {"final_loss", r.finite ? nlohmann::json(r.final_loss) : nullptr},
                        {"finite", r.finite}});
     } else {
+      const std::string name =
+          model::precision_is_default(c.cfg.train) ? c.name : c.name + " " + c.cfg.train.precision;
       std::printf("%-28s %6d %6d %11.0f %9.2f %6d %12.4f %6.1f%% %9.2f %9.2f %9.4f%s\n",
-                  c.name.c_str(), c.cfg.train.batch_size, c.cfg.model.seq_len, r.tokens_per_s,
+                  name.c_str(), c.cfg.train.batch_size, c.cfg.model.seq_len, r.tokens_per_s,
                   r.step_ms, r.timed_steps, r.flops_per_token / 1e9, 100 * r.mfu,
                   r.peak_bytes / kGiB, r.in_use_bytes / kGiB, r.final_loss,
                   r.finite ? "" : "  NOT FINITE");

@@ -67,6 +67,9 @@ struct Measured {
 
 Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int warmup) {
   loopmoe::model::set_num_threads(threads);
+  // The config's train.precision, as `loopmoe train` runs it (bf16: the CPU emulation).
+  const loopmoe::model::ops::MatmulPrecisionScope precision(
+      loopmoe::model::ops::parse_matmul_precision(cfg.train.precision));
   loopmoe::model::Model model(cfg.model);
   model.set_grad_groups(cfg.train.grad_groups);
   model.init_params(cfg.train.seed);
@@ -116,6 +119,12 @@ void print_sgemm_header(const Peak& p1, const Peak& p2, double peak1, double pea
               "GFLOP/token", "MFU");
 }
 
+// A case's name in the tables, with its precision when it is not the default fp32.
+std::string shown_name(const Case& c) {
+  return loopmoe::model::precision_is_default(c.cfg.train) ? c.name
+                                                           : c.name + " " + c.cfg.train.precision;
+}
+
 // The CPU benchmark; without --batch or --json its output is what it always was.
 int run_cpu(const std::vector<Case>& cases, const CpuOptions& o) {
   const Peak p1 = sgemm_gflops(1), p2 = sgemm_gflops(2);
@@ -150,6 +159,7 @@ int run_cpu(const std::vector<Case>& cases, const CpuOptions& o) {
                                          {"batch", c.cfg.train.batch_size},
                                          {"seq_len", c.cfg.model.seq_len},
                                          {"threads", threads},
+                                         {"precision", c.cfg.train.precision},
                                          {"steps", o.steps},
                                          {"warmup", o.warmup},
                                          {"tokens_per_s", m.tokens_per_s},
@@ -160,7 +170,7 @@ int run_cpu(const std::vector<Case>& cases, const CpuOptions& o) {
                                          {"mfu_denominator", "cpu sgemm 2048^3"},
                                          {"peak_gflops", denominator}});
       } else {
-        std::printf("%-22s %7d %11.0f %9.1f %12.4f %6.1f%%\n", row.name.c_str(), threads,
+        std::printf("%-22s %7d %11.0f %9.1f %12.4f %6.1f%%\n", shown_name(c).c_str(), threads,
                     m.tokens_per_s, m.step_ms, m.flops_per_token / 1e9, 100 * mfu);
       }
       row.best_cpp = std::max(row.best_cpp, m.tokens_per_s);

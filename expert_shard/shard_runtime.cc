@@ -49,7 +49,7 @@ class ShardRuntime final : public RuntimeBase {
   }
 
   StepReport step(int loops) override {
-    set_threads();
+    apply_process_settings();
     const auto t0 = Clock::now();
     const int N = config_.model.n_layers, A = N * loops;
     experts_->stats() = {};
@@ -75,7 +75,7 @@ class ShardRuntime final : public RuntimeBase {
   }
 
   double evaluate(int batches) override {
-    set_threads();
+    apply_process_settings();
     const int N = config_.model.n_layers, A = N * config_.model.n_loops;
     for (int i = 0; i < batches; ++i) {
       for (int a = 0; a < A; ++a) experts_->serve_forward(a, a % N);

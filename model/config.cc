@@ -59,6 +59,7 @@ void visit_fields(Config& c, Visitor&& v) {
   v("train", "loss_spike_factor", t.loss_spike_factor, 0.0, 1e9);
   v("train", "loss_spike_action", t.loss_spike_action, 0.0, 0.0);
   v("train", "loss_spike_window", t.loss_spike_window, 1.0, 1e6);
+  v("train", "precision", t.precision, 0.0, 0.0);
   v("data", "dir", c.data.dir, 0.0, 0.0);
 }
 
@@ -164,13 +165,18 @@ bool is_guard_key(const char* s, const char* k) {
   return std::string(s) == "train" && keys.count(k) > 0;
 }
 
+bool is_precision_key(const char* s, const char* k) {
+  return std::string(s) == "train" && std::string(k) == "precision";
+}
+
 struct Printer {
   std::ostringstream& os;
   bool json;
   const char* only_section;  // nullptr: all sections (TOML)
   std::string current;
   bool first = true;
-  bool omit_guard = false;  // leave out the numerics-guard keys (all at their defaults)
+  bool omit_guard = false;      // leave out the numerics-guard keys (all at their defaults)
+  bool omit_precision = false;  // leave out train.precision (at its default, "fp32")
 
   void key(const char* s, const char* k) {
     if (json) {
@@ -188,6 +194,7 @@ struct Printer {
   void operator()(const char* s, const char* k, T& x, double, double) {
     if (only_section != nullptr && std::string(only_section) != s) return;
     if (omit_guard && is_guard_key(s, k)) return;
+    if (omit_precision && is_precision_key(s, k)) return;
     key(s, k);
     if constexpr (std::is_same_v<T, bool>) {
       os << (x ? "true" : "false");
@@ -287,6 +294,9 @@ void validate(const Config& c) {
   if (t.loss_spike_factor != 0 && t.loss_spike_factor <= 1) {
     throw ConfigError("train.loss_spike_factor must be 0 (off) or greater than 1");
   }
+  if (t.precision != "fp32" && t.precision != "bf16") {
+    throw ConfigError("train.precision = '" + t.precision + "' (expected fp32 or bf16)");
+  }
 }
 
 bool numerics_guard_is_default(const TrainConfig& train) {
@@ -294,6 +304,10 @@ bool numerics_guard_is_default(const TrainConfig& train) {
   return train.nonfinite == d.nonfinite && train.loss_spike_factor == d.loss_spike_factor &&
          train.loss_spike_action == d.loss_spike_action &&
          train.loss_spike_window == d.loss_spike_window;
+}
+
+bool precision_is_default(const TrainConfig& train) {
+  return train.precision == TrainConfig().precision;
 }
 
 std::vector<std::string> config_keys() {
@@ -308,8 +322,8 @@ std::vector<std::string> config_keys() {
 std::string to_toml(const Config& config) {
   std::ostringstream os;
   Config copy = config;
-  visit_fields(copy,
-               Printer{os, false, nullptr, "", true, numerics_guard_is_default(config.train)});
+  visit_fields(copy, Printer{os, false, nullptr, "", true, numerics_guard_is_default(config.train),
+                             precision_is_default(config.train)});
   return os.str();
 }
 
@@ -328,7 +342,8 @@ std::string train_to_json(const TrainConfig& train) {
   Config copy;
   copy.train = train;
   os << "{";
-  visit_fields(copy, Printer{os, true, "train", "", true, numerics_guard_is_default(train)});
+  visit_fields(copy, Printer{os, true, "train", "", true, numerics_guard_is_default(train),
+                             precision_is_default(train)});
   os << "}";
   return os.str();
 }

@@ -72,11 +72,16 @@ struct TrainConfig {
   double loss_spike_factor = 0;
   std::string loss_spike_action = "warn";
   int loss_spike_window = 50;
+  // Matrix products: "fp32", or "bf16" (operands rounded to bfloat16, fp32 accumulation; weights,
+  // optimizer state, norms, softmax and losses stay fp32): ops::MatmulPrecision, docs/CONFIG.md.
+  std::string precision = "fp32";
 };
 
 // Whether every numerics-guard key of `train` has its default (the canonical TOML text then
 // leaves them out, so that runs without a guard keep their checkpoints' config text and hash).
 bool numerics_guard_is_default(const TrainConfig& train);
+// The same for train.precision: left out of the canonical text while it is "fp32".
+bool precision_is_default(const TrainConfig& train);
 
 struct DataConfig {
   std::string dir = "data/sotu";

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -66,6 +67,40 @@ void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, 
 template <typename T>
 void gemm_reference(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
                     const T* b, int ldb, T beta, T* c, int ldc);
+
+// The precision of the float matrix products (train.precision, docs/CONFIG.md). kFp32: fp32
+// operands, as above. kBf16: every float gemm() (and so matmul_forward/backward, the attention
+// QK^T/PV products, the experts and the LM head, which all go through it) first rounds its two
+// operands op(A) and op(B) to bfloat16 (model/bf16.h: nearest, ties to even) and then multiplies
+// them with fp32 accumulation into the fp32 C (alpha, beta and C are not rounded). Everything
+// else stays fp32: parameters (the master weights), gradients between ops, AdamW state, norms,
+// softmax, losses. The CPU emulates it (rounded copies of the operands, then the same sgemm: still
+// batch-invariant and deterministic) and is the oracle of the CUDA backend's cuBLAS bf16 product;
+// double products (gradient checks) ignore the setting.
+//
+// A process-wide setting, like the default device (buffer.h), read by every gemm() call: gemm
+// runs on OpenMP worker threads inside the kernels' parallel loops (per head, per expert), which
+// a thread_local set by the caller would not reach, and a parameter would have to run through
+// every kernel of ops_list.h that multiplies. Set it outside parallel regions and kernels, before
+// a step (the trainer holds a MatmulPrecisionScope for its run); a process trains one model at a
+// time, in one precision.
+enum class MatmulPrecision : int { kFp32 = 0, kBf16 };
+const char* to_string(MatmulPrecision precision);
+// "fp32" or "bf16"; throws std::invalid_argument naming the allowed values otherwise.
+MatmulPrecision parse_matmul_precision(const std::string& name);
+MatmulPrecision matmul_precision();
+void set_matmul_precision(MatmulPrecision precision);
+// Sets the precision until the scope ends, then restores the previous one.
+class MatmulPrecisionScope {
+ public:
+  explicit MatmulPrecisionScope(MatmulPrecision precision);
+  ~MatmulPrecisionScope();
+  MatmulPrecisionScope(const MatmulPrecisionScope&) = delete;
+  MatmulPrecisionScope& operator=(const MatmulPrecisionScope&) = delete;
+
+ private:
+  MatmulPrecision previous_;
+};
 
 // Matrix FLOPs executed by gemm() since the last reset (2·m·n·k per call), in total and by the
 // kind of work the caller declared with FlopKindScope (the measured audit reads these).

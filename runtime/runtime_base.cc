@@ -61,10 +61,13 @@ RuntimeBase::RuntimeBase(const ProcessSetup& setup, model::Config config)
       config_(std::move(config)),
       config_hash_(config_hash(model::to_toml(config_))),
       partition_(config_.model.n_experts, setup.num_shards) {
-  set_threads();
+  apply_process_settings();
 }
 
-void RuntimeBase::set_threads() const { model::set_num_threads(setup_.threads); }
+void RuntimeBase::apply_process_settings() const {
+  model::set_num_threads(setup_.threads);
+  model::ops::set_matmul_precision(model::ops::parse_matmul_precision(config_.train.precision));
+}
 
 void RuntimeBase::connect_world() {
   world_ = comm::make_gloo_communicator(*setup_.store, world_rank(),
@@ -102,7 +105,7 @@ bool RuntimeBase::skip_nonfinite_step(double norm) {
 }
 
 StepReport RuntimeBase::drop_step(int loops) {
-  set_threads();
+  apply_process_settings();
   const auto t0 = Clock::now();
   discard_batch();
   const double lr = model::learning_rate(config_.train, static_cast<int>(steps_done_));

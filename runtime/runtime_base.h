@@ -55,7 +55,11 @@ class RuntimeBase : public ProcessRuntime {
   // drop_step's part that depends on the role: a worker draws the step's batch and discards it,
   // so that the data position moves on as in a computed step.
   virtual void discard_batch() {}
-  void set_threads() const;
+  // The job's process-wide settings, made again at every step and evaluation (the thread tests
+  // run several processes' runtimes in one process): the thread count, and train.precision for
+  // the matrix products (model/ops.h MatmulPrecision; bf16 on the CPU is batch-invariant too, so
+  // workers and shards still reproduce the single-process run).
+  void apply_process_settings() const;
   int world_rank() const {
     return setup_.role == Role::kWorker ? setup_.rank : setup_.num_workers + setup_.rank;
   }

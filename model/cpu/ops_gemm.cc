@@ -1,11 +1,15 @@
 // ops.h on the CPU, part 1: the matrix product (gemm<float> on the batch-invariant cpu/sgemm,
-// gemm<double> on OpenBLAS, the naive reference) and the FLOP counters charged by every product.
+// in fp32 or with bf16-rounded operands; gemm<double> on OpenBLAS, the naive reference), the FLOP
+// counters charged by every product and the matmul precision setting.
 #include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
+#include <vector>
 
+#include "model/bf16.h"
 #include "model/cpu/ops_cpu.h"
 #include "model/cpu/sgemm.h"
 
@@ -14,6 +18,7 @@ namespace {
 
 std::atomic<uint64_t> g_gemm_flops[static_cast<int>(FlopKind::kCount)];
 std::atomic<int> g_flop_kind{0};
+std::atomic<int> g_matmul_precision{static_cast<int>(MatmulPrecision::kFp32)};
 
 inline void count_flops(uint64_t flops) {
   g_gemm_flops[g_flop_kind.load(std::memory_order_relaxed)].fetch_add(flops,
@@ -64,12 +69,42 @@ FlopKindScope::FlopKindScope(FlopKind kind)
     : previous_(static_cast<FlopKind>(g_flop_kind.exchange(static_cast<int>(kind)))) {}
 FlopKindScope::~FlopKindScope() { g_flop_kind.store(static_cast<int>(previous_)); }
 
+const char* to_string(MatmulPrecision precision) {
+  switch (precision) {
+    case MatmulPrecision::kFp32:
+      return "fp32";
+    case MatmulPrecision::kBf16:
+      return "bf16";
+  }
+  return "?";
+}
+
+MatmulPrecision parse_matmul_precision(const std::string& name) {
+  if (name == "fp32") return MatmulPrecision::kFp32;
+  if (name == "bf16") return MatmulPrecision::kBf16;
+  throw std::invalid_argument("unknown precision '" + name + "' (expected fp32 or bf16)");
+}
+
+MatmulPrecision matmul_precision() {
+  return static_cast<MatmulPrecision>(g_matmul_precision.load(std::memory_order_relaxed));
+}
+
+void set_matmul_precision(MatmulPrecision precision) {
+  g_matmul_precision.store(static_cast<int>(precision), std::memory_order_relaxed);
+}
+
+MatmulPrecisionScope::MatmulPrecisionScope(MatmulPrecision precision)
+    : previous_(matmul_precision()) {
+  set_matmul_precision(precision);
+}
+MatmulPrecisionScope::~MatmulPrecisionScope() { set_matmul_precision(previous_); }
+
 namespace cpu {
 
-template <>
-void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-                 const float* b, int ldb, float beta, float* c, int ldc) {
-  if (m == 0 || n == 0) return;
+namespace {
+
+void gemm_fp32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+               const float* b, int ldb, float beta, float* c, int ldc) {
   count_flops(2ull * m * n * k);
   // cpu::sgemm computes every element as one fixed fma chain, so neither the split below nor the
   // number of rows in the call changes any result (docs/MODEL.md "Batch-invariant numerics").
@@ -96,6 +131,32 @@ void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float
       cpu::sgemm(ta, tb, m, len, k, alpha, a, lda, bs, ldb, beta, c + begin, ldc);
     }
   }
+}
+
+}  // namespace
+
+// In bf16 (ops.h MatmulPrecision) the operands are rounded into packed scratch copies first (a
+// stored matrix of rows x cols with its leading dimension becomes rows x cols with leading
+// dimension cols; the transpose flags stay), then multiplied by the same fp32 sgemm: the product
+// of two bfloat16 values is exact in fp32, so what remains is fp32 accumulation, in sgemm's fixed
+// order. The scratch is per thread (gemm runs inside parallel loops) and grows to the largest
+// operand; when the product is then split over threads they only read it.
+template <>
+void gemm<float>(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  if (matmul_precision() == MatmulPrecision::kFp32 || k == 0) {
+    gemm_fp32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  thread_local std::vector<float> a16, b16;
+  const int a_rows = ta ? k : m, a_cols = ta ? m : k;
+  const int b_rows = tb ? n : k, b_cols = tb ? k : n;
+  a16.resize(static_cast<size_t>(a_rows) * a_cols);
+  b16.resize(static_cast<size_t>(b_rows) * b_cols);
+  round_to_bf16_packed(a, lda, a_rows, a_cols, a16.data());
+  round_to_bf16_packed(b, ldb, b_rows, b_cols, b16.data());
+  gemm_fp32(ta, tb, m, n, k, alpha, a16.data(), a_cols, b16.data(), b_cols, beta, c, ldc);
 }
 
 template <>

@@ -80,9 +80,8 @@ CublasApi load_cublas_api(const CublasLibraryFiles& files) {
   OpenLibraries libraries(files);
   CublasApi api;
   // dlsym's void* to the function's pointer type: POSIX guarantees the round trip.
-#define LOOPMOE_CUBLAS_RESOLVE(library, symbol) \
-  api.symbol =                                  \
-      reinterpret_cast<decltype(api.symbol)>(libraries.resolve(CublasLibrary::library, #symbol));
+#define LOOPMOE_CUBLAS_RESOLVE(library, symbol, type) \
+  api.symbol = reinterpret_cast<type>(libraries.resolve(CublasLibrary::library, #symbol));
   LOOPMOE_CUBLAS_FUNCTIONS(LOOPMOE_CUBLAS_RESOLVE)
 #undef LOOPMOE_CUBLAS_RESOLVE
   libraries.keep();

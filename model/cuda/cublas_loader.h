@@ -21,27 +21,52 @@
 
 #include <array>
 #include <string>
+#include <type_traits>
 
 namespace loopmoe::model::ops::cuda {
 
-// The shared libraries the table loads from. cuBLASLt (libcublasLt.so.N, e.g. for cublasLtMatmul
-// in bf16) would be a second entry, with its header included above.
+// The shared libraries the table loads from. cuBLASLt (libcublasLt.so.N, e.g. for fused epilogues)
+// would be a second entry, with its header included above; the bf16 products do not need it
+// (cublasGemmEx takes bf16 operands with fp32 compute and output).
 enum class CublasLibrary : int { kCublas, kCount };
 
-// X(library, symbol): every cuBLAS function the backend calls, by its exported name (`_v2` where
-// cublas_v2.h maps the plain name to it). Adding a function (cublasGemmEx, a cuBLASLt call) is
-// one line here; the loader resolves every entry, so a missing one is reported at load time.
-#define LOOPMOE_CUBLAS_FUNCTIONS(X) \
-  X(kCublas, cublasCreate_v2)       \
-  X(kCublas, cublasSetMathMode)     \
-  X(kCublas, cublasGetStatusString) \
-  X(kCublas, cublasSgemm_v2)        \
-  X(kCublas, cublasSgemmStridedBatched)
+// cublas_api.h overloads a few names in C++: cublasGemmEx and cublasGemmStridedBatchedEx also have
+// a static inline wrapper taking the old cudaDataType compute type, so &::cublasGemmEx names no
+// single function. Their entries give the exported function's pointer type (these aliases);
+// CublasApi checks it against the header (the cast below selects an overload of exactly that type,
+// or fails to compile), unevaluated, so nothing refers to the symbol.
+using CublasGemmExFunction = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t,
+                                                cublasOperation_t, int, int, int, const void*,
+                                                const void*, cudaDataType, int, const void*,
+                                                cudaDataType, int, const void*, void*, cudaDataType,
+                                                int, cublasComputeType_t, cublasGemmAlgo_t);
+using CublasGemmStridedBatchedExFunction = cublasStatus_t (*)(
+    cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*, const void*,
+    cudaDataType, int, long long int, const void*, cudaDataType, int, long long int, const void*,
+    void*, cudaDataType, int, long long int, int, cublasComputeType_t, cublasGemmAlgo_t);
+
+// X(library, symbol, type): every cuBLAS function the backend calls, by its exported name (`_v2`
+// where cublas_v2.h maps the plain name to it), and its pointer type: LOOPMOE_CUBLAS_DECLARED
+// (the type of the header's one declaration) or, for an overloaded name, an alias above. Adding a
+// function (a cuBLASLt call) is one line here; the loader resolves every entry, so a missing one
+// is reported at load time. The Ex products (bf16 operands, fp32 compute and output) are
+// train.precision = "bf16" (ops_gemm.cu).
+#define LOOPMOE_CUBLAS_DECLARED(symbol) decltype(&::symbol)
+#define LOOPMOE_CUBLAS_FUNCTIONS(X)                                                         \
+  X(kCublas, cublasCreate_v2, LOOPMOE_CUBLAS_DECLARED(cublasCreate_v2))                     \
+  X(kCublas, cublasSetMathMode, LOOPMOE_CUBLAS_DECLARED(cublasSetMathMode))                 \
+  X(kCublas, cublasGetStatusString, LOOPMOE_CUBLAS_DECLARED(cublasGetStatusString))         \
+  X(kCublas, cublasSgemm_v2, LOOPMOE_CUBLAS_DECLARED(cublasSgemm_v2))                       \
+  X(kCublas, cublasSgemmStridedBatched, LOOPMOE_CUBLAS_DECLARED(cublasSgemmStridedBatched)) \
+  X(kCublas, cublasGemmEx, CublasGemmExFunction)                                            \
+  X(kCublas, cublasGemmStridedBatchedEx, CublasGemmStridedBatchedExFunction)
 
 // One pointer per function, named as the function and typed from its declaration in the header
-// the backend was compiled against (decltype of a declaration: no reference to the symbol).
+// the backend was compiled against (no reference to the symbol: decltype, unevaluated).
 struct CublasApi {
-#define LOOPMOE_CUBLAS_POINTER(library, symbol) decltype(&::symbol) symbol = nullptr;
+#define LOOPMOE_CUBLAS_POINTER(library, symbol, type)                                   \
+  static_assert(std::is_same_v<decltype(static_cast<type>(&::symbol)), type>, #symbol); \
+  type symbol = nullptr;
   LOOPMOE_CUBLAS_FUNCTIONS(LOOPMOE_CUBLAS_POINTER)
 #undef LOOPMOE_CUBLAS_POINTER
 };

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "model/cuda/cublas_loader.h"  // cuBLAS's types; its functions through cublas()
+#include "model/cuda/ops_cuda.h"
 
 namespace loopmoe::model::ops::cuda::kernel_util {
 
@@ -41,12 +42,8 @@ cublasHandle_t cublas_handle();
 // earlier op's kernels. Growing frees the old block (cudaFree synchronises the device first).
 void* workspace(size_t bytes);
 
-// `batch` row-major products C_i = alpha op(A_i) op(B_i) + beta C_i with X_i = X + i * stride_x
-// (one cublasSgemmStridedBatched call, same transpose trick as gemm in ops_cuda.h).
-void gemm_strided_batched(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
-                          const float* a, int lda, long long stride_a, const float* b, int ldb,
-                          long long stride_b, float beta, float* c, int ldc, long long stride_c,
-                          int batch);
+// gemm_strided_batched (the attention kernels' batched product) is declared in ops_cuda.h, where
+// the tests reach it.
 
 }  // namespace loopmoe::model::ops::cuda::kernel_util
 

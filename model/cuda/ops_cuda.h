@@ -33,6 +33,10 @@
 // - tree_sum_groups: ranges on the host, the buffers on the device. Same fixed pairwise tree as
 //   the CPU (bit-identical).
 // - gemm: cuBLAS sgemm (loaded at run time, cublas_loader.h), fp32, CUBLAS_DEFAULT_MATH (no TF32).
+//   With ops::matmul_precision() == kBf16 (train.precision = "bf16"): the operands converted to
+//   bf16 (model/bf16.h's rounding, packed copies in the backend's own device block), then
+//   cublasGemmEx with CUBLAS_COMPUTE_32F into the fp32 C; the CPU emulation's values up to the
+//   fp32 accumulation order (tests/cuda/test_cuda_bf16.cc).
 //   Row-major through the transpose trick: a row-major [M,N] matrix with leading dimension ld is
 //   the column-major [N,M] matrix with the same ld, so C = op(A) op(B) (row-major) is computed as
 //   C^T = op(B)^T op(A)^T in column-major, i.e. cublasSgemm(op_b, op_a, n, m, k, alpha, b, ldb, a,
@@ -71,5 +75,16 @@ namespace loopmoe::model::ops::cuda {
 
 LOOPMOE_OPS(LOOPMOE_OPS_DECLARE, T)
 LOOPMOE_OPS_FLOAT(LOOPMOE_OPS_DECLARE_FLOAT)
+
+namespace kernel_util {
+// `batch` row-major products C_i = alpha op(A_i) op(B_i) + beta C_i with X_i = X + i * stride_x
+// (one cublasSgemmStridedBatched call, same transpose trick as gemm; in bf16 one
+// cublasGemmStridedBatchedEx on bf16 copies of the operands, as gemm). The attention kernels'
+// products; here rather than in cuda_util.cuh so that the tests can call it.
+void gemm_strided_batched(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                          const float* a, int lda, long long stride_a, const float* b, int ldb,
+                          long long stride_b, float beta, float* c, int ldc, long long stride_c,
+                          int batch);
+}  // namespace kernel_util
 
 }  // namespace loopmoe::model::ops::cuda

@@ -54,6 +54,25 @@ TEST_F(ClusterTest, ClusterLayoutsReproduceSingleProcessBitForBitLoopMoeTiny) {
                                           dir_);
 }
 
+// train.precision = "bf16" reaches every worker and shard (RuntimeBase::apply_process_settings),
+// and the CPU's bf16 emulation is batch-invariant too: 2 workers + 2 shards give the single
+// process's bf16 curve bit for bit, which is not the fp32 curve.
+TEST_F(ClusterTest, Bf16ReproducesSingleProcessBitForBit) {
+  // The runtimes set the process-wide precision and leave it; restore fp32 for the next tests.
+  const model::ops::MatmulPrecisionScope restore(model::ops::MatmulPrecision::kFp32);
+  model::Config c = testing::tiny_loopmoe_config(dir_ / "data");
+  c.train.steps = 20;
+  c.train.checkpoint_interval = 0;
+  c.train.eval_interval = 0;
+  c.train.precision = "bf16";
+  const std::vector<double> want = single_process_losses(c, dir_ / "single");
+  ThreadCluster cluster(c, 2, 2);
+  expect_close_curves(want, losses(cluster.steps(c.train.steps, c.model.n_loops)), 0.0);
+  model::Config fp32 = c;
+  fp32.train.precision = "fp32";
+  EXPECT_NE(want, single_process_losses(fp32, dir_ / "fp32"));
+}
+
 // Capacity drops walk the global batch in order across workers; 3 workers split 4 sequences
 // unevenly (1, 1, 2).
 TEST_F(ClusterTest, CapacityDropsAndUnevenSlicesMatchSingleProcess) {

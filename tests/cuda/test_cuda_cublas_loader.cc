@@ -28,7 +28,7 @@ std::string load_error(const CublasLibraryFiles& files) {
 // function its declared type says.
 TEST(CudaCublasLoader, ResolvesEveryFunctionOfTheTable) {
   const CublasApi& api = cublas();
-#define LOOPMOE_EXPECT_RESOLVED(library, symbol) EXPECT_NE(api.symbol, nullptr) << #symbol;
+#define LOOPMOE_EXPECT_RESOLVED(library, symbol, type) EXPECT_NE(api.symbol, nullptr) << #symbol;
   LOOPMOE_CUBLAS_FUNCTIONS(LOOPMOE_EXPECT_RESOLVED)
 #undef LOOPMOE_EXPECT_RESOLVED
   EXPECT_EQ(&cublas(), &api);  // loaded once
