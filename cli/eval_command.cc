@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -10,6 +11,29 @@
 
 namespace loopmoe::cli {
 namespace {
+
+// Held-out loss per domain of the dataset (eval.json "domains"); "-" where a domain's validation
+// text is shorter than one window.
+void print_domains(const nlohmann::json& domains, std::FILE* out) {
+  int width = 6;
+  for (const auto& d : domains) {
+    width = std::max(width, static_cast<int>(d["name"].get<std::string>().size()));
+  }
+  std::fprintf(out, "\nper domain (windows inside each domain's validation text)\n");
+  std::fprintf(out, "  %-*s  %8s  %10s  %10s  %12s\n", width, "domain", "loss", "perplexity",
+               "tokens", "val tokens");
+  for (const auto& d : domains) {
+    const std::string name = d["name"];
+    const long tokens = d["tokens"], val_tokens = d["val_tokens"];
+    if (d["val_loss"].is_number()) {
+      std::fprintf(out, "  %-*s  %8.4f  %10.2f  %10ld  %12ld\n", width, name.c_str(),
+                   d["val_loss"].get<double>(), d["perplexity"].get<double>(), tokens, val_tokens);
+    } else {
+      std::fprintf(out, "  %-*s  %8s  %10s  %10ld  %12ld\n", width, name.c_str(), "-", "-", tokens,
+                   val_tokens);
+    }
+  }
+}
 
 // The summary of an eval.json as a few small tables.
 void print_summary(const nlohmann::json& j, std::FILE* out) {
@@ -24,6 +48,7 @@ void print_summary(const nlohmann::json& j, std::FILE* out) {
   std::fprintf(out, "next sentence, 4 choices (%d items): accuracy %.4f, accuracy_norm %.4f\n",
                m["items"].get<int>(), m["accuracy"].get<double>(),
                m["accuracy_norm"].get<double>());
+  if (j.contains("domains")) print_domains(j["domains"], out);
   std::fprintf(out, "\nlogit lens (decode after iteration r)\n  %9s  %8s\n", "iteration", "loss");
   for (const auto& e : j["logit_lens"]) {
     std::fprintf(out, "  %9d  %8.4f\n", e["iteration"].get<int>(), e["loss"].get<double>());

@@ -15,6 +15,7 @@
 #include "dataloader/sampler.h"
 #include "dataloader/token_shard.h"
 #include "dataloader/tokenizer.h"
+#include "eval/domain_loss.h"
 #include "eval/eval_tasks.h"
 #include "model/error.h"
 #include "model/model.h"
@@ -146,6 +147,10 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   dataloader::check_validation_shard(data_dir, needs);
   const dataloader::TokenShard val = dataloader::TokenShard::open(data_dir / "val.bin");
   const dataloader::Tokenizer tokenizer = dataloader::Tokenizer::load(data_dir / "tokenizer.model");
+  // Per-domain figures when the dataset holds at least two domains (docs/EVAL.md); a malformed
+  // meta.json fails here, before any work.
+  std::vector<ValDomain> domains = read_val_domains(data_dir / "meta.json", val.num_tokens());
+  if (domains.size() < 2) domains.clear();
   if (options.progress) {
     std::fprintf(stderr, "eval %s: %s, data %s (%lu validation tokens)\n", run_dir.c_str(),
                  looped ? "looped" : "not looped", data_dir.c_str(),
@@ -160,6 +165,9 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   const LossFigures f =
       loss_figures(model, val, B, T, batches, std::vector<int>(loops.begin(), loops.end()),
                    thresholds, progress_printer("validation batches", options.progress));
+  const std::vector<DomainLoss> per_domain =
+      domain_losses(model, val, domains, B, T, batches,
+                    progress_printer("domain batches", options.progress && !domains.empty()));
 
   TaskOptions task_options;
   task_options.seq_len = T;
@@ -175,6 +183,18 @@ std::string run_eval(const std::string& run_dir, const EvalOptions& options) {
   j["val_loss"] = f.val_loss;
   j["perplexity"] = std::exp(f.val_loss);
   j["val_tokens"] = f.val_tokens;
+  if (!per_domain.empty()) {
+    j["domains"] = Json::array();
+    for (const DomainLoss& d : per_domain) {
+      const bool scored = d.windows > 0;
+      j["domains"].push_back(Json{{"name", d.name},
+                                  {"val_loss", scored ? Json(d.val_loss) : Json()},
+                                  {"perplexity", scored ? Json(std::exp(d.val_loss)) : Json()},
+                                  {"tokens", d.tokens},
+                                  {"windows", d.windows},
+                                  {"val_tokens", d.val_tokens}});
+    }
+  }
   j["cloze"] = Json{
       {"items", cloze.items}, {"accuracy", cloze.accuracy}, {"target_loss", cloze.target_loss}};
   j["multiple_choice"] =

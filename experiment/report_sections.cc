@@ -59,6 +59,46 @@ void curve_table(Markdown& md, const Gathered& g, const char* title, const char*
   md.table(header, rows);
 }
 
+// Held-out perplexity per domain of the dataset (eval.json "domains", present when the dataset
+// holds several): one row per domain, in the order the evals list them, one column per variant.
+void domain_table(Markdown& md, const Gathered& g) {
+  std::vector<std::string> domains;  // first-seen order
+  std::vector<std::pair<std::string, std::map<std::string, std::vector<double>>>> data;
+  for (const VariantData& v : g.variants) {
+    std::map<std::string, std::vector<double>> per_domain;
+    for (const RunData& r : v.runs) {
+      for (const json& d : sub(r.eval, "domains")) {
+        const json& name = sub(d, "name");
+        if (!name.is_string()) continue;
+        const std::string n = name.get<std::string>();
+        if (std::find(domains.begin(), domains.end(), n) == domains.end()) domains.push_back(n);
+        const double p = num(d, "perplexity");
+        if (std::isfinite(p)) per_domain[n].push_back(p);
+      }
+    }
+    if (!per_domain.empty()) data.emplace_back(v.name, per_domain);
+  }
+  if (data.empty()) return;
+  md.line("### Perplexity per domain");
+  md.line();
+  md.line(
+      "Held-out perplexity over validation windows inside each domain's text (`eval.json` "
+      "`domains`, docs/EVAL.md), mean ± sample std over seeds.");
+  md.line();
+  std::vector<std::string> header = {"domain"};
+  for (const auto& [variant, unused] : data) header.push_back(variant);
+  std::vector<std::vector<std::string>> rows;
+  for (const std::string& d : domains) {
+    std::vector<std::string> r = {code(d)};
+    for (const auto& [variant, per_domain] : data) {
+      const auto it = per_domain.find(d);
+      r.push_back(it == per_domain.end() ? "" : format_mean_std(mean_std(it->second), 2));
+    }
+    rows.push_back(r);
+  }
+  md.table(header, rows);
+}
+
 }  // namespace
 
 void section_what(Markdown& md, const Gathered& g, const ReportOptions& opt) {
@@ -321,6 +361,7 @@ void section_results(Markdown& md, const Gathered& g) {
   md.table({"variant", "model", "n", "val loss", "perplexity", "cloze acc", "cloze target loss",
             "MC acc", "MC acc (norm)", "lr"},
            rows, 2);
+  domain_table(md, g);
 }
 
 void section_routing(Markdown& md, const Gathered& g) {

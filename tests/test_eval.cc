@@ -202,7 +202,8 @@ TEST_F(EvalTest, FiguresAgreeWithEachOther) {
     model::Model& model = *loaded;
     const dataloader::TokenShard shard =
         dataloader::TokenShard::open(*root_ / "eval_test_data" / "val.bin");
-    dataloader::BatchSampler sampler(shard, c.train.batch_size, c.model.seq_len, 0, false);
+    dataloader::BatchSampler sampler(shard, c.train.batch_size, c.model.seq_len, 0,
+                                     dataloader::WindowOrder::kSpread);
     std::vector<int32_t> in(c.train.batch_size * c.model.seq_len), tg(in.size());
     double total = 0;
     for (int i = 0; i < o.batches; ++i) {

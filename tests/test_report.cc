@@ -128,6 +128,9 @@ class ReportTest : public ::testing::Test {
                  {"logit_lens", json::array()},
                  {"loop_sweep", json::array()},
                  {"adaptive", json::array()}};
+    // Two domains; "notes" is shorter than a window except in the looped runs' (made-up) data.
+    eval["domains"] = {{{"name", "speeches"}, {"perplexity", std::exp(val - 0.1 * seed)}},
+                       {{"name", "notes"}, {"perplexity", looped ? json(20.0 + seed) : json()}}};
     if (looped) {
       eval["logit_lens"] = {{{"iteration", 0}, {"loss", val + 1}},
                             {{"iteration", 1}, {"loss", val}}};
@@ -161,6 +164,12 @@ TEST_F(ReportTest, WritesTablesAndPlotsOnTinyGrid) {
   EXPECT_TRUE(contains(md, "| loop | 1.200 ± 0.000 | 1.200 |")) << md;  // routing overload
   EXPECT_TRUE(contains(md, "r=0")) << md;                               // logit-lens table
   EXPECT_TRUE(contains(md, "| loop | 0.1 | 4.000 ± 0.071 | 1.50 ± 0.00 |")) << md;  // adaptive
+  // Perplexity per domain: rows domains, columns variants; exp(4.0 - 0.1) / exp(4.2 - 0.2) for
+  // vanilla, exp(3.9 - 0.1) / exp(4.0 - 0.2) for loop; notes only in the loop runs (21, 22).
+  EXPECT_TRUE(contains(md, "### Perplexity per domain")) << md;
+  EXPECT_TRUE(contains(md, "| domain | vanilla | loop |")) << md;
+  EXPECT_TRUE(contains(md, "| `speeches` | 52.00 ± 3.67 | 44.70 ± 0.00 |")) << md;
+  EXPECT_TRUE(contains(md, "| `notes` |  | 21.50 ± 0.71 |")) << md;
   EXPECT_TRUE(fs::exists(r.data_path));
   const json data = json::parse(read_all(r.data_path));
   ASSERT_EQ(data["variants"].size(), 2u);
