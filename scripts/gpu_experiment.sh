@@ -81,7 +81,8 @@ case $mode in
     exit 0 ;;
 esac
 
-log=${OUT:-.}/gpu_experiment.log
+mkdir -p "$out_dir"
+log=${OUT:-$out_dir}/gpu_experiment.log
 say() { echo "gpu_experiment: $*" | tee -a "$log"; }
 : > "$log"
 nvidia-smi -L 2>&1 | tee -a "$log"

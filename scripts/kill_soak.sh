@@ -79,36 +79,10 @@ fail() {
 }
 
 # --- Data and the job (the tiny model of tests/service_e2e.sh; 6 experts) -----------------------
-mkdir -p "$tmp/text"
-cat "$repo"/docs/*.md > "$tmp/text/docs.txt"
-"$build/loopmoe" data prepare --input "$tmp/text" --docs-per-line --vocab 512 --out "$tmp/data" \
-  > "$tmp/prepare.log" 2>&1 || fail "data prepare"
-cat > "$tmp/job.toml" <<TOML
-[model]
-vocab_size = 512
-seq_len = 64
-d_model = 64
-n_heads = 2
-head_dim = 32
-n_layers = 2
-n_loops = 2
-n_experts = 6
-top_k = 2
-expert_hidden = 64
-iter_adaln = "joint"
-cond_dim = 16
-capacity_factor = 1.25
-[train]
-batch_size = 8
-steps = $steps
-warmup_steps = 10
-eval_interval = 25
-eval_batches = 2
-checkpoint_interval = $ckpt_interval
-log_interval = 1
-[data]
-dir = "$tmp/data"
-TOML
+# shellcheck source=tests/tiny_service_job.sh
+source "$repo"/tests/tiny_service_job.sh
+tiny_service_data "$build/loopmoe" "$repo" "$tmp" || fail "data prepare"
+tiny_service_job "$tmp/job.toml" "$tmp/data" "$steps" 25 "$ckpt_interval"
 
 # --- The cluster ---------------------------------------------------------------------------------
 "$build/loopmoe" cluster credentials --dir "$tmp/creds" > /dev/null || fail "cluster credentials"

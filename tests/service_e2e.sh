@@ -36,36 +36,10 @@ fail() {
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Data: the repository's docs, one document per line.
-mkdir -p "$tmp/text"
-cat "$(dirname "$0")"/../docs/*.md > "$tmp/text/docs.txt"
-"$build/loopmoe" data prepare --input "$tmp/text" --docs-per-line --vocab 512 --out "$tmp/data" \
-  > "$tmp/prepare.log" 2>&1 || fail "data prepare"
-cat > "$tmp/job.toml" <<TOML
-[model]
-vocab_size = 512
-seq_len = 64
-d_model = 64
-n_heads = 2
-head_dim = 32
-n_layers = 2
-n_loops = 2
-n_experts = 6
-top_k = 2
-expert_hidden = 64
-iter_adaln = "joint"
-cond_dim = 16
-capacity_factor = 1.25
-[train]
-batch_size = 8
-steps = 120
-warmup_steps = 10
-eval_interval = 40
-eval_batches = 2
-checkpoint_interval = 10
-log_interval = 1
-[data]
-dir = "$tmp/data"
-TOML
+# shellcheck source=tests/tiny_service_job.sh
+source "$(dirname "$0")"/tiny_service_job.sh
+tiny_service_data "$build/loopmoe" "$(dirname "$0")"/.. "$tmp" || fail "data prepare"
+tiny_service_job "$tmp/job.toml" "$tmp/data" 120 40 10
 
 "$build/loopmoe" train --config "$tmp/job.toml" --out "$tmp/single" --no-progress \
   > "$tmp/single.log" 2>&1 || fail "single-process train"
