@@ -125,6 +125,7 @@ ReportResult write_report(const ReportOptions& opt) {
   section_budget(md, g);
   section_sweep(md, g);
   section_results(md, g);
+  section_scale(md, g);
   section_routing(md, g);
   section_loops(md, g);
 

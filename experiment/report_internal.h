@@ -117,6 +117,20 @@ void section_what(Markdown& md, const Gathered& g, const ReportOptions& opt);
 void section_budget(Markdown& md, const Gathered& g);
 void section_sweep(Markdown& md, const Gathered& g);
 void section_results(Markdown& md, const Gathered& g);
+
+// report_verdict.cc
+// Whether LoopMoE's mean validation loss differs from Vanilla MoE's by more than the seeds
+// spread: |difference| > sum of the two sample standard deviations (needs 2 seeds a side).
+struct Verdict {
+  double difference = NAN;  // loopmoe.mean - vanilla.mean (negative: LoopMoE better)
+  double spread = NAN;      // vanilla.std + loopmoe.std
+  double welch_t = NAN;     // difference / sqrt(s_v^2 / n_v + s_l^2 / n_l)
+  bool comparable = false;  // both sides have at least two seeds
+  bool exceeds = false;
+};
+Verdict compare_to_seed_spread(const MeanStd& vanilla, const MeanStd& loopmoe);
+// Tokens per run and per parameter of each variant, then the Vanilla vs LoopMoE verdict.
+void section_scale(Markdown& md, const Gathered& g);
 void section_routing(Markdown& md, const Gathered& g);
 void section_loops(Markdown& md, const Gathered& g);
 

@@ -11,6 +11,7 @@
 #include "dataloader/token_shard.h"
 #include "experiment/experiment.h"
 #include "experiment/report.h"
+#include "experiment/report_internal.h"
 #include "model/error.h"
 #include "model/rng.h"
 #include "tests/experiment_test_util.h"
@@ -170,6 +171,12 @@ TEST_F(ReportTest, WritesTablesAndPlotsOnTinyGrid) {
   EXPECT_TRUE(contains(md, "| domain | vanilla | loop |")) << md;
   EXPECT_TRUE(contains(md, "| `speeches` | 52.00 ± 3.67 | 44.70 ± 0.00 |")) << md;
   EXPECT_TRUE(contains(md, "| `notes` |  | 21.50 ± 0.71 |")) << md;
+  // Scale and verdict: 3.95 - 4.10 = -0.15 against a spread of 0.1414 + 0.0707.
+  EXPECT_TRUE(contains(md, "## Scale and verdict")) << md;
+  EXPECT_TRUE(contains(md, "| tokens per run |")) << md;
+  EXPECT_TRUE(contains(md, "= -0.1500 nats")) << md;
+  EXPECT_TRUE(contains(md, "**does not exceed** the seed spread")) << md;
+  EXPECT_TRUE(contains(md, "0.2121); Welch's t = -1.34 with 2 and 2 seeds")) << md;
   EXPECT_TRUE(fs::exists(r.data_path));
   const json data = json::parse(read_all(r.data_path));
   ASSERT_EQ(data["variants"].size(), 2u);
@@ -196,6 +203,23 @@ TEST_F(ReportTest, PlotFailureStillWritesTables) {
   const std::string md = read_all(root_ / "elsewhere" / "r.md");
   EXPECT_TRUE(contains(md, "Plots were not drawn")) << md;
   EXPECT_TRUE(contains(md, "4.1000 ± 0.1414")) << md;
+}
+
+TEST(Report, VerdictAgainstSeedSpread) {
+  const experiment::MeanStd vanilla{4.0, 0.01, 3}, close{3.99, 0.02, 3}, far{3.9, 0.02, 3};
+  const experiment::report_internal::Verdict a =
+      experiment::report_internal::compare_to_seed_spread(vanilla, close);
+  EXPECT_TRUE(a.comparable);
+  EXPECT_FALSE(a.exceeds);  // 0.01 < 0.03
+  EXPECT_NEAR(a.difference, -0.01, 1e-12);
+  const experiment::report_internal::Verdict b =
+      experiment::report_internal::compare_to_seed_spread(vanilla, far);
+  EXPECT_TRUE(b.exceeds);  // 0.1 > 0.03
+  EXPECT_NEAR(b.welch_t, -0.1 / std::sqrt((0.0001 + 0.0004) / 3), 1e-9);
+  const experiment::report_internal::Verdict c =
+      experiment::report_internal::compare_to_seed_spread({4.0, NAN, 1}, far);
+  EXPECT_FALSE(c.comparable);
+  EXPECT_FALSE(c.exceeds);
 }
 
 TEST(Report, EmptyDirectoryIsAnError) {
