@@ -165,7 +165,9 @@ def main(argv=None) -> int:
             notes.append(f"{case}: {what}: {r.get('status')} (exit {r.get('rc', '-')}, {r.get('seconds', '-')} s)"
                          + (f": {r['detail']}" if r.get("detail") else ""))
     out.append("")
-    out.append("ours: loopmoe_bench --device cuda (fp32 engine; tokens/s over the timed steps; peak = the engine's "
+    precisions = sorted({str(d.get("precision", "fp32")) for d in ours.values()}) or ["fp32"]
+    out.append(f"ours: loopmoe_bench --device cuda ({'/'.join(precisions)} products, fp32 accumulation, "
+               "weights and optimizer; tokens/s over the timed steps; peak = the engine's "
                "device-Buffer high-water mark, one case per process). peer: bench/torch_peer.py --device cuda, bf16 "
                "autocast (eager = per-expert loop; grouped = grouped expert GEMMs + SDPA + fused AdamW; compile = "
                "torch.compile of grouped), peak = torch.cuda.max_memory_allocated. MFU = tokens/s x analytic "

@@ -253,6 +253,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> peer_variants;
   double max_seconds = 0;
   bool plan = false;
+  std::string precision;
   app.add_option("--config", configs, "config(s) to measure")->required();
   app.add_option("--steps", cpu.steps, "timed steps")->capture_default_str();
   app.add_option("--warmup", cpu.warmup, "untimed steps first")->capture_default_str();
@@ -278,6 +279,9 @@ int main(int argc, char** argv) {
                  "cuda: stop a case's timed steps once they took this long (at least one step; "
                  "0: no limit)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--precision", precision,
+                 "fp32 or bf16: every case's train.precision (default: each config's own)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_flag("--json", cpu.json, "print one JSON object per line instead of the tables");
   app.add_flag("--plan", plan,
                "print the cases with their analytic parameters and FLOPs; measure nothing");
@@ -286,7 +290,10 @@ int main(int argc, char** argv) {
   return loopmoe::common::run_main([&]() -> int {
     // First, so that a --device that cannot work fails in one line before anything is measured.
     const loopmoe::model::Device dev = loopmoe::model::use_device(device);
-    const std::vector<Case> cases = loopmoe::bench::make_cases(configs, batches);
+    std::vector<Case> cases = loopmoe::bench::make_cases(configs, batches);
+    if (!precision.empty()) {
+      for (Case& c : cases) c.cfg.train.precision = precision;
+    }
     if (plan) return print_plan(cases, cpu.json);
     if (dev == loopmoe::model::Device::kCpu) {
       if (!peer_variants.empty() || max_seconds > 0 || !python.empty()) {

@@ -253,6 +253,9 @@ for c in "${all_cases[@]}"; do
   if [ -z "$only_cases" ] || [[ " $only_cases " == *" $name "* ]]; then cases+=("$c"); fi
 done
 steps=(--steps 20 --warmup 2 --max-seconds 5)  # per case: at most ~5 s of timed steps
+# Ours in bf16 (bf16 products, fp32 accumulation and masters): what the peer's bf16 autocast does.
+# The fp32 engine is held to the CPU by the Cuda* tests above.
+precision=bf16
 dry_steps=(--steps 1 --warmup 0)
 measured() {  # whether a dry run measures this case on the CPU
   ((!dry)) || [[ " $dry_cases " == *" $1 "* ]]
@@ -275,16 +278,16 @@ for c in "${cases[@]}"; do
   "$bench" --plan --json --config "$config" --batch "$batch" > "$work/plan.log" 2>&1 &&
     record_json_lines "$name" plan "" "$work/plan.log"
   if ! measured "$name"; then
-    say "$name: dry run: not measured on the CPU (would run: loopmoe_bench --device cuda --config $config --batch $batch ${steps[*]} --no-torch --json)"
+    say "$name: dry run: not measured on the CPU (would run: loopmoe_bench --device cuda --config $config --batch $batch --precision $precision ${steps[*]} --no-torch --json)"
     record "$name" ours "" skipped 125 0 "dry run: not measured on the CPU"
     continue
   fi
   if ((dry)); then
     run_item 300 "$work/ours.log" "$bench" --device cpu --threads 1 --config "$config" \
-      --batch "$batch" "${dry_steps[@]}" --no-torch --json
+      --batch "$batch" --precision "$precision" "${dry_steps[@]}" --no-torch --json
   else
     run_item 90 "$work/ours.log" "$bench" --device cuda --config "$config" --batch "$batch" \
-      "${steps[@]}" --no-torch --json
+      --precision "$precision" "${steps[@]}" --no-torch --json
   fi
   cat "$work/ours.log"
   record_json_lines "$name" ours "" "$work/ours.log"

@@ -378,14 +378,20 @@ TEST_F(JobDriverTest, RollbackRestartsFromTheLastCheckpointAndTheReplayDropsTheS
   EXPECT_EQ(st.step(), 8);
   for (FakeProcess* p : {&w, &s}) {
     // Epoch 0: 0..2, 2..4, 4..6 (failed); epoch 1, from the checkpoint at 4: 4..6 dropping 5,
-    // then 6..8.
+    // then 6..8. The shard may never see epoch 0's 4..6: the driver cancels the other members'
+    // calls once the worker has failed, and whether the shard's had been sent by then is a race.
     const std::vector<v1::RunStepsRequest> runs = p->run_steps();
-    ASSERT_EQ(runs.size(), 5u);
-    EXPECT_EQ(runs[2].drop_steps_size(), 0);
-    EXPECT_EQ(runs[3].first_step(), 4);
-    EXPECT_EQ(std::vector<int64_t>(runs[3].drop_steps().begin(), runs[3].drop_steps().end()),
-              std::vector<int64_t>{5});
-    EXPECT_EQ(runs[4].drop_steps_size(), 0);
+    ASSERT_EQ(runs.size(), p == &w ? 5u : runs.size());
+    ASSERT_GE(runs.size(), 4u);
+    ASSERT_LE(runs.size(), 5u);
+    const size_t n = runs.size();
+    for (size_t i = 0; i + 2 < n; ++i) EXPECT_EQ(runs[i].drop_steps_size(), 0) << i;
+    EXPECT_EQ(runs[n - 2].first_step(), 4);
+    EXPECT_EQ(
+        std::vector<int64_t>(runs[n - 2].drop_steps().begin(), runs[n - 2].drop_steps().end()),
+        std::vector<int64_t>{5});
+    EXPECT_EQ(runs[n - 1].first_step(), 6);
+    EXPECT_EQ(runs[n - 1].drop_steps_size(), 0);
   }
   const std::vector<std::string> lines = log_lines(id);
   EXPECT_TRUE(contains(lines, "step 6/8 dropped on the replay after a rollback"));
