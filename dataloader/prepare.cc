@@ -33,6 +33,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
+using split_internal::apply_fallbacks;
 using split_internal::Doc;
 using split_internal::Source;
 using split_internal::split_domain;
@@ -194,23 +195,17 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   // 1. Read every input; documents are views into the file contents kept in `sources`. A
   // domain is the set of files of one directory; the files are grouped by domain, in the order
   // the sorted paths first reach each directory (for files of one directory: sorted order).
-  std::vector<fs::path> files = expand_inputs(options.inputs);
+  std::vector<std::pair<fs::path, size_t>> files;  // (file, its domain), grouped by domain
   std::vector<Domain> domains;
   {
     std::map<std::string, size_t> index;
-    std::vector<size_t> file_domain;
-    for (const fs::path& f : files) {
+    for (fs::path& f : expand_inputs(options.inputs)) {
       const auto [it, added] = index.emplace(domain_key(f), domains.size());
       if (added) domains.push_back({fs::path(it->first).filename().string(), it->first});
-      file_domain.push_back(it->second);
+      files.emplace_back(std::move(f), it->second);
     }
-    std::vector<size_t> order(files.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return file_domain[a] < file_domain[b]; });
-    std::vector<fs::path> grouped;
-    for (size_t i : order) grouped.push_back(files[i]);
-    files = std::move(grouped);
+    std::stable_sort(files.begin(), files.end(),
+                     [](const auto& a, const auto& b) { return a.second < b.second; });
     // Names are the directories' base names, unless two share one: then their paths.
     std::map<std::string, int> uses;
     for (const Domain& d : domains) ++uses[d.name];
@@ -220,12 +215,11 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   }
   std::vector<Source> sources;
   sources.reserve(files.size());
-  for (const fs::path& f : files) {
+  for (const auto& [f, domain] : files) {
     Source s;
     s.path = f;
     s.name = f.filename().string();
-    s.domain = 0;
-    while (domains[s.domain].key != domain_key(f)) ++s.domain;
+    s.domain = domain;
     s.text = common::read_text_as<DataError>(f);
     check_utf8(f, s.text);
     if (blank(s.text)) throw DataError(f.string() + ": empty file (no text)");
@@ -275,14 +269,7 @@ PrepareResult prepare_dataset(const PrepareOptions& options) {
   domain_docs.clear();
   // Across domains, one-unit domains follow the plain rule; the fallbacks then apply to the
   // whole corpus, exactly as for one domain.
-  const auto by_score = [](const Doc& a, const Doc& b) { return a.score < b.score; };
-  if (docs.size() >= 2 && num_val == 0) {
-    std::min_element(docs.begin(), docs.end(), by_score)->val = true;
-    num_val = 1;
-  } else if (docs.size() >= 2 && num_val == docs.size()) {
-    std::max_element(docs.begin(), docs.end(), by_score)->val = false;
-    --num_val;
-  }
+  num_val = apply_fallbacks(docs, num_val);
   const std::string fraction = json_double(options.val_fraction);
   if (num_val == 0 || num_val == docs.size()) {
     // One unit only (with two, the fallbacks fill both sides): a single document too short to

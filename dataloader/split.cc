@@ -67,6 +67,10 @@ size_t split_units(std::vector<Doc>& docs, const std::vector<Source>& sources, u
     d.val = d.score < val_fraction;
     num_val += d.val;
   }
+  return apply_fallbacks(docs, num_val);
+}
+
+size_t apply_fallbacks(std::vector<Doc>& docs, size_t num_val) {
   const auto by_score = [](const Doc& a, const Doc& b) { return a.score < b.score; };
   if (docs.size() >= 2 && num_val == 0) {
     std::min_element(docs.begin(), docs.end(), by_score)->val = true;

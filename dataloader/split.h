@@ -42,6 +42,11 @@ struct Doc {
 size_t split_units(std::vector<Doc>& docs, const std::vector<Source>& sources, uint64_t seed,
                    double val_fraction);
 
+// The two fallbacks of the rule over units already scored (num_val of them on the validation
+// side): with at least two units and an empty side, the unit with the smallest score moves to
+// validation, or the one with the largest to train. Returns the new validation count.
+size_t apply_fallbacks(std::vector<Doc>& docs, size_t num_val);
+
 // Bytes of text on the validation side.
 uint64_t val_bytes(const std::vector<Doc>& docs);
 

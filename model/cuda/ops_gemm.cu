@@ -35,9 +35,10 @@ cublasHandle_t cublas_handle() {
   return handle;
 }
 
-void* workspace(size_t bytes) {
-  static void* block = nullptr;
-  static size_t capacity = 0;
+namespace {
+
+// A grow-only device block: reallocated (contents dropped) when `bytes` exceeds its capacity.
+void* grow_block(void*& block, size_t& capacity, size_t bytes) {
   if (bytes > capacity) {
     if (block != nullptr) LOOPMOE_CUDA_CHECK(cudaFree(block));
     block = nullptr;
@@ -46,6 +47,14 @@ void* workspace(size_t bytes) {
     capacity = bytes;
   }
   return block;
+}
+
+}  // namespace
+
+void* workspace(size_t bytes) {
+  static void* block = nullptr;
+  static size_t capacity = 0;
+  return grow_block(block, capacity, bytes);
 }
 
 namespace {
@@ -64,15 +73,7 @@ namespace {
 __nv_bfloat16* bf16_operands(size_t elements) {
   static void* block = nullptr;
   static size_t capacity = 0;
-  const size_t bytes = elements * sizeof(__nv_bfloat16);
-  if (bytes > capacity) {
-    if (block != nullptr) LOOPMOE_CUDA_CHECK(cudaFree(block));
-    block = nullptr;
-    capacity = 0;
-    LOOPMOE_CUDA_CHECK(cudaMalloc(&block, bytes));
-    capacity = bytes;
-  }
-  return static_cast<__nv_bfloat16*>(block);
+  return static_cast<__nv_bfloat16*>(grow_block(block, capacity, elements * sizeof(__nv_bfloat16)));
 }
 
 // `batch` stored row-major matrices of rows x cols (leading dimension ld, matrix i at src + i *
