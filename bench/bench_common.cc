@@ -1,7 +1,10 @@
 #include "bench/bench_common.h"
 
+#include <chrono>
 #include <cstdio>
 #include <sstream>
+
+#include "model/ops.h"
 
 namespace loopmoe::bench {
 
@@ -60,6 +63,61 @@ double peer_tokens_per_s(const nlohmann::json& result) {
 void print_json_line(const nlohmann::json& object) {
   std::printf("%s\n", object.dump().c_str());
   std::fflush(stdout);
+}
+
+Profile profile_steps(int steps, const std::function<void(int)>& step) {
+  namespace ops = model::ops;
+  Profile p;
+  p.steps = steps;
+  if (steps <= 0) return p;
+  ops::reset_op_profile();
+  ops::set_op_profiling(true);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    for (int i = 0; i < steps; ++i) step(i);
+  } catch (...) {
+    ops::set_op_profiling(false);
+    throw;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ops::set_op_profiling(false);
+  p.step_ms = 1e3 * seconds / steps;
+  for (const ops::OpTime& t : ops::op_profile()) {
+    p.rows.push_back({t.name, static_cast<double>(t.calls) / steps, 1e3 * t.seconds / steps,
+                      seconds > 0 ? t.seconds / seconds : 0});
+  }
+  ops::reset_op_profile();
+  return p;
+}
+
+void print_profile(const std::string& case_name, const std::string& device, const Profile& p,
+                   bool json) {
+  if (json) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (const ProfileRow& r : p.rows) {
+      rows.push_back({{"op", r.op},
+                      {"calls_per_step", r.calls_per_step},
+                      {"ms_per_step", r.ms_per_step},
+                      {"share", r.share}});
+    }
+    print_json_line({{"kind", "profile"},
+                     {"case", case_name},
+                     {"device", device},
+                     {"steps", p.steps},
+                     {"step_ms", p.step_ms},
+                     {"ops", rows}});
+    return;
+  }
+  double accounted = 0;
+  for (const ProfileRow& r : p.rows) accounted += r.share;
+  std::printf("  op profile of %s on %s: %d step(s), %.2f ms per profiled step, %.0f%% in ops\n",
+              case_name.c_str(), device.c_str(), p.steps, p.step_ms, 100 * accounted);
+  std::printf("    %-32s %10s %10s %7s\n", "op", "calls/step", "ms/step", "share");
+  for (const ProfileRow& r : p.rows) {
+    std::printf("    %-32s %10.1f %10.3f %6.1f%%\n", r.op.c_str(), r.calls_per_step, r.ms_per_step,
+                100 * r.share);
+  }
 }
 
 }  // namespace loopmoe::bench

@@ -2,6 +2,7 @@
 // number of sequences per step), the PyTorch peer's invocation, and JSON lines.
 #pragma once
 
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -47,5 +48,24 @@ double peer_tokens_per_s(const nlohmann::json& result);
 
 // One JSON object on one line of stdout (the --json output).
 void print_json_line(const nlohmann::json& object);
+
+// --profile N: the op profile (model/ops.h set_op_profiling) of N more training steps of a case,
+// after its timed ones. Per ops.h function: calls and milliseconds per step and the share of the
+// profiled steps' time (on CUDA each op is followed by a device synchronisation, so a profiled
+// step is slower than the measured one: read the shares).
+struct ProfileRow {
+  std::string op;
+  double calls_per_step = 0, ms_per_step = 0, share = 0;
+};
+struct Profile {
+  int steps = 0;
+  double step_ms = 0;            // wall time per profiled step
+  std::vector<ProfileRow> rows;  // most time first
+};
+// Runs step(i) for i < steps with the profile on (and resets it before and after).
+Profile profile_steps(int steps, const std::function<void(int)>& step);
+// A table under the case's row, or one {"kind": "profile", ...} JSON line.
+void print_profile(const std::string& case_name, const std::string& device, const Profile& p,
+                   bool json);
 
 }  // namespace loopmoe::bench

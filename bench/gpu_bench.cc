@@ -171,6 +171,7 @@ struct CaseResult {
   double final_loss = 0;
   bool finite = true;
   size_t peak_bytes = 0, in_use_bytes = 0;
+  Profile profile;
 };
 
 CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double gemm_tflops) {
@@ -209,6 +210,13 @@ CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double ge
     r.final_loss = out.loss.total;
     r.finite = r.finite && !out.nonfinite && std::isfinite(out.loss.total);
   }
+  // The op profile after the timed steps (which it would slow down), on the same inputs' kind.
+  r.profile = profile_steps(o.profile_steps, [&](int i) {
+    const int s = o.warmup + r.timed_steps + i;
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    model::train_step(m, adam, cfg.train, s, {in.data(), tg.data(), B, T}, finish);
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  });
   const size_t in_use_after = device_bytes_in_use();
   r.in_use_bytes = in_use_after - std::min(in_use_before, in_use_after);
   r.peak_bytes = model::detail::device_peak_bytes();
@@ -298,6 +306,7 @@ int run_gpu(const std::vector<Case>& cases, const GpuOptions& o) {
                   r.peak_bytes / kGiB, r.in_use_bytes / kGiB, r.final_loss,
                   r.finite ? "" : "  NOT FINITE");
     }
+    if (o.profile_steps > 0) print_profile(c.name, o.device, r.profile, o.json);
     if (o.no_torch) continue;
     for (const std::string& variant : o.peer_variants) {
       PeerRequest request;

@@ -15,6 +15,7 @@ struct GpuOptions {
   std::string peer, python = "python3";
   std::vector<std::string> peer_variants = {"eager"};
   bool no_torch = false, json = false;
+  int profile_steps = 0;  // > 0: the op profile of that many more steps per case (--profile)
 };
 
 // Measures the bf16 cuBLAS GEMM rate (8192^3), then each case on the current CUDA device, then

@@ -22,6 +22,7 @@ GiB = 1024.0 ** 3
 VARIANTS = ("eager", "grouped", "compile")
 # Peer variants' step-0 losses must agree this closely (bf16 autocast, same init and tokens).
 LOSS_AGREEMENT = 0.02
+PROFILE_ROWS = 12  # per profiled case, the ops with the most time
 
 
 def fmt_int(x):
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     ours = {}             # case -> bench "case" data
     plan = {}             # case -> bench "plan" data
     peer = defaultdict(dict)   # case -> variant -> peer data
+    profiles = {}         # case -> bench "profile" data (--profile)
     status = {}           # (case, source, variant) -> status record
     device = gemm = None
     gemm_rates = []       # every bench process measures its own
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
                 gemm_rates.append(d.get("mean_tflops"))
             elif source == "ours" and kind == "case":
                 ours[case] = d
+            elif source == "ours" and kind == "profile":
+                profiles[case] = d
             elif source == "ours" and kind in ("sgemm",):
                 gemm = gemm or d
             elif source == "plan" and kind == "plan":
@@ -172,6 +176,17 @@ def main(argv=None) -> int:
                "autocast (eager = per-expert loop; grouped = grouped expert GEMMs + SDPA + fused AdamW; compile = "
                "torch.compile of grouped), peak = torch.cuda.max_memory_allocated. MFU = tokens/s x analytic "
                "training FLOPs per token (model/budget.h) / the bf16 GEMM rate above.")
+    for case, d in profiles.items():
+        ops = d.get("ops") or []
+        out.append("")
+        out.append(f"Op profile of ours, {case}: {d.get('steps')} step(s) with a device synchronisation "
+                   f"after each op, {d.get('step_ms', 0):.1f} ms per profiled step; the ops with the most time:")
+        out.append("")
+        out.append("| op | calls/step | ms/step | share |")
+        out.append("|---|---:|---:|---:|")
+        for op in ops[:PROFILE_ROWS]:
+            out.append(f"| {op.get('op')} | {op.get('calls_per_step', 0):.1f} | {op.get('ms_per_step', 0):.2f} | "
+                       f"{fmt_pct(op.get('share'))} |")
     if notes:
         out.append("")
         out.append("Notes:")

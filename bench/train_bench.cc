@@ -63,9 +63,11 @@ Peak sgemm_gflops(int threads) {
 
 struct Measured {
   double tokens_per_s = 0, step_ms = 0, flops_per_token = 0;
+  loopmoe::bench::Profile profile;
 };
 
-Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int warmup) {
+Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int warmup,
+                 int profile_steps) {
   loopmoe::model::set_num_threads(threads);
   // The config's train.precision, as `loopmoe train` runs it (bf16: the CPU emulation).
   const loopmoe::model::ops::MatmulPrecisionScope precision(
@@ -97,6 +99,13 @@ Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int 
   }
   m.step_ms = 1e3 * total / steps;
   m.tokens_per_s = static_cast<double>(B) * T * steps / total;
+  m.profile = loopmoe::bench::profile_steps(profile_steps, [&](int) {
+    model.zero_grad();
+    model.forward(in.data(), tg.data(), B, T);
+    model.backward();
+    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
+    adam.step(model.params(), model.grads(), 1e-3);
+  });
   return m;
 }
 
@@ -105,6 +114,7 @@ struct CpuOptions {
   std::string peer;
   bool no_torch = false, json = false;
   std::vector<int> thread_counts = {1, 2};
+  int profile_steps = 0;  // --profile
 };
 
 // The text output's first lines, as they always were.
@@ -148,7 +158,7 @@ int run_cpu(const std::vector<Case>& cases, const CpuOptions& o) {
   for (const Case& c : cases) {
     Row row{c.name};
     for (int threads : o.thread_counts) {
-      Measured m = measure(c.cfg, threads, o.steps, o.warmup);
+      Measured m = measure(c.cfg, threads, o.steps, o.warmup, o.profile_steps);
       const double denominator = threads == 1 ? peak1 : peak;
       const double mfu = m.tokens_per_s * m.flops_per_token / (denominator * 1e9);
       if (o.json) {
@@ -172,6 +182,10 @@ int run_cpu(const std::vector<Case>& cases, const CpuOptions& o) {
       } else {
         std::printf("%-22s %7d %11.0f %9.1f %12.4f %6.1f%%\n", shown_name(c).c_str(), threads,
                     m.tokens_per_s, m.step_ms, m.flops_per_token / 1e9, 100 * mfu);
+      }
+      if (o.profile_steps > 0) {
+        loopmoe::bench::print_profile(c.name, "cpu (" + std::to_string(threads) + " threads)",
+                                      m.profile, o.json);
       }
       row.best_cpp = std::max(row.best_cpp, m.tokens_per_s);
     }
@@ -282,6 +296,11 @@ int main(int argc, char** argv) {
   app.add_option("--precision", precision,
                  "fp32 or bf16: every case's train.precision (default: each config's own)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--profile", cpu.profile_steps,
+                 "after each case's timed steps, this many more with the op profile on: time "
+                 "per ops.h function (on CUDA with a synchronisation after each op), printed "
+                 "under the case (0: none)")
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--json", cpu.json, "print one JSON object per line instead of the tables");
   app.add_flag("--plan", plan,
                "print the cases with their analytic parameters and FLOPs; measure nothing");
@@ -318,6 +337,7 @@ int main(int argc, char** argv) {
     g.peer_variants = peer_variants.empty() ? std::vector<std::string>{"eager"} : peer_variants;
     g.no_torch = cpu.no_torch;
     g.json = cpu.json;
+    g.profile_steps = cpu.profile_steps;
     return loopmoe::bench::run_gpu(cases, g);
 #else
     // use_device("cuda") already refused: a build without the CUDA backend has no device.

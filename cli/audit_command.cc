@@ -3,6 +3,7 @@
 
 #include "cli/commands.h"
 #include "eval/audit.h"
+#include "model/device.h"
 
 namespace loopmoe::cli {
 
@@ -12,6 +13,7 @@ void register_audit_command(CLI::App& app) {
   struct Args {
     std::string dir;
     eval::AuditOptions options;
+    std::string device = "cpu";
     bool json = false;
   };
   auto args = std::make_shared<Args>();
@@ -20,8 +22,12 @@ void register_audit_command(CLI::App& app) {
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--batches", args->options.batches, "validation batches")->capture_default_str();
   cmd->add_option("--threads", args->options.threads, "OpenMP threads")->capture_default_str();
+  cmd->add_option("--device", args->device,
+                  "cpu, cuda or cuda:N (a CUDA build with a GPU); the FLOP counts are the same")
+      ->capture_default_str();
   cmd->add_flag("--json", args->json, "print the JSON written to RUN/audit.json");
   cmd->callback([args] {
+    model::use_device(args->device);  // before the model is loaded: it stays on this device
     const std::string text = eval::run_audit(args->dir, args->options);
     if (args->json) {
       std::printf("%s\n", text.c_str());

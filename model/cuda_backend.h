@@ -45,6 +45,8 @@ class CudaBackend {
   virtual bool available() = 0;
   virtual void select(int ordinal) = 0;
   virtual size_t peak_bytes() = 0;
+  // Waits for everything queued on the device (cudaDeviceSynchronize): the op profile's clock.
+  virtual void synchronize() = 0;
 };
 
 // The backend linked into this executable, or nullptr.

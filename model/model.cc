@@ -128,13 +128,18 @@ void Model::init_params(uint64_t seed) {
       });
 }
 
+Buffer<float> Model::attention_scratch(int T, int per_thread) const {
+  if (device_ == Device::kCuda) return Buffer<float>();
+  return Buffer<float>(static_cast<size_t>(omp_get_max_threads()) * per_thread * T * T);
+}
+
 void Model::attention_forward(Application& a, int layer, int B, int T) {
   const LayerOffsets& l = layout_.layers[layer];
   const int S = B * T, D = config_.d_model, H = config_.n_heads, hd = config_.head_dim;
   const int I = H * hd;
   const float* p = params_.data();
   a.qkv.resize(static_cast<size_t>(S) * 3 * I);
-  a.att.resize(static_cast<size_t>(B) * H * T * T);
+  a.lse.resize(static_cast<size_t>(B) * H * T);
   a.o.resize(static_cast<size_t>(S) * I);
   a.attn_y.resize(static_cast<size_t>(S) * D);
   {
@@ -145,7 +150,8 @@ void Model::attention_forward(Application& a, int layer, int B, int T) {
   ops::rope_forward(a.qkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
-    ops::attention_forward(a.o.data(), a.att.data(), a.qkv.data(), B, T, H, hd);
+    Buffer<float> scratch = attention_scratch(T, 1);
+    ops::attention_forward(a.o.data(), a.lse.data(), scratch.data(), a.qkv.data(), B, T, H, hd);
   }
   ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
   ops::matmul_forward(a.attn_y.data(), a.o.data(), p + l.wo, static_cast<const float*>(nullptr), S,
@@ -160,15 +166,15 @@ void Model::attention_backward(Application& a, int layer, const float* dy, float
   const float* p = params_.data();
   Buffer<float> d_o(static_cast<size_t>(S) * I);
   Buffer<float> dqkv(static_cast<size_t>(S) * 3 * I);
-  Buffer<float> scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
+  Buffer<float> scratch = attention_scratch(T, 2);
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);
     ops::matmul_backward(d_o.data(), gg.shifted(l.wo), kNoBias, dy, a.o.data(), p + l.wo, I, D);
   }
   {
     ops::FlopKindScope kind(ops::FlopKind::kAttentionScores);
-    ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.att.data(), B,
-                            T, H, hd);
+    ops::attention_backward(dqkv.data(), scratch.data(), d_o.data(), a.qkv.data(), a.o.data(),
+                            a.lse.data(), B, T, H, hd);
   }
   ops::rope_backward(dqkv.data(), rope_cos_.data(), rope_sin_.data(), B, T, H, hd);
   ops::FlopKindScope kind(ops::FlopKind::kAttentionProj);

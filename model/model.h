@@ -121,11 +121,14 @@ class Model {
  private:
   struct Application {
     NormActivations attn_norm, ffn_norm;
-    Buffer<float> qkv, att, o, attn_y;  // attention sublayer
+    Buffer<float> qkv, lse, o, attn_y;  // attention sublayer (lse: ops.h attention_forward)
     MoeActivations moe;
     Buffer<float> moe_y;
   };
   void attention_forward(Application& a, int layer, int B, int T);
+  // The CPU kernels' temporaries of attention_forward/backward (`per_thread` T×T blocks per
+  // thread); empty on CUDA, whose kernels keep theirs on chip or in the backend's workspace.
+  Buffer<float> attention_scratch(int T, int per_thread) const;
   void attention_backward(Application& a, int layer, const float* dy, float* du,
                           const ops::GradGroups<float>& grads, int B, int T);
 

@@ -129,6 +129,39 @@ class FlopKindScope {
  private:
   FlopKind previous_;
 };
+// Adds 2·m·n·k-style FLOPs to the counters as gemm() does (the current FlopKind; nothing under a
+// RecomputeScope): for a backend's products that do not run through the CPU's gemm (cuBLAS,
+// fused kernels), so that the measured counts (audit, budget) are the same on every device.
+void charge_gemm_flops(uint64_t flops);
+// While it lives, gemm() calls made by THIS thread charge no FLOPs: for recomputation (the
+// attention backward recomputes its forward's scores), which the model-FLOP convention of the
+// budget, the audit and MFU leaves out. Per thread, so it may be used inside parallel regions.
+class RecomputeScope {
+ public:
+  RecomputeScope();
+  ~RecomputeScope();
+  RecomputeScope(const RecomputeScope&) = delete;
+  RecomputeScope& operator=(const RecomputeScope&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// The op profile (loopmoe_bench --profile): while it is on, every call of a function of this
+// header made through its dispatcher (model/ops_dispatch.cc) is timed on the host, from the call
+// to its return, after a device synchronisation when the function ran on CUDA, so each kernel's
+// time is charged to the op that launched it (at the cost of the overlap the stream would have
+// had: the profiled step is slower than an unprofiled one, read the shares). Totals per op name
+// since the last reset; calls from any thread. Off by default, when it costs one atomic load.
+struct OpTime {
+  std::string name;
+  int64_t calls = 0;
+  double seconds = 0;
+};
+void set_op_profiling(bool on);
+bool op_profiling();
+std::vector<OpTime> op_profile();  // the ops called since the reset, most seconds first
+void reset_op_profile();
 
 // out[S,D] = wte[tokens[s], :]
 template <typename T>
@@ -196,13 +229,19 @@ void rope_backward(T* dqkv, const T* cos_t, const T* sin_t, int B, int T_, int H
 template <typename T>
 void rope_tables(T* cos_t, T* sin_t, int T_, int hd, double theta);
 
-// Causal attention. qkv[B*T, 3*H*hd] (q,k post-rotary), att[B,H,T,T] probabilities (saved),
-// out[B*T, H*hd]. Backward writes (overwrites) dqkv; scratch holds T*T values per thread.
+// Causal attention in the flash form: nothing of size T×T is saved between forward and backward.
+// qkv[B*T, 3*H*hd] (q,k post-rotary), out[B*T, H*hd], lse[B,H,T] = log Σ_{s≤t} exp(q_t·k_s/√hd)
+// of each query row (saved instead of the probabilities). Backward writes (overwrites) dqkv from
+// dout, qkv and the forward's out and lse. scratch: the CPU's temporaries, T*T values per thread
+// in the forward and 2*T*T per thread in the backward (the CPU recomputes each head's
+// probabilities exactly as its forward did, so its gradients are those of the saved-probability
+// form bit for bit); a GPU backend may ignore it (nullptr allowed there). The backward's
+// recomputed scores charge no FLOPs (model FLOPs count the forward once: RecomputeScope).
 template <typename T>
-void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd);
+void attention_forward(T* out, T* lse, T* scratch, const T* qkv, int B, int T_, int H, int hd);
 template <typename T>
-void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* att, int B,
-                        int T_, int H, int hd);
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out,
+                        const T* lse, int B, int T_, int H, int hd);
 
 // Row-wise softmax of logits[S,E] into probs; lse[S] = logsumexp of each row.
 template <typename T>

@@ -8,10 +8,16 @@
 // The CPU kernels keep their own files and compile flags (model/CMakeLists.txt); this file has
 // none of those flags and no arithmetic, so the CPU results are those of a direct call, bit for
 // bit. One dispatcher per entry of model/ops_list.h, generated below (LOOPMOE_DISPATCHER).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "model/buffer.h"
 #include "model/cpu/ops_cpu.h"
@@ -80,7 +86,67 @@ bool runs_on_cpu(const char* op, std::initializer_list<const void*> device_point
   return true;
 }
 
+// ---- The op profile (ops.h) ----
+std::atomic<bool> g_profiling{false};
+std::mutex g_profile_mutex;
+std::map<std::string, OpTime>& profile_table() {
+  static std::map<std::string, OpTime> table;
+  return table;
+}
+
+// Times one dispatched call when the profile is on: constructed before the call, it records in
+// its destructor, after a device synchronisation if the call went to CUDA (a failed
+// synchronisation is left to surface at the next CUDA call: a destructor may not throw).
+class OpTimer {
+ public:
+  explicit OpTimer(const char* name)
+      : name_(g_profiling.load(std::memory_order_relaxed) ? name : nullptr) {
+    if (name_ != nullptr) start_ = std::chrono::steady_clock::now();
+  }
+  ~OpTimer() {
+    if (name_ == nullptr) return;
+    if (default_device() == Device::kCuda && cuda_backend() != nullptr) {
+      try {
+        cuda_backend()->synchronize();
+      } catch (...) {
+      }
+    }
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const std::lock_guard<std::mutex> lock(g_profile_mutex);
+    OpTime& entry = profile_table()[name_];
+    entry.name = name_;
+    ++entry.calls;
+    entry.seconds += seconds;
+  }
+  OpTimer(const OpTimer&) = delete;
+  OpTimer& operator=(const OpTimer&) = delete;
+
+ private:
+  const char* name_;
+  std::chrono::steady_clock::time_point start_;
+};
+
 }  // namespace
+
+void set_op_profiling(bool on) { g_profiling.store(on); }
+bool op_profiling() { return g_profiling.load(); }
+
+std::vector<OpTime> op_profile() {
+  std::vector<OpTime> out;
+  {
+    const std::lock_guard<std::mutex> lock(g_profile_mutex);
+    for (const auto& [name, entry] : profile_table()) out.push_back(entry);
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const OpTime& a, const OpTime& b) { return a.seconds > b.seconds; });
+  return out;
+}
+
+void reset_op_profile() {
+  const std::lock_guard<std::mutex> lock(g_profile_mutex);
+  profile_table().clear();
+}
 
 // For the entry X(void, silu_forward, (T* out, const T* inp, size_t n), (out, inp, n), (out, inp)):
 //   template <typename T>
@@ -94,6 +160,7 @@ bool runs_on_cpu(const char* op, std::initializer_list<const void*> device_point
 //   }
 // and the same without the template, with T = float, for LOOPMOE_OPS_FLOAT.
 #define LOOPMOE_DISPATCH(T, name, args, device_pointers)                                   \
+  const OpTimer op_timer(#name);                                                           \
   if (runs_on_cpu<T>(#name, {LOOPMOE_OPS_UNPAREN device_pointers})) return cpu::name args; \
   if constexpr (std::is_same_v<T, float>) {                                                \
     return cuda_backend_for(#name).name args;                                              \

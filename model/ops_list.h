@@ -120,14 +120,15 @@
 
 // Attention, softmax, cross-entropy: cpu/ops_attention.cc, cuda/ops_attention.cu.
 #define LOOPMOE_OPS_ATTENTION(X, T)                                                                \
-  X(void, attention_forward, (T* out, T* att, const T* qkv, int B, int T_, int H, int hd),         \
-    (out, att, qkv, B, T_, H, hd),                                                                 \
-    (out, att, qkv))                                                                               \
+  X(void, attention_forward,                                                                       \
+    (T* out, T* lse, T* scratch, const T* qkv, int B, int T_, int H, int hd),                      \
+    (out, lse, scratch, qkv, B, T_, H, hd),                                                        \
+    (out, lse, scratch, qkv))                                                                      \
   X(void, attention_backward,                                                                      \
-    (T* dqkv, T* scratch, const T* dout, const T* qkv, const T* att, int B, int T_, int H,         \
-     int hd),                                                                                      \
-    (dqkv, scratch, dout, qkv, att, B, T_, H, hd),                                                 \
-    (dqkv, scratch, dout, qkv, att))                                                               \
+    (T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* lse, int B, int T_,  \
+     int H, int hd),                                                                               \
+    (dqkv, scratch, dout, qkv, out, lse, B, T_, H, hd),                                            \
+    (dqkv, scratch, dout, qkv, out, lse))                                                          \
   X(void, softmax_forward, (T* probs, T* lse, const T* logits, int S, int E),                      \
     (probs, lse, logits, S, E),                                                                    \
     (probs, lse, logits))                                                                          \

@@ -4,7 +4,10 @@
 #   1. nvidia-smi -L;
 #   2. the Cuda* GoogleTest suites (loopmoe_cuda_tests, tests/cuda/);
 #   3. loopmoe_bench --device cuda on six cases, one process each (tiny vanilla and tiny LoopMoE at
-#      16 and 256 sequences per step, configs/gpu_small_vanilla.toml, configs/gpu_small_loopmoe.toml);
+#      16 and 256 sequences per step, configs/gpu_small_vanilla.toml, configs/gpu_small_loopmoe.toml),
+#      and the two gpu_small cases again with LOOPMOE_CUDA_ATTENTION=materialized (the reference
+#      attention instead of the fused kernels); the fused gpu_small cases also print their op
+#      profile (loopmoe_bench --profile 3: time per ops.h function), which the table shows;
 #   4. the PyTorch peer (bench/torch_peer.py --device cuda) on the same cases and GPU: eager,
 #      grouped and compile;
 # and prints ONE table (bench/gpu_table.py) with the GPU's name and the date. Every command runs
@@ -246,6 +249,10 @@ all_cases=(
   "tiny_loopmoe_256 configs/loopmoe_tiny.toml 256"
   "gpu_small_vanilla configs/gpu_small_vanilla.toml 16"
   "gpu_small_loopmoe configs/gpu_small_loopmoe.toml 16"
+  # Ours only, with the materialized attention instead of the fused kernels (the fused kernels'
+  # gain, measured in the same run): name config sequences environment.
+  "gpu_small_vanilla_materialized configs/gpu_small_vanilla.toml 16 LOOPMOE_CUDA_ATTENTION=materialized"
+  "gpu_small_loopmoe_materialized configs/gpu_small_loopmoe.toml 16 LOOPMOE_CUDA_ATTENTION=materialized"
 )
 cases=()
 for c in "${all_cases[@]}"; do
@@ -274,7 +281,9 @@ if ((dry)); then
 fi
 
 for c in "${cases[@]}"; do
-  read -r name config batch <<< "$c"
+  read -r name config batch environment <<< "$c"
+  with_env=()
+  [ -n "$environment" ] && with_env=(env "$environment")
   "$bench" --plan --json --config "$config" --batch "$batch" > "$work/plan.log" 2>&1 &&
     record_json_lines "$name" plan "" "$work/plan.log"
   if ! measured "$name"; then
@@ -283,11 +292,13 @@ for c in "${cases[@]}"; do
     continue
   fi
   if ((dry)); then
-    run_item 300 "$work/ours.log" "$bench" --device cpu --threads 1 --config "$config" \
-      --batch "$batch" --precision "$precision" "${dry_steps[@]}" --no-torch --json
+    run_item 300 "$work/ours.log" "${with_env[@]}" "$bench" --device cpu --threads 1 \
+      --config "$config" --batch "$batch" --precision "$precision" "${dry_steps[@]}" --no-torch --json
   else
-    run_item 90 "$work/ours.log" "$bench" --device cuda --config "$config" --batch "$batch" \
-      --precision "$precision" "${steps[@]}" --no-torch --json
+    profile=()  # the op profile of the GPU-scale cases (3 more steps, in the table)
+    [[ $name == gpu_small* && -z $environment ]] && profile=(--profile 3)
+    run_item 90 "$work/ours.log" "${with_env[@]}" "$bench" --device cuda --config "$config" \
+      --batch "$batch" --precision "$precision" "${steps[@]}" "${profile[@]}" --no-torch --json
   fi
   cat "$work/ours.log"
   record_json_lines "$name" ours "" "$work/ours.log"
@@ -305,7 +316,8 @@ for variant in eager grouped compile; do
   list=("${cases[@]}")
   [ "$variant" = compile ] && list=("${compile_order[@]}")
   for c in "${list[@]}"; do
-    read -r name config batch <<< "$c"
+    read -r name config batch environment <<< "$c"
+    [ -n "$environment" ] && continue  # a variant of ours: no peer of its own
     if ! measured "$name"; then
       record "$name" peer "$variant" skipped 125 0 "dry run: not measured on the CPU"
       continue

@@ -4,6 +4,7 @@
 // their curves are held bit for bit to the single process's (tests/dist), so every difference
 // here would show there as drift.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstring>
@@ -302,16 +303,18 @@ TEST(BatchInvariance, RowKernelsDoNotDependOnTheCall) {
 TEST(BatchInvariance, AttentionOfASequenceDoesNotDependOnTheBatch) {
   const int B = 5, T = 64, H = 4, hd = 28, inner = H * hd;
   const std::vector<float> qkv = random_floats(static_cast<size_t>(B) * T * 3 * inner, 50);
-  std::vector<float> out(static_cast<size_t>(B) * T * inner),
-      att(static_cast<size_t>(B) * H * T * T);
-  model::ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
+  std::vector<float> out(static_cast<size_t>(B) * T * inner), lse(static_cast<size_t>(B) * H * T),
+      scratch(static_cast<size_t>(omp_get_max_threads()) * T * T);
+  model::ops::attention_forward(out.data(), lse.data(), scratch.data(), qkv.data(), B, T, H, hd);
   for (int b : {0, 3}) {  // one sequence alone, from a buffer one float off
     std::vector<float> in(static_cast<size_t>(T) * 3 * inner + 1);
     std::memcpy(in.data() + 1, qkv.data() + static_cast<size_t>(b) * T * 3 * inner,
                 static_cast<size_t>(T) * 3 * inner * sizeof(float));
-    std::vector<float> o(static_cast<size_t>(T) * inner), a(static_cast<size_t>(H) * T * T);
-    model::ops::attention_forward(o.data(), a.data(), in.data() + 1, 1, T, H, hd);
+    std::vector<float> o(static_cast<size_t>(T) * inner), l(static_cast<size_t>(H) * T);
+    model::ops::attention_forward(o.data(), l.data(), scratch.data(), in.data() + 1, 1, T, H, hd);
     EXPECT_TRUE(same_bits(o.data(), out.data() + static_cast<size_t>(b) * T * inner, o.size()))
+        << "sequence " << b;
+    EXPECT_TRUE(same_bits(l.data(), lse.data() + static_cast<size_t>(b) * H * T, l.size()))
         << "sequence " << b;
   }
 }

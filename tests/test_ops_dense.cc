@@ -3,6 +3,7 @@
 // cross-entropy, the SwiGLU expert, the iteration encoding and the grouped weight gradients; and
 // the fast GEMM held equal to its naive reference.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -158,30 +159,61 @@ TEST(GradCheck, RopeIsOrthogonalAndDifferentiable) {
 TEST(GradCheck, CausalAttention) {
   const int B = 2, T = 6, H = 2, hd = 4, I = H * hd;
   V qkv = random_vector(B * T * 3 * I, 19), g = random_vector(B * T * I, 20);
-  V out(B * T * I), att(B * H * T * T);
+  V out(B * T * I), lse(B * H * T), scratch(size_t(omp_get_max_threads()) * 2 * T * T);
   auto loss = [&] {
-    model::ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
+    model::ops::attention_forward(out.data(), lse.data(), scratch.data(), qkv.data(), B, T, H, hd);
     return dot(out, g);
   };
   loss();
-  // Causality: row t puts no weight on s > t, and rows sum to one.
-  for (int bh = 0; bh < B * H; ++bh) {
-    for (int t = 0; t < T; ++t) {
-      double sum = 0;
-      for (int s = 0; s < T; ++s) {
-        const double p = att[(bh * T + t) * T + s];
-        if (s > t) {
-          EXPECT_EQ(p, 0.0);
+  // out and lse against the definition: row t attends to keys s <= t only.
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      for (int t = 0; t < T; ++t) {
+        const double* q = &qkv[(b * T + t) * 3 * I + h * hd];
+        std::vector<double> w(t + 1);
+        double z = 0;
+        for (int s = 0; s <= t; ++s) {
+          const double* k = &qkv[(b * T + s) * 3 * I + I + h * hd];
+          double x = 0;
+          for (int d = 0; d < hd; ++d) x += q[d] * k[d];
+          w[s] = std::exp(x / std::sqrt(double(hd)));
+          z += w[s];
         }
-        sum += p;
+        EXPECT_NEAR(lse[(b * H + h) * T + t], std::log(z), 1e-12);
+        for (int d = 0; d < hd; ++d) {
+          double o = 0;
+          for (int s = 0; s <= t; ++s)
+            o += w[s] / z * qkv[(b * T + s) * 3 * I + 2 * I + h * hd + d];
+          EXPECT_NEAR(out[(b * T + t) * I + h * hd + d], o, 1e-12);
+        }
       }
-      EXPECT_NEAR(sum, 1.0, 1e-12);
     }
   }
-  V dqkv(qkv.size()), scratch(64 * T * T);
-  model::ops::attention_backward(dqkv.data(), scratch.data(), g.data(), qkv.data(), att.data(), B,
-                                 T, H, hd);
+  V dqkv(qkv.size());
+  model::ops::attention_backward(dqkv.data(), scratch.data(), g.data(), qkv.data(), out.data(),
+                                 lse.data(), B, T, H, hd);
   expect_gradient(qkv, dqkv, loss, "dqkv");
+}
+
+// The backward recomputes the forward's scores: those products charge no FLOPs (model FLOPs
+// count the forward once), and RecomputeScope is per thread.
+TEST(FlopCounters, AttentionBackwardChargesNoRecomputation) {
+  const int B = 1, T = 8, H = 2, hd = 4, I = H * hd;
+  std::vector<float> qkv(B * T * 3 * I, 0.25f), g(B * T * I, 0.5f), out(B * T * I), lse(B * H * T),
+      scratch(static_cast<size_t>(omp_get_max_threads()) * 2 * T * T), dqkv(qkv.size());
+  model::ops::reset_gemm_flops();
+  model::ops::attention_forward(out.data(), lse.data(), scratch.data(), qkv.data(), B, T, H, hd);
+  const uint64_t forward = model::ops::gemm_flops();
+  EXPECT_EQ(forward, uint64_t(2) * B * H * 2 * T * T * hd);  // QK^T and PV per head
+  model::ops::reset_gemm_flops();
+  model::ops::attention_backward(dqkv.data(), scratch.data(), g.data(), qkv.data(), out.data(),
+                                 lse.data(), B, T, H, hd);
+  EXPECT_EQ(model::ops::gemm_flops(), 2 * forward);  // dP, dV, dQ, dK; not the recomputed QK^T
+  {
+    model::ops::RecomputeScope recompute;
+    model::ops::attention_forward(out.data(), lse.data(), scratch.data(), qkv.data(), B, T, H, hd);
+  }
+  EXPECT_EQ(model::ops::gemm_flops(), 2 * forward);
 }
 
 TEST(GradCheck, SoftmaxAndLogSumExp) {

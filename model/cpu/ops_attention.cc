@@ -13,39 +13,52 @@
 namespace loopmoe::model::ops {
 namespace cpu {
 
+namespace {
+
+// Head h of sequence b: p[T,T] = the causal softmax of q k^T / √hd (row t: keys s ≤ t, zeros
+// after), and, when lse is given, lse[t] = log Σ_{s≤t} exp(q_t·k_s/√hd). The forward and the
+// backward's recomputation both call this, so the backward's probabilities are the forward's
+// bits (the flash form keeps only lse; the CPU recomputes instead of using it).
 template <typename T>
-void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int H, int hd) {
-  const int inner = H * hd, ld = 3 * inner;
+void causal_probabilities(T* p, T* lse, const T* q, const T* k, int ld, int T_, int hd) {
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  gemm<T>(false, true, T_, T_, hd, scale, q, ld, k, ld, T(0), p, T_);
+  for (int t = 0; t < T_; ++t) {
+    T* row = p + static_cast<size_t>(t) * T_;
+    T mx = row[0];
+    for (int s = 1; s <= t; ++s) mx = std::max(mx, row[s]);
+    T sum = 0;
+    for (int s = 0; s <= t; ++s) {
+      row[s] = fast_exp(row[s] - mx);
+      sum += row[s];
+    }
+    T inv = T(1) / sum;
+    for (int s = 0; s <= t; ++s) row[s] *= inv;
+    for (int s = t + 1; s < T_; ++s) row[s] = T(0);
+    if (lse != nullptr) lse[t] = mx + std::log(sum);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward(T* out, T* lse, T* scratch, const T* qkv, int B, int T_, int H, int hd) {
+  const int inner = H * hd, ld = 3 * inner;
 #pragma omp parallel for schedule(static)
   for (int bh = 0; bh < B * H; ++bh) {
     const int b = bh / H, h = bh % H;
     const T* q = qkv + static_cast<size_t>(b) * T_ * ld + h * hd;
-    const T* k = q + inner;
     const T* v = q + 2 * inner;
-    T* p = att + static_cast<size_t>(bh) * T_ * T_;
-    gemm<T>(false, true, T_, T_, hd, scale, q, ld, k, ld, T(0), p, T_);
-    for (int t = 0; t < T_; ++t) {
-      T* row = p + static_cast<size_t>(t) * T_;
-      T mx = row[0];
-      for (int s = 1; s <= t; ++s) mx = std::max(mx, row[s]);
-      T sum = 0;
-      for (int s = 0; s <= t; ++s) {
-        row[s] = fast_exp(row[s] - mx);
-        sum += row[s];
-      }
-      T inv = T(1) / sum;
-      for (int s = 0; s <= t; ++s) row[s] *= inv;
-      for (int s = t + 1; s < T_; ++s) row[s] = T(0);
-    }
+    T* p = scratch + static_cast<size_t>(omp_get_thread_num()) * T_ * T_;
+    causal_probabilities(p, lse + static_cast<size_t>(bh) * T_, q, q + inner, ld, T_, hd);
     gemm<T>(false, false, T_, hd, T_, T(1), p, T_, v, ld, T(0),
             out + static_cast<size_t>(b) * T_ * inner + h * hd, inner);
   }
 }
 
 template <typename T>
-void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* att, int B,
-                        int T_, int H, int hd) {
+void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* /*out*/,
+                        const T* /*lse*/, int B, int T_, int H, int hd) {
   const int inner = H * hd, ld = 3 * inner;
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
 #pragma omp parallel for schedule(static)
@@ -58,9 +71,13 @@ void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const 
     T* dq = dqkv + base;
     T* dk = dq + inner;
     T* dv = dq + 2 * inner;
-    const T* p = att + static_cast<size_t>(bh) * T_ * T_;
     const T* g = dout + static_cast<size_t>(b) * T_ * inner + h * hd;
-    T* dp = scratch + static_cast<size_t>(omp_get_thread_num()) * T_ * T_;
+    T* p = scratch + static_cast<size_t>(omp_get_thread_num()) * 2 * T_ * T_;
+    T* dp = p + static_cast<size_t>(T_) * T_;
+    {
+      RecomputeScope recompute;  // the forward's scores again: not model FLOPs
+      causal_probabilities(p, static_cast<T*>(nullptr), q, k, ld, T_, hd);
+    }
     gemm<T>(false, true, T_, T_, hd, T(1), g, inner, v, ld, T(0), dp, T_);  // dP = dO V^T
     gemm<T>(true, false, T_, hd, T_, T(1), p, T_, g, inner, T(0), dv, ld);  // dV = P^T dO
     for (int t = 0; t < T_; ++t) {  // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries have P = 0

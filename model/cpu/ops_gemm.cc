@@ -20,7 +20,10 @@ std::atomic<uint64_t> g_gemm_flops[static_cast<int>(FlopKind::kCount)];
 std::atomic<int> g_flop_kind{0};
 std::atomic<int> g_matmul_precision{static_cast<int>(MatmulPrecision::kFp32)};
 
+thread_local bool t_recomputing = false;  // RecomputeScope
+
 inline void count_flops(uint64_t flops) {
+  if (t_recomputing) return;
   g_gemm_flops[g_flop_kind.load(std::memory_order_relaxed)].fetch_add(flops,
                                                                       std::memory_order_relaxed);
 }
@@ -68,6 +71,11 @@ void reset_gemm_flops() {
 FlopKindScope::FlopKindScope(FlopKind kind)
     : previous_(static_cast<FlopKind>(g_flop_kind.exchange(static_cast<int>(kind)))) {}
 FlopKindScope::~FlopKindScope() { g_flop_kind.store(static_cast<int>(previous_)); }
+
+void charge_gemm_flops(uint64_t flops) { count_flops(flops); }
+
+RecomputeScope::RecomputeScope() : previous_(t_recomputing) { t_recomputing = true; }
+RecomputeScope::~RecomputeScope() { t_recomputing = previous_; }
 
 const char* to_string(MatmulPrecision precision) {
   switch (precision) {

@@ -50,7 +50,8 @@ using CublasGemmStridedBatchedExFunction = cublasStatus_t (*)(
 // (the type of the header's one declaration) or, for an overloaded name, an alias above. Adding a
 // function (a cuBLASLt call) is one line here; the loader resolves every entry, so a missing one
 // is reported at load time. The Ex products (bf16 operands, fp32 compute and output) are
-// train.precision = "bf16" (ops_gemm.cu).
+// train.precision = "bf16" (ops_gemm.cu); the grouped one (cuBLAS 12.5+) runs the experts' fp32
+// products (ops_gemm.cu gemm_grouped).
 #define LOOPMOE_CUBLAS_DECLARED(symbol) decltype(&::symbol)
 #define LOOPMOE_CUBLAS_FUNCTIONS(X)                                                         \
   X(kCublas, cublasCreate_v2, LOOPMOE_CUBLAS_DECLARED(cublasCreate_v2))                     \
@@ -59,7 +60,8 @@ using CublasGemmStridedBatchedExFunction = cublasStatus_t (*)(
   X(kCublas, cublasSgemm_v2, LOOPMOE_CUBLAS_DECLARED(cublasSgemm_v2))                       \
   X(kCublas, cublasSgemmStridedBatched, LOOPMOE_CUBLAS_DECLARED(cublasSgemmStridedBatched)) \
   X(kCublas, cublasGemmEx, CublasGemmExFunction)                                            \
-  X(kCublas, cublasGemmStridedBatchedEx, CublasGemmStridedBatchedExFunction)
+  X(kCublas, cublasGemmStridedBatchedEx, CublasGemmStridedBatchedExFunction)                \
+  X(kCublas, cublasGemmGroupedBatchedEx, LOOPMOE_CUBLAS_DECLARED(cublasGemmGroupedBatchedEx))
 
 // One pointer per function, named as the function and typed from its declaration in the header
 // the backend was compiled against (no reference to the symbol: decltype, unevaluated).

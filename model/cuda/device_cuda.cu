@@ -141,6 +141,13 @@ class Backend final : public CudaBackend {
   bool available() override { return device_available(); }
   void select(int ordinal) override { device_select(ordinal); }
   size_t peak_bytes() override { return device_peak_bytes(); }
+  void synchronize() override {
+    const cudaError_t error = cudaDeviceSynchronize();
+    if (error != cudaSuccess) {
+      throw std::runtime_error(std::string("cudaDeviceSynchronize failed: ") +
+                               cudaGetErrorString(error));
+    }
+  }
 };
 
 // Registers the backend before main runs: this file is in every executable that links

@@ -23,8 +23,9 @@
 // algorithm (e.g. split-K) for a different m, so rows of a sub-call can differ from the same rows
 // of the full call. Column sums over rows (weight and bias gradients) are chunked from each
 // gradient group's first row, so a data-parallel worker holding whole groups sums them exactly as
-// one process would. The FLOP counters of ops.h are not charged by gemm here (ops_gemm.cc keeps
-// them private).
+// one process would. The FLOP counters of ops.h are charged as the CPU charges them
+// (ops::charge_gemm_flops: every cuBLAS product 2·m·n·k, the fused attention the products of the
+// CPU's, recomputed scores nothing), so the measured counts are the same integers on both.
 //
 // Host pointers in a CUDA call are only those ops.h marks "host" (tree_sum_groups' ranges,
 // experts' offset, router_stats' outputs) plus the GradGroups descriptors themselves.
@@ -48,16 +49,24 @@
 //   buffers are on the device), as on the CPU.
 // - iteration_encoding, rope_tables: computed on the host in double exactly as the CPU does and
 //   copied to the device (bit-identical).
-// - attention_forward, attention_backward: as the CPU does it (scores by cuBLAS, row softmax, P·V
-//   by cuBLAS; batched over heads, one cuBLAS call per sequence). `scratch` is NOT used: the
-//   backward keeps dP for all H heads of a sequence (H·T·T values) in the backend's own workspace,
-//   so a caller's T·T-per-thread scratch of the CPU contract is never overrun. May be nullptr.
+// - attention_forward, attention_backward: fused (flash) kernels for head_dim <= 128: an online
+//   softmax over key tiles of 64, nothing T×T in memory (T up to any length the grid allows), lse
+//   saved; the backward recomputes P from lse in two deterministic kernels (dK/dV per key tile,
+//   dQ per query tile; no atomics) after D = rowsum(dO ⊙ O). fp32: SIMT arithmetic; bf16: the
+//   tensor cores (nvcuda::wmma), operands rounded as gemm rounds them. Above head_dim 128, or with
+//   LOOPMOE_CUDA_ATTENTION=materialized, the materialized reference (kernel_util below: the CPU's
+//   algorithm with cuBLAS products, P recomputed in the backward, the T×T blocks of one sequence
+//   in the backend's workspace). `scratch` is not used (nullptr allowed).
 // - crossentropy_forward_sum, crossentropy_forward: the rows' losses are computed on the device in
 //   double, copied to the host and added there in row order (LossSum: exactly; the mean: as the
 //   CPU does). Synchronises.
-// - experts_swiglu_forward, experts_swiglu_backward: offset on the host [E+1], as on the CPU. One
-//   cuBLAS product per expert and matrix, experts in order (a grouped GEMM is the obvious next
-//   step).
+// - experts_swiglu_forward, experts_swiglu_backward: offset on the host [E+1], as on the CPU. The
+//   experts' products are grouped GEMMs (kernel_util::gemm_grouped, one
+//   cublasGemmGroupedBatchedEx per call: 2 forward, 3 backward per layer, experts with no rows
+//   left out) and the SwiGLU elementwise parts one kernel over all rows; the maths and every
+//   product's inputs are the per-expert loop's (kernel_util::experts_swiglu_*_reference, which the
+//   tests hold them to). The backward's scratch holds dh1 for all rows, then dh3 (not per expert).
+//   In bf16 the products run one cublasGemmEx each, as gemm does (gemm_grouped says why).
 // - router_stats: assigned, prob_sum, lse_sq_sum on the host (as in ops.h); expert, probs, lse on
 //   the device. Copies its inputs to the host and runs the CPU version there (fixed point,
 //   exact). Synchronises.
@@ -85,6 +94,58 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int m, int n, int k, float
                           const float* a, int lda, long long stride_a, const float* b, int ldb,
                           long long stride_b, float beta, float* c, int ldc, long long stride_c,
                           int batch);
+
+// One product of gemm_grouped: C = alpha op(A) op(B) + beta C, row-major, gemm's arguments.
+struct GemmProblem {
+  bool trans_a = false, trans_b = false;
+  int m = 0, n = 0, k = 0;
+  float alpha = 1;
+  const float* a = nullptr;
+  int lda = 0;
+  const float* b = nullptr;
+  int ldb = 0;
+  float beta = 0;
+  float* c = nullptr;
+  int ldc = 0;
+};
+
+// Each of problems[0, count) (a host array; the matrices on the device) computed as gemm would
+// compute it alone, up to the fp32 accumulation order. The products must be independent: none
+// reads or writes a C another one writes. fp32: one cublasGemmGroupedBatchedEx
+// (CUBLAS_COMPUTE_32F, no TF32) over all of them, consecutive problems with the same shape,
+// leading dimensions and scalars forming one group; its pointer arrays in the backend's own
+// device block, written by a kernel queued before the call (stream order keeps the block alive
+// until the product has read it; no host synchronisation). bf16 (ops::matmul_precision()):
+// problem by problem through gemm, since cuBLAS has no grouped product of bf16 operands into an
+// fp32 C (its type table; the library ships bf16 grouped kernels with bf16 output only).
+// Problems with m == 0 or n == 0 are skipped; k == 0 ones (C = beta C) go through gemm.
+void gemm_grouped(const GemmProblem* problems, int count);
+
+// The naive reference of the grouped experts (llm.c style, kept beside the fast path; the tests
+// hold them equal): the per-expert loop, swiglu_forward / swiglu_backward on each expert's rows,
+// experts in order (3 and 6 gemm calls per expert). Same contract as experts_swiglu_forward /
+// experts_swiglu_backward, except that the backward's scratch holds each expert's dh1, dh3 at
+// 2 * offset[e] * F.
+void experts_swiglu_forward_reference(float* out, float* h1, float* h3, float* act, const float* x,
+                                      const int64_t* offset, int E, const float* w1,
+                                      const float* w3, const float* w2, int D, int F);
+void experts_swiglu_backward_reference(float* dx, float* dw1, float* dw3, float* dw2,
+                                       float* scratch, const float* dout, const float* x,
+                                       const float* h1, const float* h3, const float* act,
+                                       const int64_t* offset, int E, const float* w1,
+                                       const float* w3, const float* w2, int D, int F);
+
+// The two attention implementations behind attention_forward/backward (same contract as those;
+// the fused ones need head_dim <= 128 and throw std::invalid_argument above). The tests hold
+// them to each other and to the CPU.
+void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T_, int H,
+                             int hd);
+void attention_backward_fused(float* dqkv, const float* dout, const float* qkv, const float* out,
+                              const float* lse, int B, int T_, int H, int hd);
+void attention_forward_materialized(float* out, float* lse, const float* qkv, int B, int T_, int H,
+                                    int hd);
+void attention_backward_materialized(float* dqkv, const float* dout, const float* qkv, int B,
+                                     int T_, int H, int hd);
 }  // namespace kernel_util
 
 }  // namespace loopmoe::model::ops::cuda

@@ -1,10 +1,13 @@
 // ops.h on CUDA, part 1: the shared runtime pieces (error messages, the cuBLAS handle, the
 // workspace) and the matrix product on cuBLAS (called through cublas_loader.h's table), in fp32
-// or, with ops::matmul_precision() == kBf16, with bf16 operands (ops.h MatmulPrecision).
+// or, with ops::matmul_precision() == kBf16, with bf16 operands (ops.h MatmulPrecision); and the
+// grouped product of many independent ones (gemm_grouped, the experts').
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "model/bf16.h"
 #include "model/cuda/cublas_loader.h"
@@ -131,6 +134,8 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int m, int n, int k, float
                           long long stride_b, float beta, float* c, int ldc, long long stride_c,
                           int batch) {
   if (m == 0 || n == 0 || batch == 0) return;
+  // The CPU's counters, as its gemm charges them (ops.h charge_gemm_flops).
+  charge_gemm_flops(2ull * m * n * k * static_cast<uint64_t>(batch));
   if (bf16_products(k)) {
     gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc,
               stride_c, batch);
@@ -147,6 +152,7 @@ template <>
 void gemm<float>(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
                  int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
+  charge_gemm_flops(2ull * m * n * k);  // the CPU's counters, as its gemm charges them
   if (kernel_util::bf16_products(k)) {
     kernel_util::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0,
                            1);
@@ -157,5 +163,120 @@ void gemm<float>(bool trans_a, bool trans_b, int m, int n, int k, float alpha, c
       kernel_util::cublas_handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
       trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
 }
+
+namespace kernel_util {
+namespace {
+
+// Device memory for gemm_grouped's pointer arrays, its own grow-only block (a caller may hold
+// workspace() across its products, and bf16_operands belongs to gemm's bf16 path).
+void** grouped_pointers(size_t count) {
+  static void* block = nullptr;
+  static size_t capacity = 0;
+  return static_cast<void**>(grow_block(block, capacity, count * sizeof(void*)));
+}
+
+// The pointer arrays reach the device as kernel parameters: a launch copies its parameters when
+// it is queued, so the host array may go away at once, and the kernel writing the block runs
+// after every earlier kernel of the stream (the previous grouped product still reading the block
+// included) and before the product that reads it. A cudaMemcpy from pageable memory would do the
+// same only by waiting on the host for the device to drain. 448 pointers: 3.5 KB, inside the
+// 4 KB that kernel parameters may take on every architecture and toolkit.
+constexpr int kPointersPerFill = 448;
+struct PointerChunk {
+  void* pointers[kPointersPerFill];
+};
+__global__ void fill_pointers_kernel(void** dst, PointerChunk chunk, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = chunk.pointers[i];
+}
+void copy_pointers_to_device(void** dst, const std::vector<void*>& src) {
+  for (size_t begin = 0; begin < src.size(); begin += kPointersPerFill) {
+    const int count = static_cast<int>(std::min<size_t>(kPointersPerFill, src.size() - begin));
+    PointerChunk chunk{};
+    std::copy_n(src.data() + begin, count, chunk.pointers);
+    fill_pointers_kernel<<<1, 128>>>(dst + begin, chunk, count);
+    LOOPMOE_CUDA_CHECK_LAUNCH();
+  }
+}
+
+bool same_group(const GemmProblem& p, const GemmProblem& q) {
+  return p.trans_a == q.trans_a && p.trans_b == q.trans_b && p.m == q.m && p.n == q.n &&
+         p.k == q.k && p.lda == q.lda && p.ldb == q.ldb && p.ldc == q.ldc && p.alpha == q.alpha &&
+         p.beta == q.beta;
+}
+
+}  // namespace
+
+void gemm_grouped(const GemmProblem* problems, int count) {
+  // bf16: cuBLAS documents cublasGemmGroupedBatchedEx for CUDA_R_16BF A and B with a CUDA_R_16BF
+  // C only (https://docs.nvidia.com/cuda/cublas/index.html#cublasgemmgroupedbatchedex), and the
+  // grouped kernels libcublas.so.13 ships are bf16 -> bf16, f16 -> f16, fp32 (SIMT or TF32) and
+  // fp64; a bf16 C would round the result, which the maths keeps in fp32 (ops.h
+  // MatmulPrecision). So each product runs as gemm runs it: operands rounded by round_operands,
+  // one cublasGemmEx. (tests/cuda/test_cuda_moe.cc asks cuBLAS whether it takes bf16 into fp32.)
+  if (matmul_precision() == MatmulPrecision::kBf16) {
+    for (int i = 0; i < count; ++i) {
+      const GemmProblem& p = problems[i];
+      gemm<float>(p.trans_a, p.trans_b, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c,
+                  p.ldc);
+    }
+    return;
+  }
+  // cuBLAS's column-major view, per group, with gemm's transpose trick (ops_cuda.h): row-major
+  // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, so cuBLAS's A is our B (its op and
+  // leading dimension) and its m, n are our n, m.
+  std::vector<cublasOperation_t> op_first, op_second;
+  std::vector<int> rows, cols, inner, ld_first, ld_second, ld_c, group_size;
+  std::vector<float> alpha, beta;
+  std::vector<void*> first, second, c;  // per problem: cuBLAS's A (our B), B (our A), C
+  const GemmProblem* last = nullptr;
+  for (int i = 0; i < count; ++i) {
+    const GemmProblem& p = problems[i];
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) {  // C = beta C: gemm's plain call (the experts never pass one)
+      gemm<float>(p.trans_a, p.trans_b, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c,
+                  p.ldc);
+      continue;
+    }
+    if (last == nullptr || !same_group(*last, p)) {
+      op_first.push_back(p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+      op_second.push_back(p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+      rows.push_back(p.n);
+      cols.push_back(p.m);
+      inner.push_back(p.k);
+      ld_first.push_back(p.ldb);
+      ld_second.push_back(p.lda);
+      ld_c.push_back(p.ldc);
+      alpha.push_back(p.alpha);
+      beta.push_back(p.beta);
+      group_size.push_back(0);
+    }
+    ++group_size.back();
+    last = &p;
+    charge_gemm_flops(2ull * p.m * p.n * p.k);  // as gemm would have charged it
+    // cuBLAS only reads A and B; its pointer arrays are of void*.
+    first.push_back(const_cast<float*>(p.b));
+    second.push_back(const_cast<float*>(p.a));
+    c.push_back(p.c);
+  }
+  if (group_size.empty()) return;
+  // One device block [cuBLAS's A pointers | B pointers | C pointers], problem order within each.
+  const size_t products = c.size();
+  std::vector<void*> pointers;
+  pointers.reserve(3 * products);
+  pointers.insert(pointers.end(), first.begin(), first.end());
+  pointers.insert(pointers.end(), second.begin(), second.end());
+  pointers.insert(pointers.end(), c.begin(), c.end());
+  void** device = grouped_pointers(pointers.size());
+  copy_pointers_to_device(device, pointers);
+  // The scalars, sizes and leading dimensions are host arrays (the handle's pointer mode is the
+  // default, host), read during the call; only the three pointer arrays are read on the device.
+  LOOPMOE_CUBLAS_CHECK(cublas().cublasGemmGroupedBatchedEx(
+      cublas_handle(), op_first.data(), op_second.data(), rows.data(), cols.data(), inner.data(),
+      alpha.data(), device, CUDA_R_32F, ld_first.data(), device + products, CUDA_R_32F,
+      ld_second.data(), beta.data(), device + 2 * products, CUDA_R_32F, ld_c.data(),
+      static_cast<int>(group_size.size()), group_size.data(), CUBLAS_COMPUTE_32F));
+}
+
+}  // namespace kernel_util
 
 }  // namespace loopmoe::model::ops::cuda

@@ -1,7 +1,8 @@
-// ops.h on CUDA, part 4: the MoE kernels. The SwiGLU expert and the grouped experts (cuBLAS per
-// expert, experts in order), moving rows between token and expert order, the weighted combine,
-// and the router's top-k, its backward, batch statistics and z-loss gradient. Mirrors
-// model/cpu/ops_moe.cc.
+// ops.h on CUDA, part 4: the MoE kernels. The SwiGLU expert and the grouped experts (grouped
+// cuBLAS products over all experts, with the per-expert loop beside them as the reference),
+// moving rows between token and expert order, the weighted combine, and the router's top-k, its
+// backward, batch statistics and z-loss gradient. Mirrors model/cpu/ops_moe.cc.
+#include <type_traits>
 #include <vector>
 
 #include "model/cpu/ops_cpu.h"
@@ -47,9 +48,152 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
   gemm<T>(false, true, n, D, F, T(1), dh3, F, w3, F, T(1), dx, D);
 }
 
+namespace {
+
+using kernel_util::GemmProblem;
+
+// One row-major product C = op(A) op(B) + beta C (alpha 1) for gemm_grouped.
+GemmProblem product(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda,
+                    const float* b, int ldb, float beta, float* c, int ldc) {
+  GemmProblem p;
+  p.trans_a = trans_a;
+  p.trans_b = trans_b;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.alpha = 1.0f;
+  p.a = a;
+  p.lda = lda;
+  p.b = b;
+  p.ldb = ldb;
+  p.beta = beta;
+  p.c = c;
+  p.ldc = ldc;
+  return p;
+}
+
+// An expert that has rows: its index, its first row and its number of rows. Experts without rows
+// get no product at all (the per-expert loop returns before its first one: the weight gradients'
+// += of nothing).
+struct ExpertRows {
+  int e;
+  int64_t r0;
+  int n;
+};
+std::vector<ExpertRows> experts_with_rows(const int64_t* offset, int E) {
+  std::vector<ExpertRows> experts;
+  for (int e = 0; e < E; ++e) {
+    const int n = static_cast<int>(offset[e + 1] - offset[e]);
+    if (n > 0) experts.push_back({e, offset[e], n});
+  }
+  return experts;
+}
+
+void run(const std::vector<GemmProblem>& products) {
+  kernel_util::gemm_grouped(products.data(), static_cast<int>(products.size()));
+}
+
+}  // namespace
+
+// The grouped experts: every product of one kind for all experts in one grouped GEMM (per expert
+// the same product, operands and order of += as swiglu_forward / swiglu_backward, so the same
+// maths; only cuBLAS's accumulation order inside a product may differ), and the elementwise
+// SwiGLU parts once over all rows, which are contiguous in expert order (an elementwise kernel
+// gives each element the same bits whatever the rows around it). Deterministic as gemm is: the
+// same offsets give the same grouped calls, cuBLAS gives the same bits run to run for the same
+// call on one stream, GPU model and library version (the assumption ops_cuda.h makes of every
+// cuBLAS product), and the elementwise kernels write each element once, without atomics.
 template <typename T>
 void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
                             const T* w1, const T* w3, const T* w2, int D, int F) {
+  static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
+  const std::vector<ExpertRows> experts = experts_with_rows(offset, E);
+  if (experts.empty()) return;
+  std::vector<GemmProblem> products;
+  // h1 = x W1 and h3 = x W3: one group of two per expert (same shape).
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    const T* xe = x + ex.r0 * D;
+    products.push_back(product(false, false, ex.n, F, D, xe, D, w1 + wf, F, 0, h1 + ex.r0 * F, F));
+    products.push_back(product(false, false, ex.n, F, D, xe, D, w3 + wf, F, 0, h3 + ex.r0 * F, F));
+  }
+  run(products);
+  const int64_t begin = offset[0] * F;
+  for_each_index(static_cast<size_t>((offset[E] - offset[0]) * F), [=] __device__(size_t j) {
+    const size_t i = begin + j;
+    act[i] = h1[i] * device_sigmoid(h1[i]) * h3[i];
+  });
+  // out = act W2.
+  products.clear();
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    products.push_back(
+        product(false, false, ex.n, D, F, act + ex.r0 * F, F, w2 + wf, D, 0, out + ex.r0 * D, D));
+  }
+  run(products);
+}
+
+template <typename T>
+void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
+                             const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
+                             const T* w1, const T* w3, const T* w2, int D, int F) {
+  static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
+  const std::vector<ExpertRows> experts = experts_with_rows(offset, E);
+  if (experts.empty()) return;
+  // scratch (2 * offset[E] * F values, ops.h): dh1 of row r at dh1 + r * F, then dh3 likewise,
+  // so that the elementwise part runs once over all rows.
+  T* dh1 = scratch;
+  T* dh3 = scratch + static_cast<size_t>(offset[E]) * F;
+  std::vector<GemmProblem> products;
+  // dW2 += act^T dout, and dact = dout W2^T into dh1 (independent: one call).
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    products.push_back(
+        product(true, false, F, D, ex.n, act + ex.r0 * F, F, dout + ex.r0 * D, D, 1, dw2 + wf, D));
+  }
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    products.push_back(
+        product(false, true, ex.n, F, D, dout + ex.r0 * D, D, w2 + wf, D, 0, dh1 + ex.r0 * F, F));
+  }
+  run(products);
+  const int64_t begin = offset[0] * F;
+  for_each_index(static_cast<size_t>((offset[E] - offset[0]) * F), [=] __device__(size_t j) {
+    const size_t i = begin + j;
+    const T sg = device_sigmoid(h1[i]);
+    const T dact = dh1[i];
+    dh3[i] = dact * h1[i] * sg;
+    dh1[i] = dact * h3[i] * sg * (T(1) + h1[i] * (T(1) - sg));
+  });
+  // dW1 += x^T dh1 and dW3 += x^T dh3 (a group of two per expert), dx = dh1 W1^T.
+  products.clear();
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    const T* xe = x + ex.r0 * D;
+    products.push_back(product(true, false, D, F, ex.n, xe, D, dh1 + ex.r0 * F, F, 1, dw1 + wf, F));
+    products.push_back(product(true, false, D, F, ex.n, xe, D, dh3 + ex.r0 * F, F, 1, dw3 + wf, F));
+  }
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    products.push_back(
+        product(false, true, ex.n, D, F, dh1 + ex.r0 * F, F, w1 + wf, F, 0, dx + ex.r0 * D, D));
+  }
+  run(products);
+  // dx += dh3 W3^T: after dx = dh1 W1^T (it adds to that C, so not in the same call).
+  products.clear();
+  for (const ExpertRows& ex : experts) {
+    const size_t wf = static_cast<size_t>(ex.e) * D * F;
+    products.push_back(
+        product(false, true, ex.n, D, F, dh3 + ex.r0 * F, F, w3 + wf, F, 1, dx + ex.r0 * D, D));
+  }
+  run(products);
+}
+
+namespace kernel_util {
+
+void experts_swiglu_forward_reference(float* out, float* h1, float* h3, float* act, const float* x,
+                                      const int64_t* offset, int E, const float* w1,
+                                      const float* w3, const float* w2, int D, int F) {
   // Experts one after another on the stream: each product has one expert's rows, in their order.
   for (int e = 0; e < E; ++e) {
     const int64_t r0 = offset[e];
@@ -60,10 +204,11 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
   }
 }
 
-template <typename T>
-void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
-                             const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
-                             const T* w1, const T* w3, const T* w2, int D, int F) {
+void experts_swiglu_backward_reference(float* dx, float* dw1, float* dw3, float* dw2,
+                                       float* scratch, const float* dout, const float* x,
+                                       const float* h1, const float* h3, const float* act,
+                                       const int64_t* offset, int E, const float* w1,
+                                       const float* w3, const float* w2, int D, int F) {
   for (int e = 0; e < E; ++e) {
     const int64_t r0 = offset[e];
     const int n = static_cast<int>(offset[e + 1] - r0);
@@ -73,6 +218,8 @@ void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T*
                           w1 + wf, w3 + wf, w2 + wf, n, D, F);
   }
 }
+
+}  // namespace kernel_util
 
 template <typename T>
 void moe_permute_forward(T* rows, const T* x, const int64_t* row_of_slot, size_t slots, int k,

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -28,44 +29,143 @@ using cuda_testing::random_floats;
 using cuda_testing::random_ints;
 using cuda_testing::upload;
 
-TEST(CudaAttention, ForwardAndBackward) {
-  LOOPMOE_REQUIRE_CUDA_DEVICE();
-  // T above one block's 256 threads for the longest rows; hd not a power of two.
-  for (const auto& [B, T, H, hd] : {std::tuple{2, 37, 3, 16}, std::tuple{1, 300, 2, 24}}) {
-    SCOPED_TRACE(testing::Message() << "B " << B << " T " << T << " H " << H << " hd " << hd);
-    const int inner = H * hd;
-    const size_t rows = static_cast<size_t>(B) * T;
-    const std::vector<float> qkv = random_floats(rows * 3 * inner, 40);
-    const std::vector<float> dout = random_floats(rows * inner, 41);
-    std::vector<float> out(rows * inner), att(static_cast<size_t>(B) * H * T * T);
-    // The CPU backward's scratch: T·T values per OpenMP thread.
-    std::vector<float> dqkv(qkv.size()),
-        scratch(static_cast<size_t>(T) * T * omp_get_max_threads());
-    ops::attention_forward(out.data(), att.data(), qkv.data(), B, T, H, hd);
-    ops::attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T,
-                            H, hd);
-    check_against_cpu(
-        {out, att},
-        [&] {
-          Buffer<float> dq = upload(qkv), dout_att = device_zeros<float>(out.size());
-          Buffer<float> datt = device_zeros<float>(att.size());
-          ops::cuda::attention_forward(dout_att.data(), datt.data(), dq.data(), B, T, H, hd);
-          return Outputs{download(dout_att), download(datt)};
-        },
-        kReductionTolerance);
-    // The backward from the CPU's probabilities, so that only the backward is compared. dqkv
-    // starts as garbage: the backward overwrites it.
-    check_against_cpu(
-        {dqkv},
-        [&] {
-          Buffer<float> dq = upload(qkv), dg = upload(dout), datt = upload(att);
-          Buffer<float> ddq = upload(random_floats(qkv.size(), 42));
-          ops::cuda::attention_backward(ddq.data(), static_cast<float*>(nullptr), dg.data(),
-                                        dq.data(), datt.data(), B, T, H, hd);
-          return Outputs{download(ddq)};
-        },
-        kReductionTolerance);
+// The CPU's attention (the flash contract: out and lse forward, dqkv backward).
+struct CpuAttention {
+  std::vector<float> out, lse, dqkv;
+};
+CpuAttention cpu_attention(const std::vector<float>& qkv, const std::vector<float>& dout, int B,
+                           int T, int H, int hd) {
+  CpuAttention r;
+  r.out.resize(static_cast<size_t>(B) * T * H * hd);
+  r.lse.resize(static_cast<size_t>(B) * H * T);
+  r.dqkv.resize(qkv.size());
+  // The CPU's temporaries: 2·T·T values per OpenMP thread.
+  std::vector<float> scratch(static_cast<size_t>(2) * T * T * omp_get_max_threads());
+  ops::attention_forward(r.out.data(), r.lse.data(), scratch.data(), qkv.data(), B, T, H, hd);
+  ops::attention_backward(r.dqkv.data(), scratch.data(), dout.data(), qkv.data(), r.out.data(),
+                          r.lse.data(), B, T, H, hd);
+  return r;
+}
+
+enum class Path { kDispatched, kFused, kMaterialized };
+
+// out and lse of one CUDA forward, and dqkv of one CUDA backward run from the given out and lse
+// (the CPU's, so that the backward is compared on its own); dqkv starts as garbage, since the
+// backward overwrites it.
+Outputs cuda_attention(Path path, const std::vector<float>& qkv, const std::vector<float>& dout,
+                       const std::vector<float>& out, const std::vector<float>& lse, int B, int T,
+                       int H, int hd) {
+  Buffer<float> dq = upload(qkv), dg = upload(dout), dout_in = upload(out), dlse_in = upload(lse);
+  Buffer<float> dout_att = device_zeros<float>(out.size()), dlse = device_zeros<float>(lse.size());
+  Buffer<float> ddq = upload(random_floats(qkv.size(), 42));
+  namespace ku = ops::cuda::kernel_util;
+  switch (path) {
+    case Path::kDispatched:
+      ops::cuda::attention_forward(dout_att.data(), dlse.data(), static_cast<float*>(nullptr),
+                                   dq.data(), B, T, H, hd);
+      ops::cuda::attention_backward(ddq.data(), static_cast<float*>(nullptr), dg.data(), dq.data(),
+                                    dout_in.data(), dlse_in.data(), B, T, H, hd);
+      break;
+    case Path::kFused:
+      ku::attention_forward_fused(dout_att.data(), dlse.data(), dq.data(), B, T, H, hd);
+      ku::attention_backward_fused(ddq.data(), dg.data(), dq.data(), dout_in.data(), dlse_in.data(),
+                                   B, T, H, hd);
+      break;
+    case Path::kMaterialized:
+      ku::attention_forward_materialized(dout_att.data(), dlse.data(), dq.data(), B, T, H, hd);
+      ku::attention_backward_materialized(ddq.data(), dg.data(), dq.data(), B, T, H, hd);
+      break;
   }
+  return Outputs{download(dout_att), download(dlse), download(ddq)};
+}
+
+// Shapes: T below, at and above the 64-row tiles and above one row block's 256 threads; head
+// sizes padded to each of the fused kernels' 16, 32, 64 and 128, one not a power of two (the
+// tiny LoopMoE's 28), and 160 (above the fused kernels: materialized only).
+const std::vector<std::tuple<int, int, int, int>> kShapes = {
+    {2, 37, 3, 16}, {1, 300, 2, 24},  {2, 64, 2, 28},   {1, 130, 4, 32},
+    {2, 65, 1, 64}, {1, 200, 2, 100}, {1, 129, 2, 128}, {1, 70, 2, 160}};
+
+TEST(CudaAttention, EachPathMatchesTheCpu) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  for (const auto& [B, T, H, hd] : kShapes) {
+    const std::vector<float> qkv = random_floats(static_cast<size_t>(B) * T * 3 * H * hd, 40);
+    const std::vector<float> dout = random_floats(static_cast<size_t>(B) * T * H * hd, 41);
+    const CpuAttention cpu = cpu_attention(qkv, dout, B, T, H, hd);
+    for (Path path : {Path::kDispatched, Path::kFused, Path::kMaterialized}) {
+      if (path == Path::kFused && hd > 128) continue;  // FusedRefusesHeadsAbove128
+      SCOPED_TRACE(testing::Message() << "B " << B << " T " << T << " H " << H << " hd " << hd
+                                      << " path " << static_cast<int>(path));
+      check_against_cpu(
+          {cpu.out, cpu.lse, cpu.dqkv},
+          [&] { return cuda_attention(path, qkv, dout, cpu.out, cpu.lse, B, T, H, hd); },
+          kReductionTolerance);
+    }
+  }
+}
+
+TEST(CudaAttention, FusedRefusesHeadsAbove128) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  Buffer<float> qkv = device_zeros<float>(3 * 160), out = device_zeros<float>(160),
+                lse = device_zeros<float>(1);
+  EXPECT_THROW(ops::cuda::kernel_util::attention_forward_fused(out.data(), lse.data(), qkv.data(),
+                                                               1, 1, 1, 160),
+               std::invalid_argument);
+  // The dispatched entry falls back to the materialized kernels there.
+  ops::cuda::attention_forward(out.data(), lse.data(), static_cast<float*>(nullptr), qkv.data(), 1,
+                               1, 1, 160);
+  EXPECT_EQ(download(lse)[0], 0.f);  // one key: log 1
+}
+
+// bf16 (train.precision = "bf16"): the fused path (the tensor-core kernels in bf16) and the
+// materialized one against the CPU's emulation. The fused forward rounds the unnormalised
+// probabilities where the CPU rounds the normalised ones, and its D = dO·O stands for the CPU's
+// rowsum(dP ⊙ P), so the tolerance is bf16's resolution rather than the accumulation order's
+// (tests/cuda_emulation/ measures the same kernels' distance on the CPU).
+TEST(CudaAttention, Bf16MatchesTheCpuEmulation) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  ops::MatmulPrecisionScope scope(ops::MatmulPrecision::kBf16);
+  for (const auto& [B, T, H, hd] : {std::tuple{2, 37, 3, 16}, std::tuple{1, 130, 2, 64}}) {
+    const std::vector<float> qkv = random_floats(static_cast<size_t>(B) * T * 3 * H * hd, 43);
+    const std::vector<float> dout = random_floats(static_cast<size_t>(B) * T * H * hd, 44);
+    const CpuAttention cpu = cpu_attention(qkv, dout, B, T, H, hd);
+    for (Path path : {Path::kFused, Path::kMaterialized}) {
+      SCOPED_TRACE(testing::Message() << "B " << B << " T " << T << " H " << H << " hd " << hd
+                                      << " path " << static_cast<int>(path));
+      check_against_cpu(
+          {cpu.out, cpu.lse, cpu.dqkv},
+          [&] { return cuda_attention(path, qkv, dout, cpu.out, cpu.lse, B, T, H, hd); }, 2e-2);
+    }
+  }
+}
+
+// Long sequences, where only the fused kernels avoid T×T memory: fused against materialized on
+// the GPU (the CPU's T×T scratch per thread would be gigabytes), and a sequence's results
+// independent of the other sequences of the call.
+TEST(CudaAttention, LongSequencesFusedMatchesMaterialized) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  const int B = 2, T = 4096, H = 2, hd = 64;
+  const std::vector<float> qkv = random_floats(static_cast<size_t>(B) * T * 3 * H * hd, 45);
+  const std::vector<float> dout = random_floats(static_cast<size_t>(B) * T * H * hd, 46);
+  const Outputs m = cuda_attention(Path::kMaterialized, qkv, dout, std::vector<float>(dout.size()),
+                                   std::vector<float>(static_cast<size_t>(B) * H * T), B, T, H, hd);
+  // The fused backward from the materialized forward's out and lse.
+  const Outputs f = cuda_attention(Path::kFused, qkv, dout, m[0], m[1], B, T, H, hd);
+  cuda_testing::expect_close(m[0], f[0], kReductionTolerance, "out");
+  cuda_testing::expect_close(m[1], f[1], kReductionTolerance, "lse");
+  cuda_testing::expect_close(m[2], f[2], kReductionTolerance, "dqkv");
+  // Sequence 1 alone gives the same bits as in the pair.
+  const size_t rows = static_cast<size_t>(T) * 3 * H * hd,
+               out_rows = static_cast<size_t>(T) * H * hd;
+  const std::vector<float> qkv1(qkv.begin() + rows, qkv.end());
+  const std::vector<float> dout1(dout.begin() + out_rows, dout.end());
+  const std::vector<float> out1(m[0].begin() + out_rows, m[0].end());
+  const std::vector<float> lse1(m[1].begin() + H * T, m[1].end());
+  const Outputs one = cuda_attention(Path::kFused, qkv1, dout1, out1, lse1, 1, T, H, hd);
+  cuda_testing::expect_same_bits(std::vector<float>(f[0].begin() + out_rows, f[0].end()), one[0],
+                                 "out of sequence 1");
+  cuda_testing::expect_same_bits(std::vector<float>(f[2].begin() + rows, f[2].end()), one[2],
+                                 "dqkv of sequence 1");
 }
 
 TEST(CudaAttention, Softmax) {

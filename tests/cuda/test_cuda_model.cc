@@ -13,12 +13,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "model/buffer.h"
 #include "model/device.h"
 #include "model/model.h"
+#include "model/ops.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/device/device_run.h"
 
@@ -107,6 +109,25 @@ TEST_P(CudaModelParity, SameSeedRunsAreBitIdentical) {
   EXPECT_TRUE(device_testing::same_bits(a.params, b.params)) << "parameters";
   EXPECT_TRUE(device_testing::same_bits(a.grads, b.grads)) << "gradients";
   EXPECT_TRUE(device_testing::same_bits(a.logits, b.logits)) << "logits";
+}
+
+// The FLOP counters (audit, budget's measured counts) charge the same integers on the GPU as on
+// the CPU, kind by kind: cuBLAS products and the fused attention charge what the CPU's gemm
+// charges, the backward's recomputed scores nothing.
+TEST_P(CudaModelParity, FlopCountersMatchTheCpuExactly) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  const model::Config cfg = device_testing::variant_config(GetParam());
+  std::vector<uint64_t> counts[2];
+  for (Device device : {Device::kCpu, Device::kCuda}) {
+    model::ops::reset_gemm_flops();
+    forward_backward(cfg, device);
+    for (int kind = 0; kind < static_cast<int>(model::ops::FlopKind::kCount); ++kind) {
+      counts[device == Device::kCuda].push_back(
+          model::ops::gemm_flops(static_cast<model::ops::FlopKind>(kind)));
+    }
+  }
+  EXPECT_EQ(counts[1], counts[0]);
+  EXPECT_GT(counts[0][static_cast<int>(model::ops::FlopKind::kAttentionScores)], 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(CudaModelTiny, CudaModelParity,
