@@ -179,8 +179,10 @@ def main(argv=None) -> int:
     for case, d in profiles.items():
         ops = d.get("ops") or []
         out.append("")
-        out.append(f"Op profile of ours, {case}: {d.get('steps')} step(s) with a device synchronisation "
-                   f"after each op, {d.get('step_ms', 0):.1f} ms per profiled step; the ops with the most time:")
+        where = str(d.get("device", "-"))
+        sync = " with a device synchronisation after each op" if where.startswith("cuda") else ""
+        out.append(f"Op profile of ours, {case}: {d.get('steps')} step(s) on {where}{sync}, "
+                   f"{d.get('step_ms', 0):.1f} ms per profiled step; the ops with the most time:")
         out.append("")
         out.append("| op | calls/step | ms/step | share |")
         out.append("|---|---:|---:|---:|")

@@ -31,7 +31,7 @@ def main() -> int:
         rec("a", "ours", data={"kind": "gemm", "n": 8192, "reps": 10, "mean_tflops": 500.0, "best_tflops": 510.0}),
         rec("a", "ours", data={"kind": "case", "tokens_per_s": 10000.0, "step_ms": 100.0, "mfu": 0.2,
                                "flops_per_token": 1e10, "peak_bytes": 2 * GiB, "finite": True}),
-        rec("a", "ours", data={"kind": "profile", "case": "a", "steps": 3, "step_ms": 150.0,
+        rec("a", "ours", data={"kind": "profile", "case": "a", "device": "cuda", "steps": 3, "step_ms": 150.0,
                                "ops": [{"op": "attention_backward", "calls_per_step": 12.0,
                                         "ms_per_step": 60.0, "share": 0.4},
                                        {"op": "matmul_forward", "calls_per_step": 88.0,
@@ -63,7 +63,7 @@ def main() -> int:
         ("exit 0", out.returncode == 0),
         ("GPU line", "FIXTURE GPU (100 SMs, 80.0 GiB" in out.stdout),
         ("GEMM line", "500.0 TFLOP/s" in out.stdout),
-        ("profile section", "Op profile of ours, a: 3 step(s)" in out.stdout
+        ("profile section", "Op profile of ours, a: 3 step(s) on cuda with a device synchronisation" in out.stdout
          and "| attention_backward | 12.0 | 60.00 | 40.0% |" in out.stdout),
         ("tests line", "10 run: 10 passed" in out.stdout),
         (f"row a = {want_a}", rows.get("a") == want_a),

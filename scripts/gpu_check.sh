@@ -291,9 +291,10 @@ for c in "${cases[@]}"; do
     record "$name" ours "" skipped 125 0 "dry run: not measured on the CPU"
     continue
   fi
-  if ((dry)); then
+  if ((dry)); then  # with a one-step op profile, so that its path to the table is exercised
     run_item 300 "$work/ours.log" "${with_env[@]}" "$bench" --device cpu --threads 1 \
-      --config "$config" --batch "$batch" --precision "$precision" "${dry_steps[@]}" --no-torch --json
+      --config "$config" --batch "$batch" --precision "$precision" "${dry_steps[@]}" \
+      --profile 1 --no-torch --json
   else
     profile=()  # the op profile of the GPU-scale cases (3 more steps, in the table)
     [[ $name == gpu_small* && -z $environment ]] && profile=(--profile 3)
