@@ -187,6 +187,14 @@ CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double ge
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   model::Rng rng(1);
+  // Training step s on the current in/tg, up to the end of its kernels (the caller synchronises
+  // before it): the timed steps and the profiled ones.
+  const auto step = [&](int s) {
+    const model::StepOutcome out =
+        model::train_step(m, adam, cfg.train, s, {in.data(), tg.data(), B, T}, finish);
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return out;
+  };
   CaseResult r;
   double timed = 0;
   const auto warmup_start = Clock::now();
@@ -199,9 +207,7 @@ CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double ge
     }
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     const auto t0 = Clock::now();
-    const model::StepOutcome out =
-        model::train_step(m, adam, cfg.train, s, {in.data(), tg.data(), B, T}, finish);
-    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    const model::StepOutcome out = step(s);
     const double dt = common::seconds_since(t0);
     if (s >= o.warmup) {
       timed += dt;
@@ -212,10 +218,8 @@ CaseResult measure_case(const model::Config& cfg, const GpuOptions& o, double ge
   }
   // The op profile after the timed steps (which it would slow down), on the same inputs' kind.
   r.profile = profile_steps(o.profile_steps, [&](int i) {
-    const int s = o.warmup + r.timed_steps + i;
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    model::train_step(m, adam, cfg.train, s, {in.data(), tg.data(), B, T}, finish);
-    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    step(o.warmup + r.timed_steps + i);
   });
   const size_t in_use_after = device_bytes_in_use();
   r.in_use_bytes = in_use_after - std::min(in_use_before, in_use_after);

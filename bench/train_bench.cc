@@ -79,6 +79,14 @@ Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int 
   const int B = cfg.train.batch_size, T = cfg.model.seq_len;
   std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
   loopmoe::model::Rng rng(1);
+  // One training step on the current in/tg: the timed steps and the profiled ones.
+  const auto step = [&] {
+    model.zero_grad();
+    model.forward(in.data(), tg.data(), B, T);
+    model.backward();
+    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
+    adam.step(model.params(), model.grads(), 1e-3);
+  };
   Measured m;
   double total = 0;
   for (int s = 0; s < warmup + steps; ++s) {
@@ -88,24 +96,14 @@ Measured measure(const loopmoe::model::Config& cfg, int threads, int steps, int 
     }
     loopmoe::model::ops::reset_gemm_flops();
     auto t0 = Clock::now();
-    model.zero_grad();
-    model.forward(in.data(), tg.data(), B, T);
-    model.backward();
-    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
-    adam.step(model.params(), model.grads(), 1e-3);
+    step();
     const double dt = loopmoe::common::seconds_since(t0);
     if (s >= warmup) total += dt;
     m.flops_per_token = static_cast<double>(loopmoe::model::ops::gemm_flops()) / (B * T);
   }
   m.step_ms = 1e3 * total / steps;
   m.tokens_per_s = static_cast<double>(B) * T * steps / total;
-  m.profile = loopmoe::bench::profile_steps(profile_steps, [&](int) {
-    model.zero_grad();
-    model.forward(in.data(), tg.data(), B, T);
-    model.backward();
-    loopmoe::model::clip_grad_norm(model.grads(), model.num_params(), cfg.train.grad_clip);
-    adam.step(model.params(), model.grads(), 1e-3);
-  });
+  m.profile = loopmoe::bench::profile_steps(profile_steps, [&](int) { step(); });
   return m;
 }
 

@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <string>
+#include <vector>
 
 #include "model/config.h"
 #include "model/local_dispatcher.h"
@@ -283,6 +286,49 @@ TEST(GradCheck, RouterWithTopKHeldFixed) {
       }
     }
   }
+}
+
+// The op profile (model/ops.h set_op_profiling, loopmoe_bench --profile): off, it records
+// nothing; on, every dispatched ops.h call of a training step is counted under its name.
+TEST(OpProfile, CountsEveryDispatchedCallWhileOn) {
+  const int B = 2, T = 8;
+  model::Model m(small(model::IterAdaLNMode::kJoint, 2, 3));
+  m.init_params(1);
+  const auto tokens = random_tokens(B * T, 64, 5), targets = random_tokens(B * T, 64, 6);
+  const auto step = [&] {
+    m.zero_grad();
+    m.forward(tokens.data(), targets.data(), B, T);
+    m.backward();
+  };
+  model::ops::reset_op_profile();
+  ASSERT_FALSE(model::ops::op_profiling());
+  step();
+  EXPECT_TRUE(model::ops::op_profile().empty()) << "recorded while off";
+
+  model::ops::set_op_profiling(true);
+  step();
+  step();
+  model::ops::set_op_profiling(false);
+  std::map<std::string, model::ops::OpTime> by_name;
+  double seconds = 0;
+  const std::vector<model::ops::OpTime> profile = model::ops::op_profile();
+  for (size_t i = 0; i < profile.size(); ++i) {
+    by_name[profile[i].name] = profile[i];
+    seconds += profile[i].seconds;
+    EXPECT_GE(profile[i].seconds, 0) << profile[i].name;
+    if (i > 0) {
+      EXPECT_GE(profile[i - 1].seconds, profile[i].seconds) << "not sorted";
+    }
+  }
+  EXPECT_GT(seconds, 0);
+  // 2 layers × 3 loops = 6 attention applications per step, one embedding per step.
+  EXPECT_EQ(by_name["attention_forward"].calls, 2 * 6);
+  EXPECT_EQ(by_name["attention_backward"].calls, 2 * 6);
+  EXPECT_EQ(by_name["embedding_forward"].calls, 2);
+  EXPECT_EQ(by_name["experts_swiglu_forward"].calls, 2 * 6);
+
+  model::ops::reset_op_profile();
+  EXPECT_TRUE(model::ops::op_profile().empty());
 }
 
 }  // namespace

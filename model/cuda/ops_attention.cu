@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "model/bf16.h"
@@ -238,40 +239,40 @@ static uint64_t attention_products_flops(int B, int T_, int H, int hd) {
   return 2ull * B * H * static_cast<uint64_t>(T_) * T_ * hd;
 }
 
+// f(std::integral_constant<int, HDP>{}) for the fused kernels' padded head size of hd; `what`
+// names the caller in the error above kMaxFusedHeadDim (nothing is charged or launched then).
+template <typename F>
+void with_fused_head_dim(int hd, const char* what, F&& f) {
+  switch (fused_head_dim(hd)) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+  }
+  throw std::invalid_argument(std::string(what) + ": head_dim " + std::to_string(hd) +
+                              " is above " + std::to_string(kMaxFusedHeadDim));
+}
+
 void attention_forward_fused(float* out, float* lse, const float* qkv, int B, int T_, int H,
                              int hd) {
   if (B <= 0 || T_ <= 0 || H <= 0) return;
-  charge_gemm_flops(2 * attention_products_flops(B, T_, H, hd));
-  switch (fused_head_dim(hd)) {
-    case 16:
-      return fused_forward<16>(out, lse, qkv, B, T_, H, hd);
-    case 32:
-      return fused_forward<32>(out, lse, qkv, B, T_, H, hd);
-    case 64:
-      return fused_forward<64>(out, lse, qkv, B, T_, H, hd);
-    case 128:
-      return fused_forward<128>(out, lse, qkv, B, T_, H, hd);
-  }
-  throw std::invalid_argument("attention_forward_fused: head_dim " + std::to_string(hd) +
-                              " is above " + std::to_string(kMaxFusedHeadDim));
+  with_fused_head_dim(hd, "attention_forward_fused", [&](auto hdp) {
+    charge_gemm_flops(2 * attention_products_flops(B, T_, H, hd));
+    fused_forward<decltype(hdp)::value>(out, lse, qkv, B, T_, H, hd);
+  });
 }
 
 void attention_backward_fused(float* dqkv, const float* dout, const float* qkv, const float* out,
                               const float* lse, int B, int T_, int H, int hd) {
   if (B <= 0 || T_ <= 0 || H <= 0) return;
-  charge_gemm_flops(4 * attention_products_flops(B, T_, H, hd));
-  switch (fused_head_dim(hd)) {
-    case 16:
-      return fused_backward<16>(dqkv, dout, qkv, out, lse, B, T_, H, hd);
-    case 32:
-      return fused_backward<32>(dqkv, dout, qkv, out, lse, B, T_, H, hd);
-    case 64:
-      return fused_backward<64>(dqkv, dout, qkv, out, lse, B, T_, H, hd);
-    case 128:
-      return fused_backward<128>(dqkv, dout, qkv, out, lse, B, T_, H, hd);
-  }
-  throw std::invalid_argument("attention_backward_fused: head_dim " + std::to_string(hd) +
-                              " is above " + std::to_string(kMaxFusedHeadDim));
+  with_fused_head_dim(hd, "attention_backward_fused", [&](auto hdp) {
+    charge_gemm_flops(4 * attention_products_flops(B, T_, H, hd));
+    fused_backward<decltype(hdp)::value>(dqkv, dout, qkv, out, lse, B, T_, H, hd);
+  });
 }
 
 }  // namespace kernel_util
