@@ -12,6 +12,7 @@
 
 #include "coordinator/coordinator_impl.h"
 #include "coordinator/util.h"
+#include "security/credentials.h"
 
 namespace loopmoe::coordinator {
 
@@ -46,7 +47,8 @@ Coordinator::Impl::Impl(const CoordinatorOptions& options)
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, security::server_credentials(options.security), &port);
+  security::add_exclusive_listening_port(builder, options.listen,
+                                         security::server_credentials(options.security), &port);
   builder.RegisterService(this);
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) {

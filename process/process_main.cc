@@ -19,6 +19,7 @@
 
 #include "common/run_main.h"
 #include "process/roles.h"
+#include "security/credentials.h"
 #include "security/flags.h"
 
 namespace loopmoe::process {
@@ -97,8 +98,8 @@ void ProcessHost::start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(options_.listen, security::server_credentials(options_.security),
-                           &selected_port);
+  security::add_exclusive_listening_port(
+      builder, options_.listen, security::server_credentials(options_.security), &selected_port);
   builder.RegisterService(service_.get());
   server_ = builder.BuildAndStart();
   if (!server_ || selected_port == 0) {

@@ -43,6 +43,12 @@ std::string read_file(const std::string& path, const std::string& what) {
 
 }  // namespace
 
+void add_exclusive_listening_port(grpc::ServerBuilder& builder, const std::string& listen,
+                                  std::shared_ptr<grpc::ServerCredentials> credentials, int* port) {
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddListeningPort(listen, std::move(credentials), port);
+}
+
 std::shared_ptr<grpc::ServerCredentials> server_credentials(const Credentials& credentials) {
   if (credentials.insecure) return grpc::InsecureServerCredentials();
   if (credentials.cert_pem.empty() || credentials.key_pem.empty()) {

@@ -8,6 +8,7 @@
 #include <grpcpp/channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
 #include <grpcpp/support/channel_arguments.h>
 
 #include <memory>
@@ -42,6 +43,13 @@ struct Credentials {
 // required) and a TokenAuthProcessor over cli_token and process_token. Throws
 // std::runtime_error with one clear message when TLS material is missing.
 std::shared_ptr<grpc::ServerCredentials> server_credentials(const Credentials& credentials);
+
+// builder.AddListeningPort(listen, credentials, port), the port held alone: gRPC sets SO_REUSEPORT
+// by default, with which a second server of the same user binds a port in use and the kernel
+// splits the connections between the two (a coordinator started twice would take half of the
+// other's calls). Without it that second server fails to start. Every server of ours listens so.
+void add_exclusive_listening_port(grpc::ServerBuilder& builder, const std::string& listen,
+                                  std::shared_ptr<grpc::ServerCredentials> credentials, int* port);
 
 // A channel to `address` that sends `token` (may be empty) as a bearer token on every call: TLS
 // against ca_pem (required unless insecure), the client certificate with mutual_tls, and

@@ -7,13 +7,15 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "security/credentials.h"
+
 namespace loopmoe::security {
 
 HealthServer::HealthServer(const std::string& listen) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  add_exclusive_listening_port(builder, listen, grpc::InsecureServerCredentials(), &port);
   queue_ = builder.AddCompletionQueue(/*is_frequently_polled=*/true);
   server_ = builder.BuildAndStart();
   drain_ = std::thread([queue = queue_.get()] {

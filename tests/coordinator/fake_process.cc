@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "security/credentials.h"
+
 namespace loopmoe::coordinator::testing {
 
 bool eventually(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
@@ -17,14 +19,16 @@ bool eventually(const std::function<bool()>& done, std::chrono::milliseconds tim
   return done();
 }
 
-FakeProcess::FakeProcess(const std::string& coordinator, FakeScript script) : script_(script) {
+FakeProcess::FakeProcess(const std::string& coordinator, FakeScript script,
+                         const std::string& listen)
+    : script_(script) {
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  security::add_exclusive_listening_port(builder, listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(this);
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) throw std::runtime_error("fake process: cannot listen");
-  address_ = "127.0.0.1:" + std::to_string(port);
+  address_ = listen.substr(0, listen.rfind(':') + 1) + std::to_string(port);
   if (coordinator.empty()) return;  // standalone: the test registers it (JobDriver tests)
   coordinator_ = v1::Coordinator::NewStub(
       grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials()));

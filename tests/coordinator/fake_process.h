@@ -41,8 +41,10 @@ struct FakeScript {
 class FakeProcess final : public v1::TrainingProcess::Service {
  public:
   // Registers with and heartbeats to `coordinator`; an empty one: a standalone process that does
-  // neither (a test drives it directly and registers it in its own ProcessRegistry).
-  FakeProcess(const std::string& coordinator, FakeScript script);
+  // neither (a test drives it directly and registers it in its own ProcessRegistry). It serves on
+  // `listen`.
+  FakeProcess(const std::string& coordinator, FakeScript script,
+              const std::string& listen = "127.0.0.1:0");
   ~FakeProcess() override;
 
   // Stops heartbeating and shuts its server down at once (in-flight calls fail): a crash.

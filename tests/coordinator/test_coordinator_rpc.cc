@@ -16,6 +16,7 @@
 #include "coordinator/job_spec.h"
 #include "coordinator_fixture.h"
 #include "dataloader/token_shard.h"
+#include "security/health_server.h"
 #include "tests/http_get.h"
 
 namespace loopmoe::coordinator {
@@ -25,6 +26,7 @@ using testing::CoordinatorTest;
 using testing::eventually;
 using testing::FakeProcess;
 using testing::test_config;
+using testing::test_options;
 
 // ------------------------------------------------------------------------------------------------
 // The service
@@ -40,6 +42,23 @@ TEST_F(CoordinatorTest, HealthServing) {
                    std::chrono::milliseconds(300));
   EXPECT_FALSE(none.ok);
   EXPECT_FALSE(none.error.empty());
+}
+
+// gRPC servers set SO_REUSEPORT by default: a second server of the same user could then bind a
+// port in use, and the kernel would split the connections between the two (a CI run once lost a
+// Configure that way). Ours never share: the second server fails to start, with a clear error.
+TEST_F(CoordinatorTest, ASecondServerOnTheSamePortFailsToStart) {
+  CoordinatorOptions o = test_options(dir_.path / "second");
+  o.listen = coordinator_->address();
+  try {
+    Coordinator second(o);
+    ADD_FAILURE() << "a second coordinator started on " << o.listen;
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot listen on " + o.listen), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(security::HealthServer health(coordinator_->address()), std::runtime_error);
+  EXPECT_THROW(FakeProcess fake("", {}, coordinator_->address()), std::runtime_error);
 }
 
 TEST_F(CoordinatorTest, KvSetGetWait) {

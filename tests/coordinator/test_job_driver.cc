@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -37,6 +38,14 @@ class JobDriverTest : public ::testing::Test {
         store_((dir_.path / "db").string()),
         registry_(std::chrono::seconds(60)),  // liveness is not under test: no heartbeats here
         metrics_("") {}
+  // A failed test shows what the driver logged (why a run failed or was requeued).
+  void TearDown() override {
+    if (!HasFailure()) return;
+    for (const std::string& id : jobs_) {
+      for (const std::string& line : log_lines(id))
+        std::printf("job %s log: %s\n", id.c_str(), line.c_str());
+    }
+  }
 
   struct Process {
     std::unique_ptr<FakeProcess> fake;
@@ -69,6 +78,7 @@ class JobDriverTest : public ::testing::Test {
     job.set_state(v1::QUEUED);
     job.set_total_steps(validate_job_spec(job.spec(), "test").train.steps);
     store_.put_job(job);
+    jobs_.push_back(job.job_id());
     return job.job_id();
   }
   int count(v1::Role role) {
@@ -144,6 +154,7 @@ class JobDriverTest : public ::testing::Test {
   absl::CondVar changed_;
   std::vector<std::string> requeued_;
   std::vector<Process> processes_;
+  std::vector<std::string> jobs_;  // created by create_job
 };
 
 TEST_F(JobDriverTest, RunsAJobToCompletionAndCommitsItsCheckpoints) {

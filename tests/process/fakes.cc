@@ -10,6 +10,7 @@
 
 #include "comm/comm_error.h"
 #include "comm/key_value_store.h"
+#include "security/credentials.h"
 
 namespace loopmoe::process::testing {
 
@@ -33,7 +34,8 @@ TestServer::~TestServer() {
 std::unique_ptr<TestServer> serve(const std::vector<grpc::Service*>& services) {
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  security::add_exclusive_listening_port(builder, "127.0.0.1:0", grpc::InsecureServerCredentials(),
+                                         &port);
   for (grpc::Service* service : services) builder.RegisterService(service);
   auto result = std::make_unique<TestServer>();
   result->server = builder.BuildAndStart();

@@ -10,6 +10,7 @@
 #include <future>
 
 #include "process/process_main.h"
+#include "security/credentials.h"
 #include "tests/process/fakes.h"
 
 namespace loopmoe::process {
@@ -179,7 +180,9 @@ TEST_F(ProcessHostTest, WaitsForACoordinatorThatStartsLate) {
   std::thread starter([&] {
     std::this_thread::sleep_for(700ms);
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(address, grpc::InsecureServerCredentials());
+    int port = 0;
+    security::add_exclusive_listening_port(builder, address, grpc::InsecureServerCredentials(),
+                                           &port);
     builder.RegisterService(&late);
     late_server = builder.BuildAndStart();
   });
