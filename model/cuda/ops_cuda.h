@@ -66,7 +66,10 @@
 //   left out) and the SwiGLU elementwise parts one kernel over all rows; the maths and every
 //   product's inputs are the per-expert loop's (kernel_util::experts_swiglu_*_reference, which the
 //   tests hold them to). The backward's scratch holds dh1 for all rows, then dh3 (not per expert).
-//   In bf16 the products run one cublasGemmEx each, as gemm does (gemm_grouped says why).
+//   In bf16 each kind of product runs as one launch of model/cuda/expert_gemm.cuh's tensor-core
+//   kernel over all experts (operands rounded to bf16 as loaded, fp32 accumulation; 3 forward, 6
+//   backward per layer), which reads the offsets on the device (copied there as kernel
+//   parameters, no host wait).
 // - router_stats: assigned, prob_sum, lse_sq_sum on the host (as in ops.h); expert, probs, lse on
 //   the device. Copies its inputs to the host and runs the CPU version there (fixed point,
 //   exact). Synchronises.

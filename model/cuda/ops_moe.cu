@@ -1,12 +1,17 @@
 // ops.h on CUDA, part 4: the MoE kernels. The SwiGLU expert and the grouped experts (grouped
-// cuBLAS products over all experts, with the per-expert loop beside them as the reference),
+// cuBLAS products over all experts in fp32, expert_gemm.cuh's kernel in bf16, with the per-expert
+// loop beside them as the reference),
 // moving rows between token and expert order, the weighted combine, and the router's top-k, its
 // backward, batch statistics and z-loss gradient. Mirrors model/cpu/ops_moe.cc.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "model/cpu/ops_cpu.h"
 #include "model/cuda/cuda_util.cuh"
+#include "model/cuda/expert_gemm.cuh"
 #include "model/cuda/ops_cuda.h"
 
 namespace loopmoe::model::ops::cuda {
@@ -93,6 +98,121 @@ void run(const std::vector<GemmProblem>& products) {
   kernel_util::gemm_grouped(products.data(), static_cast<int>(products.size()));
 }
 
+// The elementwise SwiGLU over rows' elements [begin, begin + n): act = silu(h1) h3, and its
+// backward, which turns dh1 (holding dact) into dh1 and writes dh3.
+template <typename T>
+void swiglu_activation(T* act, const T* h1, const T* h3, int64_t begin, int64_t n) {
+  for_each_index(static_cast<size_t>(n), [=] __device__(size_t j) {
+    const size_t i = begin + j;
+    act[i] = h1[i] * device_sigmoid(h1[i]) * h3[i];
+  });
+}
+template <typename T>
+void swiglu_activation_backward(T* dh1, T* dh3, const T* h1, const T* h3, int64_t begin,
+                                int64_t n) {
+  for_each_index(static_cast<size_t>(n), [=] __device__(size_t j) {
+    const size_t i = begin + j;
+    const T sg = device_sigmoid(h1[i]);
+    const T dact = dh1[i];
+    dh3[i] = dact * h1[i] * sg;
+    dh1[i] = dact * h3[i] * sg * (T(1) + h1[i] * (T(1) - sg));
+  });
+}
+
+// bf16 (train.precision = "bf16"): the experts' products of each kind in one launch of
+// expert_gemm.cuh's tensor-core kernel, which rounds the fp32 operands to bf16 as it loads them
+// (the maths of gemm's bf16 path, without its conversion pass per operand and call per product).
+// The offsets go to the device as kernel parameters (as gemm_grouped's pointers, for the same
+// reasons: no host wait, ordered on the stream), into a grow-only block of their own.
+constexpr int kOffsetsPerFill = 448;
+struct OffsetChunk {
+  int64_t values[kOffsetsPerFill];
+};
+__global__ void fill_offsets_kernel(int64_t* dst, OffsetChunk chunk, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = chunk.values[i];
+}
+const int64_t* device_offsets(const int64_t* offset, int E) {
+  static int64_t* block = nullptr;
+  static size_t capacity = 0;
+  const size_t count = static_cast<size_t>(E) + 1;
+  if (count > capacity) {
+    if (block != nullptr) LOOPMOE_CUDA_CHECK(cudaFree(block));
+    block = nullptr;
+    capacity = 0;
+    LOOPMOE_CUDA_CHECK(cudaMalloc(&block, count * sizeof(int64_t)));
+    capacity = count;
+  }
+  for (size_t begin = 0; begin < count; begin += kOffsetsPerFill) {
+    const int n = static_cast<int>(std::min<size_t>(kOffsetsPerFill, count - begin));
+    OffsetChunk chunk{};
+    std::copy_n(offset + begin, n, chunk.values);
+    fill_offsets_kernel<<<1, 128>>>(block + begin, chunk, n);
+    LOOPMOE_CUDA_CHECK_LAUNCH();
+  }
+  return block;
+}
+
+// One launch of the kernel over all experts; `offset` is the host copy of p.offset (for the grid
+// and the FLOP counters, which it charges as gemm would have, product by product).
+void expert_products(const expert_gemm::Problem& p, const int64_t* offset) {
+  for (int e = 0; e < p.E; ++e) {
+    const uint64_t n = static_cast<uint64_t>(offset[e + 1] - offset[e]);
+    if (n == 0 || p.N == 0) continue;
+    charge_gemm_flops(p.kind == expert_gemm::Kind::kRows ? 2ull * n * p.N * p.K
+                                                         : 2ull * p.M * p.N * n);
+  }
+  const expert_gemm::Grid grid = expert_gemm::grid_for(p, offset[p.E] - offset[0]);
+  if (grid.x == 0 || grid.y == 0) return;
+  if (grid.y > 65535) {
+    throw std::runtime_error("experts: " + std::to_string(grid.y) +
+                             " tiles of expert weights are above the grid limit of 65535");
+  }
+  expert_gemm::expert_gemm_kernel<<<dim3(grid.x, grid.y), expert_gemm::kThreads,
+                                    expert_gemm::smem_floats() * sizeof(float)>>>(p);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
+// kRows: C[rows] = A[rows] op(B_e) + beta C[rows], B_e at b + e·D·F.
+expert_gemm::Problem row_products(const int64_t* offset, int E, bool trans_b, int N, int K,
+                                  const float* a, const float* b, int ldb, float beta, float* c) {
+  expert_gemm::Problem p;
+  p.kind = expert_gemm::Kind::kRows;
+  p.trans_b = trans_b;
+  p.E = E;
+  p.N = N;
+  p.K = K;
+  p.offset = offset;
+  p.a = a;
+  p.lda = K;
+  p.b = b;
+  p.ldb = ldb;
+  p.stride_b = static_cast<long long>(N) * K;
+  p.c = c;
+  p.ldc = N;
+  p.beta = beta;
+  return p;
+}
+
+// kWeights: C_e += A[rows of e]ᵀ B[rows of e], C_e (M × N) at c + e·M·N.
+expert_gemm::Problem weight_products(const int64_t* offset, int E, int M, int N, const float* a,
+                                     const float* b, float* c) {
+  expert_gemm::Problem p;
+  p.kind = expert_gemm::Kind::kWeights;
+  p.E = E;
+  p.M = M;
+  p.N = N;
+  p.offset = offset;
+  p.a = a;
+  p.lda = M;
+  p.b = b;
+  p.ldb = N;
+  p.c = c;
+  p.ldc = N;
+  p.stride_c = static_cast<long long>(M) * N;
+  p.beta = 1.f;
+  return p;
+}
+
 }  // namespace
 
 // The grouped experts: every product of one kind for all experts in one grouped GEMM (per expert
@@ -109,6 +229,14 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
   static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
   const std::vector<ExpertRows> experts = experts_with_rows(offset, E);
   if (experts.empty()) return;
+  if (matmul_precision() == MatmulPrecision::kBf16) {
+    const int64_t* rows = device_offsets(offset, E);
+    expert_products(row_products(rows, E, false, F, D, x, w1, F, 0, h1), offset);
+    expert_products(row_products(rows, E, false, F, D, x, w3, F, 0, h3), offset);
+    swiglu_activation(act, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
+    expert_products(row_products(rows, E, false, D, F, act, w2, D, 0, out), offset);
+    return;
+  }
   std::vector<GemmProblem> products;
   // h1 = x W1 and h3 = x W3: one group of two per expert (same shape).
   for (const ExpertRows& ex : experts) {
@@ -118,11 +246,7 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
     products.push_back(product(false, false, ex.n, F, D, xe, D, w3 + wf, F, 0, h3 + ex.r0 * F, F));
   }
   run(products);
-  const int64_t begin = offset[0] * F;
-  for_each_index(static_cast<size_t>((offset[E] - offset[0]) * F), [=] __device__(size_t j) {
-    const size_t i = begin + j;
-    act[i] = h1[i] * device_sigmoid(h1[i]) * h3[i];
-  });
+  swiglu_activation(act, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
   // out = act W2.
   products.clear();
   for (const ExpertRows& ex : experts) {
@@ -144,6 +268,18 @@ void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T*
   // so that the elementwise part runs once over all rows.
   T* dh1 = scratch;
   T* dh3 = scratch + static_cast<size_t>(offset[E]) * F;
+  if (matmul_precision() == MatmulPrecision::kBf16) {
+    // The products of the fp32 path below, one launch per kind, in the same order.
+    const int64_t* rows = device_offsets(offset, E);
+    expert_products(weight_products(rows, E, F, D, act, dout, dw2), offset);
+    expert_products(row_products(rows, E, true, F, D, dout, w2, D, 0, dh1), offset);
+    swiglu_activation_backward(dh1, dh3, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
+    expert_products(weight_products(rows, E, D, F, x, dh1, dw1), offset);
+    expert_products(weight_products(rows, E, D, F, x, dh3, dw3), offset);
+    expert_products(row_products(rows, E, true, D, F, dh1, w1, F, 0, dx), offset);
+    expert_products(row_products(rows, E, true, D, F, dh3, w3, F, 1, dx), offset);
+    return;
+  }
   std::vector<GemmProblem> products;
   // dW2 += act^T dout, and dact = dout W2^T into dh1 (independent: one call).
   for (const ExpertRows& ex : experts) {
@@ -157,14 +293,7 @@ void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T*
         product(false, true, ex.n, F, D, dout + ex.r0 * D, D, w2 + wf, D, 0, dh1 + ex.r0 * F, F));
   }
   run(products);
-  const int64_t begin = offset[0] * F;
-  for_each_index(static_cast<size_t>((offset[E] - offset[0]) * F), [=] __device__(size_t j) {
-    const size_t i = begin + j;
-    const T sg = device_sigmoid(h1[i]);
-    const T dact = dh1[i];
-    dh3[i] = dact * h1[i] * sg;
-    dh1[i] = dact * h3[i] * sg * (T(1) + h1[i] * (T(1) - sg));
-  });
+  swiglu_activation_backward(dh1, dh3, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
   // dW1 += x^T dh1 and dW3 += x^T dh3 (a group of two per expert), dx = dh1 W1^T.
   products.clear();
   for (const ExpertRows& ex : experts) {

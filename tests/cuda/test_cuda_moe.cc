@@ -272,8 +272,10 @@ const char* const kExpertsOutputs[] = {"out", "h1", "h3", "act", "dx", "dw1", "d
 
 // The grouped experts against the CPU and twice for identical bits, and against the per-expert
 // reference (the same products, so the accumulation order is the only difference:
-// kElementwiseTolerance).
-void check_experts(const ExpertsCase& c, uint64_t seed, double cpu_tolerance) {
+// kElementwiseTolerance in fp32; in bf16 the chain of roundings below amplifies it, so the bf16
+// tolerance there too).
+void check_experts(const ExpertsCase& c, uint64_t seed, double cpu_tolerance,
+                   double reference_tolerance = kElementwiseTolerance) {
   SCOPED_TRACE(c.name);
   const ExpertsData d(c, seed);
   const Outputs cpu = run_experts_cpu(d);
@@ -291,7 +293,7 @@ void check_experts(const ExpertsCase& c, uint64_t seed, double cpu_tolerance) {
                        &ops::cuda::kernel_util::experts_swiglu_backward_reference);
   ASSERT_EQ(grouped.size(), reference.size());
   for (size_t i = 0; i < grouped.size(); ++i) {
-    expect_close(reference[i], grouped[i], kElementwiseTolerance,
+    expect_close(reference[i], grouped[i], reference_tolerance,
                  std::string(kExpertsOutputs[i]) + ": grouped vs per-expert reference");
   }
 }
@@ -306,19 +308,22 @@ TEST(CudaMoe, ExpertsSwiglu) {
   }
 }
 
-// bf16 products (train.precision = "bf16"): grouped against the reference to the accumulation
-// order, as in fp32. Against the CPU emulation the chain amplifies it: act, dh1 and dh3 are fp32
-// values that CPU and GPU compute ~1e-6 apart, and each is rounded to bf16 again as the next
-// product's operand, where such a difference can move it to the neighbouring bf16 value (2^-8
-// relative): one such term among the ~F of an output moves it by up to ~1e-3 of its scale (as
-// the bf16 model tolerance of tests/cuda/test_cuda_bf16.cc; 5e-3 leaves a margin).
+// bf16 products (train.precision = "bf16"): the grouped experts are model/cuda/expert_gemm.cuh's
+// kernel, the reference one cublasGemmEx per product; both multiply the same bf16-rounded operands
+// in fp32, so they differ by the accumulation order, and so does the CPU emulation. The chain
+// amplifies it: act, dh1 and dh3 are fp32 values computed ~1e-6 apart, and each is rounded to
+// bf16 again as the next product's operand, where such a difference can move it to the
+// neighbouring bf16 value (2^-8 relative): one such term among the ~F of an output moves it by up
+// to ~1e-3 of its scale (as the bf16 model tolerance of tests/cuda/test_cuda_bf16.cc; 5e-3
+// leaves a margin).
+constexpr double kBf16ChainTolerance = 5e-3;
+
 TEST(CudaMoe, ExpertsSwigluBf16) {
   LOOPMOE_REQUIRE_CUDA_DEVICE();
   MatmulPrecisionScope scope(MatmulPrecision::kBf16);
-  constexpr double kBf16ChainTolerance = 5e-3;
   uint64_t seed = 150;
   for (const ExpertsCase& c : experts_cases()) {
-    check_experts(c, seed, kBf16ChainTolerance);
+    check_experts(c, seed, kBf16ChainTolerance, kBf16ChainTolerance);
     seed += 6;
   }
 }
@@ -326,10 +331,14 @@ TEST(CudaMoe, ExpertsSwigluBf16) {
 // At the scale of configs/gpu_small_loopmoe.toml (34 experts, 768 -> 1536, 16 x 1024 tokens at
 // top-2: 32768 rows, uneven, two experts without rows): grouped against the per-expert reference
 // (the CPU is held to both by the small cases above) and twice for identical bits, with the wall
-// time of each (forward + backward, best of two after a warm-up) printed for the record.
-TEST(CudaMoe, ExpertsSwigluAtModelScale) {
+// time of each (forward + backward, best of two after a warm-up) printed for the record; in fp32
+// (grouped cuBLAS) and in bf16 (expert_gemm.cuh against one cublasGemmEx per product).
+class CudaMoeAtModelScale : public ::testing::TestWithParam<MatmulPrecision> {};
+
+TEST_P(CudaMoeAtModelScale, ExpertsSwiglu) {
   LOOPMOE_REQUIRE_CUDA_DEVICE();
-  MatmulPrecisionScope scope(MatmulPrecision::kFp32);
+  const bool bf16 = GetParam() == MatmulPrecision::kBf16;
+  MatmulPrecisionScope scope(GetParam());
   const int E = 34, D = 768, F = 1536;
   const int64_t rows = 32768;
   std::mt19937_64 gen(77);
@@ -361,15 +370,23 @@ TEST(CudaMoe, ExpertsSwigluAtModelScale) {
   const Outputs reference =
       run_experts_cuda(d, reference_forward, reference_backward, &reference_ms);
   run_experts_cuda(d, reference_forward, reference_backward, &reference_again_ms);
-  std::printf("experts at model scale (forward + backward): grouped %.2f ms, per-expert %.2f ms\n",
-              std::min(grouped_ms, again_ms), std::min(reference_ms, reference_again_ms));
+  std::printf(
+      "experts at model scale in %s (forward + backward): grouped %.2f ms, per-expert %.2f ms\n",
+      bf16 ? "bf16" : "fp32", std::min(grouped_ms, again_ms),
+      std::min(reference_ms, reference_again_ms));
   ASSERT_EQ(grouped.size(), reference.size());
   for (size_t i = 0; i < grouped.size(); ++i) {
-    expect_close(reference[i], grouped[i], kElementwiseTolerance,
+    expect_close(reference[i], grouped[i], bf16 ? kBf16ChainTolerance : kElementwiseTolerance,
                  std::string(kExpertsOutputs[i]) + ": grouped vs per-expert reference");
     expect_same_bits(grouped[i], again[i], kExpertsOutputs[i]);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(CudaPrecisions, CudaMoeAtModelScale,
+                         ::testing::Values(MatmulPrecision::kFp32, MatmulPrecision::kBf16),
+                         [](const ::testing::TestParamInfo<MatmulPrecision>& info) {
+                           return info.param == MatmulPrecision::kBf16 ? "bf16" : "fp32";
+                         });
 
 TEST(CudaMoe, PermuteUnpermuteGatherScatter) {
   LOOPMOE_REQUIRE_CUDA_DEVICE();

@@ -1,7 +1,7 @@
-// A CPU emulation of the few CUDA features the fused attention kernels use
-// (model/cuda/flash_attention.cuh), so that their index arithmetic, masking, tiling, online
-// softmax and synchronisation are tested against the CPU attention on machines without a GPU
-// (CI's). Each CUDA thread of a block is a host thread; blocks run one after another.
+// A CPU emulation of the few CUDA features the fused attention kernels
+// (model/cuda/flash_attention.cuh) and the grouped expert products (model/cuda/expert_gemm.cuh)
+// use, so that their index arithmetic, masking, tiling, online softmax and synchronisation are
+// tested against CPU references on machines without a GPU (CI's). Each CUDA thread of a block is a host thread; blocks run one after another.
 // __syncthreads is a barrier of the block's threads, __shfl_xor_sync an exchange through a slot
 // per lane between two barriers of the warp's 32 threads (every lane must take part, as the
 // kernels' full-mask shuffles require on the GPU too). Dynamic shared memory starts as NaN, so a
@@ -165,8 +165,9 @@ void mma_sync(fragment<accumulator, 16, 16, 16, TC>& d,
 }
 }  // namespace nvcuda::wmma
 
-// The dynamic shared memory of flash_attention.cuh's kernels.
+// The dynamic shared memory of flash_attention.cuh's and expert_gemm.cuh's kernels.
 #define LOOPMOE_FLASH_DYNAMIC_SHARED(name) float* name = ::cuda_emulation::dynamic_shared()
+#define LOOPMOE_DYNAMIC_SHARED(name) float* name = ::cuda_emulation::dynamic_shared()
 
 namespace cuda_emulation {
 
