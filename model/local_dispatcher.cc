@@ -25,12 +25,22 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
   Saved& sv = saved_[application];
   const int E = plan.num_experts, D = shape_.d_model;
   ExpertBatch& b = sv.batch;
-  group_rows_by_expert(plan, b.offset, sv.row_of_slot);
+  // The layout on the device, from the router's device copy of the choices where there is one:
+  // the host only adds up the E kept counts.
+  b.offset.assign(E + 1, 0);
+  for (int e = 0; e < E; ++e) b.offset[e + 1] = b.offset[e] + plan.received[e];
+  const size_t slots = plan.expert.size();
+  Buffer<int32_t> uploaded;
+  const int32_t* expert = plan.device_expert;
+  if (expert == nullptr) {
+    copy_from_host(uploaded, plan.expert.data(), slots);
+    expert = uploaded.data();
+  }
+  sv.row_of_slot.resize(slots);
+  ops::moe_rows_by_expert(sv.row_of_slot.data(), expert, b.offset.data(), slots, E);
   const int64_t rows = b.offset[E];
   b.x.resize(static_cast<size_t>(rows) * D);
-  copy_from_host(sv.device_row_of_slot, sv.row_of_slot.data(), sv.row_of_slot.size());
-  const int64_t* row_of_slot = sv.device_row_of_slot.data();
-  const size_t slots = sv.row_of_slot.size();
+  const int64_t* row_of_slot = sv.row_of_slot.data();
   ops::moe_permute_forward(b.x.data(), x, row_of_slot, slots, plan.top_k, D);
   Buffer<float> y(static_cast<size_t>(rows) * D);
   experts_forward(y.data(), b, weights(layer), shape_);
@@ -43,7 +53,7 @@ void LocalDispatcher::backward(int application, int layer, const RoutingPlan& pl
   const int D = shape_.d_model;
   const int64_t rows = sv.batch.offset.back();
   Buffer<float> dy(static_cast<size_t>(rows) * D), dxr(static_cast<size_t>(rows) * D);
-  const int64_t* row_of_slot = sv.device_row_of_slot.data();
+  const int64_t* row_of_slot = sv.row_of_slot.data();
   ops::moe_permute_forward(dy.data(), dout, row_of_slot, sv.row_of_slot.size(), 1, D);
   experts_backward(dxr.data(), dy.data(), sv.batch, weights(layer), shape_);
   ops::moe_permute_backward(dx, dxr.data(), row_of_slot, plan.num_tokens, plan.top_k, D);

@@ -23,8 +23,7 @@ class LocalDispatcher : public Dispatcher {
  private:
   struct Saved {
     ExpertBatch batch;
-    std::vector<int64_t> row_of_slot;    // [S*k] row in batch, -1 when dropped (host)
-    Buffer<int64_t> device_row_of_slot;  // the same on the device, for the kernels
+    Buffer<int64_t> row_of_slot;  // [S*k] row in batch, -1 when dropped (ops.h moe_rows_by_expert)
   };
   ExpertWeights weights(int layer) const;
 

@@ -195,6 +195,24 @@ const float* Model::iteration_state(int r) const {
   return resid_[index].data();
 }
 
+std::vector<float> Model::logits_to_host() const {
+  check_logits("logits_to_host");
+  return copy_to_host(logits_);
+}
+
+const std::vector<float>& Model::logits() const {
+  check_logits("logits");
+  return logits_.host_vector();
+}
+
+void Model::check_logits(const char* what) const {
+  if (logits_gone_) {
+    throw std::logic_error(std::string("Model::") + what +
+                           ": the last forward had targets and computed its softmax over the "
+                           "logits; call set_keep_logits(true) before it to keep them");
+  }
+}
+
 std::vector<float> Model::iteration_state_to_host(int r) const {
   iteration_state(r);  // the checks
   return copy_to_host(resid_[2 * static_cast<size_t>(config_.n_layers) * (r + 1)]);
@@ -207,7 +225,7 @@ double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
   Buffer<int32_t> device_targets;  // the kernels read device memory
   copy_from_host(device_targets, targets, S);
   Buffer<float> h(static_cast<size_t>(S) * D), rstd(S);
-  Buffer<float> logits(static_cast<size_t>(S) * V), probs(logits.size());
+  Buffer<float> logits(static_cast<size_t>(S) * V);
   ops::rmsnorm_forward(h.data(), rstd.data(), x, p + layout_.final_norm, S, D);
   if (config_.tie_embeddings) {
     ops::gemm<float>(false, true, S, V, D, 1.f, h.data(), D, p + layout_.tok_emb, D, 0.f,
@@ -216,8 +234,9 @@ double Model::decode_loss(const float* x, const int32_t* targets, int S) const {
     ops::matmul_forward(logits.data(), h.data(), p + layout_.lm_head,
                         static_cast<const float*>(nullptr), S, D, V);
   }
-  // The same fixed-point sum as forward(), so a logit-lens loss equals the validation loss exactly.
-  return ops::crossentropy_forward_sum(probs.data(), logits.data(), device_targets.data(), S, V)
+  // The same fixed-point sum as forward(), so a logit-lens loss equals the validation loss exactly
+  // (the softmax in place, as there).
+  return ops::crossentropy_forward_sum(logits.data(), logits.data(), device_targets.data(), S, V)
              .value() /
          S;
 }
@@ -310,10 +329,16 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
     ops::matmul_forward(logits_.data(), final_h_.data(), p + layout_.lm_head,
                         static_cast<const float*>(nullptr), S, D, V);
   }
+  logits_gone_ = false;
   if (targets != nullptr) {
-    probs_.resize(logits_.size());
+    if (keep_logits_) {
+      probs_.resize(logits_.size());
+    } else {
+      probs_ = Buffer<float>(0, device_);  // the softmax goes over the logits (set_keep_logits)
+      logits_gone_ = true;
+    }
     loss.ce_sum =
-        ops::crossentropy_forward_sum(probs_.data(), logits_.data(), targets_.data(), S, V);
+        ops::crossentropy_forward_sum(head_probs(), logits_.data(), targets_.data(), S, V);
     loss.ce = loss.ce_sum.value() / static_cast<double>(loss_tokens_ > 0 ? loss_tokens_ : S);
   }
   loss.total = loss.ce + config_.aux_loss_coef * loss.aux + config_.z_loss_coef * loss.z;
@@ -344,22 +369,23 @@ void Model::backward() {
   }
   // Loss head: dlogits overwrite the saved softmax.
   const float ce_scale = 1.f / static_cast<float>(loss_tokens_ > 0 ? loss_tokens_ : S);
-  ops::crossentropy_backward(probs_.data(), probs_.data(), targets_.data(), ce_scale, S, V);
+  float* probs = head_probs();
+  ops::crossentropy_backward(probs, probs, targets_.data(), ce_scale, S, V);
   Buffer<float> dh(static_cast<size_t>(S) * D);
   {
     ops::FlopKindScope head_kind(ops::FlopKind::kHead);
     if (config_.tie_embeddings) {
-      ops::gemm<float>(false, false, S, D, V, 1.f, probs_.data(), V, p + layout_.tok_emb, D, 0.f,
-                       dh.data(), D);
+      ops::gemm<float>(false, false, S, D, V, 1.f, probs, V, p + layout_.tok_emb, D, 0.f, dh.data(),
+                       D);
       for (int grp = 0; grp < gg.groups; ++grp) {
         const int r0 = gg.row_begin(grp), rows = gg.row_end(grp) - r0;
-        ops::gemm<float>(true, false, V, D, rows, 1.f, probs_.data() + static_cast<size_t>(r0) * V,
-                         V, final_h_.data() + static_cast<size_t>(r0) * D, D, 1.f,
+        ops::gemm<float>(true, false, V, D, rows, 1.f, probs + static_cast<size_t>(r0) * V, V,
+                         final_h_.data() + static_cast<size_t>(r0) * D, D, 1.f,
                          gg.at(grp) + layout_.tok_emb, D);
       }
     } else {
-      ops::matmul_backward(dh.data(), gg.shifted(layout_.lm_head), kNoBias, probs_.data(),
-                           final_h_.data(), p + layout_.lm_head, D, V);
+      ops::matmul_backward(dh.data(), gg.shifted(layout_.lm_head), kNoBias, probs, final_h_.data(),
+                           p + layout_.lm_head, D, V);
     }
   }
   Buffer<float> dx(static_cast<size_t>(S) * D);

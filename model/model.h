@@ -109,11 +109,18 @@ class Model {
   // Accumulates the gradient of the last forward's total loss into grads().
   void backward();
 
+  // The LM head's cross-entropy runs in place: a forward with targets turns the logits into their
+  // softmax (and backward() that into dlogits), so the head needs one [B*T, V] buffer, not two
+  // (2 GiB each at configs/gpu_small_*.toml's 16 × 1024 tokens and 32768 words). With
+  // set_keep_logits(true) the softmax goes to a buffer of its own and the logits stay, for whoever
+  // reads them after such a forward (parity dumps, tests). The numbers are the same either way.
+  void set_keep_logits(bool keep) { keep_logits_ = keep; }
   // Logits [B*T, V] of the last forward, copied to the host (wherever the activations live).
-  std::vector<float> logits_to_host() const { return copy_to_host(logits_); }
+  // std::logic_error after a forward with targets that did not keep them (set_keep_logits).
+  std::vector<float> logits_to_host() const;
   // The same as a view of the activation buffer itself, no copy: a CPU model only; throws
-  // std::logic_error on a device, where callers must use logits_to_host().
-  const std::vector<float>& logits() const { return logits_.host_vector(); }
+  // std::logic_error on a device, where callers must use logits_to_host(), or when they are gone.
+  const std::vector<float>& logits() const;
   int applications() const { return static_cast<int>(apps_.size()); }
   // Routing of MoE layer application a = r*N + n in the last forward.
   const RoutingPlan& routing(int application) const { return apps_.at(application).moe.plan; }
@@ -150,7 +157,12 @@ class Model {
   Buffer<int32_t> targets_;
   std::vector<Application> apps_;
   std::vector<Buffer<float>> resid_;  // residual stream before each sublayer, and final
-  Buffer<float> final_rstd_, final_h_, logits_, probs_;
+  Buffer<float> final_rstd_, final_h_, logits_;
+  Buffer<float> probs_;  // the head's softmax, then dlogits, when keep_logits_ (else in logits_)
+  float* head_probs() { return logits_gone_ ? logits_.data() : probs_.data(); }
+  void check_logits(const char* what) const;
+  bool keep_logits_ = false;
+  bool logits_gone_ = false;  // the last forward's softmax overwrote logits_
   Buffer<int32_t> tokens_copy_;
   std::vector<int> iterations_used_;  // host
   bool halted_forward_ = false;

@@ -241,8 +241,9 @@
     (halted_at, frozen, prev, cur, S, D, threshold, iteration),                                    \
     (halted_at, frozen, prev, cur))
 
-// The optimiser on the flat float parameter buffer (not templates): cpu/ops_strict.cc,
-// cuda/ops_strict.cu.
+// The functions that are not templates: the optimiser on the flat float parameter buffer
+// (cpu/ops_strict.cc, cuda/ops_strict.cu) and the MoE row layout, integers only (cpu/ops_moe.cc,
+// cuda/ops_moe.cu).
 #define LOOPMOE_OPS_FLOAT(X)                                                                       \
   X(double, sum_squares, (const float* g, size_t n),                                               \
     (g, n),                                                                                        \
@@ -254,7 +255,11 @@
     (float* p, float* m, float* v, const float* g, const uint8_t* decay, size_t n,                 \
      const AdamWStep& step),                                                                       \
     (p, m, v, g, decay, n, step),                                                                  \
-    (p, m, v, g, decay))
+    (p, m, v, g, decay))                                                                           \
+  X(void, moe_rows_by_expert,                                                                      \
+    (int64_t* row_of_slot, const int32_t* expert, const int64_t* offset, size_t slots, int E),     \
+    (row_of_slot, expert, offset, slots, E),                                                       \
+    (row_of_slot, expert))
 
 // Every templated kernel: the dispatchers and declarations cover all of them.
 #define LOOPMOE_OPS(X, T)                                                                          \

@@ -27,6 +27,7 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
                            opt.renormalize);
   // The host bookkeeping below (capacity walk, dispatch layout) reads the choices on the host.
   plan.expert = copy_to_host(acts.expert);
+  plan.device_expert = acts.expert.data();
   plan.weight = copy_to_host(acts.weight);
   plan.kept.assign(static_cast<size_t>(S) * k, 1);
   // Batch statistics in fixed point (order-free); reduced over the batch if asked.

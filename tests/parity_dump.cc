@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
     loopmoe::model::set_num_threads(threads);
     loopmoe::model::Model model(cfg.model);
     model.set_grad_groups(cfg.train.grad_groups);  // the oracle checks the grouped reduction too
+    model.set_keep_logits(true);                   // logits.bin is read after the backward
     model.init_params(seed);
     // Perturb every tensor so every path (IterAdaLN modulation included) carries gradient.
     loopmoe::model::Rng rng(seed ^ 0xA5A5A5A5ull);

@@ -2,6 +2,7 @@
 // dispatcher held equal to a naive per-token reference.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/dispatcher.h"
 #include "model/local_dispatcher.h"
 #include "model/model.h"
 #include "model/moe_layer.h"
@@ -182,6 +184,73 @@ TEST(Model, LogitsToHostEqualsTheHostView) {
   const std::vector<float> host = m.logits_to_host();
   ASSERT_EQ(host.size(), static_cast<size_t>(16) * c.vocab_size);
   EXPECT_EQ(host, m.logits());
+}
+
+// The LM head's cross-entropy in place (the default: the softmax over the logits) gives the
+// loss and gradients of the head with a softmax buffer of its own (set_keep_logits) bit for bit;
+// the logits are then gone, and asking for them is an error, not the softmax's numbers.
+TEST(Model, HeadInPlaceEqualsTheKeptLogitsBitForBit) {
+  model::ModelConfig c = small(model::IterAdaLNMode::kJoint);
+  model::Model in_place(c), kept(c);
+  in_place.init_params(7);
+  kept.init_params(7);
+  kept.set_keep_logits(true);
+  const auto in = random_tokens(16, 64, 5), tg = random_tokens(16, 64, 6);
+  in_place.zero_grad();
+  kept.zero_grad();
+  const model::LossParts a = in_place.forward(in.data(), tg.data(), 2, 8);
+  const model::LossParts b = kept.forward(in.data(), tg.data(), 2, 8);
+  EXPECT_EQ(a.ce, b.ce);
+  EXPECT_EQ(a.total, b.total);
+  EXPECT_THROW(in_place.logits_to_host(), std::logic_error);
+  EXPECT_THROW(in_place.logits(), std::logic_error);
+  const std::vector<float> logits = kept.logits_to_host();
+  in_place.backward();
+  kept.backward();
+  EXPECT_EQ(in_place.grads_to_host(), kept.grads_to_host());
+  EXPECT_EQ(kept.logits_to_host(), logits);  // the backward did not touch them either
+  // A forward without targets leaves the logits, in place or not.
+  in_place.forward(in.data(), nullptr, 2, 8);
+  kept.forward(in.data(), nullptr, 2, 8);
+  EXPECT_EQ(in_place.logits_to_host(), logits);
+  EXPECT_EQ(kept.logits_to_host(), logits);
+}
+
+// ops.h moe_rows_by_expert (the local dispatcher's layout, computed where the activations live)
+// is group_rows_by_expert's layout of a plan, whose capacity walk keeps each expert's first slots:
+// dropless, with drops, and with slots of the batch before this process's (the distributed
+// service's workers: `preceding`).
+TEST(Dispatch, RowsByExpertIsTheLayoutOfThePlan) {
+  const int E = 6, k = 2, S = 300;
+  model::Rng rng(9);
+  for (int64_t capacity : {int64_t{0}, int64_t{70}, int64_t{40}}) {
+    SCOPED_TRACE(testing::Message() << "capacity " << capacity);
+    model::RoutingPlan plan;
+    plan.num_tokens = S;
+    plan.num_experts = E;
+    plan.top_k = k;
+    plan.expert.resize(static_cast<size_t>(S) * k);
+    for (int32_t& e : plan.expert) e = static_cast<int32_t>(rng.next_u64() % (E - 1));  // E-1: none
+    const std::vector<int64_t> preceding = {0, 5, 0, 30, 0, 0};
+    plan.kept.assign(plan.expert.size(), 1);
+    plan.received.assign(E, 0);
+    for (size_t i = 0; i < plan.expert.size(); ++i) {  // router.cc's walk
+      const int e = plan.expert[i];
+      if (capacity == 0 || preceding[e] + plan.received[e] < capacity) {
+        ++plan.received[e];
+      } else {
+        plan.kept[i] = 0;
+      }
+    }
+    std::vector<int64_t> offset, want;
+    model::group_rows_by_expert(plan, offset, want);
+    std::vector<int64_t> got(want.size(), -7);
+    model::ops::moe_rows_by_expert(got.data(), plan.expert.data(), offset.data(), got.size(), E);
+    EXPECT_EQ(got, want);
+    if (capacity == 40) {
+      EXPECT_GT(std::count(want.begin(), want.end(), -1), 0);
+    }
+  }
 }
 
 // The MoE layer through the LocalDispatcher equals a token-by-token evaluation of the experts.

@@ -156,7 +156,8 @@ std::vector<double> crossentropy_rows(T* probs, const T* logits, const int32_t* 
   for (int s = 0; s < S; ++s) {
     const T* l = logits + static_cast<size_t>(s) * V;
     T* p = probs + static_cast<size_t>(s) * V;
-    T mx = *std::max_element(l, l + V);
+    const T mx = *std::max_element(l, l + V);
+    const T target = l[targets[s]];  // read before p, which may be l itself, overwrites it
     T sum = 0;
     for (int v = 0; v < V; ++v) {
       p[v] = fast_exp(l[v] - mx);
@@ -164,7 +165,7 @@ std::vector<double> crossentropy_rows(T* probs, const T* logits, const int32_t* 
     }
     T inv = T(1) / sum;
     for (int v = 0; v < V; ++v) p[v] *= inv;
-    losses[s] = -(static_cast<double>(l[targets[s]]) - mx - std::log(static_cast<double>(sum)));
+    losses[s] = -(static_cast<double>(target) - mx - std::log(static_cast<double>(sum)));
   }
   return losses;
 }

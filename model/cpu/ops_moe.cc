@@ -4,6 +4,7 @@
 // its backward, its batch statistics and the z-loss gradient.
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "model/cpu/kernel_util.h"
 #include "model/cpu/ops_cpu.h"
@@ -249,6 +250,16 @@ void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int 
     const T* p = probs + static_cast<size_t>(t) * E;
     T* dl = dlogits + static_cast<size_t>(t) * E;
     for (int e = 0; e < E; ++e) dl[e] += c * p[e];
+  }
+}
+
+void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const int64_t* offset,
+                        size_t slots, int E) {
+  std::vector<int64_t> rank(E, 0);
+  for (size_t i = 0; i < slots; ++i) {
+    const int e = expert[i];
+    const int64_t r = rank[e]++;
+    row_of_slot[i] = r < offset[e + 1] - offset[e] ? offset[e] + r : -1;
   }
 }
 

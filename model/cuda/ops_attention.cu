@@ -343,10 +343,12 @@ __global__ void crossentropy_rows_kernel(double* losses, T* probs, const T* logi
   __shared__ T shared[32];
   const size_t row = blockIdx.x;
   const T* l = logits + row * V;
-  T* p = probs + row * V;
+  T* p = probs + row * V;  // may be l itself (in place, ops.h)
   const T lowest = -INFINITY;
   T mx = lowest;
   for (int v = threadIdx.x; v < V; v += blockDim.x) mx = l[v] > mx ? l[v] : mx;
+  // Read before block_max's barriers, so before any thread overwrites it.
+  const T target = threadIdx.x == 0 ? l[targets[row]] : T(0);
   mx = block_max(mx, shared, lowest);
   T sum = 0;
   for (int v = threadIdx.x; v < V; v += blockDim.x) {
@@ -357,8 +359,8 @@ __global__ void crossentropy_rows_kernel(double* losses, T* probs, const T* logi
   const T inv = T(1) / sum;
   for (int v = threadIdx.x; v < V; v += blockDim.x) p[v] *= inv;
   if (threadIdx.x == 0) {
-    losses[row] = -(static_cast<double>(l[targets[row]]) - static_cast<double>(mx) -
-                    log(static_cast<double>(sum)));
+    losses[row] =
+        -(static_cast<double>(target) - static_cast<double>(mx) - log(static_cast<double>(sum)));
   }
 }
 

@@ -70,9 +70,13 @@
 //   kernel over all experts (operands rounded to bf16 as loaded, fp32 accumulation; 3 forward, 6
 //   backward per layer), which reads the offsets on the device (copied there as kernel
 //   parameters, no host wait).
+// - moe_rows_by_expert: offset on the host (as in ops.h), copied to the device as kernel
+//   parameters (no host wait); one block per expert ranks its slots by a block-wide scan
+//   (expert_rows.cuh), so the result is the CPU's exactly.
 // - router_stats: assigned, prob_sum, lse_sq_sum on the host (as in ops.h); expert, probs, lse on
-//   the device. Copies its inputs to the host and runs the CPU version there (fixed point,
-//   exact). Synchronises.
+//   the device. Sums on the device in the CPU's fixed point (router_stats.cuh: the same units
+//   exactly) and copies back only the E + 1 sums and E counts, not the S·E probabilities.
+//   Synchronises.
 // - sum_rows: column sums in the chunked order of cuda_util.cuh column_sums (not the CPU's plain
 //   row order).
 // - sum_squares: the CPU's 4096-element blocks, each summed by a block tree; the block partials

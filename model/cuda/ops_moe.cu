@@ -9,10 +9,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "model/cpu/ops_cpu.h"
 #include "model/cuda/cuda_util.cuh"
 #include "model/cuda/expert_gemm.cuh"
+#include "model/cuda/expert_rows.cuh"
 #include "model/cuda/ops_cuda.h"
+#include "model/cuda/router_stats.cuh"
 
 namespace loopmoe::model::ops::cuda {
 
@@ -350,6 +351,15 @@ void experts_swiglu_backward_reference(float* dx, float* dw1, float* dw3, float*
 
 }  // namespace kernel_util
 
+void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const int64_t* offset,
+                        size_t slots, int E) {
+  if (slots == 0 || E == 0) return;
+  expert_rows::rows_by_expert_kernel<<<E, expert_rows::kThreads,
+                                       expert_rows::kSharedFloats * sizeof(float)>>>(
+      row_of_slot, expert, device_offsets(offset, E), slots);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
 template <typename T>
 void moe_permute_forward(T* rows, const T* x, const int64_t* row_of_slot, size_t slots, int k,
                          int D) {
@@ -534,17 +544,32 @@ void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int
 template <typename T>
 void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
                   const T* probs, const T* lse, int S, int E, int k) {
-  // Host outputs in fixed point: copy the inputs back and run the CPU's loops (exact; S·E values,
-  // small next to the activations). A device version would add the rounded rows as int64.
+  // Host outputs in fixed point, computed on the device (router_stats.cuh: the CPU's units
+  // exactly); only the E + 1 sums and E counts come back.
+  static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
   if (S <= 0) return;
-  std::vector<int32_t> host_expert(static_cast<size_t>(S) * k);
-  std::vector<T> host_probs(static_cast<size_t>(S) * E), host_lse(S);
-  kernel_util::to_host(host_expert.data(), expert, host_expert.size());
-  kernel_util::to_host(host_probs.data(), probs, host_probs.size());
-  kernel_util::to_host(host_lse.data(), lse, host_lse.size());
-  // The CPU kernel itself (ops::router_stats would dispatch back here on the CUDA device).
-  ops::cpu::router_stats(assigned, prob_sum, lse_sq_sum, host_expert.data(), host_probs.data(),
-                         host_lse.data(), S, E, k);
+  const size_t sums_bytes = sizeof(router::FixedSum) * (E + 1);
+  char* block = static_cast<char*>(kernel_util::workspace(sums_bytes + sizeof(long long) * E));
+  router::FixedSum* device_sums = reinterpret_cast<router::FixedSum*>(block);
+  long long* device_assigned = reinterpret_cast<long long*>(block + sums_bytes);
+  router::router_stats_kernel<<<E + 1, router::kThreads, router::kSharedFloats * sizeof(float)>>>(
+      device_sums, device_assigned, expert, probs, lse, S, E, k);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+  std::vector<router::FixedSum> sums(E + 1);
+  std::vector<long long> counts(E);
+  kernel_util::to_host(sums.data(), device_sums, sums.size());
+  kernel_util::to_host(counts.data(), device_assigned, counts.size());
+  auto loss_sum = [](const router::FixedSum& f) {
+    LossSum l;
+    l.units = f.units;
+    l.invalid = f.invalid;
+    return l;
+  };
+  for (int e = 0; e < E; ++e) {
+    assigned[e] += counts[e];
+    prob_sum[e].add(loss_sum(sums[e]));
+  }
+  lse_sq_sum->add(loss_sum(sums[E]));
 }
 
 template <typename T>

@@ -17,19 +17,14 @@
 
 #include "model/bf16.h"
 #include "model/cuda/expert_gemm.cuh"
+#include "tests/cuda_emulation/emulation_test_util.h"
 
 namespace loopmoe::model {
 namespace {
 
 namespace eg = ops::cuda::expert_gemm;
 
-std::vector<float> random_floats(size_t n, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(normal(gen));
-  return v;
-}
+using emulation_testing::random_floats;
 
 double bf16(float x) { return std::bit_cast<float>(bf16_round_bits(std::bit_cast<uint32_t>(x))); }
 

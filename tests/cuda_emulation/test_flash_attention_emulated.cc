@@ -17,19 +17,14 @@
 
 #include "model/cuda/flash_attention.cuh"
 #include "model/ops.h"
+#include "tests/cuda_emulation/emulation_test_util.h"
 
 namespace loopmoe::model {
 namespace {
 
 namespace flash = ops::cuda::flash;
 
-std::vector<float> random_floats(size_t n, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> normal(0.0, 1.0);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(normal(gen));
-  return v;
-}
+using emulation_testing::random_floats;
 
 // |got - want| <= tolerance · (|want| + rms(want)), as tests/cuda/cuda_test_util.h's expect_close.
 void expect_close(const std::vector<float>& want, const std::vector<float>& got, double tolerance,

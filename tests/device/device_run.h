@@ -115,6 +115,7 @@ inline RunResult train(const model::Config& cfg, Device device) {
   }
   model::ForwardOptions halt;
   halt.halt_threshold = 0.05;
+  m.set_keep_logits(true);  // the training steps above ran the head in place
   m.forward(tokens.data(), targets.data(), B, T, halt);
   r.halted_logits = m.logits_to_host();
   r.iterations_used = m.iterations_used();

@@ -1,0 +1,63 @@
+// The dispatcher's expert-order layout on the device (model/cuda/expert_rows.cuh) under the CPU
+// emulation of CUDA (cuda_emulation.h), against the CPU's moe_rows_by_expert: dropless and with
+// capacity drops, an expert without slots, fewer slots than a block's threads and several rounds
+// of them with a partial last one. On a GPU the layout runs in every CudaModel* test.
+#include "tests/cuda_emulation/cuda_emulation.h"
+// The emulation first: the kernel header uses what it defines.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "model/cuda/expert_rows.cuh"
+#include "model/ops.h"
+
+namespace loopmoe::model {
+namespace {
+
+namespace er = ops::cuda::expert_rows;
+
+// slots random choices among E experts (expert `empty` never chosen); each expert keeps at most
+// `capacity` slots (0: all), offset the running sum of the kept counts.
+void check(size_t slots, int E, int empty, int64_t capacity, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << slots << " slots, E " << E << ", capacity " << capacity);
+  std::mt19937_64 gen(seed);
+  std::vector<int32_t> expert(slots);
+  std::vector<int64_t> count(E, 0);
+  for (int32_t& e : expert) {
+    do {
+      e = static_cast<int32_t>(gen() % E);
+    } while (e == empty);
+    ++count[e];
+  }
+  std::vector<int64_t> offset(E + 1, 0);
+  for (int e = 0; e < E; ++e) {
+    offset[e + 1] = offset[e] + (capacity > 0 ? std::min(count[e], capacity) : count[e]);
+  }
+  std::vector<int64_t> want(slots, -7), got(slots, -7);
+  ops::moe_rows_by_expert(want.data(), expert.data(), offset.data(), slots, E);
+  cuda_emulation::launch(er::rows_by_expert_kernel, dim3{static_cast<unsigned>(E), 1, 1},
+                         er::kThreads, er::kSharedFloats, got.data(), expert.data(), offset.data(),
+                         slots);
+  EXPECT_EQ(got, want);
+  // The CPU's layout itself: every row once, each expert's rows in slot order.
+  std::vector<int64_t> rows;
+  for (int64_t r : want) {
+    if (r >= 0) rows.push_back(r);
+  }
+  std::vector<int64_t> sorted = rows;
+  std::sort(sorted.begin(), sorted.end());
+  ASSERT_EQ(static_cast<int64_t>(sorted.size()), offset[E]);
+  for (size_t i = 0; i < sorted.size(); ++i) EXPECT_EQ(sorted[i], static_cast<int64_t>(i));
+}
+
+TEST(ExpertRowsEmulated, MatchTheCpu) {
+  check(100, 5, 2, 0, 1);     // fewer slots than threads, dropless
+  check(1000, 7, 3, 0, 2);    // several rounds, the last partial
+  check(1000, 7, 0, 100, 3);  // capacity drops (each expert ~167 slots)
+  check(512, 4, -1, 90, 4);   // whole rounds only
+}
+
+}  // namespace
+}  // namespace loopmoe::model
