@@ -330,6 +330,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
                         static_cast<const float*>(nullptr), S, D, V);
   }
   logits_gone_ = false;
+  has_targets_ = targets != nullptr;
   if (targets != nullptr) {
     if (keep_logits_) {
       probs_.resize(logits_.size());
@@ -348,6 +349,7 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
 void Model::backward() {
   check_device("backward");
   if (halted_forward_) throw std::logic_error("backward() after a forward with adaptive halting");
+  if (!has_targets_) throw std::logic_error("backward() after a forward without targets");
   const int B = B_, T = T_, S = B * T, D = config_.d_model, V = config_.vocab_size;
   const int N = config_.n_layers, A = static_cast<int>(apps_.size());
   const float* p = params_.data();

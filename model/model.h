@@ -163,6 +163,7 @@ class Model {
   void check_logits(const char* what) const;
   bool keep_logits_ = false;
   bool logits_gone_ = false;  // the last forward's softmax overwrote logits_
+  bool has_targets_ = false;  // the last forward had targets (backward() needs them)
   Buffer<int32_t> tokens_copy_;
   std::vector<int> iterations_used_;  // host
   bool halted_forward_ = false;

@@ -209,8 +209,9 @@ TEST(Model, HeadInPlaceEqualsTheKeptLogitsBitForBit) {
   kept.backward();
   EXPECT_EQ(in_place.grads_to_host(), kept.grads_to_host());
   EXPECT_EQ(kept.logits_to_host(), logits);  // the backward did not touch them either
-  // A forward without targets leaves the logits, in place or not.
+  // A forward without targets leaves the logits, in place or not, and has no backward.
   in_place.forward(in.data(), nullptr, 2, 8);
+  EXPECT_THROW(in_place.backward(), std::logic_error);
   kept.forward(in.data(), nullptr, 2, 8);
   EXPECT_EQ(in_place.logits_to_host(), logits);
   EXPECT_EQ(kept.logits_to_host(), logits);
