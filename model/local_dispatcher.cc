@@ -30,14 +30,18 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
   b.offset.assign(E + 1, 0);
   for (int e = 0; e < E; ++e) b.offset[e + 1] = b.offset[e] + plan.received[e];
   const size_t slots = plan.expert.size();
-  Buffer<int32_t> uploaded;
+  Buffer<int32_t> uploaded_expert;
+  Buffer<uint8_t> uploaded_kept;
   const int32_t* expert = plan.device_expert;
-  if (expert == nullptr) {
-    copy_from_host(uploaded, plan.expert.data(), slots);
-    expert = uploaded.data();
+  const uint8_t* kept = plan.device_kept;
+  if (expert == nullptr || kept == nullptr) {
+    copy_from_host(uploaded_expert, plan.expert.data(), slots);
+    copy_from_host(uploaded_kept, plan.kept.data(), slots);
+    expert = uploaded_expert.data();
+    kept = uploaded_kept.data();
   }
   sv.row_of_slot.resize(slots);
-  ops::moe_rows_by_expert(sv.row_of_slot.data(), expert, b.offset.data(), slots, E);
+  ops::moe_rows_by_expert(sv.row_of_slot.data(), expert, kept, b.offset.data(), slots, E);
   const int64_t rows = b.offset[E];
   b.x.resize(static_cast<size_t>(rows) * D);
   const int64_t* row_of_slot = sv.row_of_slot.data();

@@ -323,13 +323,12 @@ void moe_unpermute_forward(T* out, const T* rows, const int64_t* row_of_slot, si
 template <typename T>
 void moe_unpermute_backward(T* drows, const T* dout, const int64_t* row_of_slot, size_t slots,
                             int D);
-// The layout itself, the expert-order rows of a routing's kept slots: slot i (expert[i] = e) being
-// the r-th slot of expert e in slot order, row_of_slot[i] = offset[e] + r when r < offset[e+1] −
-// offset[e], else −1 (dropped: a capacity keeps each expert's first slots, so the experts' kept
-// counts, whose running sum offset is, say which). offset: host [E+1]; expert, row_of_slot:
-// [slots].
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const int64_t* offset,
-                        size_t slots, int E);
+// The layout itself, the expert-order rows of a routing's kept slots: a kept slot i (kept[i] != 0,
+// expert[i] = e) being the r-th kept slot of expert e in slot order, row_of_slot[i] = offset[e] +
+// r; −1 for dropped slots. offset: host [E+1], the running sum of the experts' kept counts;
+// expert, kept, row_of_slot: [slots].
+void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
+                        const int64_t* offset, size_t slots, int E);
 // Row permutations by an index (index: rows entries, each row of src/dst used once):
 // gather dst[r, :] = src[index[r], :]; scatter dst[index[r], :] = src[r, :].
 template <typename T>

@@ -257,9 +257,10 @@
     (p, m, v, g, decay, n, step),                                                                  \
     (p, m, v, g, decay))                                                                           \
   X(void, moe_rows_by_expert,                                                                      \
-    (int64_t* row_of_slot, const int32_t* expert, const int64_t* offset, size_t slots, int E),     \
-    (row_of_slot, expert, offset, slots, E),                                                       \
-    (row_of_slot, expert))
+    (int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept, const int64_t* offset,      \
+     size_t slots, int E),                                                                         \
+    (row_of_slot, expert, kept, offset, slots, E),                                                 \
+    (row_of_slot, expert, kept))
 
 // Every templated kernel: the dispatchers and declarations cover all of them.
 #define LOOPMOE_OPS(X, T)                                                                          \

@@ -64,6 +64,7 @@ void router_forward(RoutingPlan& plan, RouterActivations& acts, const float* u,
     plan.batch_kept = plan.assigned;
   }
   copy_from_host(acts.kept, plan.kept.data(), plan.kept.size());
+  plan.device_kept = acts.kept.data();
   // Load-balance loss E·Σ f_i P_i and z-loss.
   double aux = 0;
   for (int e = 0; e < E; ++e) {

@@ -29,9 +29,11 @@ struct RoutingPlan {
   int64_t dropped = 0;              // this process's dropped slots
   double aux_loss = 0;              // E · Σ f_i P_i over the whole batch
   double z_loss = 0;                // mean (logsumexp)^2 over the whole batch
-  // `expert` in the activations' memory (RouterActivations::expert, which router_forward fills),
-  // for the dispatch kernels; valid while those activations live. nullptr: not there.
+  // `expert` and `kept` in the activations' memory (RouterActivations::expert and kept, which
+  // router_forward fills), for the dispatch kernels; valid while those activations live. nullptr:
+  // not there (a plan built by hand), and the dispatcher uploads them.
   const int32_t* device_expert = nullptr;
+  const uint8_t* device_kept = nullptr;
 };
 
 // Batch statistics of one routing. The router fills them for its own tokens; in the distributed

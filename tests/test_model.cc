@@ -218,13 +218,13 @@ TEST(Model, HeadInPlaceEqualsTheKeptLogitsBitForBit) {
 }
 
 // ops.h moe_rows_by_expert (the local dispatcher's layout, computed where the activations live)
-// is group_rows_by_expert's layout of a plan, whose capacity walk keeps each expert's first slots:
-// dropless, with drops, and with slots of the batch before this process's (the distributed
-// service's workers: `preceding`).
+// is group_rows_by_expert's layout of a plan: dropless, with the capacity walk's drops (with and
+// without slots of the batch before this process's, the distributed service's `preceding`), and
+// with drops anywhere (a plan built by hand).
 TEST(Dispatch, RowsByExpertIsTheLayoutOfThePlan) {
   const int E = 6, k = 2, S = 300;
   model::Rng rng(9);
-  for (int64_t capacity : {int64_t{0}, int64_t{70}, int64_t{40}}) {
+  for (int64_t capacity : {int64_t{0}, int64_t{70}, int64_t{40}, int64_t{-1}}) {
     SCOPED_TRACE(testing::Message() << "capacity " << capacity);
     model::RoutingPlan plan;
     plan.num_tokens = S;
@@ -237,7 +237,9 @@ TEST(Dispatch, RowsByExpertIsTheLayoutOfThePlan) {
     plan.received.assign(E, 0);
     for (size_t i = 0; i < plan.expert.size(); ++i) {  // router.cc's walk
       const int e = plan.expert[i];
-      if (capacity == 0 || preceding[e] + plan.received[e] < capacity) {
+      const bool keep = capacity < 0 ? rng.next_u64() % 5 != 0
+                                     : capacity == 0 || preceding[e] + plan.received[e] < capacity;
+      if (keep) {
         ++plan.received[e];
       } else {
         plan.kept[i] = 0;
@@ -246,9 +248,10 @@ TEST(Dispatch, RowsByExpertIsTheLayoutOfThePlan) {
     std::vector<int64_t> offset, want;
     model::group_rows_by_expert(plan, offset, want);
     std::vector<int64_t> got(want.size(), -7);
-    model::ops::moe_rows_by_expert(got.data(), plan.expert.data(), offset.data(), got.size(), E);
+    model::ops::moe_rows_by_expert(got.data(), plan.expert.data(), plan.kept.data(), offset.data(),
+                                   got.size(), E);
     EXPECT_EQ(got, want);
-    if (capacity == 40) {
+    if (capacity == 40 || capacity < 0) {
       EXPECT_GT(std::count(want.begin(), want.end(), -1), 0);
     }
   }

@@ -253,14 +253,10 @@ void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int 
   }
 }
 
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const int64_t* offset,
-                        size_t slots, int E) {
-  std::vector<int64_t> rank(E, 0);
-  for (size_t i = 0; i < slots; ++i) {
-    const int e = expert[i];
-    const int64_t r = rank[e]++;
-    row_of_slot[i] = r < offset[e + 1] - offset[e] ? offset[e] + r : -1;
-  }
+void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
+                        const int64_t* offset, size_t slots, int E) {
+  std::vector<int64_t> cursor(offset, offset + E);
+  for (size_t i = 0; i < slots; ++i) row_of_slot[i] = kept[i] ? cursor[expert[i]]++ : -1;
 }
 
 // This file's entries of model/ops_list.h.

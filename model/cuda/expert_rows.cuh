@@ -17,21 +17,23 @@ namespace loopmoe::model::ops::cuda::expert_rows {
 constexpr int kThreads = 256;
 constexpr int kSharedFloats = 2 * kThreads;  // two int arrays of the block's size
 
-// One block per expert e: it walks the slots in order, kThreads at a time, and gives each slot of
-// e its rank r among e's slots by a block-wide exclusive scan of "is e" (Hillis–Steele over
-// shared memory, double-buffered) plus the count of the earlier rounds. Every slot belongs to
-// exactly one expert, so each row_of_slot entry is written once, by its expert's block; no
-// atomics, the same result whatever the scheduling. offset: device [E + 1].
+// One block per expert e: it walks the slots in order, kThreads at a time, and gives each kept
+// slot of e its rank r among e's kept slots by a block-wide scan of "is a kept slot of e"
+// (Hillis–Steele over shared memory, double-buffered) plus the count of the earlier rounds; a
+// dropped slot of e gets −1. Every slot belongs to exactly one expert, so each row_of_slot entry
+// is written once, by its expert's block; no atomics, the same result whatever the scheduling.
+// offset: device [E + 1].
 __global__ void rows_by_expert_kernel(int64_t* row_of_slot, const int32_t* expert,
-                                      const int64_t* offset, size_t slots) {
+                                      const uint8_t* kept, const int64_t* offset, size_t slots) {
   LOOPMOE_DYNAMIC_SHARED(smem);
   int* scan[2] = {reinterpret_cast<int*>(smem), reinterpret_cast<int*>(smem) + kThreads};
   const int e = blockIdx.x, j = threadIdx.x;
-  const int64_t first = offset[e], kept = offset[e + 1] - offset[e];
-  int64_t before = 0;  // slots of e in the earlier rounds
+  const int64_t first = offset[e];
+  int64_t before = 0;  // kept slots of e in the earlier rounds
   for (size_t base = 0; base < slots; base += kThreads) {
     const size_t i = base + j;
-    const int mine = i < slots && expert[i] == e ? 1 : 0;
+    const bool of_e = i < slots && expert[i] == e;
+    const int mine = of_e && kept[i] ? 1 : 0;
     int in = 0;
     scan[in][j] = mine;
     __syncthreads();
@@ -40,10 +42,7 @@ __global__ void rows_by_expert_kernel(int64_t* row_of_slot, const int32_t* exper
       in = 1 - in;
       __syncthreads();
     }
-    if (mine) {
-      const int64_t r = before + scan[in][j] - 1;
-      row_of_slot[i] = r < kept ? first + r : -1;
-    }
+    if (of_e) row_of_slot[i] = mine ? first + before + scan[in][j] - 1 : -1;
     before += scan[in][kThreads - 1];
     __syncthreads();  // every thread has read the total before the next round writes
   }

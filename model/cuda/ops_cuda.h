@@ -71,7 +71,7 @@
 //   backward per layer), which reads the offsets on the device (copied there as kernel
 //   parameters, no host wait).
 // - moe_rows_by_expert: offset on the host (as in ops.h), copied to the device as kernel
-//   parameters (no host wait); one block per expert ranks its slots by a block-wide scan
+//   parameters (no host wait); one block per expert ranks its kept slots by a block-wide scan
 //   (expert_rows.cuh), so the result is the CPU's exactly.
 // - router_stats: assigned, prob_sum, lse_sq_sum on the host (as in ops.h); expert, probs, lse on
 //   the device. Sums on the device in the CPU's fixed point (router_stats.cuh: the same units

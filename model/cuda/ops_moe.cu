@@ -351,12 +351,12 @@ void experts_swiglu_backward_reference(float* dx, float* dw1, float* dw3, float*
 
 }  // namespace kernel_util
 
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const int64_t* offset,
-                        size_t slots, int E) {
+void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
+                        const int64_t* offset, size_t slots, int E) {
   if (slots == 0 || E == 0) return;
   expert_rows::rows_by_expert_kernel<<<E, expert_rows::kThreads,
                                        expert_rows::kSharedFloats * sizeof(float)>>>(
-      row_of_slot, expert, device_offsets(offset, E), slots);
+      row_of_slot, expert, kept, device_offsets(offset, E), slots);
   LOOPMOE_CUDA_CHECK_LAUNCH();
 }
 

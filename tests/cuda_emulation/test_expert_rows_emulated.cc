@@ -1,7 +1,8 @@
 // The dispatcher's expert-order layout on the device (model/cuda/expert_rows.cuh) under the CPU
-// emulation of CUDA (cuda_emulation.h), against the CPU's moe_rows_by_expert: dropless and with
-// capacity drops, an expert without slots, fewer slots than a block's threads and several rounds
-// of them with a partial last one. On a GPU the layout runs in every CudaModel* test.
+// emulation of CUDA (cuda_emulation.h), against the CPU's moe_rows_by_expert: dropless, with
+// capacity drops and with drops anywhere, an expert without slots, fewer slots than a block's
+// threads and several rounds of them with a partial last one. On a GPU the layout runs in every
+// CudaModel* test.
 #include "tests/cuda_emulation/cuda_emulation.h"
 // The emulation first: the kernel header uses what it defines.
 #include <gtest/gtest.h>
@@ -18,28 +19,31 @@ namespace {
 
 namespace er = ops::cuda::expert_rows;
 
-// slots random choices among E experts (expert `empty` never chosen); each expert keeps at most
-// `capacity` slots (0: all), offset the running sum of the kept counts.
-void check(size_t slots, int E, int empty, int64_t capacity, uint64_t seed) {
-  SCOPED_TRACE(testing::Message() << slots << " slots, E " << E << ", capacity " << capacity);
+// slots random choices among E experts (expert `empty` never chosen); each expert keeps its first
+// `capacity` slots (0: all), and with `random_drops` every slot is also dropped with probability
+// 1/4; offset is the running sum of the kept counts.
+void check(size_t slots, int E, int empty, int64_t capacity, bool random_drops, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << slots << " slots, E " << E << ", capacity " << capacity
+                                  << (random_drops ? ", random drops" : ""));
   std::mt19937_64 gen(seed);
   std::vector<int32_t> expert(slots);
-  std::vector<int64_t> count(E, 0);
-  for (int32_t& e : expert) {
+  std::vector<uint8_t> kept(slots);
+  std::vector<int64_t> seen(E, 0), count(E, 0);
+  for (size_t i = 0; i < slots; ++i) {
     do {
-      e = static_cast<int32_t>(gen() % E);
-    } while (e == empty);
-    ++count[e];
+      expert[i] = static_cast<int32_t>(gen() % E);
+    } while (expert[i] == empty);
+    const int e = expert[i];
+    kept[i] = (capacity == 0 || seen[e]++ < capacity) && !(random_drops && gen() % 4 == 0);
+    count[e] += kept[i];
   }
   std::vector<int64_t> offset(E + 1, 0);
-  for (int e = 0; e < E; ++e) {
-    offset[e + 1] = offset[e] + (capacity > 0 ? std::min(count[e], capacity) : count[e]);
-  }
+  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + count[e];
   std::vector<int64_t> want(slots, -7), got(slots, -7);
-  ops::moe_rows_by_expert(want.data(), expert.data(), offset.data(), slots, E);
+  ops::moe_rows_by_expert(want.data(), expert.data(), kept.data(), offset.data(), slots, E);
   cuda_emulation::launch(er::rows_by_expert_kernel, dim3{static_cast<unsigned>(E), 1, 1},
-                         er::kThreads, er::kSharedFloats, got.data(), expert.data(), offset.data(),
-                         slots);
+                         er::kThreads, er::kSharedFloats, got.data(), expert.data(), kept.data(),
+                         offset.data(), slots);
   EXPECT_EQ(got, want);
   // The CPU's layout itself: every row once, each expert's rows in slot order.
   std::vector<int64_t> rows;
@@ -53,10 +57,11 @@ void check(size_t slots, int E, int empty, int64_t capacity, uint64_t seed) {
 }
 
 TEST(ExpertRowsEmulated, MatchTheCpu) {
-  check(100, 5, 2, 0, 1);     // fewer slots than threads, dropless
-  check(1000, 7, 3, 0, 2);    // several rounds, the last partial
-  check(1000, 7, 0, 100, 3);  // capacity drops (each expert ~167 slots)
-  check(512, 4, -1, 90, 4);   // whole rounds only
+  check(100, 5, 2, 0, false, 1);     // fewer slots than threads, dropless
+  check(1000, 7, 3, 0, false, 2);    // several rounds, the last partial
+  check(1000, 7, 0, 100, false, 3);  // capacity drops (each expert ~167 slots)
+  check(512, 4, -1, 90, false, 4);   // whole rounds only
+  check(1000, 7, 3, 0, true, 5);     // drops anywhere
 }
 
 }  // namespace
