@@ -29,6 +29,11 @@ class Dispatcher {
   // Turns the router's statistics of this process's tokens into those of the whole batch (see
   // RouterBatchStats). One process holds the whole batch: nothing to do.
   virtual void reduce_batch_stats(RouterBatchStats& /*stats*/) {}
+
+  // Whether forward() reads the plan's host fields (and reduce_batch_stats has work to do): the
+  // router then copies the routing to the host in every layer. The local dispatcher works from
+  // the plan's device copies and says no, so that nothing waits for the device per layer.
+  virtual bool needs_host_plan() const { return true; }
 };
 
 // Row bookkeeping every dispatcher shares. A dispatcher lays the kept slots of a plan out as rows

@@ -25,23 +25,32 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
   Saved& sv = saved_[application];
   const int E = plan.num_experts, D = shape_.d_model;
   ExpertBatch& b = sv.batch;
-  // The layout on the device, from the router's device copy of the choices where there is one:
-  // the host only adds up the E kept counts.
-  b.offset.assign(E + 1, 0);
-  for (int e = 0; e < E; ++e) b.offset[e + 1] = b.offset[e] + plan.received[e];
-  const size_t slots = plan.expert.size();
+  // The layout on the device, from the router's device copies of the routing where there are
+  // some (a plan built by hand has only its host fields, which go up first).
+  const size_t slots = plan.device_expert != nullptr
+                           ? static_cast<size_t>(plan.num_tokens) * plan.top_k
+                           : plan.expert.size();
   Buffer<int32_t> uploaded_expert;
   Buffer<uint8_t> uploaded_kept;
+  Buffer<int64_t> uploaded_received;
   const int32_t* expert = plan.device_expert;
   const uint8_t* kept = plan.device_kept;
-  if (expert == nullptr || kept == nullptr) {
+  const int64_t* received = plan.device_received;
+  if (expert == nullptr || kept == nullptr || received == nullptr) {
     copy_from_host(uploaded_expert, plan.expert.data(), slots);
     copy_from_host(uploaded_kept, plan.kept.data(), slots);
+    copy_from_host(uploaded_received, plan.received.data(), E);
     expert = uploaded_expert.data();
     kept = uploaded_kept.data();
+    received = uploaded_received.data();
   }
   sv.row_of_slot.resize(slots);
-  ops::moe_rows_by_expert(sv.row_of_slot.data(), expert, kept, b.offset.data(), slots, E);
+  sv.offset.resize(E + 1);
+  ops::moe_rows_by_expert(sv.row_of_slot.data(), sv.offset.data(), expert, kept, received, slots,
+                          E);
+  // The one copy to the host per layer left: the experts' products take their sizes from the host
+  // (the FLOP counters, cuBLAS's grouped fp32 products, the bf16 kernel's grid).
+  b.offset = copy_to_host(sv.offset);
   const int64_t rows = b.offset[E];
   b.x.resize(static_cast<size_t>(rows) * D);
   const int64_t* row_of_slot = sv.row_of_slot.data();

@@ -19,10 +19,12 @@ class LocalDispatcher : public Dispatcher {
                float* out) override;
   void backward(int application, int layer, const RoutingPlan& plan, const float* dout,
                 float* dx) override;
+  bool needs_host_plan() const override { return false; }
 
  private:
   struct Saved {
     ExpertBatch batch;
+    Buffer<int64_t> offset;       // [E+1] batch.offset on the device (ops.h moe_rows_by_expert)
     Buffer<int64_t> row_of_slot;  // [S*k] row in batch, -1 when dropped (ops.h moe_rows_by_expert)
   };
   ExpertWeights weights(int layer) const;

@@ -195,6 +195,12 @@ const float* Model::iteration_state(int r) const {
   return resid_[index].data();
 }
 
+const RoutingPlan& Model::routing(int application) {
+  MoeActivations& moe = apps_.at(application).moe;
+  routing_to_host(moe.plan, moe.router, /*slots=*/true);
+  return moe.plan;
+}
+
 std::vector<float> Model::logits_to_host() const {
   check_logits("logits_to_host");
   return copy_to_host(logits_);
@@ -306,6 +312,10 @@ LossParts Model::forward(const int32_t* tokens, const int32_t* targets, int B, i
       ops::halt_converged_rows(halted_at.data(), frozen.data(), resid_[2 * a + 2 - 2 * N].data(),
                                resid_[2 * a + 2].data(), S, D, options.halt_threshold, r + 1);
     }
+  }
+  // The routings' summaries reach the host here, once per step, not in every layer.
+  for (Application& app : apps_) {
+    routing_to_host(app.moe.plan, app.moe.router, /*slots=*/false);
     loss.aux += app.moe.plan.aux_loss / A;
     loss.z += app.moe.plan.z_loss / A;
     loss.dropped += app.moe.plan.dropped;

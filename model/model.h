@@ -122,8 +122,9 @@ class Model {
   // std::logic_error on a device, where callers must use logits_to_host(), or when they are gone.
   const std::vector<float>& logits() const;
   int applications() const { return static_cast<int>(apps_.size()); }
-  // Routing of MoE layer application a = r*N + n in the last forward.
-  const RoutingPlan& routing(int application) const { return apps_.at(application).moe.plan; }
+  // Routing of MoE layer application a = r*N + n in the last forward, every field on the host
+  // (the first call per forward copies the slots there).
+  const RoutingPlan& routing(int application);
 
  private:
   struct Application {

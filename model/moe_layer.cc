@@ -13,9 +13,12 @@ void MoeLayer::forward(MoeActivations& a, Dispatcher& dispatcher, int applicatio
   const int D = d_model_, k = options_.top_k;
   {
     ops::FlopKindScope kind(ops::FlopKind::kRouter);
-    router_forward(
-        a.plan, a.router, u, router_w, S, D, options_,
-        [&dispatcher](RouterBatchStats& stats) { dispatcher.reduce_batch_stats(stats); });
+    const bool host_plan = dispatcher.needs_host_plan();
+    RouterStatsReducer reduce;
+    if (host_plan) {
+      reduce = [&dispatcher](RouterBatchStats& stats) { dispatcher.reduce_batch_stats(stats); };
+    }
+    router_forward(a.plan, a.router, u, router_w, S, D, options_, reduce, host_plan);
   }
   a.expert_out.resize(static_cast<size_t>(S) * k * D);
   {

@@ -323,12 +323,18 @@ void moe_unpermute_forward(T* out, const T* rows, const int64_t* row_of_slot, si
 template <typename T>
 void moe_unpermute_backward(T* drows, const T* dout, const int64_t* row_of_slot, size_t slots,
                             int D);
-// The layout itself, the expert-order rows of a routing's kept slots: a kept slot i (kept[i] != 0,
-// expert[i] = e) being the r-th kept slot of expert e in slot order, row_of_slot[i] = offset[e] +
-// r; −1 for dropped slots. offset: host [E+1], the running sum of the experts' kept counts;
-// expert, kept, row_of_slot: [slots].
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
-                        const int64_t* offset, size_t slots, int E);
+// The layout itself, the expert-order rows of a routing's kept slots: offset[E+1] (written) is the
+// running sum of received[E], the experts' kept counts (offset[0] = 0), and a kept slot i
+// (kept[i] != 0, expert[i] = e) being the r-th kept slot of expert e in slot order gets
+// row_of_slot[i] = offset[e] + r; −1 for dropped slots. expert, kept, row_of_slot: [slots].
+void moe_rows_by_expert(int64_t* row_of_slot, int64_t* offset, const int32_t* expert,
+                        const uint8_t* kept, const int64_t* received, size_t slots, int E);
+// The capacity walk (docs/MODEL.md "Capacity"): slot i of expert e = expert[i], the r-th slot of
+// e in slot order, is kept (kept[i] = 1, else 0) when preceding[e] + r < capacity, preceding[e]
+// being e's slots of the batch that come before these (nullptr: none, one process); capacity < 0
+// keeps every slot (dropless). received[e] (written): e's kept slots.
+void moe_capacity_keep(uint8_t* kept, int64_t* received, const int32_t* expert,
+                       const int64_t* preceding, int64_t capacity, size_t slots, int E);
 // Row permutations by an index (index: rows entries, each row of src/dst used once):
 // gather dst[r, :] = src[index[r], :]; scatter dst[index[r], :] = src[r, :].
 template <typename T>
@@ -360,11 +366,18 @@ void router_topk_forward(int32_t* expert, T* weight, const T* probs, int S, int 
 template <typename T>
 void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int32_t* expert,
                           const T* weight, const T* bias, int S, int E, int k, bool renormalize);
-// Batch statistics of S routed tokens (host outputs, added to): assigned[e] += top-k slots
-// choosing e; prob_sum[e] += probs[t, e] and lse_sq_sum += lse_t², row by row in fixed point.
+// Batch statistics of S routed tokens, written (not added to): assigned[E] the top-k slots
+// choosing each expert; prob_sum[E] Σ_t probs[t, e] and lse_sq_sum[1] Σ_t lse_t², row by row in
+// fixed point (the same units whatever the order of the rows).
 template <typename T>
 void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
                   const T* probs, const T* lse, int S, int E, int k);
+// The load-balance loss's gradient by expert, for router_topk_backward's bias: bias[e] =
+// T(aux_scale · E · (assigned[e] / (tokens · k)) / tokens), assigned[E] the batch's top-k
+// assignments (d(aux_scale · E · Σ_e f_e P_e)/dp_te with f_e = assigned_e / (tokens · k)).
+template <typename T>
+void router_balance_bias(T* bias, const int64_t* assigned, int E, int k, double tokens,
+                         double aux_scale);
 // z-loss gradient: dlogits[t, e] += c_t · probs[t, e] with c_t = T(z_scale · 2 · lse_t / tokens)
 // (d/dlogits of z_scale · Σ_t lse_t² / tokens).
 template <typename T>

@@ -215,7 +215,11 @@
     (int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,             \
      const T* probs, const T* lse, int S, int E, int k),                                           \
     (assigned, prob_sum, lse_sq_sum, expert, probs, lse, S, E, k),                                 \
-    (expert, probs, lse))                                                                          \
+    (assigned, prob_sum, lse_sq_sum, expert, probs, lse))                                          \
+  X(void, router_balance_bias,                                                                     \
+    (T* bias, const int64_t* assigned, int E, int k, double tokens, double aux_scale),             \
+    (bias, assigned, E, k, tokens, aux_scale),                                                     \
+    (bias, assigned))                                                                              \
   X(void, router_zloss_backward,                                                                   \
     (T* dlogits, const T* probs, const T* lse, int S, int E, double z_scale, double tokens),       \
     (dlogits, probs, lse, S, E, z_scale, tokens),                                                  \
@@ -257,10 +261,15 @@
     (p, m, v, g, decay, n, step),                                                                  \
     (p, m, v, g, decay))                                                                           \
   X(void, moe_rows_by_expert,                                                                      \
-    (int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept, const int64_t* offset,      \
-     size_t slots, int E),                                                                         \
-    (row_of_slot, expert, kept, offset, slots, E),                                                 \
-    (row_of_slot, expert, kept))
+    (int64_t* row_of_slot, int64_t* offset, const int32_t* expert, const uint8_t* kept,            \
+     const int64_t* received, size_t slots, int E),                                                \
+    (row_of_slot, offset, expert, kept, received, slots, E),                                       \
+    (row_of_slot, offset, expert, kept, received))                                                 \
+  X(void, moe_capacity_keep,                                                                       \
+    (uint8_t* kept, int64_t* received, const int32_t* expert, const int64_t* preceding,            \
+     int64_t capacity, size_t slots, int E),                                                       \
+    (kept, received, expert, preceding, capacity, slots, E),                                       \
+    (kept, received, expert, preceding))
 
 // Every templated kernel: the dispatchers and declarations cover all of them.
 #define LOOPMOE_OPS(X, T)                                                                          \

@@ -247,12 +247,49 @@ TEST(Dispatch, RowsByExpertIsTheLayoutOfThePlan) {
     }
     std::vector<int64_t> offset, want;
     model::group_rows_by_expert(plan, offset, want);
-    std::vector<int64_t> got(want.size(), -7);
-    model::ops::moe_rows_by_expert(got.data(), plan.expert.data(), plan.kept.data(), offset.data(),
-                                   got.size(), E);
+    std::vector<int64_t> got(want.size(), -7), got_offset(E + 1, -7);
+    model::ops::moe_rows_by_expert(got.data(), got_offset.data(), plan.expert.data(),
+                                   plan.kept.data(), plan.received.data(), got.size(), E);
     EXPECT_EQ(got, want);
+    EXPECT_EQ(got_offset, offset);
     if (capacity == 40 || capacity < 0) {
       EXPECT_GT(std::count(want.begin(), want.end(), -1), 0);
+    }
+  }
+}
+
+// ops.h moe_capacity_keep is the capacity walk in slot order (MODEL.md "Capacity"), written out
+// here as the router did it on the host: a slot is kept while its expert's kept slots so far,
+// the batch's earlier ones (`preceding`) included, are under the capacity.
+TEST(Dispatch, CapacityKeepIsTheWalkInSlotOrder) {
+  const int E = 5, k = 2, S = 257;
+  model::Rng rng(21);
+  std::vector<int32_t> expert(static_cast<size_t>(S) * k);
+  for (int32_t& e : expert) e = static_cast<int32_t>(rng.next_u64() % (E - 1));  // E-1: none
+  for (bool with_preceding : {false, true}) {
+    const std::vector<int64_t> preceding =
+        with_preceding ? std::vector<int64_t>{0, 7, 200, 30, 0} : std::vector<int64_t>(E, 0);
+    for (int64_t capacity :
+         {int64_t{-1}, int64_t{0}, int64_t{1}, int64_t{60}, int64_t{130}, int64_t{100000}}) {
+      SCOPED_TRACE(testing::Message()
+                   << "capacity " << capacity << " preceding " << with_preceding);
+      std::vector<uint8_t> want(expert.size(), 1);
+      std::vector<int64_t> want_received(E, 0);
+      for (size_t i = 0; i < expert.size(); ++i) {
+        const int e = expert[i];
+        if (capacity < 0 || preceding[e] + want_received[e] < capacity) {
+          ++want_received[e];
+        } else {
+          want[i] = 0;
+        }
+      }
+      std::vector<uint8_t> got(expert.size(), 7);
+      std::vector<int64_t> received(E, -7);
+      model::ops::moe_capacity_keep(got.data(), received.data(), expert.data(),
+                                    with_preceding ? preceding.data() : nullptr, capacity,
+                                    expert.size(), E);
+      EXPECT_EQ(got, want);
+      EXPECT_EQ(received, want_received);
     }
   }
 }
@@ -274,6 +311,11 @@ TEST(MoeLayer, MatchesNaivePerTokenReference) {
   model::MoeActivations acts;
   const model::LayerOffsets& l = layout.layers[0];
   moe.forward(acts, dispatcher, 0, 0, params.data() + l.router, u.data(), y.data(), S);
+  // The local dispatcher works from the device copies: nothing of the plan is on the host yet.
+  EXPECT_FALSE(acts.plan.summary_on_host);
+  EXPECT_FALSE(acts.plan.slots_on_host);
+  EXPECT_TRUE(acts.plan.expert.empty());
+  model::routing_to_host(acts.plan, acts.router, /*slots=*/true);
   EXPECT_GT(acts.plan.dropped, 0);
   std::vector<float> h1(F), h3(F), act(F), out(D);
   for (int t = 0; t < S; ++t) {

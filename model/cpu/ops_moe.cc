@@ -232,12 +232,24 @@ void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int
 template <typename T>
 void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
                   const T* probs, const T* lse, int S, int E, int k) {
+  std::fill_n(assigned, E, 0);
+  std::fill_n(prob_sum, E, LossSum{});
+  *lse_sq_sum = LossSum{};
   const size_t slots = static_cast<size_t>(S) * k;
   for (size_t i = 0; i < slots; ++i) assigned[expert[i]]++;
   for (int t = 0; t < S; ++t) {
     const T* p = probs + static_cast<size_t>(t) * E;
     for (int e = 0; e < E; ++e) prob_sum[e].add_row(p[e]);
     lse_sq_sum->add_row(static_cast<double>(lse[t]) * lse[t]);
+  }
+}
+
+template <typename T>
+void router_balance_bias(T* bias, const int64_t* assigned, int E, int k, double tokens,
+                         double aux_scale) {
+  for (int e = 0; e < E; ++e) {
+    bias[e] =
+        static_cast<T>(aux_scale * E * (static_cast<double>(assigned[e]) / (tokens * k)) / tokens);
   }
 }
 
@@ -253,10 +265,27 @@ void router_zloss_backward(T* dlogits, const T* probs, const T* lse, int S, int 
   }
 }
 
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
-                        const int64_t* offset, size_t slots, int E) {
+void moe_rows_by_expert(int64_t* row_of_slot, int64_t* offset, const int32_t* expert,
+                        const uint8_t* kept, const int64_t* received, size_t slots, int E) {
+  offset[0] = 0;
+  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + received[e];
   std::vector<int64_t> cursor(offset, offset + E);
   for (size_t i = 0; i < slots; ++i) row_of_slot[i] = kept[i] ? cursor[expert[i]]++ : -1;
+}
+
+void moe_capacity_keep(uint8_t* kept, int64_t* received, const int32_t* expert,
+                       const int64_t* preceding, int64_t capacity, size_t slots, int E) {
+  // The walk in slot order: a slot is kept while its expert's slots so far (this batch's earlier
+  // ones included) are under the capacity.
+  std::vector<int64_t> seen(E, 0);
+  if (preceding != nullptr) std::copy_n(preceding, E, seen.begin());
+  std::fill_n(received, E, 0);
+  for (size_t i = 0; i < slots; ++i) {
+    const int e = expert[i];
+    kept[i] = capacity < 0 || seen[e] < capacity ? 1 : 0;
+    ++seen[e];
+    received[e] += kept[i];
+  }
 }
 
 // This file's entries of model/ops_list.h.

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -27,7 +28,11 @@ void check(cudaError_t error, const char* call, size_t bytes) {
 // next to cudaMalloc itself.
 struct Usage {
   std::mutex mutex;
-  std::unordered_map<void*, size_t> sizes;
+  struct Block {
+    size_t bytes;
+    bool pooled;  // from cudaMallocAsync (freed with cudaFreeAsync), else cudaMalloc
+  };
+  std::unordered_map<void*, Block> blocks;
   size_t current = 0, peak = 0;
 };
 Usage& usage() {
@@ -35,13 +40,69 @@ Usage& usage() {
   return *u;
 }
 
+// Device memory is stream-ordered: cudaMallocAsync and cudaFreeAsync on the default stream, from
+// the device's default memory pool with its release threshold raised so that freed blocks stay in
+// the pool. cudaFree waits for the whole device, and the model frees temporaries in every layer (a
+// Buffer going out of scope: the dispatcher's expert outputs, the router's gradients, ...), so with
+// plain cudaMalloc/cudaFree each of them would be a host wait for the GPU to drain. A block freed
+// this way is handed out again only to work queued after the free on the same stream, which is all
+// our work (cuda_util.cuh: one stream). A device without memory pools gets cudaMalloc/cudaFree.
+struct Pools {
+  std::mutex mutex;
+  std::unordered_map<int, bool> ready;  // device → uses its pool (set up on first allocation)
+};
+Pools& pools() {
+  static Pools* p = new Pools;  // never destroyed, like Usage
+  return *p;
+}
+// Whether the current device allocates from its pool; the first call per device raises the
+// pool's release threshold (by default the pool returns freed memory at every synchronisation).
+bool use_pool(int& device, size_t bytes) {
+  // Named after the allocation they serve, which is what failed for the caller.
+  check(cudaGetDevice(&device), "cudaMalloc: cudaGetDevice", bytes);
+  Pools& p = pools();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  auto it = p.ready.find(device);
+  if (it != p.ready.end()) return it->second;
+  int supported = 0;
+  check(cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device),
+        "cudaMalloc: cudaDeviceGetAttribute(cudaDevAttrMemoryPoolsSupported)", bytes);
+  if (supported != 0) {
+    cudaMemPool_t pool = nullptr;
+    check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaMalloc: cudaDeviceGetDefaultMemPool",
+          bytes);
+    uint64_t threshold = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold),
+          "cudaMalloc: cudaMemPoolSetAttribute(cudaMemPoolAttrReleaseThreshold)", bytes);
+  }
+  p.ready[device] = supported != 0;
+  return supported != 0;
+}
+
 void* device_alloc(size_t bytes) {
   if (bytes == 0) return nullptr;
   void* p = nullptr;
-  check(cudaMalloc(&p, bytes), "cudaMalloc", bytes);
+  int device = 0;
+  const bool pooled = use_pool(device, bytes);
+  if (pooled) {
+    cudaError_t error = cudaMallocAsync(&p, bytes, cudaStreamLegacy);
+    if (error == cudaErrorMemoryAllocation) {
+      // The pool may hold freed blocks of other sizes: wait until they are free on the device,
+      // give them back, and try once more.
+      static_cast<void>(cudaGetLastError());
+      check(cudaStreamSynchronize(cudaStreamLegacy), "cudaStreamSynchronize", bytes);
+      cudaMemPool_t pool = nullptr;
+      check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool", bytes);
+      check(cudaMemPoolTrimTo(pool, 0), "cudaMemPoolTrimTo", bytes);
+      error = cudaMallocAsync(&p, bytes, cudaStreamLegacy);
+    }
+    check(error, "cudaMallocAsync", bytes);
+  } else {
+    check(cudaMalloc(&p, bytes), "cudaMalloc", bytes);
+  }
   Usage& u = usage();
   std::lock_guard<std::mutex> lock(u.mutex);
-  u.sizes[p] = bytes;
+  u.blocks[p] = Usage::Block{bytes, pooled};
   u.current += bytes;
   u.peak = std::max(u.peak, u.current);
   return p;
@@ -49,17 +110,19 @@ void* device_alloc(size_t bytes) {
 
 void device_free(void* p) noexcept {
   if (p == nullptr) return;
+  bool pooled = false;
   {
     Usage& u = usage();
     std::lock_guard<std::mutex> lock(u.mutex);
-    auto it = u.sizes.find(p);
-    if (it != u.sizes.end()) {
-      u.current -= it->second;
-      u.sizes.erase(it);
+    auto it = u.blocks.find(p);
+    if (it != u.blocks.end()) {
+      u.current -= it->second.bytes;
+      pooled = it->second.pooled;
+      u.blocks.erase(it);
     }
   }
   // Nothing to report from a destructor; a failure here means the context is already gone.
-  static_cast<void>(cudaFree(p));
+  static_cast<void>(pooled ? cudaFreeAsync(p, cudaStreamLegacy) : cudaFree(p));
 }
 
 size_t device_peak_bytes() {

@@ -11,7 +11,7 @@
 //
 // Float only (training); the double gradient checks stay on the CPU. Every call is issued on the
 // default stream and returns without waiting, except those that return or fill host values
-// (crossentropy_forward*, sum_squares, router_stats), which synchronise by copying back.
+// (crossentropy_forward*, sum_squares), which synchronise by copying back.
 //
 // Numerics: run to run the bits are identical (no floating-point atomics; every reduction has a
 // fixed order, written where it is implemented; cuBLAS guarantees the same for its products on
@@ -28,7 +28,7 @@
 // CPU's, recomputed scores nothing), so the measured counts are the same integers on both.
 //
 // Host pointers in a CUDA call are only those ops.h marks "host" (tree_sum_groups' ranges,
-// experts' offset, router_stats' outputs) plus the GradGroups descriptors themselves.
+// experts' offset) plus the GradGroups descriptors themselves.
 //
 // What differs from the ops.h contract, function by function:
 // - tree_sum_groups: ranges on the host, the buffers on the device. Same fixed pairwise tree as
@@ -70,13 +70,12 @@
 //   kernel over all experts (operands rounded to bf16 as loaded, fp32 accumulation; 3 forward, 6
 //   backward per layer), which reads the offsets on the device (copied there as kernel
 //   parameters, no host wait).
-// - moe_rows_by_expert: offset on the host (as in ops.h), copied to the device as kernel
-//   parameters (no host wait); one block per expert ranks its kept slots by a block-wide scan
-//   (expert_rows.cuh), so the result is the CPU's exactly.
-// - router_stats: assigned, prob_sum, lse_sq_sum on the host (as in ops.h); expert, probs, lse on
-//   the device. Sums on the device in the CPU's fixed point (router_stats.cuh: the same units
-//   exactly) and copies back only the E + 1 sums and E counts, not the S·E probabilities.
-//   Synchronises.
+// - moe_rows_by_expert, moe_capacity_keep: one block per expert walks the slots in order and
+//   ranks its slots by a block-wide scan (expert_rows.cuh), so kept, received, offset and the rows
+//   are the CPU's exactly; no atomics, nothing copied to the host.
+// - router_stats: outputs on the device, as in ops.h. Sums in the CPU's fixed point
+//   (router_stats.cuh: the same units exactly); LossSum is the kernel's FixedSum layout.
+// - router_balance_bias: the CPU's double expression per expert, so the CPU's bits.
 // - sum_rows: column sums in the chunked order of cuda_util.cuh column_sums (not the CPU's plain
 //   row order).
 // - sum_squares: the CPU's 4096-element blocks, each summed by a block tree; the block partials

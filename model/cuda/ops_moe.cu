@@ -4,6 +4,7 @@
 // moving rows between token and expert order, the weighted combine, and the router's top-k, its
 // backward, batch statistics and z-loss gradient. Mirrors model/cpu/ops_moe.cc.
 #include <algorithm>
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -351,12 +352,24 @@ void experts_swiglu_backward_reference(float* dx, float* dw1, float* dw3, float*
 
 }  // namespace kernel_util
 
-void moe_rows_by_expert(int64_t* row_of_slot, const int32_t* expert, const uint8_t* kept,
-                        const int64_t* offset, size_t slots, int E) {
-  if (slots == 0 || E == 0) return;
+void moe_rows_by_expert(int64_t* row_of_slot, int64_t* offset, const int32_t* expert,
+                        const uint8_t* kept, const int64_t* received, size_t slots, int E) {
+  if (E == 0) {
+    LOOPMOE_CUDA_CHECK(cudaMemsetAsync(offset, 0, sizeof(int64_t), cudaStreamLegacy));
+    return;
+  }
   expert_rows::rows_by_expert_kernel<<<E, expert_rows::kThreads,
                                        expert_rows::kSharedFloats * sizeof(float)>>>(
-      row_of_slot, expert, kept, device_offsets(offset, E), slots);
+      row_of_slot, offset, expert, kept, received, slots, E);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
+}
+
+void moe_capacity_keep(uint8_t* kept, int64_t* received, const int32_t* expert,
+                       const int64_t* preceding, int64_t capacity, size_t slots, int E) {
+  if (E == 0) return;
+  expert_rows::capacity_keep_kernel<<<E, expert_rows::kThreads,
+                                      expert_rows::kSharedFloats * sizeof(float)>>>(
+      kept, received, expert, preceding, capacity, slots);
   LOOPMOE_CUDA_CHECK_LAUNCH();
 }
 
@@ -541,35 +554,34 @@ void router_topk_backward(T* dprobs, const T* dweight, const T* probs, const int
   LOOPMOE_CUDA_CHECK_LAUNCH();
 }
 
+// LossSum is FixedSum's layout, so the kernel writes the ops.h outputs directly.
+static_assert(sizeof(LossSum) == sizeof(router::FixedSum) && offsetof(LossSum, units) == 0 &&
+                  offsetof(LossSum, invalid) == offsetof(router::FixedSum, invalid),
+              "LossSum and router::FixedSum must share their layout");
+
 template <typename T>
 void router_stats(int64_t* assigned, LossSum* prob_sum, LossSum* lse_sq_sum, const int32_t* expert,
                   const T* probs, const T* lse, int S, int E, int k) {
-  // Host outputs in fixed point, computed on the device (router_stats.cuh: the CPU's units
-  // exactly); only the E + 1 sums and E counts come back.
+  // In fixed point on the device (router_stats.cuh: the CPU's units exactly); the results stay
+  // there until the router's caller copies them back once per step.
   static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
-  if (S <= 0) return;
-  const size_t sums_bytes = sizeof(router::FixedSum) * (E + 1);
-  char* block = static_cast<char*>(kernel_util::workspace(sums_bytes + sizeof(long long) * E));
-  router::FixedSum* device_sums = reinterpret_cast<router::FixedSum*>(block);
-  long long* device_assigned = reinterpret_cast<long long*>(block + sums_bytes);
+  static_assert(sizeof(long long) == sizeof(int64_t), "assigned is written as long long");
   router::router_stats_kernel<<<E + 1, router::kThreads, router::kSharedFloats * sizeof(float)>>>(
-      device_sums, device_assigned, expert, probs, lse, S, E, k);
+      reinterpret_cast<router::FixedSum*>(prob_sum),
+      reinterpret_cast<router::FixedSum*>(lse_sq_sum), reinterpret_cast<long long*>(assigned),
+      expert, probs, lse, S, E, k);
   LOOPMOE_CUDA_CHECK_LAUNCH();
-  std::vector<router::FixedSum> sums(E + 1);
-  std::vector<long long> counts(E);
-  kernel_util::to_host(sums.data(), device_sums, sums.size());
-  kernel_util::to_host(counts.data(), device_assigned, counts.size());
-  auto loss_sum = [](const router::FixedSum& f) {
-    LossSum l;
-    l.units = f.units;
-    l.invalid = f.invalid;
-    return l;
-  };
-  for (int e = 0; e < E; ++e) {
-    assigned[e] += counts[e];
-    prob_sum[e].add(loss_sum(sums[e]));
-  }
-  lse_sq_sum->add(loss_sum(sums[E]));
+}
+
+template <typename T>
+void router_balance_bias(T* bias, const int64_t* assigned, int E, int k, double tokens,
+                         double aux_scale) {
+  // The CPU's expression, term by term in double (products and quotients only: nothing for the
+  // compiler to contract, so the same bits).
+  for_each_index(static_cast<size_t>(E), [=] __device__(size_t e) {
+    bias[e] =
+        static_cast<T>(aux_scale * E * (static_cast<double>(assigned[e]) / (tokens * k)) / tokens);
+  });
 }
 
 template <typename T>

@@ -1,6 +1,6 @@
 // The router's batch statistics on the device (ops.h router_stats): each expert's top-k
 // assignments, Σ_t p_te and Σ_t lse_t² in ops::LossSum's fixed point, so that only 3·E + 2
-// numbers reach the host per routing instead of the S·E probabilities. In a header of its own,
+// numbers are the result, on the device, instead of the S·E probabilities. In a header of its own,
 // like flash_attention.cuh, so that it also runs under tests/cuda_emulation/ against the CPU's
 // router_stats where no GPU is present: no CUDA API call here, the shared memory behind a macro.
 #pragma once
@@ -49,9 +49,10 @@ constexpr int kSharedFloats = 3 * kThreads * 2;  // three long long per thread
 
 // Block b < E: expert b's assignments (slots i with expert[i] == b) and Σ_t probs[t][b]; block E:
 // Σ_t lse_t². Thread j takes rows j, j + kThreads, ... in order; the block adds the threads' sums
-// in a fixed tree. out: E + 1 sums; assigned: E counts.
-__global__ void router_stats_kernel(FixedSum* out, long long* assigned, const int32_t* expert,
-                                    const float* probs, const float* lse, int S, int E, int k) {
+// in a fixed tree. prob_sum, assigned: E each; lse_sq_sum: one.
+__global__ void router_stats_kernel(FixedSum* prob_sum, FixedSum* lse_sq_sum, long long* assigned,
+                                    const int32_t* expert, const float* probs, const float* lse,
+                                    int S, int E, int k) {
   LOOPMOE_DYNAMIC_SHARED(smem);
   long long* units = reinterpret_cast<long long*>(smem);  // [kThreads]
   long long* invalid = units + kThreads;                  // [kThreads]
@@ -80,8 +81,12 @@ __global__ void router_stats_kernel(FixedSum* out, long long* assigned, const in
     }
   }
   if (j == 0) {
-    out[b] = FixedSum{units[0], invalid[0]};
-    if (b < E) assigned[b] = count[0];
+    if (b < E) {
+      prob_sum[b] = FixedSum{units[0], invalid[0]};
+      assigned[b] = count[0];
+    } else {
+      *lse_sq_sum = FixedSum{units[0], invalid[0]};
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -505,17 +506,64 @@ TEST(CudaMoe, Router) {
     ASSERT_EQ(cuda_expert.size(), 2u);
     EXPECT_EQ(cuda_expert[0], expert);  // the same choices, ties and order included
     expect_same_bits(cuda_expert[0], cuda_expert[1], "expert");
-    // Statistics: the same host arithmetic on the same inputs, so exactly equal.
-    std::vector<int64_t> cuda_assigned(E, 0);
-    std::vector<ops::LossSum> cuda_prob_sum(E);
-    ops::LossSum cuda_lse_sq;
+    // Statistics: the same fixed-point units on the same inputs, so exactly equal.
     Buffer<int32_t> dex = upload(expert);
     Buffer<float> dp = upload(probs), dl = upload(lse);
-    ops::cuda::router_stats(cuda_assigned.data(), cuda_prob_sum.data(), &cuda_lse_sq, dex.data(),
+    Buffer<int64_t> dassigned = device_zeros<int64_t>(E);
+    Buffer<ops::LossSum> dprob_sum = device_zeros<ops::LossSum>(E);
+    Buffer<ops::LossSum> dlse_sq = device_zeros<ops::LossSum>(1);
+    ops::cuda::router_stats(dassigned.data(), dprob_sum.data(), dlse_sq.data(), dex.data(),
                             dp.data(), dl.data(), S, E, k);
-    EXPECT_EQ(cuda_assigned, assigned);
+    const std::vector<ops::LossSum> cuda_prob_sum = download(dprob_sum);
+    EXPECT_EQ(download(dassigned), assigned);
     for (int e = 0; e < E; ++e) EXPECT_EQ(cuda_prob_sum[e].units, prob_sum[e].units) << e;
-    EXPECT_EQ(cuda_lse_sq.units, lse_sq.units);
+    EXPECT_EQ(download(dlse_sq)[0].units, lse_sq.units);
+    // The load-balance gradient from the counts: the CPU's bits.
+    std::vector<float> balance(E);
+    ops::router_balance_bias(balance.data(), assigned.data(), E, k, 2.0 * S, 0.01 / 8);
+    Buffer<float> dbalance = device_zeros<float>(E);
+    ops::cuda::router_balance_bias(dbalance.data(), dassigned.data(), E, k, 2.0 * S, 0.01 / 8);
+    expect_same_bits(download(dbalance), balance, "balance bias");
+  }
+}
+
+// The routing's layout on the device: the capacity walk (with and without earlier slots of the
+// batch, dropless) and the expert-order rows of its kept slots, equal to the CPU's.
+TEST(CudaMoe, CapacityAndRowsByExpert) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  const int E = 7, k = 2, S = 1500;  // several rounds of the kernels' 256-slot walk
+  std::vector<int32_t> expert(static_cast<size_t>(S) * k);
+  const std::vector<float> r = random_floats(expert.size(), 81);
+  for (size_t i = 0; i < expert.size(); ++i) {
+    expert[i] = static_cast<int32_t>(std::fabs(r[i]) * 1000) % (E - 1);  // E-1: none
+  }
+  const std::vector<int64_t> preceding = {0, 40, 500, 3, 0, 1000, 9};
+  for (const int64_t capacity : {int64_t{-1}, int64_t{0}, int64_t{300}, int64_t{480}}) {
+    for (const bool with_preceding : {false, true}) {
+      SCOPED_TRACE(testing::Message()
+                   << "capacity " << capacity << " preceding " << with_preceding);
+      std::vector<uint8_t> kept(expert.size());
+      std::vector<int64_t> received(E), offset(E + 1), row_of_slot(expert.size());
+      ops::moe_capacity_keep(kept.data(), received.data(), expert.data(),
+                             with_preceding ? preceding.data() : nullptr, capacity, expert.size(),
+                             E);
+      ops::moe_rows_by_expert(row_of_slot.data(), offset.data(), expert.data(), kept.data(),
+                              received.data(), expert.size(), E);
+      Buffer<int32_t> dex = upload(expert);
+      Buffer<int64_t> dpre = upload(preceding);
+      Buffer<uint8_t> dkept = device_zeros<uint8_t>(kept.size());
+      Buffer<int64_t> dreceived = device_zeros<int64_t>(E), doffset = device_zeros<int64_t>(E + 1);
+      Buffer<int64_t> drows = device_zeros<int64_t>(row_of_slot.size());
+      ops::cuda::moe_capacity_keep(dkept.data(), dreceived.data(), dex.data(),
+                                   with_preceding ? dpre.data() : nullptr, capacity, kept.size(),
+                                   E);
+      ops::cuda::moe_rows_by_expert(drows.data(), doffset.data(), dex.data(), dkept.data(),
+                                    dreceived.data(), kept.size(), E);
+      EXPECT_EQ(download(dkept), kept);
+      EXPECT_EQ(download(dreceived), received);
+      EXPECT_EQ(download(doffset), offset);
+      EXPECT_EQ(download(drows), row_of_slot);
+    }
   }
 }
 

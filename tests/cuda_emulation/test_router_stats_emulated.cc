@@ -26,20 +26,21 @@ struct Stats {
 
 Stats emulated(const std::vector<int32_t>& expert, const std::vector<float>& probs,
                const std::vector<float>& lse, int S, int E, int k) {
-  std::vector<rs::FixedSum> sums(E + 1, rs::FixedSum{-1, -1});
+  std::vector<rs::FixedSum> sums(E, rs::FixedSum{-1, -1});
+  rs::FixedSum lse_sq{-1, -1};
   std::vector<long long> assigned(E, -1);
   cuda_emulation::launch(rs::router_stats_kernel, dim3{static_cast<unsigned>(E + 1), 1, 1},
-                         rs::kThreads, rs::kSharedFloats, sums.data(), assigned.data(),
+                         rs::kThreads, rs::kSharedFloats, sums.data(), &lse_sq, assigned.data(),
                          expert.data(), probs.data(), lse.data(), S, E, k);
   Stats s{std::vector<int64_t>(assigned.begin(), assigned.end()), std::vector<ops::LossSum>(E), {}};
   for (int e = 0; e < E; ++e) s.prob_sum[e] = {sums[e].units, sums[e].invalid};
-  s.lse_sq_sum = {sums[E].units, sums[E].invalid};
+  s.lse_sq_sum = {lse_sq.units, lse_sq.invalid};
   return s;
 }
 
 Stats cpu(const std::vector<int32_t>& expert, const std::vector<float>& probs,
           const std::vector<float>& lse, int S, int E, int k) {
-  Stats s{std::vector<int64_t>(E, 0), std::vector<ops::LossSum>(E), {}};
+  Stats s{std::vector<int64_t>(E, -3), std::vector<ops::LossSum>(E, ops::LossSum{5, 5}), {5, 5}};
   ops::router_stats(s.assigned.data(), s.prob_sum.data(), &s.lse_sq_sum, expert.data(),
                     probs.data(), lse.data(), S, E, k);
   return s;
