@@ -79,16 +79,18 @@ void ShardExperts::serve_forward(int application, int layer) {
   // batch), which keeps expert weight gradients summed in the same order.
   sv.worker_rows.assign(W, 0);
   model::ExpertBatch& b = sv.batch;
-  b.offset.assign(local_ + 1, 0);
+  std::vector<int64_t> offset(local_ + 1, 0);
   for (int e = 0; e < local_; ++e) {
     int64_t n = 0;
     for (int w = 0; w < W; ++w) n += rows_of(w, e);
-    b.offset[e + 1] = b.offset[e] + n;
+    offset[e + 1] = offset[e] + n;
   }
   for (int w = 0; w < W; ++w) {
     for (int e = 0; e < local_; ++e) sv.worker_rows[w] += rows_of(w, e);
   }
-  const int64_t rows = b.offset[local_];
+  model::copy_from_host(b.offset, offset.data(), offset.size());
+  b.rows = offset[local_];
+  const int64_t rows = b.rows;
   sv.recv_row_of.assign(rows, 0);
   {
     std::vector<int64_t> worker_start(W, 0);
@@ -120,7 +122,7 @@ void ShardExperts::serve_backward(int application, int layer) {
   Saved& sv = saved_.at(application);
   const int W = num_workers_, D = shape_.d_model, world = world_.size();
   receive_header(runtime::kBackwardHeader, application, layer);
-  const int64_t rows = sv.batch.offset[local_];
+  const int64_t rows = sv.batch.rows;
   std::vector<int64_t> counts(world, 0), none(world, 0);
   for (int w = 0; w < W; ++w) counts[w] = sv.worker_rows[w] * D;
   recv_.resize(static_cast<size_t>(rows) * D);

@@ -16,11 +16,14 @@ struct ExpertShape {
 };
 
 // Rows for `num_experts` experts, stored contiguously: expert e owns rows [offset[e], offset[e+1]).
-// offset is host bookkeeping; the rows are activations (Buffer: on the backend's device).
+// The offsets are on the device with the rows (the local dispatcher computes them there, so the
+// layout never reaches the host); `rows`, on the host, bounds offset[num_experts] and sizes the
+// buffers. Rows past the experts' are not used.
 struct ExpertBatch {
-  std::vector<int64_t> offset;  // [num_experts + 1], host
-  Buffer<float> x;              // [rows, d]
-  Buffer<float> h1, h3, act;    // [rows, hidden] saved for backward
+  Buffer<int64_t> offset;     // [num_experts + 1]
+  int64_t rows = 0;           // ≥ offset[num_experts]
+  Buffer<float> x;            // [rows, d]
+  Buffer<float> h1, h3, act;  // [rows, hidden] saved for backward
 };
 
 // Weights of expert e: w1 = w1_base + e*D*F ([D,F]), w3 likewise, w2 = w2_base + e*F*D ([F,D]).

@@ -45,13 +45,12 @@ void LocalDispatcher::forward(int application, int layer, const RoutingPlan& pla
     received = uploaded_received.data();
   }
   sv.row_of_slot.resize(slots);
-  sv.offset.resize(E + 1);
-  ops::moe_rows_by_expert(sv.row_of_slot.data(), sv.offset.data(), expert, kept, received, slots,
-                          E);
-  // The one copy to the host per layer left: the experts' products take their sizes from the host
-  // (the FLOP counters, cuBLAS's grouped fp32 products, the bf16 kernel's grid).
-  b.offset = copy_to_host(sv.offset);
-  const int64_t rows = b.offset[E];
+  b.offset.resize(E + 1);
+  ops::moe_rows_by_expert(sv.row_of_slot.data(), b.offset.data(), expert, kept, received, slots, E);
+  // At most every slot is kept: the buffers take that many rows, so that the number of kept ones
+  // need not come to the host (the experts read their offsets on the device).
+  b.rows = static_cast<int64_t>(slots);
+  const int64_t rows = b.rows;
   b.x.resize(static_cast<size_t>(rows) * D);
   const int64_t* row_of_slot = sv.row_of_slot.data();
   ops::moe_permute_forward(b.x.data(), x, row_of_slot, slots, plan.top_k, D);
@@ -64,7 +63,7 @@ void LocalDispatcher::backward(int application, int layer, const RoutingPlan& pl
                                const float* dout, float* dx) {
   Saved& sv = saved_.at(application);
   const int D = shape_.d_model;
-  const int64_t rows = sv.batch.offset.back();
+  const int64_t rows = sv.batch.rows;
   Buffer<float> dy(static_cast<size_t>(rows) * D), dxr(static_cast<size_t>(rows) * D);
   const int64_t* row_of_slot = sv.row_of_slot.data();
   ops::moe_permute_forward(dy.data(), dout, row_of_slot, sv.row_of_slot.size(), 1, D);

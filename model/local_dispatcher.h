@@ -24,7 +24,6 @@ class LocalDispatcher : public Dispatcher {
  private:
   struct Saved {
     ExpertBatch batch;
-    Buffer<int64_t> offset;       // [E+1] batch.offset on the device (ops.h moe_rows_by_expert)
     Buffer<int64_t> row_of_slot;  // [S*k] row in batch, -1 when dropped (ops.h moe_rows_by_expert)
   };
   ExpertWeights weights(int layer) const;

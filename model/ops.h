@@ -147,6 +147,22 @@ class RecomputeScope {
   bool previous_;
 };
 
+// FLOPs a backend counts where the sizes are, on its device: products whose sizes never reach the
+// host (the CUDA experts read their row offsets on the device). gemm_flops() adds what the
+// registered counter holds (a read waits for the device) and reset_gemm_flops() clears it, so the
+// counts stay those of every other product. One counter at a time; nullptr unregisters it.
+class DeviceFlopCounter {
+ public:
+  virtual ~DeviceFlopCounter() = default;
+  virtual uint64_t read(FlopKind kind) = 0;
+  virtual void reset() = 0;
+};
+void register_device_flop_counter(DeviceFlopCounter* counter);
+// Whether charge_gemm_flops would charge on this thread now (not under a RecomputeScope), and the
+// kind it would charge: for a backend that charges its device counter in its place.
+bool flops_charged_now();
+FlopKind current_flop_kind();
+
 // The op profile (loopmoe_bench --profile): while it is on, every call of a function of this
 // header made through its dispatcher (model/ops_dispatch.cc) is timed on the host, from the call
 // to its return, after a device synchronisation when the function ran on CUDA, so each kernel's
@@ -289,18 +305,19 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
                      int n, int D, int F);
 
 // Grouped SwiGLU over E experts whose rows are contiguous: expert e owns rows
-// [offset[e], offset[e+1]) (offset: host, [E+1]) of x, out [rows,D] and h1, h3, act [rows,F], and
-// the weights w1 + e·D·F [D,F], w3 + e·D·F [D,F], w2 + e·F·D [F,D]. Each expert runs on one thread
-// from start to end, so results do not depend on scheduling.
+// [offset[e], offset[e+1]) (offset: [E+1], in the activations' memory, non-decreasing, offset[E] ≤
+// rows) of x, out [rows,D] and h1, h3, act [rows,F], and the weights w1 + e·D·F [D,F],
+// w3 + e·D·F [D,F], w2 + e·F·D [F,D]; rows outside the experts are not touched. Each expert runs
+// on one thread from start to end, so results do not depend on scheduling.
 template <typename T>
 void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
-                            const T* w1, const T* w3, const T* w2, int D, int F);
-// dx [rows,D] (overwrites); dw1, dw3, dw2 (same layout as the weights) += ...; scratch holds
-// 2·rows·F values.
+                            int64_t rows, const T* w1, const T* w3, const T* w2, int D, int F);
+// dx [rows,D] (overwrites the experts' rows); dw1, dw3, dw2 (same layout as the weights) += ...;
+// scratch holds 2·rows·F values.
 template <typename T>
 void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
                              const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
-                             const T* w1, const T* w3, const T* w2, int D, int F);
+                             int64_t rows, const T* w1, const T* w3, const T* w2, int D, int F);
 
 // ---- MoE dispatch: moving rows between token order and expert order ----
 // A routing of S tokens to k slots each is laid out as rows grouped by expert; row_of_slot[i]

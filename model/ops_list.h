@@ -161,16 +161,16 @@
     (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, w1, w3, w2, n, D, F),                       \
     (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, w1, w3, w2))                                \
   X(void, experts_swiglu_forward,                                                                  \
-    (T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E, const T* w1,          \
-     const T* w3, const T* w2, int D, int F),                                                      \
-    (out, h1, h3, act, x, offset, E, w1, w3, w2, D, F),                                            \
-    (out, h1, h3, act, x, w1, w3, w2))                                                             \
+    (T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E, int64_t rows,         \
+     const T* w1, const T* w3, const T* w2, int D, int F),                                         \
+    (out, h1, h3, act, x, offset, E, rows, w1, w3, w2, D, F),                                      \
+    (out, h1, h3, act, x, offset, w1, w3, w2))                                                     \
   X(void, experts_swiglu_backward,                                                                 \
     (T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x, const T* h1,            \
-     const T* h3, const T* act, const int64_t* offset, int E, const T* w1, const T* w3,            \
-     const T* w2, int D, int F),                                                                   \
-    (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, offset, E, w1, w3, w2, D, F),               \
-    (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, w1, w3, w2))                                \
+     const T* h3, const T* act, const int64_t* offset, int E, int64_t rows, const T* w1,           \
+     const T* w3, const T* w2, int D, int F),                                                      \
+    (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, offset, E, rows, w1, w3, w2, D, F),         \
+    (dx, dw1, dw3, dw2, scratch, dout, x, h1, h3, act, offset, w1, w3, w2))                        \
   X(void, moe_permute_forward,                                                                     \
     (T* rows, const T* x, const int64_t* row_of_slot, size_t slots, int k, int D),                 \
     (rows, x, row_of_slot, slots, k, D),                                                           \

@@ -378,10 +378,11 @@ TEST(SeamBitIdentity, GroupedExpertsEqualOneSwigluPerExpert) {
   std::vector<float> out(x.size()), h1(RF), h3(RF), act(RF), dx(x.size());
   std::vector<float> dw1(w1.size(), 0.f), dw3(dw1), dw2(dw1), scratch(2 * RF);
   model::ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
-                                     offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+                                     offset.data(), E, rows, w1.data(), w3.data(), w2.data(), D, F);
   model::ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
                                       dout.data(), x.data(), h1.data(), h3.data(), act.data(),
-                                      offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+                                      offset.data(), E, rows, w1.data(), w3.data(), w2.data(), D,
+                                      F);
   // The old experts.cc called swiglu_forward/backward once per expert on its rows.
   std::vector<float> o2(x.size()), a1(RF), a3(RF), aa(RF), dx2(x.size());
   std::vector<float> e1(w1.size(), 0.f), e3(e1), e2(e1), sc(2 * RF);

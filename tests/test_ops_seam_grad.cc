@@ -104,14 +104,15 @@ TEST(GradCheck, GroupedSwiGLUExperts) {
   V w2 = random_vector(E * F * D, 78), out(rows * D), h1(rows * F), h3(h1), act(h1);
   auto loss = [&] {
     model::ops::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
-                                       offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+                                       offset.data(), E, rows, w1.data(), w3.data(), w2.data(), D,
+                                       F);
     return dot(out, g);
   };
   loss();
   V dx(x.size()), dw1(w1.size(), 0.0), dw3(dw1), dw2(dw1), scratch(2 * rows * F);
-  model::ops::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
-                                      g.data(), x.data(), h1.data(), h3.data(), act.data(),
-                                      offset.data(), E, w1.data(), w3.data(), w2.data(), D, F);
+  model::ops::experts_swiglu_backward(
+      dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(), g.data(), x.data(), h1.data(),
+      h3.data(), act.data(), offset.data(), E, rows, w1.data(), w3.data(), w2.data(), D, F);
   expect_gradient(x, dx, loss, "dx");
   expect_gradient(w1, dw1, loss, "dw1");
   expect_gradient(w3, dw3, loss, "dw3");

@@ -20,6 +20,8 @@ std::atomic<uint64_t> g_gemm_flops[static_cast<int>(FlopKind::kCount)];
 std::atomic<int> g_flop_kind{0};
 std::atomic<int> g_matmul_precision{static_cast<int>(MatmulPrecision::kFp32)};
 
+std::atomic<DeviceFlopCounter*> g_device_flops{nullptr};
+
 thread_local bool t_recomputing = false;  // RecomputeScope
 
 inline void count_flops(uint64_t flops) {
@@ -53,7 +55,9 @@ const char* to_string(FlopKind kind) {
 }
 
 uint64_t gemm_flops(FlopKind kind) {
-  return g_gemm_flops[static_cast<int>(kind)].load(std::memory_order_relaxed);
+  uint64_t flops = g_gemm_flops[static_cast<int>(kind)].load(std::memory_order_relaxed);
+  if (DeviceFlopCounter* device = g_device_flops.load()) flops += device->read(kind);
+  return flops;
 }
 
 uint64_t gemm_flops() {
@@ -66,6 +70,15 @@ uint64_t gemm_flops() {
 
 void reset_gemm_flops() {
   for (auto& c : g_gemm_flops) c.store(0, std::memory_order_relaxed);
+  if (DeviceFlopCounter* device = g_device_flops.load()) device->reset();
+}
+
+void register_device_flop_counter(DeviceFlopCounter* counter) { g_device_flops.store(counter); }
+
+bool flops_charged_now() { return !t_recomputing; }
+
+FlopKind current_flop_kind() {
+  return static_cast<FlopKind>(g_flop_kind.load(std::memory_order_relaxed));
 }
 
 FlopKindScope::FlopKindScope(FlopKind kind)

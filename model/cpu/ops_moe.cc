@@ -46,7 +46,7 @@ void swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, c
 
 template <typename T>
 void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
-                            const T* w1, const T* w3, const T* w2, int D, int F) {
+                            int64_t /*rows*/, const T* w1, const T* w3, const T* w2, int D, int F) {
   // Each expert runs on one thread from start to end, so results do not depend on scheduling.
 #pragma omp parallel for schedule(dynamic, 1)
   for (int e = 0; e < E; ++e) {
@@ -61,7 +61,8 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
 template <typename T>
 void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
                              const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
-                             const T* w1, const T* w3, const T* w2, int D, int F) {
+                             int64_t /*rows*/, const T* w1, const T* w3, const T* w2, int D,
+                             int F) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int e = 0; e < E; ++e) {
     const int64_t r0 = offset[e];

@@ -11,7 +11,8 @@
 //
 // Float only (training); the double gradient checks stay on the CPU. Every call is issued on the
 // default stream and returns without waiting, except those that return or fill host values
-// (crossentropy_forward*, sum_squares), which synchronise by copying back.
+// (crossentropy_forward*, sum_squares) and the fp32 experts (their offsets), which synchronise by
+// copying back.
 //
 // Numerics: run to run the bits are identical (no floating-point atomics; every reduction has a
 // fixed order, written where it is implemented; cuBLAS guarantees the same for its products on
@@ -27,8 +28,8 @@
 // (ops::charge_gemm_flops: every cuBLAS product 2·m·n·k, the fused attention the products of the
 // CPU's, recomputed scores nothing), so the measured counts are the same integers on both.
 //
-// Host pointers in a CUDA call are only those ops.h marks "host" (tree_sum_groups' ranges,
-// experts' offset) plus the GradGroups descriptors themselves.
+// Host pointers in a CUDA call are only those ops.h marks "host" (tree_sum_groups' ranges) plus
+// the GradGroups descriptors themselves.
 //
 // What differs from the ops.h contract, function by function:
 // - tree_sum_groups: ranges on the host, the buffers on the device. Same fixed pairwise tree as
@@ -60,16 +61,19 @@
 // - crossentropy_forward_sum, crossentropy_forward: the rows' losses are computed on the device in
 //   double, copied to the host and added there in row order (LossSum: exactly; the mean: as the
 //   CPU does). Synchronises.
-// - experts_swiglu_forward, experts_swiglu_backward: offset on the host [E+1], as on the CPU. The
-//   experts' products are grouped GEMMs (kernel_util::gemm_grouped, one
+// - experts_swiglu_forward, experts_swiglu_backward: offset on the device [E+1], as in ops.h.
+//   fp32: the experts' products are grouped GEMMs (kernel_util::gemm_grouped, one
 //   cublasGemmGroupedBatchedEx per call: 2 forward, 3 backward per layer, experts with no rows
-//   left out) and the SwiGLU elementwise parts one kernel over all rows; the maths and every
-//   product's inputs are the per-expert loop's (kernel_util::experts_swiglu_*_reference, which the
-//   tests hold them to). The backward's scratch holds dh1 for all rows, then dh3 (not per expert).
-//   In bf16 each kind of product runs as one launch of model/cuda/expert_gemm.cuh's tensor-core
-//   kernel over all experts (operands rounded to bf16 as loaded, fp32 accumulation; 3 forward, 6
-//   backward per layer), which reads the offsets on the device (copied there as kernel
-//   parameters, no host wait).
+//   left out), which take their sizes on the host, so this path copies the offsets back first (a
+//   wait for the device per call: the price of cuBLAS's fp32 kernels on the parity path). bf16:
+//   each kind of product is one launch of model/cuda/expert_gemm.cuh's tensor-core kernel over
+//   all experts (operands rounded to bf16 as loaded, fp32 accumulation; 3 forward, 6 backward per
+//   layer), which reads the offsets on the device, and the FLOP counters are charged there too
+//   (ops.h DeviceFlopCounter: a counter per kind in device memory, read when the counts are), so
+//   nothing waits for the device. Both: the SwiGLU elementwise parts are one kernel over the
+//   experts' rows; the maths and every product's inputs are the per-expert loop's
+//   (kernel_util::experts_swiglu_*_reference, which the tests hold them to). The backward's
+//   scratch holds dh1 for all rows, then dh3 (not per expert).
 // - moe_rows_by_expert, moe_capacity_keep: one block per expert walks the slots in order and
 //   ranks its slots by a block-wide scan (expert_rows.cuh), so kept, received, offset and the rows
 //   are the CPU's exactly; no atomics, nothing copied to the host.
@@ -130,8 +134,8 @@ void gemm_grouped(const GemmProblem* problems, int count);
 // The naive reference of the grouped experts (llm.c style, kept beside the fast path; the tests
 // hold them equal): the per-expert loop, swiglu_forward / swiglu_backward on each expert's rows,
 // experts in order (3 and 6 gemm calls per expert). Same contract as experts_swiglu_forward /
-// experts_swiglu_backward, except that the backward's scratch holds each expert's dh1, dh3 at
-// 2 * offset[e] * F.
+// experts_swiglu_backward, except that offset is on the host (no rows bound) and the backward's
+// scratch holds each expert's dh1, dh3 at 2 * offset[e] * F.
 void experts_swiglu_forward_reference(float* out, float* h1, float* h3, float* act, const float* x,
                                       const int64_t* offset, int E, const float* w1,
                                       const float* w3, const float* w2, int D, int F);

@@ -100,20 +100,22 @@ void run(const std::vector<GemmProblem>& products) {
   kernel_util::gemm_grouped(products.data(), static_cast<int>(products.size()));
 }
 
-// The elementwise SwiGLU over rows' elements [begin, begin + n): act = silu(h1) h3, and its
-// backward, which turns dh1 (holding dact) into dh1 and writes dh3.
+// The elementwise SwiGLU over the experts' rows [offset[0], offset[E]) (offset on the device; rows
+// bounds offset[E]): act = silu(h1) h3, and its backward, which turns dh1 (holding dact) into dh1
+// and writes dh3. Elements outside the experts are left as they are.
 template <typename T>
-void swiglu_activation(T* act, const T* h1, const T* h3, int64_t begin, int64_t n) {
-  for_each_index(static_cast<size_t>(n), [=] __device__(size_t j) {
-    const size_t i = begin + j;
+void swiglu_activation(T* act, const T* h1, const T* h3, const int64_t* offset, int E, int64_t rows,
+                       int F) {
+  for_each_index(static_cast<size_t>(rows) * F, [=] __device__(size_t i) {
+    if (i < static_cast<size_t>(offset[0]) * F || i >= static_cast<size_t>(offset[E]) * F) return;
     act[i] = h1[i] * device_sigmoid(h1[i]) * h3[i];
   });
 }
 template <typename T>
-void swiglu_activation_backward(T* dh1, T* dh3, const T* h1, const T* h3, int64_t begin,
-                                int64_t n) {
-  for_each_index(static_cast<size_t>(n), [=] __device__(size_t j) {
-    const size_t i = begin + j;
+void swiglu_activation_backward(T* dh1, T* dh3, const T* h1, const T* h3, const int64_t* offset,
+                                int E, int64_t rows, int F) {
+  for_each_index(static_cast<size_t>(rows) * F, [=] __device__(size_t i) {
+    if (i < static_cast<size_t>(offset[0]) * F || i >= static_cast<size_t>(offset[E]) * F) return;
     const T sg = device_sigmoid(h1[i]);
     const T dact = dh1[i];
     dh3[i] = dact * h1[i] * sg;
@@ -121,49 +123,55 @@ void swiglu_activation_backward(T* dh1, T* dh3, const T* h1, const T* h3, int64_
   });
 }
 
-// bf16 (train.precision = "bf16"): the experts' products of each kind in one launch of
-// expert_gemm.cuh's tensor-core kernel, which rounds the fp32 operands to bf16 as it loads them
-// (the maths of gemm's bf16 path, without its conversion pass per operand and call per product).
-// The offsets go to the device as kernel parameters (as gemm_grouped's pointers, for the same
-// reasons: no host wait, ordered on the stream), into a grow-only block of their own.
-constexpr int kOffsetsPerFill = 448;
-struct OffsetChunk {
-  int64_t values[kOffsetsPerFill];
+// The experts' FLOPs, counted where their sizes are: every product charges 2·N·K (kRows) or
+// 2·M·N (kWeights) per row of the experts, and the rows are offset[E] − offset[0] on the device.
+// A counter per FlopKind in device memory (on the device current at first use), which a one-
+// thread kernel adds to in stream order and ops::gemm_flops() reads (ops.h DeviceFlopCounter),
+// so the measured counts are the CPU's without the offsets coming to the host.
+class ExpertFlops final : public DeviceFlopCounter {
+ public:
+  ExpertFlops() {
+    LOOPMOE_CUDA_CHECK(cudaMalloc(&counts_, sizeof(unsigned long long) * kKinds));
+    LOOPMOE_CUDA_CHECK(cudaMemset(counts_, 0, sizeof(unsigned long long) * kKinds));
+    register_device_flop_counter(this);
+  }
+  uint64_t read(FlopKind kind) override {
+    unsigned long long value = 0;
+    kernel_util::to_host(&value, counts_ + static_cast<int>(kind), 1);
+    return value;
+  }
+  void reset() override {
+    LOOPMOE_CUDA_CHECK(cudaMemset(counts_, 0, sizeof(unsigned long long) * kKinds));
+  }
+  unsigned long long* count(FlopKind kind) { return counts_ + static_cast<int>(kind); }
+
+ private:
+  static constexpr int kKinds = static_cast<int>(FlopKind::kCount);
+  unsigned long long* counts_ = nullptr;
 };
-__global__ void fill_offsets_kernel(int64_t* dst, OffsetChunk chunk, int count) {
-  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = chunk.values[i];
+ExpertFlops& expert_flops() {
+  static ExpertFlops* flops = new ExpertFlops;  // never destroyed, like the cuBLAS handle
+  return *flops;
 }
-const int64_t* device_offsets(const int64_t* offset, int E) {
-  static int64_t* block = nullptr;
-  static size_t capacity = 0;
-  const size_t count = static_cast<size_t>(E) + 1;
-  if (count > capacity) {
-    if (block != nullptr) LOOPMOE_CUDA_CHECK(cudaFree(block));
-    block = nullptr;
-    capacity = 0;
-    LOOPMOE_CUDA_CHECK(cudaMalloc(&block, count * sizeof(int64_t)));
-    capacity = count;
-  }
-  for (size_t begin = 0; begin < count; begin += kOffsetsPerFill) {
-    const int n = static_cast<int>(std::min<size_t>(kOffsetsPerFill, count - begin));
-    OffsetChunk chunk{};
-    std::copy_n(offset + begin, n, chunk.values);
-    fill_offsets_kernel<<<1, 128>>>(block + begin, chunk, n);
-    LOOPMOE_CUDA_CHECK_LAUNCH();
-  }
-  return block;
+__global__ void charge_rows_kernel(unsigned long long* count, const int64_t* offset, int E,
+                                   unsigned long long per_row) {
+  *count += static_cast<unsigned long long>(offset[E] - offset[0]) * per_row;
+}
+void charge_expert_rows(const int64_t* offset, int E, uint64_t per_row) {
+  if (!flops_charged_now() || per_row == 0) return;
+  charge_rows_kernel<<<1, 1>>>(expert_flops().count(current_flop_kind()), offset, E, per_row);
+  LOOPMOE_CUDA_CHECK_LAUNCH();
 }
 
-// One launch of the kernel over all experts; `offset` is the host copy of p.offset (for the grid
-// and the FLOP counters, which it charges as gemm would have, product by product).
-void expert_products(const expert_gemm::Problem& p, const int64_t* offset) {
-  for (int e = 0; e < p.E; ++e) {
-    const uint64_t n = static_cast<uint64_t>(offset[e + 1] - offset[e]);
-    if (n == 0 || p.N == 0) continue;
-    charge_gemm_flops(p.kind == expert_gemm::Kind::kRows ? 2ull * n * p.N * p.K
-                                                         : 2ull * p.M * p.N * n);
-  }
-  const expert_gemm::Grid grid = expert_gemm::grid_for(p, offset[p.E] - offset[0]);
+// bf16 (train.precision = "bf16"): the experts' products of each kind in one launch of
+// expert_gemm.cuh's tensor-core kernel, which rounds the fp32 operands to bf16 as it loads them
+// (the maths of gemm's bf16 path, without its conversion pass per operand and call per product)
+// and reads the offsets on the device: nothing of the layout comes to the host. `rows` bounds
+// the experts' rows for the grid (blocks past the last expert's last tile return at once).
+void expert_products(const expert_gemm::Problem& p, int64_t rows) {
+  charge_expert_rows(p.offset, p.E,
+                     p.kind == expert_gemm::Kind::kRows ? 2ull * p.N * p.K : 2ull * p.M * p.N);
+  const expert_gemm::Grid grid = expert_gemm::grid_for(p, rows);
   if (grid.x == 0 || grid.y == 0) return;
   if (grid.y > 65535) {
     throw std::runtime_error("experts: " + std::to_string(grid.y) +
@@ -225,20 +233,34 @@ expert_gemm::Problem weight_products(const int64_t* offset, int E, int M, int N,
 // same offsets give the same grouped calls, cuBLAS gives the same bits run to run for the same
 // call on one stream, GPU model and library version (the assumption ops_cuda.h makes of every
 // cuBLAS product), and the elementwise kernels write each element once, without atomics.
+//
+// The offsets are on the device (ops.h). bf16 runs on expert_gemm.cuh's kernel, which reads them
+// there; fp32 runs on cuBLAS's grouped products, which take every product's sizes on the host, so
+// the fp32 path copies the E + 1 offsets back first: a wait for the device per call, the price of
+// cuBLAS's fp32 kernels on the parity path (bf16 is the one for speed).
+namespace {
+std::vector<int64_t> host_offsets(const int64_t* offset, int E) {
+  std::vector<int64_t> host(static_cast<size_t>(E) + 1);
+  kernel_util::to_host(host.data(), offset, host.size());
+  return host;
+}
+}  // namespace
+
 template <typename T>
 void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int64_t* offset, int E,
-                            const T* w1, const T* w3, const T* w2, int D, int F) {
+                            int64_t rows, const T* w1, const T* w3, const T* w2, int D, int F) {
   static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
-  const std::vector<ExpertRows> experts = experts_with_rows(offset, E);
-  if (experts.empty()) return;
+  if (E == 0 || rows == 0) return;
   if (matmul_precision() == MatmulPrecision::kBf16) {
-    const int64_t* rows = device_offsets(offset, E);
-    expert_products(row_products(rows, E, false, F, D, x, w1, F, 0, h1), offset);
-    expert_products(row_products(rows, E, false, F, D, x, w3, F, 0, h3), offset);
-    swiglu_activation(act, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
-    expert_products(row_products(rows, E, false, D, F, act, w2, D, 0, out), offset);
+    expert_products(row_products(offset, E, false, F, D, x, w1, F, 0, h1), rows);
+    expert_products(row_products(offset, E, false, F, D, x, w3, F, 0, h3), rows);
+    swiglu_activation(act, h1, h3, offset, E, rows, F);
+    expert_products(row_products(offset, E, false, D, F, act, w2, D, 0, out), rows);
     return;
   }
+  const std::vector<int64_t> host = host_offsets(offset, E);
+  const std::vector<ExpertRows> experts = experts_with_rows(host.data(), E);
+  if (experts.empty()) return;
   std::vector<GemmProblem> products;
   // h1 = x W1 and h3 = x W3: one group of two per expert (same shape).
   for (const ExpertRows& ex : experts) {
@@ -248,7 +270,7 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
     products.push_back(product(false, false, ex.n, F, D, xe, D, w3 + wf, F, 0, h3 + ex.r0 * F, F));
   }
   run(products);
-  swiglu_activation(act, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
+  swiglu_activation(act, h1, h3, offset, E, rows, F);
   // out = act W2.
   products.clear();
   for (const ExpertRows& ex : experts) {
@@ -262,26 +284,27 @@ void experts_swiglu_forward(T* out, T* h1, T* h3, T* act, const T* x, const int6
 template <typename T>
 void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T* dout, const T* x,
                              const T* h1, const T* h3, const T* act, const int64_t* offset, int E,
-                             const T* w1, const T* w3, const T* w2, int D, int F) {
+                             int64_t rows, const T* w1, const T* w3, const T* w2, int D, int F) {
   static_assert(std::is_same_v<T, float>, "the CUDA backend is float only");
-  const std::vector<ExpertRows> experts = experts_with_rows(offset, E);
-  if (experts.empty()) return;
-  // scratch (2 * offset[E] * F values, ops.h): dh1 of row r at dh1 + r * F, then dh3 likewise,
-  // so that the elementwise part runs once over all rows.
+  if (E == 0 || rows == 0) return;
+  // scratch (2 * rows * F values, ops.h): dh1 of row r at dh1 + r * F, then dh3 likewise, so that
+  // the elementwise part runs once over all rows.
   T* dh1 = scratch;
-  T* dh3 = scratch + static_cast<size_t>(offset[E]) * F;
+  T* dh3 = scratch + static_cast<size_t>(rows) * F;
   if (matmul_precision() == MatmulPrecision::kBf16) {
     // The products of the fp32 path below, one launch per kind, in the same order.
-    const int64_t* rows = device_offsets(offset, E);
-    expert_products(weight_products(rows, E, F, D, act, dout, dw2), offset);
-    expert_products(row_products(rows, E, true, F, D, dout, w2, D, 0, dh1), offset);
-    swiglu_activation_backward(dh1, dh3, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
-    expert_products(weight_products(rows, E, D, F, x, dh1, dw1), offset);
-    expert_products(weight_products(rows, E, D, F, x, dh3, dw3), offset);
-    expert_products(row_products(rows, E, true, D, F, dh1, w1, F, 0, dx), offset);
-    expert_products(row_products(rows, E, true, D, F, dh3, w3, F, 1, dx), offset);
+    expert_products(weight_products(offset, E, F, D, act, dout, dw2), rows);
+    expert_products(row_products(offset, E, true, F, D, dout, w2, D, 0, dh1), rows);
+    swiglu_activation_backward(dh1, dh3, h1, h3, offset, E, rows, F);
+    expert_products(weight_products(offset, E, D, F, x, dh1, dw1), rows);
+    expert_products(weight_products(offset, E, D, F, x, dh3, dw3), rows);
+    expert_products(row_products(offset, E, true, D, F, dh1, w1, F, 0, dx), rows);
+    expert_products(row_products(offset, E, true, D, F, dh3, w3, F, 1, dx), rows);
     return;
   }
+  const std::vector<int64_t> host = host_offsets(offset, E);
+  const std::vector<ExpertRows> experts = experts_with_rows(host.data(), E);
+  if (experts.empty()) return;
   std::vector<GemmProblem> products;
   // dW2 += act^T dout, and dact = dout W2^T into dh1 (independent: one call).
   for (const ExpertRows& ex : experts) {
@@ -295,7 +318,7 @@ void experts_swiglu_backward(T* dx, T* dw1, T* dw3, T* dw2, T* scratch, const T*
         product(false, true, ex.n, F, D, dout + ex.r0 * D, D, w2 + wf, D, 0, dh1 + ex.r0 * F, F));
   }
   run(products);
-  swiglu_activation_backward(dh1, dh3, h1, h3, offset[0] * F, (offset[E] - offset[0]) * F);
+  swiglu_activation_backward(dh1, dh3, h1, h3, offset, E, rows, F);
   // dW1 += x^T dh1 and dW3 += x^T dh3 (a group of two per expert), dx = dh1 W1^T.
   products.clear();
   for (const ExpertRows& ex : experts) {

@@ -200,6 +200,10 @@ const std::vector<ExpertsCase>& experts_cases() {
   return cases;
 }
 
+// The buffers hold kSlackRows rows past the last expert's, as the local dispatcher's do (it sizes
+// them for every slot kept): the experts must leave them alone.
+constexpr size_t kSlackRows = 5;
+
 struct ExpertsData {
   int E, D, F;
   std::vector<int64_t> offset;
@@ -210,7 +214,7 @@ struct ExpertsData {
         D(c.D),
         F(c.F),
         offset(c.offset),
-        rows(static_cast<size_t>(c.offset.back())),
+        rows(static_cast<size_t>(c.offset.back()) + kSlackRows),
         wsize(static_cast<size_t>(E) * D * F),
         x(random_floats(rows * D, seed)),
         dout(random_floats(rows * D, seed + 1)),
@@ -226,26 +230,22 @@ Outputs run_experts_cpu(const ExpertsData& d) {
       dx(d.rows * d.D);
   std::vector<float> dw1 = d.dw0, dw3 = d.dw0, dw2 = d.dw0, scratch(2 * d.rows * d.F);
   ops::cpu::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), d.x.data(),
-                                   d.offset.data(), d.E, d.w1.data(), d.w3.data(), d.w2.data(), d.D,
-                                   d.F);
+                                   d.offset.data(), d.E, static_cast<int64_t>(d.rows), d.w1.data(),
+                                   d.w3.data(), d.w2.data(), d.D, d.F);
   ops::cpu::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(),
                                     d.dout.data(), d.x.data(), h1.data(), h3.data(), act.data(),
-                                    d.offset.data(), d.E, d.w1.data(), d.w3.data(), d.w2.data(),
-                                    d.D, d.F);
+                                    d.offset.data(), d.E, static_cast<int64_t>(d.rows), d.w1.data(),
+                                    d.w3.data(), d.w2.data(), d.D, d.F);
   return {out, h1, h3, act, dx, dw1, dw3, dw2};
 }
 
-using ExpertsForward = void (*)(float*, float*, float*, float*, const float*, const int64_t*, int,
-                                const float*, const float*, const float*, int, int);
-using ExpertsBackward = void (*)(float*, float*, float*, float*, float*, const float*, const float*,
-                                 const float*, const float*, const float*, const int64_t*, int,
-                                 const float*, const float*, const float*, int, int);
+// Which experts run: the grouped ops (offsets on the device) or their per-expert reference
+// (offsets on the host).
+enum class Experts { kGrouped, kReference };
 
-// The same on the GPU with `forward` and `backward` (the grouped ops or their reference); the
-// scratch starts as garbage. With `milliseconds`, the wall time of forward + backward (the device
-// idle on both sides).
-Outputs run_experts_cuda(const ExpertsData& d, ExpertsForward forward, ExpertsBackward backward,
-                         double* milliseconds = nullptr) {
+// The same on the GPU with the grouped ops or their reference; the scratch starts as garbage.
+// With `milliseconds`, the wall time of forward + backward (the device idle on both sides).
+Outputs run_experts_cuda(const ExpertsData& d, Experts which, double* milliseconds = nullptr) {
   const Buffer<float> x = upload(d.x), dout = upload(d.dout), w1 = upload(d.w1), w3 = upload(d.w3),
                       w2 = upload(d.w2);
   Buffer<float> out = device_zeros<float>(d.rows * d.D), h1 = device_zeros<float>(d.rows * d.F),
@@ -255,11 +255,25 @@ Outputs run_experts_cuda(const ExpertsData& d, ExpertsForward forward, ExpertsBa
   Buffer<float> scratch = upload(random_floats(2 * d.rows * d.F, 99));  // never read before set
   synchronize();
   const auto start = std::chrono::steady_clock::now();
-  forward(out.data(), h1.data(), h3.data(), act.data(), x.data(), d.offset.data(), d.E, w1.data(),
-          w3.data(), w2.data(), d.D, d.F);
-  backward(dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(), dout.data(), x.data(),
-           h1.data(), h3.data(), act.data(), d.offset.data(), d.E, w1.data(), w3.data(), w2.data(),
-           d.D, d.F);
+  const Buffer<int64_t> offset = upload(d.offset);
+  const int64_t rows = static_cast<int64_t>(d.rows);
+  if (which == Experts::kGrouped) {
+    ops::cuda::experts_swiglu_forward(out.data(), h1.data(), h3.data(), act.data(), x.data(),
+                                      offset.data(), d.E, rows, w1.data(), w3.data(), w2.data(),
+                                      d.D, d.F);
+    ops::cuda::experts_swiglu_backward(dx.data(), dw1.data(), dw3.data(), dw2.data(),
+                                       scratch.data(), dout.data(), x.data(), h1.data(), h3.data(),
+                                       act.data(), offset.data(), d.E, rows, w1.data(), w3.data(),
+                                       w2.data(), d.D, d.F);
+  } else {
+    ops::cuda::kernel_util::experts_swiglu_forward_reference(
+        out.data(), h1.data(), h3.data(), act.data(), x.data(), d.offset.data(), d.E, w1.data(),
+        w3.data(), w2.data(), d.D, d.F);
+    ops::cuda::kernel_util::experts_swiglu_backward_reference(
+        dx.data(), dw1.data(), dw3.data(), dw2.data(), scratch.data(), dout.data(), x.data(),
+        h1.data(), h3.data(), act.data(), d.offset.data(), d.E, w1.data(), w3.data(), w2.data(),
+        d.D, d.F);
+  }
   synchronize();
   if (milliseconds != nullptr) {
     *milliseconds =
@@ -281,17 +295,9 @@ void check_experts(const ExpertsCase& c, uint64_t seed, double cpu_tolerance,
   const ExpertsData d(c, seed);
   const Outputs cpu = run_experts_cpu(d);
   check_against_cpu(
-      cpu,
-      [&] {
-        return run_experts_cuda(d, &ops::cuda::experts_swiglu_forward<float>,
-                                &ops::cuda::experts_swiglu_backward<float>);
-      },
-      cpu_tolerance);
-  const Outputs grouped = run_experts_cuda(d, &ops::cuda::experts_swiglu_forward<float>,
-                                           &ops::cuda::experts_swiglu_backward<float>);
-  const Outputs reference =
-      run_experts_cuda(d, &ops::cuda::kernel_util::experts_swiglu_forward_reference,
-                       &ops::cuda::kernel_util::experts_swiglu_backward_reference);
+      cpu, [&] { return run_experts_cuda(d, Experts::kGrouped); }, cpu_tolerance);
+  const Outputs grouped = run_experts_cuda(d, Experts::kGrouped);
+  const Outputs reference = run_experts_cuda(d, Experts::kReference);
   ASSERT_EQ(grouped.size(), reference.size());
   for (size_t i = 0; i < grouped.size(); ++i) {
     expect_close(reference[i], grouped[i], reference_tolerance,
@@ -357,20 +363,13 @@ TEST_P(CudaMoeAtModelScale, ExpertsSwiglu) {
   c.offset[E - 1] += rows - c.offset[E];  // the rounding's remainder to expert E - 2
   c.offset[E] = rows;
   const ExpertsData d(c, 500);
-  const ExpertsForward grouped_forward = &ops::cuda::experts_swiglu_forward<float>;
-  const ExpertsBackward grouped_backward = &ops::cuda::experts_swiglu_backward<float>;
-  const ExpertsForward reference_forward =
-      &ops::cuda::kernel_util::experts_swiglu_forward_reference;
-  const ExpertsBackward reference_backward =
-      &ops::cuda::kernel_util::experts_swiglu_backward_reference;
-  run_experts_cuda(d, grouped_forward, grouped_backward);  // warm-up: kernels loaded, blocks grown
-  run_experts_cuda(d, reference_forward, reference_backward);
+  run_experts_cuda(d, Experts::kGrouped);  // warm-up: kernels loaded, blocks grown
+  run_experts_cuda(d, Experts::kReference);
   double grouped_ms = 0, again_ms = 0, reference_ms = 0, reference_again_ms = 0;
-  const Outputs grouped = run_experts_cuda(d, grouped_forward, grouped_backward, &grouped_ms);
-  const Outputs again = run_experts_cuda(d, grouped_forward, grouped_backward, &again_ms);
-  const Outputs reference =
-      run_experts_cuda(d, reference_forward, reference_backward, &reference_ms);
-  run_experts_cuda(d, reference_forward, reference_backward, &reference_again_ms);
+  const Outputs grouped = run_experts_cuda(d, Experts::kGrouped, &grouped_ms);
+  const Outputs again = run_experts_cuda(d, Experts::kGrouped, &again_ms);
+  const Outputs reference = run_experts_cuda(d, Experts::kReference, &reference_ms);
+  run_experts_cuda(d, Experts::kReference, &reference_again_ms);
   std::printf(
       "experts at model scale in %s (forward + backward): grouped %.2f ms, per-expert %.2f ms\n",
       bf16 ? "bf16" : "fp32", std::min(grouped_ms, again_ms),
