@@ -2,7 +2,9 @@
 # The GPU check of issue 9: on a machine with an NVIDIA GPU (an H100: under 6 minutes), from the
 # repository root, it runs
 #   1. nvidia-smi -L;
-#   2. the Cuda* GoogleTest suites (loopmoe_cuda_tests, tests/cuda/);
+#   2. the Cuda* GoogleTest suites (loopmoe_cuda_tests, tests/cuda/), then attention at the
+#      gpu_small shape: ours (CudaAttention.TimingAtModelScale's line) beside PyTorch's SDPA
+#      backends, cuDNN's fused attention among them (bench/attention_peer.py; $OUT/attention.log);
 #   3. loopmoe_bench --device cuda on six cases, one process each (tiny vanilla and tiny LoopMoE at
 #      16 and 256 sequences per step, configs/gpu_small_vanilla.toml, configs/gpu_small_loopmoe.toml),
 #      and the two gpu_small cases again with LOOPMOE_CUDA_ATTENTION=materialized (the reference
@@ -238,6 +240,28 @@ else
   record "" tests "" failed 127 0 "no loopmoe_cuda_tests (--cuda-tests PATH, or a bundle that has it)"
   bad=1
   say "no loopmoe_cuda_tests found: --cuda-tests PATH"
+fi
+
+# ---- 2b. attention: our fused kernels and PyTorch's backends on one shape -------------------------
+# Issue 9 asks for our attention beside cuDNN's fused attention: CudaAttention.TimingAtModelScale
+# (in the tests above) printed ours at the gpu_small shape; bench/attention_peer.py times
+# PyTorch's scaled_dot_product_attention pinned to each backend (cuDNN, flash, efficient, math)
+# and a written-out one on the same shape. Printed here and kept in attention.log; not in the
+# table, and a failure here fails nothing (it is a measurement, not a check).
+say "attention at the gpu_small shape (16 x 1024 tokens, 12 heads of 64), forward + backward:"
+grep -h '^attention at model scale' "$work/tests.log" 2>/dev/null || say "  (no timing from the Cuda* tests)"
+if ((dry)); then
+  run_item 60 "$work/attention.log" "$python" bench/attention_peer.py --device cpu --batch 1 \
+    --seq-len 64 --heads 2 --head-dim 16 --dtype fp32 --repeats 1
+else
+  run_item 45 "$work/attention.log" "$python" bench/attention_peer.py --device cuda --batch 16 \
+    --seq-len 1024 --heads 12 --head-dim 64 --dtype bf16 --repeats 3
+fi
+cat "$work/attention.log"
+say "attention_peer: $(status_of "$rc") (exit $rc)$( [ "$rc" = 0 ] || echo "; $(last_error "$rc" "$work/attention.log")")"
+if [ -n "$outdir" ]; then
+  { grep -h '^attention at model scale' "$work/tests.log" 2>/dev/null; cat "$work/attention.log"; } \
+    > "$outdir/attention.log"
 fi
 
 # ---- 3 and 4. the benchmark ---------------------------------------------------------------------

@@ -1,11 +1,14 @@
 // The CUDA attention, softmax and cross-entropy kernels (model/cuda/ops_attention.cu) against the
 // CPU. Skipped without a CUDA device.
+#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -166,6 +169,51 @@ TEST(CudaAttention, LongSequencesFusedMatchesMaterialized) {
                                  "out of sequence 1");
   cuda_testing::expect_same_bits(std::vector<float>(f[2].begin() + rows, f[2].end()), one[2],
                                  "dqkv of sequence 1");
+}
+
+// At the scale of configs/gpu_small_*.toml (16 sequences × 1024 tokens, 12 heads of 64): the wall
+// time of the dispatched (fused) forward + backward in fp32 and bf16, best of three after a
+// warm-up, printed for the record beside bench/attention_peer.py's PyTorch SDPA backends (cuDNN's
+// fused attention among them) on the same shape: scripts/gpu_check.sh puts both in its log. Its
+// only assertion is that the results are finite and run to run identical.
+TEST(CudaAttention, TimingAtModelScale) {
+  LOOPMOE_REQUIRE_CUDA_DEVICE();
+  const int B = 16, T = 1024, H = 12, hd = 64;
+  const Buffer<float> qkv = upload(random_floats(static_cast<size_t>(B) * T * 3 * H * hd, 51));
+  const Buffer<float> dout = upload(random_floats(static_cast<size_t>(B) * T * H * hd, 52));
+  Buffer<float> out = device_zeros<float>(dout.size()), lse = device_zeros<float>(B * H * T);
+  Buffer<float> dqkv = device_zeros<float>(qkv.size());
+  auto synchronize = [] { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); };
+  for (const ops::MatmulPrecision precision :
+       {ops::MatmulPrecision::kFp32, ops::MatmulPrecision::kBf16}) {
+    ops::MatmulPrecisionScope scope(precision);
+    std::vector<float> first;
+    double best = 1e30;
+    for (int run = 0; run < 4; ++run) {  // run 0: the warm-up
+      synchronize();
+      const auto start = std::chrono::steady_clock::now();
+      ops::cuda::attention_forward(out.data(), lse.data(), static_cast<float*>(nullptr), qkv.data(),
+                                   B, T, H, hd);
+      ops::cuda::attention_backward(dqkv.data(), static_cast<float*>(nullptr), dout.data(),
+                                    qkv.data(), out.data(), lse.data(), B, T, H, hd);
+      synchronize();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
+      if (run > 0) best = std::min(best, ms);
+      const std::vector<float> got = download(dqkv);
+      if (run == 0) {
+        first = got;
+        for (float v : got) ASSERT_TRUE(std::isfinite(v));
+      } else {
+        cuda_testing::expect_same_bits(first, got, "dqkv run to run");
+      }
+    }
+    std::printf(
+        "attention at model scale (B %d, T %d, H %d, hd %d) in %s (forward + backward): fused "
+        "%.2f ms\n",
+        B, T, H, hd, ops::to_string(precision), best);
+  }
 }
 
 TEST(CudaAttention, Softmax) {
