@@ -68,7 +68,8 @@ struct RouterActivations {
   Buffer<float> weight;
   Buffer<uint8_t> kept;
   Buffer<int64_t> assigned, received;
-  // This process's statistics (ops.h router_stats): Σ_t p_te [E] and Σ_t lse_t² [1].
+  // The statistics (ops.h router_stats): Σ_t p_te [E] and Σ_t lse_t² [1], over this process's
+  // tokens, or over the whole batch once a reducer has run (as `assigned`).
   Buffer<ops::LossSum> prob_sum, lse_sq_sum;
   Buffer<int64_t> preceding;  // [E] RouterBatchStats::preceding, uploaded when there is a reducer
 };
